@@ -1,0 +1,3 @@
+from cryocli.cli.app import main
+
+main()

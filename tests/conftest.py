@@ -1,0 +1,32 @@
+"""Shared test fixtures: where the real reference files live, and small-box defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+EXTERNAL = DATA / "external"
+RELION_SET = DATA / "relion" / "set_3j9g"
+MODELS = DATA / "models"
+ASPIRE = EXTERNAL / "ASPIRE-Python" / "tests" / "saved_test_data"
+CRYODRGN = EXTERNAL / "cryodrgn" / "tests" / "data"
+CRYOJAX = EXTERNAL / "cryojax" / "tests" / "data"
+STARFILE_DATA = EXTERNAL / "starfile" / "tests" / "data"
+MRCFILE_DATA = EXTERNAL / "mrcfile" / "tests" / "test_data"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+def need(path: Path) -> Path:
+    """Fail loudly (not skip) when a reference file is missing: CI has ../shared beside the repo."""
+    assert path.exists(), f"reference file missing: {path} (tests read ../shared relative to the repo root)"
+    return path

@@ -19,6 +19,7 @@ import mrcfile
 import numpy as np
 
 from cryocli.errors import CryocliError
+from cryocli.io.paths import default_file_mode
 
 SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 4: "complex64", 6: "uint16", 12: "float16"}
 
@@ -80,7 +81,7 @@ def read_map(path: str | Path, require_cubic: bool = True) -> MapData:
     path = Path(path)
     with _open(path, mmap=False) as mrc:
         if mrc.data is None:
-            raise CryocliError("MRC file holds no data", path)
+            raise CryocliError("MRC file holds no readable data (truncated or corrupt)", path)
         mode = int(mrc.header.mode)
         if mode not in SUPPORTED_MODES or mode == 4:
             raise CryocliError(f"unsupported MRC mode {mode} (cryocli reads modes 0, 1, 2, 6, 12)", path)
@@ -117,6 +118,10 @@ def open_stack(path: str | Path):
     :func:`stack_images` to read a batch as float32 without loading the whole file.
     """
     mrc = _open(path, mmap=True)
+    if mrc.data is None:
+        # permissive mode hands back a header without data for truncated or corrupt files
+        mrc.close()
+        raise CryocliError("MRC file holds no readable data (truncated or corrupt)", path)
     mode = int(mrc.header.mode)
     if mode not in SUPPORTED_MODES or mode == 4:
         mrc.close()
@@ -162,6 +167,7 @@ def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, i
             mrc.update_header_stats()
             mrc.header.label[0] = label.encode("ascii", "replace")[:80]
             mrc.header.nlabl = 1
+        os.chmod(tmp, default_file_mode())  # mkstemp makes the file private; give it the umask's permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,87 @@
+"""File-system helpers for the readers and writers: atomic writes and stack path resolution.
+
+RELION writes ``rlnImageName`` paths relative to the directory it ran in (the project folder). A STAR file
+usually sits in that folder or one level below it (``Extract/job012/particles.star``,
+``noisy/noisy.star``), so a stack path is looked up, in order, against the STAR file's folder, the
+current directory, the user's data directory (also by bare file name, the ``--datadir`` habit of other
+tools) and finally the STAR file's parent folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode() -> int:
+    """Permission bits a newly created file gets under the current umask (``0o666 & ~umask``)."""
+    # There is no way to read the umask without setting it; hold a lock so threads do not race.
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and an ``os.replace``.
+
+    An interrupted write never leaves a partial file under the final name, and an existing file is
+    replaced only once the new content is complete. The file gets the usual umask permissions
+    (``mkstemp`` alone would make it private).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def stack_candidates(name: str, star_dir: Path | None, datadir: Path | None) -> list[Path]:
+    """Every location tried for the stack ``name`` (the path part of ``rlnImageName``), in lookup order.
+
+    Absolute names are used as they are. Relative names are tried against the STAR file's folder, the
+    current directory, ``datadir`` (as given and by bare file name) and the STAR file's parent folder
+    (RELION's project folder when the STAR file lives in a job or set subfolder). Duplicates are dropped.
+    """
+    rel = Path(name)
+    if rel.is_absolute():
+        return [rel]
+    bases: list[Path] = []
+    if star_dir is not None:
+        bases.append(star_dir / rel)
+    bases.append(Path.cwd() / rel)
+    if datadir is not None:
+        bases.append(datadir / rel)
+        bases.append(datadir / rel.name)
+    if star_dir is not None:
+        bases.append(star_dir.parent / rel)
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for candidate in bases:
+        key = os.path.normpath(str(candidate))
+        if key not in seen:
+            seen.add(key)
+            unique.append(Path(key))
+    return unique
+
+
+def resolve_stack(name: str, star_dir: Path | None, datadir: Path | None) -> tuple[Path | None, list[Path]]:
+    """The first existing file among :func:`stack_candidates`, or ``None``, and the list of paths tried."""
+    tried = stack_candidates(name, star_dir, datadir)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate, tried
+    return None, tried

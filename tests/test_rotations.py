@@ -1,0 +1,236 @@
+"""RELION rotation convention and the parameterisations built on it (cryocli.geometry.rotations)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.spatial.transform import Rotation
+from torch.autograd import gradcheck
+
+from cryocli.geometry.rotations import (
+    axis_angle_to_matrix,
+    canonical_quaternion,
+    euler_to_matrix,
+    geodesic_distance,
+    matrix_to_axis_angle,
+    matrix_to_euler,
+    matrix_to_quaternion,
+    matrix_to_s2s2,
+    matrix_to_sixd,
+    projection_direction,
+    quaternion_distance,
+    quaternion_multiply,
+    quaternion_to_matrix,
+    random_rotations,
+    rotation_about_axis,
+    s2s2_to_matrix,
+    sixd_to_matrix,
+)
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def _random(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return random_rotations(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _euler_samples(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    rot, psi = rng.uniform(-180, 180, (2, n))
+    tilt = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
+    return tuple(torch.as_tensor(a, dtype=torch.float64) for a in (rot, tilt, psi))
+
+
+def test_euler_matrix_is_relion_passive_zyz():
+    rot, tilt, psi = _euler_samples(200)
+    a = euler_to_matrix(rot, tilt, psi)
+    assert a.dtype == torch.float64
+    # Independent construction: RELION's A is the transpose of scipy's active intrinsic ZYZ rotation.
+    ref = Rotation.from_euler("ZYZ", np.stack([rot, tilt, psi], -1), degrees=True).as_matrix().transpose(0, 2, 1)
+    assert np.abs(a.numpy() - ref).max() < 1e-13
+    # RELION's Rz(psi) written out: [[c, s, 0], [-s, c, 0], [0, 0, 1]].
+    c, s = math.cos(math.radians(30.0)), math.sin(math.radians(30.0))
+    assert torch.allclose(euler_to_matrix(0.0, 0.0, 30.0), torch.tensor([[c, s, 0], [-s, c, 0], [0, 0, 1.0]]))
+
+
+def test_third_row_is_viewing_direction():
+    rot, tilt, psi = _euler_samples(500, seed=1)
+    r, t = torch.deg2rad(rot), torch.deg2rad(tilt)
+    expected = torch.stack([torch.sin(t) * torch.cos(r), torch.sin(t) * torch.sin(r), torch.cos(t)], -1)
+    assert (projection_direction(euler_to_matrix(rot, tilt, psi)) - expected).abs().max() < 1e-14
+
+
+def test_numpy_and_python_inputs_use_the_default_dtype():
+    a = euler_to_matrix(np.array([10.0, 20.0]), np.array([30.0, 40.0]), 50.0)
+    assert a.dtype == torch.get_default_dtype() and a.shape == (2, 3, 3)
+    assert euler_to_matrix(torch.tensor([10.0], dtype=torch.float64), 1, 2).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_round_trips(dtype):
+    a = _random(500, dtype)
+    tol = TOL[dtype]
+    rot, tilt, psi = matrix_to_euler(a)
+    assert (euler_to_matrix(rot, tilt, psi) - a).abs().max() < 10 * tol
+    q = matrix_to_quaternion(a)
+    assert (q[:, 0] >= 0).all()
+    assert ((q.norm(dim=-1) - 1).abs().max()) < tol
+    assert (quaternion_to_matrix(q) - a).abs().max() < 4 * tol
+    omega = matrix_to_axis_angle(a)
+    assert (omega.norm(dim=-1) <= math.pi + tol).all()
+    assert (axis_angle_to_matrix(omega) - a).abs().max() < 4 * tol
+    assert (sixd_to_matrix(matrix_to_sixd(a)) - a).abs().max() < 4 * tol
+    assert (s2s2_to_matrix(*matrix_to_s2s2(a)) - a).abs().max() < 4 * tol
+    # The whole chain euler -> matrix -> quaternion -> axis-angle -> 6D -> matrix -> euler.
+    chain = sixd_to_matrix(matrix_to_sixd(axis_angle_to_matrix(
+        matrix_to_axis_angle(quaternion_to_matrix(matrix_to_quaternion(euler_to_matrix(rot, tilt, psi)))))))
+    assert (chain - a).abs().max() < 20 * tol
+
+
+def test_quaternions_match_scipy_and_compose():
+    a = _random(300, torch.float64, seed=3)
+    xyzw = Rotation.from_matrix(a.numpy()).as_quat()
+    ref = canonical_quaternion(torch.as_tensor(np.concatenate([xyzw[:, 3:], xyzw[:, :3]], 1)))
+    assert (matrix_to_quaternion(a) - ref).abs().max() < 1e-14
+    b = _random(300, torch.float64, seed=4)
+    qab = canonical_quaternion(quaternion_multiply(matrix_to_quaternion(a), matrix_to_quaternion(b)))
+    assert (qab - matrix_to_quaternion(a @ b)).abs().max() < 1e-14
+    # RELION's passive Rz(rot) is an active turn by -rot about z.
+    rot = torch.tensor(70.0, dtype=torch.float64)
+    q = matrix_to_quaternion(euler_to_matrix(rot, 0.0 * rot, 0.0 * rot))
+    half = math.radians(35.0)
+    assert torch.allclose(q, torch.tensor([math.cos(half), 0, 0, -math.sin(half)], dtype=torch.float64))
+
+
+def test_axis_angle_matches_scipy_and_relion_axes():
+    a = _random(300, torch.float64, seed=5)
+    assert np.abs(matrix_to_axis_angle(a).numpy() - Rotation.from_matrix(a.numpy()).as_rotvec()).max() < 1e-13
+    # RELION's passive Rz(a) = rotation_about_axis(z, -a).
+    z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(rotation_about_axis(z, torch.tensor(-0.7, dtype=torch.float64)),
+                          euler_to_matrix(torch.tensor(math.degrees(0.7), dtype=torch.float64), 0.0, 0.0))
+
+
+@pytest.mark.parametrize("tilt", [0.0, 180.0])
+def test_gimbal_lock(tilt):
+    rot = torch.tensor([0.0, 33.0, -120.0, 179.0, 90.0], dtype=torch.float64)
+    psi = torch.tensor([10.0, -45.0, 60.0, 180.0, -90.0], dtype=torch.float64)
+    a = euler_to_matrix(rot, torch.full_like(rot, tilt), psi)
+    r2, t2, p2 = matrix_to_euler(a)
+    assert (r2 == 0).all() and (t2 == tilt).all()
+    assert (euler_to_matrix(r2, t2, p2) - a).abs().max() < 1e-14
+    assert (quaternion_to_matrix(matrix_to_quaternion(a)) - a).abs().max() < 1e-14
+    assert (axis_angle_to_matrix(matrix_to_axis_angle(a)) - a).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_axis_angle_near_zero_and_pi(dtype):
+    axis = torch.nn.functional.normalize(torch.randn(50, 3, dtype=dtype), dim=-1)
+    for angle in (0.0, 1e-12, 1e-8, 1e-4, 1e-2, 0.5):
+        omega = axis * angle
+        back = matrix_to_axis_angle(axis_angle_to_matrix(omega))
+        assert (back - omega).abs().max() <= max(angle * 1e-6, 1e-30) + (1e-7 if dtype == torch.float32 else 1e-15)
+    assert (axis_angle_to_matrix(torch.zeros(3, dtype=dtype)) == torch.eye(3, dtype=dtype)).all()
+    for angle in (math.pi, math.pi - 1e-6):
+        a = axis_angle_to_matrix(axis * angle)
+        back = matrix_to_axis_angle(a)
+        assert (axis_angle_to_matrix(back) - a).abs().max() < 20 * TOL[dtype]
+        assert ((back.norm(dim=-1) - angle).abs() < 10 * TOL[dtype]).all()
+    # Just below pi the axis sign is determined and must be recovered.
+    omega = axis * (math.pi - 1e-3)
+    assert (matrix_to_axis_angle(axis_angle_to_matrix(omega)) - omega).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("vector", [[0.0, 0.0, 0.0], [1e-8, -1e-8, 1e-8], [1e-3, 2e-3, -1e-3],
+                                    [0.3, -1.0, 2.0], [0.0, 0.0, 3.1]])
+def test_axis_angle_gradients(vector):
+    omega = torch.tensor(vector, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(axis_angle_to_matrix, (omega,))
+    assert gradcheck(lambda w: matrix_to_axis_angle(axis_angle_to_matrix(w)), (omega,))
+    # Finite through Shepperd's method at an exact half turn too (w = 0 there).
+    half_turn = axis_angle_to_matrix(torch.tensor([0.0, math.pi, 0.0], dtype=torch.float64)).requires_grad_()
+    matrix_to_axis_angle(half_turn).sum().backward()
+    assert torch.isfinite(half_turn.grad).all()
+    # At the identity dA/d omega_i is the cross-product matrix [e_i]_x.
+    if not any(vector):
+        jac = torch.autograd.functional.jacobian(axis_angle_to_matrix, omega)  # (3, 3, 3): [row, col, i]
+        e = torch.eye(3, dtype=torch.float64)
+        for i in range(3):
+            assert torch.allclose(jac[..., i], torch.linalg.cross(e[i].expand(3, 3), e, dim=-1).T)
+
+
+def test_sixd_and_s2s2_gram_schmidt():
+    gen = torch.Generator().manual_seed(6)
+    v = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    a = sixd_to_matrix(v)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert (a @ a.transpose(-1, -2) - eye).abs().max() < 1e-14
+    assert (torch.linalg.det(a) - 1).abs().max() < 1e-14
+    # Column 0 is v_x normalised; column 1 lies in span(v_x, v_y) on v_y's side.
+    assert (a[..., :, 0] - torch.nn.functional.normalize(v[:, :3], dim=-1)).abs().max() < 1e-14
+    assert (a[..., :, 2] * v[:, 3:]).sum(-1).abs().max() < 1e-12
+    assert ((a[..., :, 1] * v[:, 3:]).sum(-1) > 0).all()
+    assert (s2s2_to_matrix(v[:, :3], v[:, 3:]) == a).all()
+    assert gradcheck(sixd_to_matrix, (v[:4].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_geodesic_distance(dtype):
+    gen = torch.Generator().manual_seed(7)
+    a = _random(100, dtype, seed=8)
+    axis = torch.nn.functional.normalize(torch.randn(100, 3, generator=gen, dtype=dtype), dim=-1)
+    angles = torch.tensor([0.0, 1e-7, 1e-5, 1e-3, 0.5, 2.0, math.pi - 1e-4, math.pi], dtype=dtype)
+    for t in angles:
+        b = axis_angle_to_matrix(axis * t) @ a
+        d = geodesic_distance(b, a)
+        rel = 1e-10 if dtype == torch.float64 else 1e-6
+        assert (d - t).abs().max() <= rel + 4 * t * TOL[dtype], float(t)
+        assert torch.allclose(geodesic_distance(a, b), d)
+    # Invariance: d(C A, C B) = d(A C, B C) = d(A, B).
+    b, c = _random(100, dtype, seed=9), _random(100, dtype, seed=10)
+    d = geodesic_distance(a, b)
+    assert (geodesic_distance(c @ a, c @ b) - d).abs().max() < 1e3 * TOL[dtype]
+    assert (geodesic_distance(a @ c, b @ c) - d).abs().max() < 1e3 * TOL[dtype]
+    # Finite gradient, also between identical rotations.
+    x = a[:3].clone().requires_grad_()
+    geodesic_distance(x, a[:3]).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_quaternion_distance_is_chordal():
+    a, b = _random(200, torch.float64, seed=11), _random(200, torch.float64, seed=12)
+    t = geodesic_distance(a, b)
+    d = quaternion_distance(matrix_to_quaternion(a), -matrix_to_quaternion(b))
+    assert (d - 2 * torch.sin(t / 4)).abs().max() < 1e-14
+
+
+def test_random_rotations_are_haar_uniform():
+    n = 20000
+    a = _random(n, torch.float64, seed=2024)
+    assert (a @ a.transpose(-1, -2) - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-14
+    angle = geodesic_distance(a, torch.eye(3, dtype=torch.float64)).numpy()
+    # Haar measure: the rotation angle has density (1 - cos t)/pi, CDF (t - sin t)/pi.
+    p_angle = stats.kstest(angle, lambda t: (t - np.sin(t)) / np.pi).pvalue
+    # Viewing directions uniform on the sphere: cos(tilt) uniform on [-1, 1].
+    p_dir = stats.kstest(projection_direction(a)[:, 2].numpy(), stats.uniform(-1, 2).cdf).pvalue
+    assert p_angle > 0.01 and p_dir > 0.01, (p_angle, p_dir)
+    # The mean of Haar rotations is the zero matrix.
+    assert a.mean(0).abs().max() < 5 / math.sqrt(n)
+    # The same tests reject uniform Euler angles, which crowd the poles.
+    rng = np.random.default_rng(2024)
+    bounds = ((-180, 180), (0, 180), (-180, 180))
+    naive = euler_to_matrix(*(torch.as_tensor(rng.uniform(lo, hi, n)) for lo, hi in bounds))
+    assert stats.kstest(projection_direction(naive)[:, 2].numpy(), stats.uniform(-1, 2).cdf).pvalue < 1e-6
+    naive_angle = geodesic_distance(naive, torch.eye(3, dtype=naive.dtype)).numpy()
+    assert stats.kstest(naive_angle, lambda t: (t - np.sin(t)) / np.pi).pvalue < 1e-6
+
+
+def test_random_rotations_reproducible_and_typed():
+    a = random_rotations(5, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    b = random_rotations(5, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    assert a.dtype == torch.float32 and a.shape == (5, 3, 3) and torch.equal(a, b)
+    assert random_rotations(3, device="cpu").dtype == torch.get_default_dtype()

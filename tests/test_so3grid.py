@@ -1,0 +1,217 @@
+"""HEALPix and the hierarchical SO(3) grid (cryocli.geometry.so3grid), checked against RELION's sampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import starfile
+import torch
+from scipy import stats
+
+from cryocli.errors import CryocliError
+from cryocli.geometry.rotations import euler_to_matrix, geodesic_distance, projection_direction, random_rotations
+from cryocli.geometry.so3grid import (
+    SO3Grid,
+    healpix_ang2pix,
+    healpix_max_pixrad,
+    healpix_npix,
+    healpix_pix2ang,
+    healpix_pix2vec,
+    healpix_vec2pix,
+)
+
+from .conftest import STARFILE_DATA, need
+
+RELION_SAMPLING = STARFILE_DATA / "relion_tutorial" / "run_it025_sampling_3D.star"
+
+
+def _unit_vectors(n: int, seed: int) -> torch.Tensor:
+    v = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _haar(n: int, seed: int) -> torch.Tensor:
+    return random_rotations(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ HEALPix
+
+
+@pytest.mark.parametrize("order", range(6))
+def test_healpix_pix2ang_ang2pix_round_trip(order):
+    pix = torch.arange(healpix_npix(order))
+    theta, phi = healpix_pix2ang(order, pix)
+    assert (theta > 0).all() and (theta < math.pi).all() and (phi >= 0).all() and (phi < 2 * math.pi).all()
+    # Each centre lies in its own pixel (so centres are distinct too).
+    assert torch.equal(healpix_ang2pix(order, theta, phi), pix)
+    # The nested children of p, 4p .. 4p+3, lie inside p.
+    if order > 0:
+        child_dirs = healpix_pix2vec(order, pix)
+        assert torch.equal(healpix_vec2pix(order - 1, child_dirs), pix // 4)
+
+
+@pytest.mark.parametrize("order", range(5))
+def test_healpix_pixels_equal_area_and_max_radius(order):
+    v = _unit_vectors(100_000, seed=order)
+    pix = healpix_vec2pix(order, v)
+    counts = torch.bincount(pix, minlength=healpix_npix(order)).numpy()
+    chi2 = stats.chisquare(counts)  # equal-area pixels: uniform points fall evenly
+    assert chi2.pvalue > 1e-3, chi2
+    dist = torch.acos((v * healpix_pix2vec(order, pix)).sum(-1).clamp(-1, 1))
+    bound = healpix_max_pixrad(order)
+    # Every point lies within the bound of its own pixel's centre, and the bound is tight.
+    assert dist.max() <= bound and dist.max() > 0.95 * bound, (float(dist.max()), bound)
+
+
+def test_directions_match_relion_sampling_file_in_nested_order():
+    star = starfile.read(need(RELION_SAMPLING))
+    general, dirs = star["sampling_general"], star["sampling_directions"]
+    order, psi_step = int(general["rlnHealpixOrder"]), float(general["rlnPsiStep"])
+    assert (order, psi_step) == (2, 15.0)
+    grid = SO3Grid(base_order=order, dtype=torch.float64)
+    assert grid.n_directions(0) == len(dirs) == 192
+    assert math.degrees(grid.psi_step(0)) == pytest.approx(psi_step)
+    euler = grid.euler(0, torch.arange(192) * grid.n_psi(0)).numpy()  # psi index 0 of every direction
+    # Index by index: RELION lists the directions in HEALPix *nested* order, rot wrapped to (-180, 180].
+    assert np.abs(euler[:, 0] - dirs["rlnAngleRot"].to_numpy()).max() < 1e-3
+    assert np.abs(euler[:, 1] - dirs["rlnAngleTilt"].to_numpy()).max() < 1e-3
+    # The same as sets of unit vectors (independent of listing order and angle wrapping).
+    ref = projection_direction(euler_to_matrix(torch.tensor(dirs["rlnAngleRot"].to_numpy()),
+                                               torch.tensor(dirs["rlnAngleTilt"].to_numpy()), 0.0))
+    ours = projection_direction(grid.rotations(0, torch.arange(192) * grid.n_psi(0)))
+    angle = torch.acos((ref @ ours.T).clamp(-1, 1)).min(1).values
+    assert angle.max() < math.radians(1e-3)
+    # Level 0 psi values are RELION's k * psi_step.
+    psi = grid.euler(0, torch.arange(grid.n_psi(0)))[:, 2].numpy() % 360
+    assert np.abs(psi - psi_step * np.arange(24)).max() < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------- SO(3)
+
+
+def test_cell_counts_and_scales():
+    grid = SO3Grid()
+    for level in range(4):
+        assert grid.n_directions(level) == 12 * 4**level
+        assert grid.n_psi(level) == 6 * 2**level
+        assert grid.n_cells(level) == 72 * 8**level  # Cryo2SSNet's |G_k|
+        assert grid.cell_size(level) == pytest.approx(math.radians(60 / 2**level))
+    assert SO3Grid(base_order=2).n_cells(0) == 192 * 24 == 4608
+    assert grid.rotations(1).shape == (576, 3, 3) and grid.rotations(1).dtype == torch.get_default_dtype()
+
+
+def test_rotations_agree_with_euler_and_directions():
+    grid = SO3Grid(dtype=torch.float64)
+    ids = torch.arange(grid.n_cells(2))
+    e = grid.euler(2, ids)
+    assert (grid.rotations(2, ids) - euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])).abs().max() < 1e-12
+    view = projection_direction(grid.rotations(2, ids))
+    assert (view - grid.directions(2)[ids // grid.n_psi(2)]).abs().max() < 1e-12
+    # Within one direction the poses are a comb of in-plane turns, one psi step apart.
+    first = grid.rotations(2, torch.arange(grid.n_psi(2)))
+    steps = geodesic_distance(first[1:], first[:-1])
+    assert (steps - grid.psi_step(2)).abs().max() < 1e-12
+    with pytest.raises(CryocliError):
+        grid.rotations(0, torch.tensor([72]))
+
+
+def test_children_and_parent_partition_the_ids():
+    grid = SO3Grid()
+    for level in range(3):
+        ids = torch.arange(grid.n_cells(level))
+        kids = grid.children(level, ids)
+        assert kids.shape == (len(ids), 8)
+        assert torch.equal(torch.sort(kids.flatten()).values, torch.arange(grid.n_cells(level + 1)))
+        assert torch.equal(grid.parent(level + 1, kids), ids[:, None].expand(-1, 8))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_children_lie_in_their_parent_cell(level):
+    grid = SO3Grid(dtype=torch.float64)
+    ids = torch.arange(grid.n_cells(level))
+    if level == 2:
+        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:600]]
+    kids = grid.children(level, ids).flatten()
+    child_rot = grid.rotations(level + 1, kids)
+    parents = ids.repeat_interleave(8)
+    # Every child is nearer to its own parent than to any other cell of the parent level.
+    nearest, _ = grid.nearest(child_rot, level)
+    assert torch.equal(nearest[:, 0], parents)
+    # And within the derived step: direction inside the parent's pixel, psi = parent's +- step / 4.
+    d = geodesic_distance(child_rot, grid.rotations(level, parents))
+    a = healpix_max_pixrad(grid.order(level))
+    assert d.max() <= 2 * math.acos(math.cos(a / 2) * math.cos(grid.psi_step(level) / 8))
+
+
+def test_descendants_stay_within_subtree_radius():
+    grid = SO3Grid(dtype=torch.float64)
+    ids = torch.arange(grid.n_cells(0))
+    desc = ids[:, None]
+    for level in range(3):
+        desc = grid.children(level, desc.flatten()).reshape(len(ids), -1)
+        d = geodesic_distance(grid.rotations(level + 1, desc), grid.rotations(0, ids)[:, None])
+        assert d.max() <= grid.subtree_radius(0)
+    assert grid.subtree_radius(1) < grid.subtree_radius(0) / 1.8
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_grid_covers_so3(level):
+    grid = SO3Grid(dtype=torch.float64)
+    rotations = _haar(2000, seed=10 + level)
+    ids, dist = grid.nearest(rotations, level)
+    assert (ids[:, 0] >= 0).all()
+    assert torch.allclose(dist[:, 0], geodesic_distance(rotations, grid.rotations(level, ids[:, 0])), atol=1e-12)
+    # Derived bound: cos(w/2) = cos(max_pixrad/2) cos(step/4); about 1.1 cell sizes.
+    assert dist.max() <= grid.covering_radius(level)
+    assert grid.covering_radius(level) < 1.12 * grid.cell_size(level)
+    if level <= 2:  # the exact distances make the nearest cell the true nearest one (brute force)
+        sample = rotations[:300]
+        brute = geodesic_distance(sample[:, None], grid.rotations(level)[None]).min(1).values
+        assert (brute - dist[:300, 0]).abs().max() < 1e-12
+
+
+def test_cells_within_is_exact_against_brute_force():
+    grid = SO3Grid(dtype=torch.float64)
+    level, radius = 2, 0.4
+    centres = _haar(40, seed=3)
+    ids, dist = grid.cells_within(centres, level, radius)
+    brute = geodesic_distance(centres[:, None], grid.rotations(level)[None])  # (40, 4608)
+    for b in range(len(centres)):
+        found = set(ids[b][ids[b] >= 0].tolist())
+        assert found == set(torch.nonzero(brute[b] <= radius)[:, 0].tolist())
+    valid = ids >= 0
+    assert torch.allclose(dist[valid], brute.gather(1, ids.clamp(min=0))[valid], atol=1e-12)
+    assert (torch.diff(dist, dim=1)[valid[:, 1:]] >= 0).all()
+
+
+def test_neighbours_symmetric_and_self_first():
+    grid = SO3Grid(dtype=torch.float64)
+    level, radius = 2, 1.5 * grid.cell_size(2)
+    ids = torch.randperm(grid.n_cells(level), generator=torch.Generator().manual_seed(1))[:200]
+    nb, dist = grid.neighbours(level, ids, radius=radius)
+    assert torch.equal(nb[:, 0], ids) and (dist[:, 0] < 1e-12).all()
+    assert ((nb >= 0).sum(1) >= 9).all()  # at least the adjacent directions and in-plane steps
+    pairs = [(int(a), int(b)) for a, row in zip(ids, nb) for b in row if b >= 0]
+    back, _ = grid.neighbours(level, torch.tensor([b for _, b in pairs]), radius=radius)
+    assert all(a in set(row.tolist()) for (a, _), row in zip(pairs, back))
+    knn, kd = grid.neighbours(level, ids[:20], k=7)
+    assert knn.shape == (20, 7) and torch.equal(knn[:, 0], ids[:20])
+    assert (kd[:, -1] <= dist[:20, 6] + 1e-12).all()
+    with pytest.raises(CryocliError):
+        grid.neighbours(level, ids, radius=0.1, k=3)
+
+
+def test_local_rotations_around_arbitrary_poses():
+    grid = SO3Grid(base_order=1, dtype=torch.float32)
+    centres = _haar(16, seed=5)
+    radius = 2 * grid.cell_size(2)
+    rot, ids, valid = grid.local_rotations(centres, 2, radius)
+    assert rot.shape == (*ids.shape, 3, 3) and rot.dtype == torch.float32
+    d = geodesic_distance(rot.double(), centres[:, None])
+    assert (d[valid] <= radius + 1e-6).all()
+    brute = geodesic_distance(centres[:, None], grid.rotations(2).double()[None]) <= radius
+    assert torch.equal(valid.sum(1), brute.sum(1))
+    # Padding repeats the nearest cell so that it can be evaluated and masked.
+    assert torch.equal(rot[~valid], rot[:, :1].expand_as(rot)[~valid])

@@ -1,0 +1,174 @@
+"""`cryocli fsc MAP1 MAP2`: Fourier shell correlation of two maps, optionally after aligning MAP2 onto MAP1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from cryocli.cli.common import STATE, check_new_output, emit_json, err_console, guarded, out_console, resolve_device
+from cryocli.errors import CryocliError
+
+DEFAULT_THRESHOLDS = (0.143, 0.5)
+
+
+def _voxel_size(v1: float, v2: float, angpix: float | None, p1: Path, p2: Path) -> float:
+    """The voxel size to use (A): --angpix, else the headers, which must agree within 0.5%."""
+    if angpix is not None:
+        if angpix <= 0:
+            raise CryocliError(f"--angpix {angpix}: must be positive (Angstrom per voxel)")
+        return angpix
+    if v1 <= 0 or v2 <= 0:
+        raise CryocliError(f"header voxel size is {v1:g} A ({p1}) and {v2:g} A ({p2}); give --angpix")
+    if abs(v1 - v2) > 0.005 * max(v1, v2):
+        raise CryocliError(f"voxel sizes differ by more than 0.5%: {v1:.5g} A ({p1}) vs {v2:.5g} A ({p2}); "
+                           "resample one map or give --angpix")
+    return v1
+
+
+def load_pair(path1: Path, path2: Path, angpix: float | None):
+    """Read two maps, check they share a box and a voxel size; returns (data1, data2, voxel size in A)."""
+    from cryocli.io.mrc import read_map
+
+    m1, m2 = read_map(path1), read_map(path2)
+    if m1.data.shape != m2.data.shape:
+        raise CryocliError(f"maps differ in box: {m1.data.shape[::-1]} ({path1}) vs {m2.data.shape[::-1]} ({path2}) "
+                           "(x, y, z voxels)")
+    return m1.data, m2.data, _voxel_size(m1.voxel_size, m2.voxel_size, angpix, path1, path2)
+
+
+def load_mask(path: Path, shape: tuple[int, ...]):
+    """Read a mask (values in [0, 1]) of the given shape."""
+    from cryocli.io.mrc import read_map
+
+    m = read_map(path).data
+    if m.shape != shape:
+        raise CryocliError(f"mask box {m.shape[::-1]} differs from the maps' {shape[::-1]} (x, y, z voxels)", path)
+    lo, hi = float(m.min()), float(m.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise CryocliError(f"mask values must lie in [0, 1]; found {lo:.4g} .. {hi:.4g}", path)
+    return m
+
+
+def _alignment_summary(al: Any) -> dict[str, Any]:
+    import torch
+
+    from cryocli.geometry.rotations import matrix_to_euler
+
+    rot, tilt, psi = (float(a) for a in matrix_to_euler(torch.as_tensor(al.rotation)))
+    return {"rotation_matrix": al.rotation.tolist(), "euler_rot_tilt_psi_deg": [rot, tilt, psi],
+            "shift_A": [float(s) for s in al.shift_A], "flipped": bool(al.flipped), "correlation": float(al.score)}
+
+
+def fsc(
+    map1: Path = typer.Argument(..., help="Reference map (MRC)."),
+    map2: Path = typer.Argument(..., help="Second map (MRC), same box as MAP1."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask (MRC, values 0..1) applied to both maps."),
+    align: bool = typer.Option(False, "--align", help="First align MAP2 onto MAP1: global rotation, translation and "
+                               "hand-flip search, then local refinement."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="With --align, do not try the mirror image (hand flip)."),
+    thresholds: Optional[List[float]] = typer.Option(None, "--threshold", "-t", help="Extra FSC threshold to report "
+                                                     "(repeatable); 0.143 and 0.5 are always reported."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the FSC curve as a PNG (x: 1/A, top: A)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write RELION's data_fsc table (STAR)."),
+    aligned_out: Optional[Path] = typer.Option(None, "--aligned-map", help="With --align, write MAP2 aligned onto "
+                                               "MAP1 (MRC)."),
+    angpix: Optional[float] = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    """Fourier shell correlation between two maps, in RELION's shells (1/A), with the resolution where it
+    crosses 0.143 and 0.5 (interpolated between the last shell above and the first below)."""
+    STATE.json = STATE.json or json_out
+    with guarded():
+        result = run_fsc(map1, map2, mask, align, not no_flip, thresholds or [], plot, output, aligned_out, angpix,
+                         force)
+    if STATE.json:
+        emit_json(result)
+        return
+    _print(result)
+
+
+def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: bool, extra: list[float],
+            plot: Path | None, output: Path | None, aligned_out: Path | None, angpix: float | None,
+            force: bool) -> dict[str, Any]:
+    """Everything `cryocli fsc` does, returning the JSON summary; raises CryocliError on bad input."""
+    import numpy as np
+
+    from cryocli.analysis.fsc import fsc_curve, fsc_star_text, shell_frequency, threshold_crossing, write_text_atomic
+
+    for t in extra:
+        if not -1.0 < t < 1.0:
+            raise CryocliError(f"--threshold {t}: must lie between -1 and 1")
+    if aligned_out is not None and not align:
+        raise CryocliError("--aligned-map needs --align")
+    outputs = [p for p in (plot, output, aligned_out) if p is not None]
+    for p in outputs:
+        check_new_output(p, force)
+    a, b, voxel = load_pair(map1, map2, angpix)
+    m = load_mask(mask, a.shape) if mask is not None else None
+    n = a.shape[-1]
+
+    summary: dict[str, Any] = {"map1": str(map1), "map2": str(map2), "box": n, "voxel_size": voxel,
+                               "mask": str(mask) if mask else None}
+    if align:
+        from cryocli.analysis.align import align_maps
+
+        err_console().print("aligning MAP2 onto MAP1 (rotation, shift, hand) ...")
+        al = align_maps(a, b, voxel, allow_flip=allow_flip, device=resolve_device())
+        b = aligned = al.aligned_map
+        summary["alignment"] = _alignment_summary(al)
+    if m is not None:
+        a, b = a * m, b * m
+    curve = fsc_curve(a, b)
+    freq = shell_frequency(n, voxel)
+    levels = list(dict.fromkeys([*DEFAULT_THRESHOLDS, *extra]))
+    crossings = [threshold_crossing(curve, n, voxel, t) for t in levels]
+    summary["resolution"] = [{"threshold": c.threshold, "resolution_A": c.resolution, "frequency_per_A": c.frequency,
+                              "reached": c.reached} for c in crossings]
+    summary["curve"] = {"shell": list(range(len(curve))), "frequency_per_A": freq.tolist(),
+                        "fsc": [float(x) for x in curve]}
+
+    written = {}
+    if output is not None:
+        write_text_atomic(output, fsc_star_text(curve, n, voxel, command="fsc"))
+        written["star"] = str(output)
+    if plot is not None:
+        from cryocli.plots import plot_fsc
+
+        label = "FSC (aligned)" if align else "FSC"
+        plot_fsc(plot, {label: (freq, curve)}, thresholds=levels, title=f"{map1.name} vs {map2.name}",
+                 resolutions={f"{c.threshold:g}": c.resolution for c in crossings if c.reached})
+        written["plot"] = str(plot)
+    if aligned_out is not None:
+        from cryocli.io.mrc import write_map
+
+        write_map(aligned_out, np.asarray(aligned), voxel, command="fsc --align")
+        written["aligned_map"] = str(aligned_out)
+    summary["outputs"] = written
+    return summary
+
+
+def _print(s: dict[str, Any]) -> None:
+    con = out_console()
+    con.print(f"[bold]FSC[/] {s['map1']} vs {s['map2']}: box {s['box']}, {s['voxel_size']:.4g} A/voxel"
+              + (f", mask {s['mask']}" if s["mask"] else ""))
+    if "alignment" in s:
+        al = s["alignment"]
+        rot, tilt, psi = al["euler_rot_tilt_psi_deg"]
+        con.print(f"alignment: rot {rot:.2f}, tilt {tilt:.2f}, psi {psi:.2f} deg; shift "
+                  + ", ".join(f"{x:.2f}" for x in al["shift_A"]) + f" A; hand {'flipped' if al['flipped'] else 'kept'}; "
+                  f"correlation {al['correlation']:.4f}")
+    table = Table("FSC threshold", "resolution (A)", "frequency (1/A)")
+    for r in s["resolution"]:
+        res = f"{r['resolution_A']:.2f}" if r["reached"] else f"<= {r['resolution_A']:.2f} (Nyquist)"
+        table.add_row(f"{r['threshold']:g}", res, f"{r['frequency_per_A']:.4f}")
+    con.print(table)
+    for kind, path in s["outputs"].items():
+        con.print(f"wrote {kind}: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fsc")(fsc)

@@ -1,0 +1,227 @@
+"""FSC in RELION's shells and sums, resolution crossings, RELION's random phases, and `cryocli fsc`."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+import starfile
+import torch
+from typer.testing import CliRunner
+
+from cryocli.analysis.fsc import (GlibcRand, corrected_masked_fsc, fsc_curve, fsc_star_text, randomize_phases_beyond,
+                                  relion_resolution_shell, shell_resolution, shell_voxel_counts, threshold_crossing)
+from cryocli.cli.app import app
+from cryocli.imaging.fourier import fourier_resample_volume, shell_index_3d, volume_to_fft
+from cryocli.io.mrc import read_map, write_map
+from tests.conftest import CRYODRGN, RELION_SET, need
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def halves():
+    h1 = read_map(need(RELION_SET / "reconstruct" / "rec_half1.mrc"))
+    h2 = read_map(need(RELION_SET / "reconstruct" / "rec_half2.mrc"))
+    mask = read_map(need(RELION_SET / "mask.mrc")).data
+    pp = starfile.read(need(RELION_SET / "postprocess" / "postprocess.star"))
+    return h1.data, h2.data, mask, h1.voxel_size, pp
+
+
+@pytest.fixture(scope="module")
+def small_map() -> np.ndarray:
+    vol = torch.tensor(read_map(need(RELION_SET / "map.mrc")).data, dtype=torch.float64)
+    return fourier_resample_volume(vol, 32).numpy()
+
+
+def test_identical_maps_give_one_everywhere(small_map):
+    f = fsc_curve(small_map, small_map.copy())
+    assert f.shape == (17,)
+    np.testing.assert_allclose(f, 1.0, atol=1e-12)
+
+
+def test_independent_noise_gives_zero_within_shell_statistics():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(40, 40, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 40, 40, generator=g, dtype=torch.float64)
+    f = fsc_curve(a, b)[1:]
+    count = shell_voxel_counts(40)[1:]
+    assert np.all(np.abs(f) < 4 / np.sqrt(count))
+    # The statistic is normalised: FSC^2 * count averages ~1 for independent noise (a curve of zeros fails).
+    z2 = float(np.mean(f**2 * count))
+    assert 0.5 < z2 < 1.6, z2
+
+
+def test_fsc_matches_relion_unmasked_and_masked_columns(halves):
+    h1, h2, mask, _, pp = halves
+    fsc = pp["fsc"]
+    ours = fsc_curve(h1, h2)
+    np.testing.assert_allclose(ours, fsc["rlnFourierShellCorrelationUnmaskedMaps"], atol=2e-6)
+    masked = fsc_curve(h1 * mask, h2 * mask)
+    np.testing.assert_allclose(masked, fsc["rlnFourierShellCorrelationMaskedMaps"], atol=2e-6)
+
+
+def test_full_transform_sum_is_what_differs_from_relion(halves):
+    """Why fsc_curve sums over the half transform: the full-transform sum misses RELION by ~0.01."""
+    h1, h2, _, _, pp = halves
+    fa, fb = (volume_to_fft(torch.tensor(v, dtype=torch.float64)) for v in (h1, h2))
+    shells = shell_index_3d(64).reshape(-1)
+    keep = shells <= 32
+
+    def ssum(v):
+        return torch.zeros(33, dtype=torch.float64).index_add_(0, shells[keep], v.reshape(-1)[keep])
+
+    full = (ssum((fa * fb.conj()).real) / torch.sqrt(ssum(fa.abs() ** 2) * ssum(fb.abs() ** 2))).numpy()
+    diff = np.abs(full - pp["fsc"]["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy())
+    assert diff.max() > 0.005
+
+
+def test_relion_resolution_rule_matches_readme(halves):
+    h1, h2, _, apix, _ = halves
+    f = fsc_curve(h1, h2)
+    res = shell_resolution(64, apix)
+    # README: unmasked half maps, 0.143 at 10.83 A and 0.5 at 18.77 A (last shell before the drop).
+    assert res[relion_resolution_shell(f, 0.143)] == pytest.approx(10.83, abs=0.01)
+    assert res[relion_resolution_shell(f, 0.5)] == pytest.approx(18.77, abs=0.01)
+
+
+def test_crossing_is_interpolated_between_last_above_and_first_below():
+    n, apix = 20, 2.0
+    fsc = np.array([1.0, 0.95, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0, 0, 0])
+    c = threshold_crossing(fsc, n, apix, 0.5)
+    # Between shell 3 (0.6) and 4 (0.4), halfway: shell 3.5 -> 3.5 / (20 * 2) 1/A.
+    assert c.reached and c.shell == 3
+    assert c.frequency == pytest.approx(3.5 / 40)
+    assert c.resolution == pytest.approx(40 / 3.5)
+    never = threshold_crossing(np.ones(11), n, apix, 0.143)
+    assert not never.reached and never.resolution == pytest.approx(4.0)
+
+
+def test_glibc_stream_matches_the_c_library():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        pytest.skip("not a glibc system: the C library's rand() is another generator")
+    for seed in (0, 1, 4242):
+        libc.srand(seed)
+        expected = np.array([libc.rand() for _ in range(20000)])
+        ours = GlibcRand(seed)
+        got = np.concatenate([ours.rand(7), ours.rand(12000), ours.rand(7993)])  # block boundaries are seamless
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_phase_randomisation_reproduces_relion(halves):
+    h1, h2, mask, _, pp = halves
+    fsc = pp["fsc"]
+    res = corrected_masked_fsc(h1, h2, mask)
+    assert res.randomize_at == 13  # RELION: rlnRandomiseFrom 21.661539 A = 281.6 / 13
+    np.testing.assert_allclose(res.random_masked, fsc["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"],
+                               atol=1e-5)
+    np.testing.assert_allclose(res.corrected, fsc["rlnFourierShellCorrelationCorrected"], atol=1e-5)
+
+
+def test_randomised_phases_keep_amplitudes_and_scramble_beyond_the_shell(small_map):
+    out = randomize_phases_beyond(small_map, 6, torch.Generator().manual_seed(1))
+    f = fsc_curve(small_map, out)
+    np.testing.assert_allclose(f[:5], 1.0, atol=1e-9)  # |k| < 6 untouched (shell 5 lies below radius 5.5)
+    assert np.all(np.abs(f[7:]) < 4 / np.sqrt(shell_voxel_counts(32)[7:]))
+    amp = lambda v: np.abs(np.fft.rfftn(v))  # noqa: E731
+    # Friedel pairs inside the kx = 0 plane get independent phases, as in RELION, so only kx > 0 keeps |F| exactly.
+    np.testing.assert_allclose(amp(out)[:, :, 1:16], amp(small_map)[:, :, 1:16], rtol=1e-7, atol=1e-12)
+
+
+def test_fsc_star_file(tmp_path, halves):
+    h1, h2, _, apix, _ = halves
+    f = fsc_curve(h1, h2)
+    path = tmp_path / "fsc.star"
+    path.write_text(fsc_star_text(f, 64, apix))
+    df = starfile.read(path)
+    assert list(df.columns) == ["rlnSpectralIndex", "rlnResolution", "rlnAngstromResolution",
+                                "rlnFourierShellCorrelation"]
+    assert df["rlnAngstromResolution"].iloc[1] == pytest.approx(64 * apix, rel=1e-6)
+    np.testing.assert_allclose(df["rlnFourierShellCorrelation"], f, atol=1e-6)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def _half_paths():
+    return str(need(RELION_SET / "reconstruct" / "rec_half1.mrc")), str(need(RELION_SET / "reconstruct" / "rec_half2.mrc"))
+
+
+def test_cli_fsc_outputs_json_star_and_plot(tmp_path):
+    a, b = _half_paths()
+    star, png = tmp_path / "fsc.star", tmp_path / "fsc.png"
+    r = runner.invoke(app, ["fsc", a, b, "--mask", str(RELION_SET / "mask.mrc"), "-o", str(star), "--plot", str(png),
+                            "-t", "0.3", "--json"])
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    thr = {x["threshold"]: x for x in s["resolution"]}
+    assert set(thr) == {0.143, 0.5, 0.3}
+    # RELION's masked half-map FSC: 0.143 in the shell after 9.08 A, 0.5 after 15.64 A (README).
+    assert 8.8 < thr[0.143]["resolution_A"] < 9.09
+    assert 14.82 < thr[0.5]["resolution_A"] < 15.65
+    assert star.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Global --json before the subcommand works too, and the table mode prints the thresholds.
+    r2 = runner.invoke(app, ["--json", "fsc", a, b])
+    assert r2.exit_code == 0 and json.loads(r2.stdout)["box"] == 64
+    r3 = runner.invoke(app, ["fsc", a, b])
+    assert r3.exit_code == 0 and "0.143" in r3.stdout and "resolution (A)" in r3.stdout
+
+
+def test_cli_fsc_refuses_to_overwrite_without_force(tmp_path):
+    a, b = _half_paths()
+    star = tmp_path / "fsc.star"
+    star.write_text("keep me")
+    r = runner.invoke(app, ["fsc", a, b, "-o", str(star)])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert star.read_text() == "keep me"
+    r = runner.invoke(app, ["fsc", a, b, "-o", str(star), "--force"])
+    assert r.exit_code == 0 and star.read_text().count("data_fsc") == 1
+
+
+def test_cli_fsc_bad_inputs_fail_in_one_line_without_output(tmp_path, small_map):
+    a, _ = _half_paths()
+    small = tmp_path / "small.mrc"
+    write_map(small, small_map.astype(np.float32), 8.8)
+    star = tmp_path / "out.star"
+    r = runner.invoke(app, ["fsc", a, str(small), "-o", str(star)])
+    assert r.exit_code == 2
+    assert "(64, 64, 64)" in r.stderr and "(32, 32, 32)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not star.exists()
+    other = tmp_path / "other_apix.mrc"
+    write_map(other, read_map(a).data, 4.5)
+    r = runner.invoke(app, ["fsc", a, str(other), "-o", str(star)])
+    assert r.exit_code == 2 and "4.4" in r.stderr and "4.5" in r.stderr and not star.exists()
+    # --angpix overrides the headers.
+    r = runner.invoke(app, ["fsc", a, str(other), "--angpix", "4.4", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["voxel_size"] == 4.4
+    bad_mask = tmp_path / "bad_mask.mrc"
+    write_map(bad_mask, read_map(a).data * 1e4, 4.4)
+    r = runner.invoke(app, ["fsc", a, a, "--mask", str(bad_mask), "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 2 and "[0, 1]" in r.stderr and not (tmp_path / "p.png").exists()
+
+
+def test_cli_fsc_align_recovers_a_mirrored_rotated_map(tmp_path):
+    from cryocli.analysis.align import FLIP, resample_volume
+    from cryocli.geometry.rotations import euler_to_matrix
+    from cryocli.imaging.masks import soft_sphere
+
+    hand = read_map(need(CRYODRGN / "hand-vol.mrc"))
+    vol = fourier_resample_volume(torch.tensor(hand.data, dtype=torch.float64), 32).float()
+    vol = vol * soft_sphere(32, 12, 3)
+    rot = euler_to_matrix(torch.tensor(-40.0), torch.tensor(100.0), torch.tensor(65.0)).double()
+    moving = resample_volume(vol, (rot @ FLIP)[None].float(), torch.tensor([[1.0, -2.0, 1.5]]))[0]
+    p1, p2 = tmp_path / "ref.mrc", tmp_path / "moved.mrc"
+    write_map(p1, vol.numpy(), 2.0)
+    write_map(p2, moving.numpy(), 2.0)
+    r = runner.invoke(app, ["fsc", str(p1), str(p2), "--align", "--json", "--aligned-map", str(tmp_path / "al.mrc")])
+    assert r.exit_code == 0, r.stderr
+    al = json.loads(r.stdout)["alignment"]
+    assert al["flipped"] is True
+    found = torch.tensor(al["rotation_matrix"], dtype=torch.float64)
+    angle = torch.rad2deg(torch.arccos(((found @ rot.T).trace() - 1).clamp(-2, 2) / 2))
+    assert float(angle) < 2.0
+    np.testing.assert_allclose(al["shift_A"], [2.0, -4.0, 3.0], atol=0.3)
+    assert (tmp_path / "al.mrc").exists()

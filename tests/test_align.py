@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from cryocli.analysis.align import (FLIP, Alignment, align_maps, align_pose_sets, apply_alignment,
-                                    pose_errors_after_alignment, poses_to_reference, resample_volume, rotation_angle,
+                                    pose_errors_after_alignment, poses_to_reference, resample_volume,
                                     sample_rotations)
 from cryocli.analysis.fsc import fsc_curve
-from cryocli.geometry.rotations import euler_to_matrix
+from cryocli.geometry.rotations import euler_to_matrix, geodesic_distance
 from cryocli.imaging.fourier import fourier_resample_volume
 from cryocli.imaging.masks import soft_sphere
 from cryocli.io.mrc import read_map
@@ -37,7 +37,7 @@ def _move(vol: torch.Tensor, rot: torch.Tensor, flipped: bool, shift_vox: list[f
 
 
 def _deg(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
-    return math.degrees(float(rotation_angle(torch.as_tensor(np.asarray(a), dtype=torch.float64), b)))
+    return math.degrees(float(geodesic_distance(torch.as_tensor(np.asarray(a), dtype=torch.float64), b)))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_poses_convert_into_the_reference_frame(hand_case):
     vol, apix, _, _, moving, al = hand_case
     g = torch.Generator().manual_seed(5)
     q = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    from cryocli.analysis.align import quaternion_to_matrix
+    from cryocli.geometry.rotations import quaternion_to_matrix
 
     a_mov = quaternion_to_matrix(q)
     origins = torch.randn(6, 2, generator=g, dtype=torch.float64) * 2.0  # Angstrom
@@ -113,7 +113,7 @@ def test_poses_convert_into_the_reference_frame(hand_case):
 
 def test_pose_set_alignment_finds_rotation_hand_and_outliers():
     g = torch.Generator().manual_seed(11)
-    from cryocli.analysis.align import axis_angle_to_matrix, quaternion_to_matrix
+    from cryocli.geometry.rotations import axis_angle_to_matrix, quaternion_to_matrix
 
     n = 400
     a_true = quaternion_to_matrix(torch.randn(n, 4, generator=g, dtype=torch.float64))
@@ -137,8 +137,8 @@ def test_pose_set_alignment_finds_rotation_hand_and_outliers():
 def test_rotation_samples_cover_so3():
     grid = sample_rotations(2000)
     assert torch.allclose(grid @ grid.transpose(1, 2), torch.eye(3, dtype=grid.dtype).expand(2000, 3, 3), atol=1e-12)
-    from cryocli.analysis.align import quaternion_to_matrix
+    from cryocli.geometry.rotations import quaternion_to_matrix
 
     probes = quaternion_to_matrix(torch.randn(300, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
-    nearest = rotation_angle(probes[:, None], grid[None]).min(dim=1).values
+    nearest = geodesic_distance(probes[:, None], grid[None]).min(dim=1).values
     assert math.degrees(float(nearest.max())) < 16.0

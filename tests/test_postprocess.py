@@ -10,8 +10,8 @@ import starfile
 import torch
 from typer.testing import CliRunner
 
-from cryocli.analysis.postprocess import (apply_bfactor, fit_guinier, guinier_curve, lowpass_filter, mtf_weights,
-                                          postprocess, read_mtf)
+from cryocli.analysis.postprocess import fit_guinier, guinier_curve, mtf_weights, postprocess, read_mtf
+from cryocli.imaging.filters import apply_bfactor, lowpass_filter
 from cryocli.cli.app import app
 from cryocli.imaging.fourier import fourier_resample_volume
 from cryocli.io.mrc import read_map, write_map
@@ -110,7 +110,7 @@ def test_guinier_fit_recovers_a_known_blur():
     hand = read_map(need(CRYODRGN / "hand-vol.mrc"))
     vol = torch.tensor(hand.data, dtype=torch.float64)
     spec = torch.fft.rfftn(vol)
-    from cryocli.analysis.fsc import rfftn_shells, shell_sum
+    from cryocli.imaging.fourier import rfftn_shells, shell_sum
 
     shells = rfftn_shells(64)
     mean_amp = shell_sum(spec.abs(), shells, 64) / shell_sum(torch.ones_like(spec.real), shells, 64)
@@ -132,7 +132,7 @@ def test_mtf_division(relion_inputs):
     falcon = read_mtf(need(EXTERNAL / "relion" / "data" / "mtf_falcon4EC_300kV.star"))
     assert len(falcon.value) == 64 and falcon.frequency[0] == 0.0
     w = mtf_weights(mtf, 64, APIX, mtf_angpix=APIX)
-    from cryocli.analysis.fsc import rfftn_radius
+    from cryocli.imaging.fourier import rfftn_radius
 
     k_pix = (rfftn_radius(64) / 64).numpy()  # 1/pixel
     inside = k_pix < 0.5

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance, quaternion_to_matrix
 from cryocli.imaging.fourier import centred_grid_3d, fourier_resample_volume, radius_3d
 from cryocli.imaging.masks import soft_sphere
 
@@ -65,17 +66,6 @@ class Alignment:
 
 # --- rotations ---------------------------------------------------------------------------------
 
-def quaternion_to_matrix(q: Tensor) -> Tensor:
-    """Unit quaternions ``(..., 4)`` as ``(w, x, y, z)`` -> rotation matrices ``(..., 3, 3)``."""
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
-
-
 def sample_rotations(count: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``count`` rotations ``(count, 3, 3)`` spread near-uniformly over SO(3) (super-Fibonacci spiral, Alexa 2022)."""
     phi, psi = math.sqrt(2.0), 1.533751168755204288118041
@@ -85,30 +75,6 @@ def sample_rotations(count: int, dtype: torch.dtype = torch.float64) -> Tensor:
     alpha, beta = 2 * math.pi * s / phi, 2 * math.pi * s / psi
     q = torch.stack([r * torch.sin(alpha), r * torch.cos(alpha), big_r * torch.sin(beta), big_r * torch.cos(beta)], -1)
     return quaternion_to_matrix(q).to(dtype)
-
-
-def axis_angle_to_matrix(v: Tensor) -> Tensor:
-    """Rotation vectors ``(..., 3)`` (axis times angle in radians) -> matrices ``(..., 3, 3)`` (Rodrigues, differentiable)."""
-    theta = v.norm(dim=-1, keepdim=True).unsqueeze(-1)
-    zero = torch.zeros_like(v[..., 0])
-    k = torch.stack([torch.stack([zero, -v[..., 2], v[..., 1]], -1),
-                     torch.stack([v[..., 2], zero, -v[..., 0]], -1),
-                     torch.stack([-v[..., 1], v[..., 0], zero], -1)], -2)
-    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(k.shape)
-    small = theta < 1e-6
-    safe = torch.where(small, torch.ones_like(theta), theta)
-    a = torch.where(small, 1 - theta**2 / 6, torch.sin(safe) / safe)
-    b = torch.where(small, 0.5 - theta**2 / 24, (1 - torch.cos(safe)) / safe**2)
-    return eye + a * k + b * (k @ k)
-
-
-def rotation_angle(a: Tensor, b: Tensor) -> Tensor:
-    """Geodesic angle in radians between rotation matrices ``a`` and ``b`` ``(..., 3, 3)``: angle of ``a b^T``.
-
-    Computed as ``2 asin(|a - b|_F / sqrt 8)``, which stays accurate for small angles.
-    """
-    d = (a - b).flatten(-2).norm(dim=-1) / math.sqrt(8.0)
-    return 2 * torch.asin(d.clamp(max=1.0))
 
 
 def project_to_so3(m: Tensor) -> Tensor:
@@ -267,7 +233,7 @@ def _distinct_top(scores: Tensor, rotations: Tensor, flips: Tensor, k: int, min_
         if chosen:
             prev = torch.tensor(chosen, device=rotations.device)
             same = flips[prev] == flips[i]
-            close = rotation_angle(rotations[prev], rotations[i].expand(len(chosen), 3, 3)) < min_angle
+            close = geodesic_distance(rotations[prev], rotations[i].expand(len(chosen), 3, 3)) < min_angle
             if bool((same & close).any()):
                 continue
         chosen.append(i)
@@ -424,14 +390,14 @@ def _best_global(a_est: Tensor, a_true: Tensor, iterations: int = 10) -> tuple[T
     rel = a_est.transpose(-1, -2) @ a_true  # each is a candidate R^T
     pick = torch.linspace(0, len(rel) - 1, min(len(rel), 64)).round().long()
     cand = rel[pick]  # (K, 3, 3)
-    err = rotation_angle(a_est[None] @ cand[:, None], a_true[None])  # (K, N)
+    err = geodesic_distance(a_est[None] @ cand[:, None], a_true[None])  # (K, N)
     rt = cand[int(torch.argmin(err.median(dim=1).values))]
     for _ in range(iterations):
-        e = rotation_angle(a_est @ rt, a_true)
+        e = geodesic_distance(a_est @ rt, a_true)
         cut = torch.clamp(3 * e.median(), min=math.radians(5.0))
         inl = e <= cut
         rt = project_to_so3(rel[inl].mean(0))
-    return rt.transpose(-1, -2), rotation_angle(a_est @ rt, a_true)
+    return rt.transpose(-1, -2), geodesic_distance(a_est @ rt, a_true)
 
 
 def align_pose_sets(estimated: np.ndarray | Tensor, true: np.ndarray | Tensor, allow_flip: bool = True) -> PoseAlignment:

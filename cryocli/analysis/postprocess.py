@@ -26,59 +26,11 @@ import torch
 from torch import Tensor
 
 from cryocli.analysis.fsc import (GlibcRand, MaskedFsc, corrected_masked_fsc, format_star_list, format_star_loop,
-                                  fsc_tensor, particle_fsc, relion_resolution_shell, rfftn_radius, rfftn_shells,
-                                  shell_sum, star_header)
+                                  fsc_tensor, particle_fsc, relion_resolution_shell, star_header)
 from cryocli.errors import CryocliError
-
-
-def _as_tensor(volume: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
-    t = volume if torch.is_tensor(volume) else torch.tensor(np.asarray(volume))
-    return t.to(device=device if device is not None else t.device, dtype=torch.float64)
-
-
-def _spectrum(volume: Tensor) -> Tensor:
-    return torch.fft.rfftn(volume, norm="forward")
-
-
-def _volume(spectrum: Tensor, n: int) -> Tensor:
-    return torch.fft.irfftn(spectrum, s=(n, n, n), norm="forward")
-
-
-# --- filters ----------------------------------------------------------------------------------
-
-def lowpass_weights(n: int, voxel_size: float, resolution: float, edge_shells: int = 2,
-                    device: torch.device | str | None = None) -> Tensor:
-    """RELION's low-pass filter on the half transform ``(n, n, n//2+1)``: 1 below, raised cosine across
-    ``edge_shells`` shells around shell ``round(n * voxel_size / resolution)``, 0 beyond (resolution in A)."""
-    shell = int(np.floor(n * voxel_size / resolution + 0.5))
-    half = edge_shells // 2
-    lo = max(0.0, (shell - half) / n)
-    hi = (shell + half) / n
-    r = rfftn_radius(n, device) / n
-    width = max(hi - lo, 1e-12)
-    ramp = 0.5 + 0.5 * torch.cos(torch.pi * (r - lo) / width)
-    return torch.where(r < lo, torch.ones_like(r), torch.where(r > hi, torch.zeros_like(r), ramp))
-
-
-def lowpass_filter(volume: np.ndarray | Tensor, voxel_size: float, resolution: float, edge_shells: int = 2) -> Tensor:
-    """Low-pass a cubic map ``(n, n, n)`` at ``resolution`` (A) with RELION's raised-cosine edge (float64)."""
-    v = _as_tensor(volume)
-    n = v.shape[-1]
-    return _volume(_spectrum(v) * lowpass_weights(n, voxel_size, resolution, edge_shells, v.device), n)
-
-
-def bfactor_weights(n: int, voxel_size: float, bfactor: float, device: torch.device | str | None = None) -> Tensor:
-    """``exp(-B |k|^2 / 4)`` (B in A^2, |k| in 1/A) inside the Nyquist sphere and 0 outside, on the half transform."""
-    k = rfftn_radius(n, device) / (n * voxel_size)
-    inside = k <= 1.0 / (2.0 * voxel_size)
-    return torch.where(inside, torch.exp(-(bfactor / 4.0) * k**2), torch.zeros_like(k))
-
-
-def apply_bfactor(volume: np.ndarray | Tensor, voxel_size: float, bfactor: float) -> Tensor:
-    """Multiply the map's Fourier amplitudes by ``exp(-B |k|^2 / 4)`` (negative B sharpens); float64 ``(n, n, n)``."""
-    v = _as_tensor(volume)
-    n = v.shape[-1]
-    return _volume(_spectrum(v) * bfactor_weights(n, voxel_size, bfactor, v.device), n)
+from cryocli.imaging.filters import (apply_bfactor, as_float64_tensor, bfactor_weights, lowpass_filter, lowpass_weights,
+                                     map_spectrum, spectrum_to_map)
+from cryocli.imaging.fourier import rfftn_radius, rfftn_shells, shell_sum
 
 
 def fsc_weighting(fsc: np.ndarray) -> np.ndarray:
@@ -255,9 +207,9 @@ def postprocess(half1: np.ndarray | Tensor, half2: np.ndarray | Tensor, voxel_si
     The phase randomisation draws RELION's random stream (:class:`~cryocli.analysis.fsc.GlibcRand`)
     seeded with ``seed`` (0 to 2^31 - 1; RELION's ``--random_seed``, default 0).
     """
-    a = _as_tensor(half1, device)
-    b = _as_tensor(half2, a.device)
-    m = _as_tensor(mask, a.device) if mask is not None else None
+    a = as_float64_tensor(half1, device)
+    b = as_float64_tensor(half2, a.device)
+    m = as_float64_tensor(mask, a.device) if mask is not None else None
     _check_inputs(a, b, m)
     n = a.shape[-1]
     warnings: list[str] = []
@@ -294,7 +246,7 @@ def postprocess(half1: np.ndarray | Tensor, half2: np.ndarray | Tensor, voxel_si
             warnings.append("the phase-randomised FSC is above 0.10 at the estimated resolution; use a softer mask")
     resolution = n * voxel_size / res_shell if res_shell > 0 else 999.0
 
-    spec = _spectrum((a + b) / 2)
+    spec = map_spectrum((a + b) / 2)
     gx, g_orig = guinier_curve(spec, voxel_size)
     g_mtf = None
     if mtf is not None:
@@ -319,7 +271,7 @@ def postprocess(half1: np.ndarray | Tensor, half2: np.ndarray | Tensor, voxel_si
     if low_pass is not None and low_pass != 0:
         applied_lp = resolution if low_pass < 0 else float(low_pass)
         spec = spec * lowpass_weights(n, voxel_size, applied_lp, 2, spec.device)
-    out = _volume(spec, n)
+    out = spectrum_to_map(spec, n)
     out_np = out.float().cpu().numpy()
     masked_map = (out * m).float().cpu().numpy() if m is not None else None
 

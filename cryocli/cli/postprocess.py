@@ -131,7 +131,7 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
 
 def _make_auto_mask(a: Any, b: Any, voxel: float, threshold: float | None, extend: float, soft_edge: float,
                     lowpass: float) -> Any:
-    from cryocli.analysis.postprocess import lowpass_filter
+    from cryocli.imaging.filters import lowpass_filter
     from cryocli.imaging.masks import auto_mask
 
     avg = (a + b) / 2

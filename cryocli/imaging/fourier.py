@@ -99,3 +99,29 @@ def fourier_resample_volume(volume: Tensor, new_n: int) -> Tensor:
     s0, d0 = n // 2 - m // 2, new_n // 2 - m // 2
     out[d0:d0 + m, d0:d0 + m, d0:d0 + m] = spec[s0:s0 + m, s0:s0 + m, s0:s0 + m]
     return fft_to_volume(out) * (new_n / n) ** 3
+
+
+def rfftn_radius(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Radius in Fourier pixels of each voxel of the half transform ``rfftn(volume)``: shape ``(n, n, n // 2 + 1)``.
+
+    Axes are ``[kz, ky, kx]`` with ``kz, ky`` in ``fftfreq`` order and ``kx = 0 .. n // 2``.
+    """
+    k = torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+    kx = torch.arange(n // 2 + 1, device=device, dtype=dtype)
+    return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+
+
+def rfftn_shells(n: int, device: torch.device | str | None = None) -> Tensor:
+    """RELION's shell of each half-transform voxel, ``floor(|k| + 0.5)`` (its ``ROUND``), ``(n, n, n // 2 + 1)`` long."""
+    return torch.floor(rfftn_radius(n, device) + 0.5).long()
+
+
+def shell_sum(values: Tensor, shells: Tensor, nshell: int) -> Tensor:
+    """Sum ``values (..., n, n, n//2+1)`` over shells ``0 .. nshell-1`` -> ``(..., nshell)``; higher shells are dropped."""
+    lead = values.shape[: values.dim() - 3]
+    flat = values.reshape(*lead, -1)
+    idx = shells.reshape(-1)
+    keep = idx < nshell
+    flat, idx = flat[..., keep], idx[keep]
+    out = torch.zeros(*lead, nshell, dtype=flat.dtype, device=flat.device)
+    return out.index_add_(out.dim() - 1, idx, flat)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.analysis.postprocess import lowpass_filter
+from cryocli.imaging.filters import lowpass_filter
 from cryocli.imaging.fourier import radius_3d
 
 

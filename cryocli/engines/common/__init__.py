@@ -1,0 +1,1 @@
+"""Building blocks shared by the engines (direct Fourier reconstruction, pose search, encoders)."""

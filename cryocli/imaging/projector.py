@@ -1,0 +1,440 @@
+"""Central-slice projection (forward, differentiable) and its exact adjoint, as RELION's Projector.
+
+Fourier volumes
+    A map of box ``n`` is divided by ``sinc^2(r / P)`` (RELION's ``griddingCorrect``; ``r`` is the voxel
+    distance from the centre ``n // 2``), zero-padded to ``P = padded_box(n, pad)`` (``round(pad * n)``,
+    made even) and Fourier transformed. The transform is kept, centred, on a cubic grid of odd size
+    ``G = 2 * (R + 1) + 1`` with ``R = round(P / n * r_max)`` (RELION's ``pad_size``), holding the
+    frequencies ``|k| <= R`` (in padded Fourier voxels) and zero elsewhere; index ``G // 2`` is the
+    origin, so ``-k`` is ``flip`` of ``k`` on every axis. The values are the unnormalised DFT of the
+    padded map, so a central slice is the unnormalised 2D DFT of the line integral of the map along z
+    in voxel units: ``rfft_to_image(project(...))`` is ``sum_z`` of the rotated map. That holds
+    exactly where the slice falls on grid points without the pre-correction (``A = I``); elsewhere
+    trilinear interpolation attenuates by ``sinc^2(r / P)`` on average, which the pre-correction
+    undoes, as in RELION (the projections equal ``relion_project``'s images, scale 1.0000, and a
+    real-space rotate-and-sum to ~1%, the aliasing of the padded grid).
+
+Slices
+    A slice is an image half transform ``(B, n, n // 2 + 1)`` (layout of :mod:`cryocli.imaging.fourier`).
+    Pixel ``(kx, ky)`` (Fourier pixels, ``|k| <= r_max``) reads the volume at ``s * A^T (kx, ky, 0)``
+    with ``s = P / n`` (trilinear interpolation on the grid); pixels beyond ``r_max`` are zero. ``A`` is
+    RELION's rotation matrix (``cryocli.geometry.rotations``), ``(B, 3, 3)``. Odd boxes: RELION's
+    ``CenterFFT`` puts the origin of odd-sized *images* at ``n // 2 + 1`` (maps stay at ``n // 2``), so
+    ``relion_project`` images of odd boxes sit one pixel further in x and y than cryocli's layout
+    (measured on ASPIRE's 65 px sets; see ``tests/test_projector.py``). Even boxes agree exactly.
+
+Sampling uses ``torch.nn.functional.grid_sample`` (trilinear, ``align_corners=True``) over all slices
+at once (chunked only to bound memory), on CPU and GPU alike; the adjoint is the input-gradient
+kernel of ``grid_sample``, i.e. a scatter-add with the same trilinear weights, so
+``<P x, y> = <x, P* y>`` holds to rounding. :func:`project_volume_ft` is differentiable with respect
+to the Fourier volume (a leaf an engine can optimise) and to the rotation matrices.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+from cryocli.imaging.fourier import radius_3d, volume_to_fft
+
+# Interpolation points per grid_sample call: bounds the temporary grids to ~100 MB.
+DEFAULT_CHUNK_POINTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------
+# Grid geometry
+# ----------------------------------------------------------------------------------------------
+
+def padded_box(n: int, pad: float = 2) -> int:
+    """Padded real-space box ``round(pad * n)``, made even as RELION does (pixels)."""
+    p = int(round(pad * n))
+    return p + p % 2
+
+
+def default_r_max(n: int) -> int:
+    """RELION's default maximum Fourier radius: ``n // 2`` pixels (Nyquist)."""
+    return n // 2
+
+
+def grid_radius(n: int, pad: float = 2, r_max: int | None = None) -> int:
+    """Largest frequency kept on the Fourier grid, in padded Fourier voxels: ``round(P / n * r_max)``."""
+    r_max = default_r_max(n) if r_max is None else r_max
+    return int(round(padded_box(n, pad) / n * r_max))
+
+
+def fourier_grid_size(n: int, pad: float = 2, r_max: int | None = None) -> int:
+    """Odd size ``G = 2 * (R + 1) + 1`` of the centred Fourier grid (RELION's ``pad_size``)."""
+    return 2 * (grid_radius(n, pad, r_max) + 1) + 1
+
+
+def gridding_correct(volume: Tensor, padded: int) -> Tensor:
+    """Divide a map ``(n, n, n)`` by ``sinc^2(r / padded)``, ``r`` = voxel distance from the centre.
+
+    This is RELION's ``griddingCorrect`` for trilinear interpolation on a grid padded to ``padded``
+    voxels: it pre-compensates the attenuation that trilinear interpolation in Fourier space causes.
+    """
+    r = radius_3d(volume.shape[-1], device=volume.device, dtype=torch.float64)
+    sinc = torch.sinc(r / padded)
+    return (volume.to(torch.float64) / sinc**2).to(volume.dtype)
+
+
+def embed_spectrum(spectrum: Tensor, grid_size: int, radius: int) -> Tensor:
+    """Put a centred full transform ``(P, P, P)`` on the centred grid ``(G, G, G)``, keeping ``|k| <= radius``.
+
+    The DFT is periodic, so frequencies on the far edge (``+P / 2``) take the value of ``-P / 2``.
+    """
+    p = spectrum.shape[-1]
+    half = grid_size // 2
+    k = torch.arange(-half, half + 1, device=spectrum.device)
+    idx = torch.remainder(k + p // 2, p)
+    out = spectrum[idx][:, idx][:, :, idx]
+    kk = k.to(torch.float64)
+    r2 = kk[:, None, None] ** 2 + kk[None, :, None] ** 2 + kk[None, None, :] ** 2
+    return torch.where(r2 <= radius * radius, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def fourier_volume(volume: Tensor, pad: float = 2, r_max: int | None = None,
+                   gridding_correction: bool = True) -> Tensor:
+    """A real map ``(n, n, n)`` ``[z, y, x]`` -> its padded, centred Fourier grid ``(G, G, G)`` (complex).
+
+    As RELION's ``Projector::computeFourierTransformMap``: gridding pre-correction (optional), zero
+    padding to ``P = padded_box(n, pad)`` with the map centre ``n // 2`` at ``P // 2``, unnormalised
+    DFT, frequencies beyond ``R = grid_radius(n, pad, r_max)`` set to zero. Precision follows the map
+    (float32 -> complex64, float64 -> complex128).
+    """
+    n = volume.shape[-1]
+    p = padded_box(n, pad)
+    vol = gridding_correct(volume, p) if gridding_correction else volume
+    padded = torch.zeros((p, p, p), dtype=vol.dtype, device=vol.device)
+    o = p // 2 - n // 2
+    padded[o:o + n, o:o + n, o:o + n] = vol
+    return embed_spectrum(volume_to_fft(padded), fourier_grid_size(n, pad, r_max), grid_radius(n, pad, r_max))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel sets of a slice
+# ----------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _half_plane_cpu(n: int, r_max: int, skip_redundant: bool) -> tuple[Tensor, Tensor, Tensor]:
+    ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    keep = gx**2 + gy**2 <= r_max * r_max
+    if skip_redundant:
+        # kx = 0, ky < 0 are the Friedel mates of kx = 0, ky > 0; RELION's backprojector skips them so
+        # that Hermitian symmetrisation does not count them twice. The Nyquist row of an even box is
+        # kept (RELION reads it as +n/2, it is its own mate).
+        redundant = (gx == 0) & (gy < 0)
+        if n % 2 == 0:
+            redundant &= gy != -(n // 2)
+        keep &= ~redundant
+    pix = torch.nonzero(keep.reshape(-1)).reshape(-1)
+    return pix, gx.reshape(-1)[pix], gy.reshape(-1)[pix]
+
+
+def half_plane_pixels(n: int, r_max: int | None = None, skip_redundant: bool = False,
+                      device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixels of a half transform ``(n, n // 2 + 1)`` inside the circle ``|k| <= r_max`` (Fourier pixels).
+
+    Returns ``(flat_index (M,) long, kx (M,), ky (M,))``; ``flat_index`` indexes the flattened
+    ``n * (n // 2 + 1)`` half transform. ``skip_redundant`` drops ``kx = 0, ky < 0`` (see the backprojector).
+    """
+    r_max = default_r_max(n) if r_max is None else r_max
+    pix, kx, ky = _half_plane_cpu(n, int(r_max), bool(skip_redundant))
+    return pix.to(device), kx.to(device=device, dtype=dtype), ky.to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=64)
+def _full_plane_cpu(n: int, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
+    k = torch.arange(n, dtype=torch.float64) - n // 2
+    gy, gx = torch.meshgrid(k, k, indexing="ij")
+    keep = gx**2 + gy**2 <= r_max * r_max
+    pix = torch.nonzero(keep.reshape(-1)).reshape(-1)
+    return pix, gx.reshape(-1)[pix], gy.reshape(-1)[pix]
+
+
+def full_plane_pixels(n: int, r_max: int | None = None, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixels of a centred full 2D transform ``(n, n)`` (origin at ``n // 2``) with ``|k| <= r_max``.
+
+    Returns ``(flat_index (M,) long, kx (M,), ky (M,))`` in Fourier pixels.
+    """
+    r_max = default_r_max(n) if r_max is None else r_max
+    pix, kx, ky = _full_plane_cpu(n, int(r_max))
+    return pix.to(device), kx.to(device=device, dtype=dtype), ky.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trilinear sampling on a centred grid (grid_sample) and its adjoint
+# ----------------------------------------------------------------------------------------------
+
+def slice_coordinates(rotations: Tensor, kx: Tensor, ky: Tensor, scale: float) -> Tensor:
+    """Grid coordinates ``scale * A^T (kx, ky, 0)``: ``(B, M, 3)`` as ``(x, y, z)`` voxels from the centre.
+
+    rotations: ``(B, 3, 3)`` RELION ``A``; kx, ky: ``(M,)`` Fourier pixels. Differentiable in ``rotations``.
+    """
+    a = rotations.to(kx.dtype)
+    return scale * (kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :])
+
+
+def _normalised_grid(coords: Tensor, grid: int) -> Tensor:
+    """Voxel offsets from the centre index ``grid // 2`` -> ``grid_sample`` coordinates (align_corners=True)."""
+    return (coords + (grid // 2)) * (2.0 / (grid - 1)) - 1.0
+
+
+def _channels_first(volume: Tensor) -> Tensor:
+    """``(C, G, G, G)`` real view: complex -> (Re, Im) channels (no copy), real ``(G, G, G)`` -> one channel."""
+    if volume.is_complex():
+        return torch.view_as_real(volume).permute(3, 0, 1, 2)
+    return volume[None] if volume.dim() == 3 else volume
+
+
+def _chunk_rotations(n_rot: int, n_points: int, chunk_points: int) -> int:
+    return max(1, min(n_rot, chunk_points // max(1, n_points)))
+
+
+def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
+    """Trilinear interpolation of ``channels (C, G, G, G)`` ``[z, y, x]`` at ``coords (N, 3)`` -> ``(C, N)``.
+
+    coords are ``(x, y, z)`` voxel offsets from the centre index ``G // 2``; points whose neighbours
+    fall outside the grid read zeros there. Differentiable in both arguments (``grid_sample``).
+    """
+    g = channels.shape[-1]
+    grid = _normalised_grid(coords.to(channels.dtype), g).reshape(1, 1, 1, -1, 3)
+    out = functional.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(channels.shape[0], -1)
+
+
+def scatter_grid(values: Tensor, coords: Tensor, grid_size: int) -> Tensor:
+    """Exact adjoint of :func:`sample_grid`: spread ``values (C, N)`` with the trilinear weights -> ``(C, G, G, G)``."""
+    c = values.shape[0]
+    grid = _normalised_grid(coords.to(values.dtype), grid_size).reshape(1, 1, 1, -1, 3)
+    shape_only = torch.zeros((), dtype=values.dtype, device=values.device).expand(1, c, grid_size, grid_size, grid_size)
+    # The backward kernel of grid_sample with respect to its input is the trilinear scatter-add; it only
+    # reads the input's shape when the grid gradient is not requested.
+    grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(values.reshape(1, c, 1, 1, -1), shape_only, grid,
+                                                             0, 0, True, [True, False])
+    return grad_input[0]
+
+
+def sample_slices(volume: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor, scale: float,
+                  chunk_points: int = DEFAULT_CHUNK_POINTS) -> Tensor:
+    """Interpolate a centred grid at ``scale * A^T (kx, ky, 0)`` for every rotation.
+
+    volume: complex ``(G, G, G)``, real ``(G, G, G)`` or real channels ``(C, G, G, G)``; rotations
+    ``(B, 3, 3)``; kx, ky ``(M,)`` Fourier pixels. Returns ``(B, M)`` (complex or real) or ``(C, B, M)``
+    for channel volumes. Differentiable in ``volume`` and ``rotations``.
+    """
+    _check_rotations(rotations)
+    channels = _channels_first(volume)
+    g = channels.shape[-1]
+    if channels.dim() != 4 or channels.shape[-3:] != (g, g, g):
+        raise ValueError(f"volume must be a cube (G, G, G) or (C, G, G, G), got {tuple(volume.shape)}")
+    kx, ky = kx.to(channels.dtype), ky.to(channels.dtype)
+    b, m = rotations.shape[0], kx.shape[0]
+    step = _chunk_rotations(b, m, chunk_points)
+    parts = [sample_grid(channels, slice_coordinates(rotations[s:s + step], kx, ky, scale).reshape(-1, 3))
+             for s in range(0, b, step)]
+    vals = torch.cat(parts, dim=1).reshape(channels.shape[0], b, m)
+    if volume.is_complex():
+        return torch.complex(vals[0], vals[1])
+    return vals[0] if volume.dim() == 3 else vals
+
+
+def _check_rotations(rotations: Tensor) -> None:
+    if rotations.dim() != 3 or rotations.shape[-2:] != (3, 3):
+        raise ValueError(f"rotations must be (B, 3, 3), got {tuple(rotations.shape)}")
+
+
+def project_volume_ft(volume_ft: Tensor, rotations: Tensor, n: int, pad: float = 2, r_max: int | None = None,
+                      chunk_points: int = DEFAULT_CHUNK_POINTS) -> Tensor:
+    """Central slices of a Fourier grid ``(G, G, G)`` (see :func:`fourier_volume`) -> ``(B, n, n // 2 + 1)``.
+
+    rotations: ``(B, 3, 3)`` RELION ``A``. ``pad`` must be the padding the grid was made with (the slice
+    is read at ``P / n`` grid voxels per Fourier pixel). Pixels with ``|k| > r_max`` (default ``n // 2``)
+    are zero. Differentiable with respect to ``volume_ft`` and ``rotations``.
+    """
+    scale = padded_box(n, pad) / n
+    pix, kx, ky = half_plane_pixels(n, r_max, device=volume_ft.device, dtype=volume_ft.real.dtype)
+    vals = sample_slices(volume_ft, rotations, kx, ky, scale, chunk_points)
+    h = n // 2 + 1
+    out = torch.zeros((rotations.shape[0], n * h), dtype=vals.dtype, device=vals.device)
+    return out.index_copy(1, pix, vals).reshape(-1, n, h)
+
+
+def scatter_slices(values: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor, scale: float, grid_size: int,
+                   chunk_points: int = DEFAULT_CHUNK_POINTS) -> Tensor:
+    """Adjoint of :func:`sample_slices` for channel values ``(C, B, M)`` -> ``(C, G, G, G)`` (real)."""
+    _check_rotations(rotations)
+    c, b, m = values.shape
+    kx, ky = kx.to(values.dtype), ky.to(values.dtype)
+    out = torch.zeros((c, grid_size, grid_size, grid_size), dtype=values.dtype, device=values.device)
+    step = _chunk_rotations(b, m, chunk_points)
+    for s in range(0, b, step):
+        coords = slice_coordinates(rotations[s:s + step], kx, ky, scale).reshape(-1, 3)
+        out += scatter_grid(values[:, s:s + step].reshape(c, -1), coords, grid_size)
+    return out
+
+
+def backproject_slices_ft(slices: Tensor, rotations: Tensor, n: int, pad: float = 2, r_max: int | None = None,
+                          chunk_points: int = DEFAULT_CHUNK_POINTS) -> Tensor:
+    """Exact adjoint of :func:`project_volume_ft`: slices ``(B, n, n // 2 + 1)`` -> complex grid ``(G, G, G)``.
+
+    No Hermitian bookkeeping is done here (that is :class:`BackProjector`'s job).
+    """
+    grid = fourier_grid_size(n, pad, r_max)
+    real_dtype = slices.real.dtype
+    pix, kx, ky = half_plane_pixels(n, r_max, device=slices.device, dtype=real_dtype)
+    picked = slices.reshape(slices.shape[0], -1)[:, pix]
+    vals = torch.stack([picked.real, picked.imag])
+    acc = scatter_slices(vals, rotations, kx, ky, padded_box(n, pad) / n, grid, chunk_points)
+    return torch.complex(acc[0], acc[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Classes
+# ----------------------------------------------------------------------------------------------
+
+class Projector:
+    """RELION's projector for one map: ``Projector(volume (n, n, n)).project(rotations) -> (B, n, n//2+1)``.
+
+    volume: real map ``[z, y, x]`` (tensor or array; its dtype sets the precision). pad: padding factor
+    (2 as RELION). r_max: largest Fourier radius in pixels (default ``n // 2``). The Fourier grid is
+    ``self.volume_ft`` ``(G, G, G)``; engines that learn it use :func:`project_volume_ft` directly.
+    """
+
+    def __init__(self, volume: Tensor, pad: float = 2, gridding_correction: bool = True,
+                 device: torch.device | str | None = None, r_max: int | None = None) -> None:
+        vol = torch.as_tensor(volume)
+        if vol.dim() != 3 or len(set(vol.shape)) != 1:
+            raise ValueError(f"volume must be a cube (n, n, n), got {tuple(vol.shape)}")
+        if not vol.is_floating_point():
+            vol = vol.to(torch.float32)
+        vol = vol.to(device) if device is not None else vol
+        self.n = int(vol.shape[-1])
+        self.pad = pad
+        self.r_max = default_r_max(self.n) if r_max is None else int(r_max)
+        self.volume_ft = fourier_volume(vol, pad, self.r_max, gridding_correction)
+
+    @property
+    def device(self) -> torch.device:
+        return self.volume_ft.device
+
+    def project(self, rotations: Tensor, chunk_points: int = DEFAULT_CHUNK_POINTS) -> Tensor:
+        """Half-transform projections ``(B, n, n // 2 + 1)`` for rotations ``(B, 3, 3)``."""
+        rot = rotations.to(device=self.device, dtype=self.volume_ft.real.dtype)
+        return project_volume_ft(self.volume_ft, rot, self.n, self.pad, self.r_max, chunk_points)
+
+
+class BackProjector:
+    """Accumulates slices and weights on the padded Fourier grid, as RELION's ``BackProjector``.
+
+    ``insert(slices, weights, rotations)`` adds ``trilinear * slice`` into :attr:`data` and
+    ``trilinear * weight`` into :attr:`weight` (``(G, G, G)``, see :func:`fourier_grid_size`). With
+    ``skip_redundant`` (the default, as RELION) the ``kx = 0, ky < 0`` pixels are left out: they are the
+    Friedel mates of ``kx = 0, ky > 0``, and :meth:`symmetrised` adds every voxel's mate, so every
+    image pixel then counts exactly once at ``k`` and once (conjugated) at ``-k``. Pixels with weight
+    <= 0 are skipped, data included (as RELION). Accumulators are real tensors of ``dtype``.
+    """
+
+    def __init__(self, n: int, pad: float = 2, r_max: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.n = int(n)
+        self.pad = pad
+        self.r_max = default_r_max(self.n) if r_max is None else int(r_max)
+        self.grid_size = fourier_grid_size(self.n, pad, self.r_max)
+        self.scale = padded_box(self.n, pad) / self.n
+        self.dtype = dtype
+        g = self.grid_size
+        # Channels: Re(data), Im(data), weight; one scatter fills all three.
+        self._acc = torch.zeros((3, g, g, g), dtype=dtype, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._acc.device
+
+    def insert(self, slices: Tensor, weights: Tensor | None, rotations: Tensor, skip_redundant: bool = True,
+               chunk_points: int = DEFAULT_CHUNK_POINTS) -> None:
+        """Insert slices ``(B, n, n//2+1)`` complex with weights ``(B, n, n//2+1)`` (None: 1) at ``A (B, 3, 3)``."""
+        _check_rotations(rotations)
+        dev = self.device
+        pix, kx, ky = half_plane_pixels(self.n, self.r_max, skip_redundant, device=dev, dtype=self.dtype)
+        b = slices.shape[0]
+        picked = slices.to(dev).reshape(b, -1)[:, pix]
+        if weights is None:
+            w = torch.ones((b, pix.shape[0]), dtype=self.dtype, device=dev)
+        else:
+            w = weights.to(device=dev, dtype=self.dtype).reshape(b, -1)[:, pix]
+        valid = (w > 0).to(self.dtype)
+        packed = torch.stack([picked.real.to(self.dtype) * valid, picked.imag.to(self.dtype) * valid, w * valid])
+        self._acc += scatter_slices(packed, rotations.to(device=dev, dtype=self.dtype), kx, ky, self.scale,
+                                    self.grid_size, chunk_points)
+
+    @property
+    def data(self) -> Tensor:
+        """Accumulated data ``(G, G, G)`` complex (a copy)."""
+        return torch.complex(self._acc[0], self._acc[1])
+
+    @property
+    def weight(self) -> Tensor:
+        """Accumulated weights ``(G, G, G)`` real (a copy)."""
+        return self._acc[2].clone()
+
+    def symmetrised(self) -> tuple[Tensor, Tensor]:
+        """Hermitian-symmetrised ``(data, weight)``: ``D(k) + conj D(-k)``, ``W(k) + W(-k)``.
+
+        The grid is odd and centred, so ``-k`` is a flip of every axis. The result is the accumulation
+        one would get by inserting every image's full Fourier plane, and its inverse transform is real.
+        """
+        data, weight = self.data, self.weight
+        dims = (0, 1, 2)
+        return data + torch.flip(data, dims).conj(), weight + torch.flip(weight, dims)
+
+    def reset(self) -> None:
+        """Zero the accumulators."""
+        self._acc.zero_()
+
+    def merge(self, other: "BackProjector") -> None:
+        """Add another backprojector's accumulators (same grid), e.g. from another device."""
+        if other.grid_size != self.grid_size:
+            raise ValueError("backprojectors have different grids")
+        self._acc += other._acc.to(device=self.device, dtype=self.dtype)
+
+    @property
+    def accumulators(self) -> Tensor:
+        """The raw ``(3, G, G, G)`` accumulator (Re data, Im data, weight), e.g. for ``all_reduce`` in place."""
+        return self._acc
+
+
+def rotations_with_symmetry(rotations: Tensor, sym_ops: Tensor | None) -> Tensor:
+    """All symmetry-equivalent poses ``A @ L`` for ``L`` in ``sym_ops (K, 3, 3)``: ``(K * B, 3, 3)``.
+
+    A map with ``V(L x) = V(x)`` projects identically at ``A`` and ``A L^T``; over a group both
+    ``L`` and ``L^T`` are members, so inserting at ``A @ L`` for every ``L`` gives every equivalent view.
+    """
+    if sym_ops is None:
+        return rotations
+    ops = sym_ops.to(device=rotations.device, dtype=rotations.dtype)
+    return (rotations[None] @ ops[:, None]).reshape(-1, 3, 3)
+
+
+def nyquist_mask(n: int, r_max: float | None = None, device: torch.device | str | None = None) -> Tensor:
+    """Boolean ``(n, n // 2 + 1)``: half-transform pixels with ``|k| <= r_max`` (default ``n // 2``) pixels."""
+    r_max = default_r_max(n) if r_max is None else r_max
+    ky = torch.fft.fftfreq(n, d=1.0 / n, device=device)
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=device)
+    return (ky[:, None] ** 2 + kx[None, :] ** 2) <= r_max * r_max
+
+
+__all__ = [
+    "BackProjector", "Projector", "backproject_slices_ft", "default_r_max", "embed_spectrum",
+    "fourier_grid_size", "fourier_volume", "full_plane_pixels", "grid_radius", "gridding_correct",
+    "half_plane_pixels", "nyquist_mask", "padded_box", "project_volume_ft", "rotations_with_symmetry",
+    "sample_grid", "sample_slices", "scatter_grid", "scatter_slices", "slice_coordinates",
+]
+

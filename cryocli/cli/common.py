@@ -105,3 +105,44 @@ def check_new_output(path: Path, force: bool) -> None:
         if path.is_dir() and not any(path.iterdir()):
             return
         raise CryocliError("output exists; pass --force to overwrite it", path)
+
+
+@contextmanager
+def progress_bar(total: int, description: str, unit: str = "particles") -> Iterator[Any]:
+    """A rich progress bar on stderr with a throughput column; yields ``advance(k)``.
+
+    Silent under --quiet and --json (the callable still works, so library code needs no branches).
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    console = err_console()
+    if console.quiet:
+        yield lambda k=1: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, rate="")
+
+        def advance(k: int = 1) -> None:
+            progress.advance(task, k)
+            speed = progress.tasks[0].speed
+            if speed:
+                progress.update(task, rate=f"{speed:,.0f} {unit}/s")
+
+        yield advance
+
+
+def parse_range(text: str, option: str) -> tuple[float, float]:
+    """``"15000:20000"`` -> (15000.0, 20000.0); a single number gives a zero-width range."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise CryocliError(f"{option} {text}: expected a number or a range LOW:HIGH") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2 or values[0] > values[1]:
+        raise CryocliError(f"{option} {text}: expected LOW:HIGH with LOW <= HIGH")
+    return values[0], values[1]

@@ -1,0 +1,102 @@
+"""`cryocli simulate MODEL -o DIR`: particle stacks and a RELION STAR file with ground truth."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cryocli.cli.common import (STATE, check_new_output, emit_json, guarded, out_console, parse_range,
+                                progress_bar, resolve_device)
+from cryocli.errors import CryocliError
+
+
+def simulate(
+    model: Path = typer.Argument(..., help="Atomic model (.pdb, .cif, .mmcif, .ent) or map (.mrc, .map)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (particles.star, Particles/, "
+                             "ground_truth.mrc, simulate.json)."),
+    n_particles: int = typer.Option(10000, "--n-particles", "-n", min=1, help="Number of particles."),
+    box: Optional[int] = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
+                                      "--poses-from STAR file's]."),
+    apix: Optional[float] = typer.Option(None, "--apix", min=0.01, help="Pixel size in Angstrom [default: 0.8, "
+                                         "or the --poses-from STAR file's]."),
+    snr: str = typer.Option("0.1", "--snr", help="Signal-to-noise ratio, linear (0.1), in decibels (-10dB) or "
+                            "inf (no noise). SNR = variance of the clean CTF-modulated projection over the whole "
+                            "box / noise variance, averaged over the dataset."),
+    defocus: str = typer.Option("15000:20000", "--defocus", help="Mean defocus range in Angstrom (uniform)."),
+    astigmatism: str = typer.Option("100:500", "--astigmatism", help="DefocusU - DefocusV range in Angstrom "
+                                    "(uniform); U = d + a/2, V = d - a/2."),
+    astig_angle: str = typer.Option("0.2:1.4", "--astig-angle", help="Astigmatism angle range in radians "
+                                    "(uniform); written as rlnDefocusAngle in degrees."),
+    voltage: float = typer.Option(300.0, "--voltage", help="Acceleration voltage in kV."),
+    cs: float = typer.Option(2.7, "--cs", help="Spherical aberration in mm."),
+    amp_contrast: float = typer.Option(0.07, "--amp-contrast", min=0.0, max=0.99, help="Amplitude contrast Q0."),
+    bfactor: float = typer.Option(0.0, "--bfactor", help="CTF B-factor envelope in A^2 (rlnCtfBfactor)."),
+    shift_sigma: float = typer.Option(0.0, "--shift-sigma", min=0.0, help="Standard deviation of the in-plane "
+                                      "origins in Angstrom (Gaussian)."),
+    views: str = typer.Option("uniform", "--views", help="uniform (Haar on SO(3)) or belt (tilt near 90 "
+                              "degrees: the preferred-orientation case)."),
+    no_ctf: bool = typer.Option(False, "--no-ctf", help="No CTF (and no CTF columns in the STAR file)."),
+    resolution: Optional[float] = typer.Option(None, "--resolution", help="Blur the atomic model's potential "
+                                               "to this resolution in Angstrom [default: 2 x apix]."),
+    no_center: bool = typer.Option(False, "--no-center", help="Keep the model's coordinates instead of centring "
+                                   "its centre of mass in the box."),
+    poses_from: Optional[Path] = typer.Option(None, "--poses-from", help="Take poses, shifts, CTF and optics "
+                                              "from this STAR file instead of drawing them."),
+    invert: bool = typer.Option(False, "--invert", help="Write dark protein (as on raw micrographs). By default "
+                                "images have relion_project's sign: protein bright at low frequency, as RELION "
+                                "particles extracted with --invert_contrast."),
+    stack_size: int = typer.Option(1000, "--stack-size", min=1, help="Particles per .mrcs file."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: the global --seed]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory."),
+) -> None:
+    """Simulate particle images of an atomic model or a map, with RELION's image formation (projection,
+    CTF, origins) and white noise, and write them with their ground truth.
+
+    Atomic models are read with gemmi and turned into an electron-scattering potential with gemmi's
+    electron form factors. Files without an element column (CHARMM style) get their elements inferred
+    from the atom names (CA is carbon unless it is a calcium ion)."""
+    from cryocli.imaging.noise import parse_snr
+    from cryocli.imaging.simulate import SimulationConfig, draw_geometry, geometry_from_star, simulate_dataset
+    from cryocli.io.volumes import load_volume
+
+    with guarded():
+        check_new_output(out, force)
+        device = resolve_device()
+        geometry = None
+        if poses_from is not None:
+            geometry = geometry_from_star(poses_from, use_ctf=not no_ctf)
+            source = geometry.source
+            if box is None:
+                box = int(source.box_size) if source.box_size else None
+                if box is None:
+                    raise CryocliError("no rlnImageSize in the optics table: pass --box", poses_from)
+            if apix is None:
+                apix = float(source.pixel_size[0])
+            n_particles = len(geometry)
+        config = SimulationConfig(
+            n_particles=n_particles, box=box or 128, apix=apix or 0.8, snr=parse_snr(snr),
+            defocus=parse_range(defocus, "--defocus"), astigmatism=parse_range(astigmatism, "--astigmatism"),
+            astig_angle=parse_range(astig_angle, "--astig-angle"), voltage=voltage, cs=cs,
+            amp_contrast=amp_contrast, bfactor=bfactor, shift_sigma=shift_sigma, views=views, ctf=not no_ctf,
+            invert=invert, seed=STATE.seed if seed is None else seed, stack_size=stack_size)
+        if geometry is None:
+            geometry = draw_geometry(config)
+        volume, source_info = load_volume(model, config.box, config.apix, resolution=resolution,
+                                          center=not no_center)
+        with progress_bar(len(geometry), "simulate") as advance:
+            summary = simulate_dataset(volume, geometry, config, out, device=device, progress=advance,
+                                       extra_info={"model": str(model), "poses_from": str(poses_from or ""),
+                                                   **source_info})
+    con = out_console()
+    achieved = summary["snr_achieved"]
+    snr_text = "no noise" if achieved == "inf" else f"SNR {achieved:.4g} ({10 * math.log10(achieved):.2f} dB)"
+    con.print(f"wrote {summary['n_particles']} particles of {config.box} px at {config.apix:g} A/px to "
+              f"{out}/particles.star ({snr_text})")
+    emit_json({"command": "simulate", "out": str(out), **summary})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)

@@ -1,0 +1,73 @@
+"""A volume on a requested grid, from either an atomic model or an MRC map.
+
+Used by ``simulate`` (and anywhere a user may give "a model or a map"). Maps are resampled in Fourier
+space to the requested pixel size, then cropped or zero-padded in real space to the requested box,
+keeping the centre voxel ``n // 2`` fixed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryocli.errors import CryocliError
+from cryocli.imaging.fourier import fourier_resample_volume
+from cryocli.io.mrc import read_map
+
+MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".cif.gz", ".ent.gz", ".mmcif.gz")
+PIXEL_TOLERANCE = 0.005
+
+
+def is_atomic_model(path: str | Path) -> bool:
+    """True for PDB/mmCIF file names."""
+    return str(path).lower().endswith(MODEL_SUFFIXES)
+
+
+def crop_or_pad(volume: np.ndarray, box: int) -> np.ndarray:
+    """Real-space crop or zero-pad of a cubic volume to ``box``, keeping voxel ``n // 2`` at ``box // 2``."""
+    n = volume.shape[0]
+    out = np.zeros((box, box, box), dtype=np.float32)
+    m = min(n, box)
+    s, d = n // 2 - m // 2, box // 2 - m // 2
+    out[d:d + m, d:d + m, d:d + m] = volume[s:s + m, s:s + m, s:s + m]
+    return out
+
+
+def resample_map(data: np.ndarray, voxel_size: float, box: int, apix: float,
+                 path: str | Path | None = None) -> np.ndarray:
+    """A map of voxel size ``voxel_size`` (A) resampled to ``apix`` (A) in Fourier space and fitted to ``box`` px."""
+    n0 = data.shape[0]
+    if voxel_size <= 0:
+        raise CryocliError("map has no voxel size in its header", path)
+    n1 = max(2, int(round(n0 * voxel_size / apix)))
+    achieved = voxel_size * n0 / n1
+    if abs(achieved - apix) / apix > PIXEL_TOLERANCE:
+        raise CryocliError(f"cannot resample a {n0}-voxel map of {voxel_size:g} A/voxel to {apix:g} A/px: the "
+                           f"nearest grid gives {achieved:.4g} A/px (more than 0.5% off)", path)
+    resampled = fourier_resample_volume(torch.from_numpy(np.array(data, dtype=np.float64)), n1).numpy()
+    return crop_or_pad(resampled.astype(np.float32), box)
+
+
+def load_volume(path: str | Path, box: int, apix: float, resolution: float | None = None,
+                center: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """The volume ``(box, box, box)`` float32 ``[z, y, x]`` at ``apix`` A/voxel from a model or a map.
+
+    Atomic models become gemmi electron-scattering potentials blurred to ``resolution`` A (default
+    2 x apix) and centred on their centre of mass unless ``center`` is False. Returns the volume and a
+    dictionary describing where it came from.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CryocliError("file not found", path)
+    if is_atomic_model(path):
+        from cryocli.io.models import model_potential
+
+        res = resolution if resolution is not None else 2.0 * apix
+        volume = model_potential(path, box, apix, resolution=res, center=center)
+        return volume.astype(np.float32), {"source": "atomic model", "model_resolution_A": res}
+    m = read_map(path)
+    return resample_map(m.data, m.voxel_size, box, apix, path), {"source": "map", "map_voxel_size_A": m.voxel_size,
+                                                                "map_box": int(m.data.shape[0])}

@@ -1,0 +1,116 @@
+"""`cryocli simulate`: RELION's image formation reproduced, ground truth written, bad input refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cryocli.cli.app import app
+from cryocli.imaging.fourier import image_to_rfft
+from cryocli.imaging.projector import nyquist_mask
+from cryocli.io.star import read_star
+from tests.conftest import MODELS, RELION_SET, need
+
+runner = CliRunner()
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "cryocli" / "data" / "4ake_adk_open.pdb"
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["--quiet", *args], catch_exceptions=False)
+
+
+def _fourier_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image correlation of two stacks inside the Nyquist circle."""
+    m = nyquist_mask(a.shape[-1])
+    fa = image_to_rfft(torch.from_numpy(a.astype(np.float64)))[:, m]
+    fb = image_to_rfft(torch.from_numpy(b.astype(np.float64)))[:, m]
+    num = (fa * fb.conj()).real.sum(1)
+    return (num / torch.sqrt((fa.abs() ** 2).sum(1) * (fb.abs() ** 2).sum(1))).numpy()
+
+
+def test_poses_from_relion_reproduces_relion_project(tmp_path: Path) -> None:
+    """simulate --poses-from clean.star --snr inf on RELION's map gives relion_project's clean.mrcs."""
+    out = tmp_path / "resim"
+    res = _run("simulate", str(need(RELION_SET / "map.mrc")), "--poses-from", str(RELION_SET / "clean" / "clean.star"),
+               "--snr", "inf", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    ours = mrcfile.open(out / "Particles" / "particles_0001.mrcs").data
+    relion = mrcfile.open(RELION_SET / "clean" / "clean.mrcs").data
+    assert ours.shape == relion.shape == (600, 64, 64)
+    corr = _fourier_correlation(ours, relion)
+    assert corr.min() > 0.99, corr.min()
+    # Same sign and scale as relion_project (the map is used unchanged at its own pixel size).
+    assert abs(ours.std() / relion.std() - 1) < 0.01
+    table = read_star(out / "particles.star")
+    source = read_star(RELION_SET / "clean" / "clean.star")
+    np.testing.assert_allclose(table.euler_angles, source.euler_angles)
+    np.testing.assert_allclose(table.origins_angstrom, source.origins_angstrom)
+
+
+def test_simulate_model_writes_ground_truth_and_requested_snr(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    res = _run("simulate", str(DEMO_MODEL), "-o", str(out), "-n", "300", "--box", "32", "--apix", "3",
+               "--snr", "-10dB", "--shift-sigma", "3", "--stack-size", "128", "--seed", "5")
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "simulate.json").read_text())
+    assert abs(info["snr_achieved"] / 0.1 - 1) < 0.03
+    assert sorted(p.name for p in (out / "Particles").iterdir()) == [
+        "particles_0001.mrcs", "particles_0002.mrcs", "particles_0003.mrcs"]
+    table = read_star(out / "particles.star")
+    assert len(table) == 300 and table.version == "3.1"
+    assert table.has_poses and table.has_ctf and set(np.unique(table.random_subset)) == {1, 2}
+    defocus = (table.particles["rlnDefocusU"] + table.particles["rlnDefocusV"]) / 2
+    assert defocus.min() >= 15000 and defocus.max() <= 20000
+    astig = table.particles["rlnDefocusU"] - table.particles["rlnDefocusV"]
+    assert astig.min() >= 100 - 1e-6 and astig.max() <= 500 + 1e-6
+    assert np.rad2deg(0.2) - 1e-6 <= table.particles["rlnDefocusAngle"].min()
+    assert 1.0 < np.std(table.origins_angstrom) < 5.0
+    with mrcfile.open(out / "ground_truth.mrc") as m:
+        assert m.data.shape == (32, 32, 32) and abs(float(m.voxel_size.x) - 3) < 1e-5
+
+
+def test_invert_flips_the_sign_and_seed_reproduces(tmp_path: Path) -> None:
+    common = ["-n", "20", "--box", "32", "--apix", "3", "--snr", "inf", "--seed", "3"]
+    assert _run("simulate", str(DEMO_MODEL), "-o", str(tmp_path / "a"), *common).exit_code == 0
+    assert _run("simulate", str(DEMO_MODEL), "-o", str(tmp_path / "b"), *common, "--invert").exit_code == 0
+    a = mrcfile.open(tmp_path / "a" / "Particles" / "particles_0001.mrcs").data
+    b = mrcfile.open(tmp_path / "b" / "Particles" / "particles_0001.mrcs").data
+    np.testing.assert_allclose(a, -b, atol=1e-5 * np.abs(a).max())
+    # Protein is bright at the centre by default (CTF(0) = +Q0 on a positive potential).
+    assert a[:, 12:20, 12:20].mean() > a.mean()
+
+
+def test_belt_views_concentrate_tilt(tmp_path: Path) -> None:
+    out = tmp_path / "belt"
+    assert _run("simulate", str(DEMO_MODEL), "-o", str(out), "-n", "400", "--box", "32", "--apix", "3",
+                "--views", "belt", "--no-ctf", "--snr", "1").exit_code == 0
+    table = read_star(out / "particles.star")
+    tilt = table.euler_angles[:, 1]
+    assert np.mean(np.abs(tilt - 90) < 30) > 0.99
+    assert not table.has_ctf
+
+
+def test_refuses_existing_output_and_bad_snr(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    out.mkdir()
+    (out / "keep.txt").write_text("results")
+    res = _run("simulate", str(DEMO_MODEL), "-o", str(out), "-n", "5", "--box", "32", "--apix", "3")
+    assert res.exit_code == 2 and "--force" in res.output
+    assert (out / "keep.txt").exists()
+    bad = tmp_path / "bad"
+    res = _run("simulate", str(DEMO_MODEL), "-o", str(bad), "-n", "5", "--box", "32", "--apix", "3", "--snr", "loud")
+    assert res.exit_code == 2 and "snr" in res.output.lower()
+    assert not bad.exists() and not any(p.name.startswith(".bad") for p in tmp_path.iterdir())
+
+
+def test_model_too_big_for_box_is_an_error(tmp_path: Path) -> None:
+    res = _run("simulate", str(need(MODELS / "4ake_adk_open.pdb")), "-o", str(tmp_path / "x"), "-n", "5",
+               "--box", "16", "--apix", "1")
+    assert res.exit_code == 2
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,97 @@
+"""`cryocli reconstruct PARTICLES.star -o MAP.mrc`: direct Fourier reconstruction at known poses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from cryocli.cli.common import check_new_output, emit_json, guarded, out_console, progress_bar, resolve_device
+from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
+from cryocli.errors import CryocliError
+
+
+def half_map_paths(out: Path) -> tuple[Path, Path]:
+    """``map.mrc`` -> ``map_half1.mrc``, ``map_half2.mrc`` beside it."""
+    return out.with_name(f"{out.stem}_half1{out.suffix}"), out.with_name(f"{out.stem}_half2{out.suffix}")
+
+
+def reconstruct(
+    particles: Path = typer.Argument(..., help="RELION STAR file with poses (rlnAngleRot/Tilt/Psi) and origins."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output map (.mrc)."),
+    ctf: bool = typer.Option(True, "--ctf/--no-ctf", help="Correct for the CTF (Wiener-like division by the summed "
+                             "CTF^2, as relion_reconstruct --ctf)."),
+    subset: Optional[int] = typer.Option(None, "--subset", min=1, max=2, help="Only particles with this "
+                                         "rlnRandomSubset (1 or 2)."),
+    halves: bool = typer.Option(False, "--halves", help="Also reconstruct both half sets (OUT_half1.mrc, "
+                                "OUT_half2.mrc) and print their FSC. Half sets are made when rlnRandomSubset is absent."),
+    maxres: Optional[float] = typer.Option(None, "--maxres", min=0.0, help="Ignore frequencies beyond this "
+                                           "resolution in Angstrom."),
+    sym: str = typer.Option("C1", "--sym", help="Point group with RELION's axes: C1, Cn, Dn, T, O, I (= I2), I1-I4."),
+    datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Particles per batch on the device."),
+    gridding_iterations: int = typer.Option(DEFAULT_GRIDDING_ITERATIONS, "--gridding-iterations", min=0,
+                                            help="Iterations of RELION's density compensation (--use_gridding); 0 "
+                                            "divides by max(weight, radial average / 1000), relion_reconstruct's "
+                                            "default."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output maps."),
+) -> None:
+    """Reconstruct a map from particles at the poses in their STAR file, as relion_reconstruct: shift by
+    +origin, multiply by the CTF, insert into a 2x padded Fourier grid, divide by the CTF^2 weights."""
+    from cryocli.analysis.fsc import fsc_curve, threshold_crossing
+    from cryocli.engines.common.particles_reconstruct import reconstruct_particles
+    from cryocli.geometry.symmetry import symmetry_operators
+    from cryocli.io.dataset import ParticleStack
+    from cryocli.io.mrc import write_map
+    from cryocli.io.star import read_star
+
+    outputs = [out, *half_map_paths(out)] if halves else [out]
+    with guarded():
+        if out.suffix.lower() not in (".mrc", ".map"):
+            raise CryocliError("output map must end in .mrc or .map", out)
+        for path in outputs:
+            check_new_output(path, force)
+        device = resolve_device()
+        ops = symmetry_operators(sym)
+        sym_ops = None if ops.shape[0] == 1 else ops.float()
+        stack = ParticleStack(read_star(particles, require_images=True), datadir=datadir)
+        if halves or subset is not None:
+            if stack.random_subset is None:
+                stack.ensure_half_sets(seed=0)
+        subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
+        selected = np.arange(len(stack)) if subset is None else np.nonzero(subsets == subset)[0]
+        if selected.size == 0:
+            raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
+        jobs = [(out, selected)]
+        if halves:
+            h1, h2 = half_map_paths(out)
+            jobs += [(h1, np.nonzero(subsets == 1)[0]), (h2, np.nonzero(subsets == 2)[0])]
+        maps = {}
+        with progress_bar(sum(len(j[1]) for j in jobs), "reconstruct") as advance:
+            for path, idx in jobs:
+                volume = reconstruct_particles(stack, idx, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops,
+                                               device=device, batch_size=batch_size, progress=advance,
+                                               gridding_iterations=gridding_iterations)
+                maps[path] = volume.detach().cpu().numpy()
+        for path, volume in maps.items():
+            write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
+    con = out_console()
+    summary = {"command": "reconstruct", "particles": int(selected.size), "box": stack.box,
+               "pixel_size": stack.pixel_size, "sym": sym.upper(), "maps": [str(p) for p in maps]}
+    con.print(f"reconstructed {selected.size} particles ({stack.box} px, {stack.pixel_size:g} A/px, {sym.upper()}) "
+              f"-> {out}")
+    if halves:
+        h1, h2 = half_map_paths(out)
+        curve = fsc_curve(maps[h1], maps[h2])
+        res = {t: threshold_crossing(curve, stack.box, stack.pixel_size, t) for t in (0.143, 0.5)}
+        summary["half_map_fsc"] = {"fsc": curve.tolist(), "resolution_0143": res[0.143].resolution,
+                                   "resolution_05": res[0.5].resolution}
+        con.print(f"half maps {h1.name}, {h2.name}: FSC 0.143 at {res[0.143].resolution:.2f} A, "
+                  f"0.5 at {res[0.5].resolution:.2f} A (unmasked)")
+    emit_json(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("reconstruct")(reconstruct)

@@ -1,0 +1,92 @@
+"""`cryocli reconstruct` end to end: RELION's own reconstructions, real particles, simulated data, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cryocli.analysis.fsc import fsc_curve, threshold_crossing
+from cryocli.cli.app import app
+from cryocli.imaging.filters import lowpass_filter
+from cryocli.io.mrc import read_map
+from tests.conftest import CRYOJAX, RELION_SET, need
+
+runner = CliRunner()
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "cryocli" / "data" / "4ake_adk_open.pdb"
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["--quiet", *args], catch_exceptions=False)
+
+
+def test_halves_agree_with_relion_reconstruct(tmp_path: Path) -> None:
+    out = tmp_path / "rec.mrc"
+    res = _run("reconstruct", str(need(RELION_SET / "noisy" / "noisy.star")), "-o", str(out), "--halves")
+    assert res.exit_code == 0, res.output
+    n = 64
+    upto = int(0.9 * (n // 2))
+    for ours, relion in [("rec.mrc", "rec.mrc"), ("rec_half1.mrc", "rec_half1.mrc"), ("rec_half2.mrc", "rec_half2.mrc")]:
+        mine = read_map(tmp_path / ours)
+        ref = read_map(RELION_SET / "reconstruct" / relion)
+        assert mine.voxel_size == pytest.approx(4.4, rel=1e-5)
+        fsc = fsc_curve(mine.data, ref.data)
+        assert fsc[1:upto + 1].min() > 0.95, (ours, fsc[1:upto + 1].min())
+
+
+def test_json_summary_reports_half_map_resolution(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["--json", "reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o",
+                              str(tmp_path / "m.mrc"), "--halves", "--maxres", "12"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["particles"] == 600 and len(summary["maps"]) == 3
+    # --maxres 12 A: nothing beyond 12 A goes in, so the halves cannot agree beyond it.
+    assert summary["half_map_fsc"]["resolution_0143"] >= 12 * 0.95
+
+
+def test_real_trpv1_particles_correlate_with_the_published_map(tmp_path: Path) -> None:
+    """10 real TRPV1 particles at refined poses (image names remapped as PROVENANCE.md says)."""
+    star = need(CRYOJAX / "trpv1_small_stack.star").read_text()
+    shutil.copy(CRYOJAX / "trpv1_small_stack.mrcs", tmp_path / "trpv1_small_stack.mrcs")
+    (tmp_path / "p.star").write_text(star.replace("./batch_0_restacked.mrc", "trpv1_small_stack.mrcs"))
+    out = tmp_path / "trpv1.mrc"
+    res = _run("reconstruct", str(tmp_path / "p.star"), "-o", str(out), "--sym", "C4")
+    assert res.exit_code == 0, res.output
+    ours = read_map(out)
+    ref = read_map(CRYOJAX / "trpv1_volume.mrc")
+    a = lowpass_filter(ours.data, ours.voxel_size, 20.0).numpy()
+    b = lowpass_filter(ref.data, ref.voxel_size, 20.0).numpy()
+    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    assert corr > 0.3, corr
+
+
+def test_simulated_particles_reconstruct_to_near_nyquist(tmp_path: Path) -> None:
+    """simulate -> reconstruct at the written poses: FSC to the ground truth > 0.5 to within 1.3x Nyquist."""
+    sim = tmp_path / "sim"
+    apix = 3.0
+    res = _run("simulate", str(DEMO_MODEL), "-o", str(sim), "-n", "3000", "--box", "32", "--apix", str(apix),
+               "--snr", "10", "--shift-sigma", "3", "--seed", "1")
+    assert res.exit_code == 0, res.output
+    res = _run("reconstruct", str(sim / "particles.star"), "-o", str(tmp_path / "rec.mrc"))
+    assert res.exit_code == 0, res.output
+    rec = read_map(tmp_path / "rec.mrc").data
+    truth = read_map(sim / "ground_truth.mrc").data
+    crossing = threshold_crossing(fsc_curve(rec, truth), 32, apix, 0.5)
+    assert crossing.resolution < 1.3 * 2 * apix, crossing.resolution
+
+
+def test_errors_exit_2_without_output(tmp_path: Path) -> None:
+    out = tmp_path / "x.mrc"
+    res = _run("reconstruct", str(RELION_SET / "refine" / "refine_input.star"), "-o", str(out))
+    assert res.exit_code == 2 and "pose" in res.output.lower()
+    assert not out.exists()
+    res = _run("reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o", str(out), "--sym", "X7")
+    assert res.exit_code == 2 and not out.exists()
+    out.write_text("existing")
+    res = _run("reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o", str(out))
+    assert res.exit_code == 2 and "--force" in res.output
+    assert out.read_text() == "existing"

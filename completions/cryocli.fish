@@ -1,0 +1,1 @@
+complete --command cryocli --no-files --arguments "(env _CRYOCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) cryocli)" --condition "env _CRYOCLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) cryocli"

@@ -97,7 +97,8 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
     """Everything `cryocli fsc` does, returning the JSON summary; raises CryocliError on bad input."""
     import numpy as np
 
-    from cryocli.analysis.fsc import fsc_curve, fsc_star_text, shell_frequency, threshold_crossing, write_text_atomic
+    from cryocli.analysis.fsc import fsc_curve, fsc_star_text, shell_frequency, threshold_crossing
+    from cryocli.io.paths import atomic_write_text
 
     for t in extra:
         if not -1.0 < t < 1.0:
@@ -133,7 +134,7 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
 
     written = {}
     if output is not None:
-        write_text_atomic(output, fsc_star_text(curve, n, voxel, command="fsc"))
+        atomic_write_text(output, fsc_star_text(curve, n, voxel, command="fsc"))
         written["star"] = str(output)
     if plot is not None:
         from cryocli.plots import plot_fsc

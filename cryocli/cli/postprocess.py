@@ -149,7 +149,8 @@ def _make_auto_mask(a: Any, b: Any, voxel: float, threshold: float | None, exten
 def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask: Any, half1: str, half2: str,
                    mask_name: str | None) -> None:
     """Build every file in a temporary folder next to ``out_dir``, then move them in."""
-    from cryocli.analysis.fsc import shell_frequency, write_text_atomic
+    from cryocli.analysis.fsc import shell_frequency
+    from cryocli.io.paths import atomic_write_text
     from cryocli.analysis.postprocess import postprocess_star_text
     from cryocli.io.mrc import write_map
     from cryocli.plots import plot_fsc, plot_guinier
@@ -166,7 +167,7 @@ def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask
             write_map(staged["mask"], auto_mask, result.voxel_size, command="postprocess --auto-mask")
         star = postprocess_star_text(result, half1, half2, str(names["map"]), mask_name,
                                      str(names["map_masked"]) if "map_masked" in names else None)
-        write_text_atomic(staged["star"], star)
+        atomic_write_text(staged["star"], star)
         freq = shell_frequency(result.box, result.voxel_size)
         curves = {"unmasked": (freq, result.fsc_unmasked)}
         if result.fsc_masked is not None:

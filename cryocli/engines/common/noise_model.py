@@ -1,0 +1,96 @@
+"""Per-shell noise power spectra (RELION's sigma^2) for the Gaussian likelihood in Fourier space.
+
+Images are compared through their half transforms ``rfft2(ifftshift(img))`` (``(n, n // 2 + 1)``,
+unnormalised, :mod:`cryocli.imaging.fourier`). The noise at each Fourier pixel is modelled as complex
+Gaussian with variance ``sigma^2(shell)`` per real and per imaginary component, so the negative log
+likelihood of a residual ``d`` is ``|d|^2 / (2 sigma^2)`` and ``sigma^2 = E|d|^2 / 2`` (RELION's
+``wsum_sigma2_noise / (2 * count)``). Shells are ``round(|k|)`` in Fourier pixels, ``0 .. n // 2``; one
+spectrum per optics group, shape ``(G, n // 2 + 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cryocli.imaging.fourier import rfft_radius
+
+
+def pixel_shells(n: int, device: torch.device | str | None = None) -> Tensor:
+    """Shell ``round(|k|)`` (Fourier pixels) of every half-transform pixel, ``(n, n // 2 + 1)`` long, capped
+    at ``n // 2`` (the corners beyond Nyquist share the last shell)."""
+    return torch.floor(rfft_radius(n, device, torch.float64) + 0.5).long().clamp(max=n // 2)
+
+
+def shell_power(power: Tensor, n: int, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Sum ``power`` ``(B, n, n // 2 + 1)`` over shells and optics groups -> ``(sums, counts)`` ``(G, n//2+1)``.
+
+    groups: ``(B,)`` 0-based optics group per image. Counts are pixels (images x pixels per shell).
+    """
+    shells = pixel_shells(n, power.device).reshape(-1)
+    nshell = n // 2 + 1
+    flat = power.reshape(power.shape[0], -1).to(torch.float64)
+    per_image = torch.zeros((power.shape[0], nshell), dtype=torch.float64, device=power.device)
+    per_image.index_add_(1, shells, flat)
+    ones = torch.zeros(nshell, dtype=torch.float64, device=power.device).index_add_(
+        0, shells, torch.ones_like(shells, dtype=torch.float64))
+    sums = torch.zeros((n_groups, nshell), dtype=torch.float64, device=power.device)
+    sums.index_add_(0, groups.to(power.device), per_image)
+    counts = torch.zeros(n_groups, dtype=torch.float64, device=power.device).index_add_(
+        0, groups.to(power.device), torch.ones(power.shape[0], dtype=torch.float64, device=power.device))
+    return sums, counts[:, None] * ones[None, :]
+
+
+class NoiseAccumulator:
+    """Streams residual power ``|X - CTF P|^2`` batch by batch and returns ``sigma^2`` per group and shell."""
+
+    def __init__(self, n: int, n_groups: int, device: torch.device | str | None = None) -> None:
+        self.n, self.n_groups = int(n), int(n_groups)
+        nshell = self.n // 2 + 1
+        self.sums = torch.zeros((n_groups, nshell), dtype=torch.float64, device=device)
+        self.counts = torch.zeros((n_groups, nshell), dtype=torch.float64, device=device)
+
+    def add(self, residual_power: Tensor, groups: Tensor, weights: Tensor | None = None) -> None:
+        """Add ``|d|^2`` ``(B, n, n // 2 + 1)`` of images in optics ``groups`` ``(B,)``; ``weights`` ``(B,)``
+        (posterior mass, default 1) scale each image's contribution and count."""
+        if weights is not None:
+            residual_power = residual_power * weights.to(residual_power.dtype)[:, None, None]
+        sums, counts = shell_power(residual_power, self.n, groups, self.n_groups)
+        if weights is not None:
+            w = torch.zeros(self.n_groups, dtype=torch.float64, device=sums.device).index_add_(
+                0, groups.to(sums.device), weights.to(torch.float64))
+            base = torch.zeros(self.n_groups, dtype=torch.float64, device=sums.device).index_add_(
+                0, groups.to(sums.device), torch.ones_like(weights, dtype=torch.float64))
+            counts = counts * (w / base.clamp_min(1))[:, None]
+        self.sums += sums.to(self.sums.device)
+        self.counts += counts.to(self.counts.device)
+
+    def sigma2(self, previous: Tensor | None = None) -> Tensor:
+        """``sigma^2`` ``(G, n // 2 + 1)`` = mean ``|d|^2 / 2``; shells without data keep ``previous`` (or the
+        nearest lower shell's value)."""
+        est = torch.where(self.counts > 0, self.sums / (2.0 * self.counts.clamp_min(1)), torch.zeros_like(self.sums))
+        empty = self.counts <= 0
+        if previous is not None:
+            est = torch.where(empty, previous.to(est), est)
+        else:
+            for s in range(1, est.shape[1]):
+                est[:, s] = torch.where(empty[:, s], est[:, s - 1], est[:, s])
+        return est.clamp_min(1e-12 * float(est.max().clamp_min(1e-30)))
+
+
+def sigma2_on_pixels(sigma2: Tensor, n: int, groups: Tensor) -> Tensor:
+    """Spread ``sigma2`` ``(G, n // 2 + 1)`` onto the half transform for each image: ``(B, n, n // 2 + 1)``."""
+    shells = pixel_shells(n, sigma2.device)
+    return sigma2[groups.to(sigma2.device)][:, shells]
+
+
+def initial_sigma2(images_ft: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """Starting noise spectrum from the particles' own power (``|X|^2 / 2`` per shell and group), ``(G, n//2+1)``.
+
+    At the low SNR of cryo-EM the image power is dominated by noise at all but the lowest shells; the
+    first M-step replaces it with residual-based estimates, as RELION does after its first iteration.
+    """
+    n = images_ft.shape[-2]
+    acc = NoiseAccumulator(n, n_groups, images_ft.device)
+    acc.add(images_ft.abs() ** 2, groups)
+    return acc.sigma2()

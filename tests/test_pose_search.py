@@ -1,0 +1,152 @@
+"""The shared E-step: likelihoods, posterior weights, grid/local searches on simulated 4AKE projections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
+from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2
+from cryocli.engines.common.pose_search import (PoseSearcher, SearchPixels, local_candidates, pose_log_likelihoods,
+                                                project_pixels, shift_grid, significant_samples)
+from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
+from cryocli.geometry.rotations import geodesic_distance, random_rotations
+from cryocli.geometry.so3grid import SO3Grid
+from cryocli.imaging.ctf import CTFParams, compute_ctf
+from cryocli.imaging.projector import Projector
+from cryocli.imaging.shifts import phase_shift
+from cryocli.io.models import model_potential
+from tests.conftest import MODELS, need
+
+BOX, APIX = 48, 2.5
+
+
+@pytest.fixture(scope="module")
+def adk_map() -> torch.Tensor:
+    vol = model_potential(need(MODELS / "4ake_adk_open.pdb"), BOX, APIX)
+    return torch.as_tensor(vol / vol.std(), dtype=torch.float32)
+
+
+def _ctf(b: int) -> CTFParams:
+    g = np.random.default_rng(1)
+    du = g.uniform(10000, 20000, b)
+    return CTFParams.build(du, du - 200, g.uniform(0, 180, b), 300.0, 2.7, 0.1)
+
+
+def _particles(vol: torch.Tensor, b: int, noise_sd: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    proj = Projector(vol)
+    rot = random_rotations(b, generator=gen, dtype=torch.float32)
+    shifts = (torch.rand((b, 2), generator=gen) - 0.5) * 6  # pixels, within the +-5 px search
+    ctf = compute_ctf(_ctf(b), BOX, APIX)
+    clean = proj.project(rot) * ctf
+    # The image holds the particle at -shift (RELION origin = shift): centring moves it by +shift.
+    images = phase_shift(clean, -shifts, BOX)
+    noise = torch.randn(images.shape, generator=gen, dtype=torch.complex64) * noise_sd * math.sqrt(2 * BOX * BOX) / 2
+    return proj, rot, shifts, ctf, images + noise
+
+
+def test_shift_grid_is_relion_translational_sampling() -> None:
+    grid = shift_grid(5, 2)
+    assert grid.shape == (21, 2)
+    assert torch.equal(grid[0], torch.zeros(2))
+    assert float(grid.norm(dim=1).max()) <= 5.0
+    assert torch.allclose(torch.remainder(grid, 2), torch.zeros_like(grid))
+
+
+def test_likelihoods_match_direct_computation(adk_map: torch.Tensor) -> None:
+    proj, rot, shifts, ctf, images = _particles(adk_map, 5, 1.0)
+    pixels = SearchPixels.build(BOX, 12)
+    x, c = pixels.take(images), pixels.take(ctf)
+    sigma2 = torch.rand(x.shape) + 0.5
+    inv = 1 / sigma2
+    offsets = shift_grid(3, 1.5)
+    cand = random_rotations(7, dtype=torch.float32)
+    p = project_pixels(proj.volume_ft, cand, pixels, 2)
+    weighted = (x * c * inv)[:, None, :] * pixels.ramp(offsets)[None]
+    x2 = (inv * x.abs() ** 2).sum(1)
+    got, _ = pose_log_likelihoods(weighted, p, c * c * inv, x2)
+    got_local, _ = pose_log_likelihoods(weighted, p.expand(5, -1, -1), c * c * inv, x2)
+    for b in range(5):
+        for t in range(offsets.shape[0]):
+            xs = x[b] * pixels.ramp(offsets[t])
+            for r in range(7):
+                direct = -0.5 * float((inv[b] * (xs - c[b] * p[r]).abs() ** 2).sum())
+                assert got[b, t, r].item() == pytest.approx(direct, rel=1e-4, abs=1e-2)
+                assert got_local[b, t, r].item() == pytest.approx(direct, rel=1e-4, abs=1e-2)
+    prof, scale = pose_log_likelihoods(weighted, p, c * c * inv, x2, profile_scale=True)
+    b, t, r = 2, 1, 3
+    xs = x[b] * pixels.ramp(offsets[t])
+    a = float(scale[b, t, r])
+    best = -0.5 * float((inv[b] * (xs - a * c[b] * p[r]).abs() ** 2).sum())
+    for trial in (0.9 * a, 1.1 * a):
+        assert best >= -0.5 * float((inv[b] * (xs - trial * c[b] * p[r]).abs() ** 2).sum())
+    assert prof[b, t, r].item() == pytest.approx(best, rel=1e-4, abs=1e-2)
+
+
+def test_significant_samples_weights_sum_to_one() -> None:
+    loglik = torch.randn(6, 500) * 5
+    loglik[0] = -math.inf
+    loglik[0, 3] = 0.0
+    idx, w, count = significant_samples(loglik, 0.999, 64)
+    assert torch.allclose(w.sum(1), torch.ones(6), atol=1e-6)
+    assert int(count[0]) == 1 and int(idx[0, 0]) == 3
+    prob = torch.softmax(loglik, 1)
+    for b in range(1, 6):
+        k = int(count[b])
+        kept = prob[b].sort(descending=True).values[:k].sum()
+        assert kept >= 0.999 or k == 64
+        assert (w[b, :k] > 0).all() and (w[b, k:] == 0).all()
+
+
+@pytest.mark.parametrize("noise_sd", [0.0, 1.0])
+def test_global_search_finds_the_poses(adk_map: torch.Tensor, noise_sd: float) -> None:
+    # noise_sd 1.0 in real-space units of the map's projections: about SNR 0.5 per image at this box.
+    proj, rot, shifts, ctf, images = _particles(adk_map, 48, noise_sd)
+    grid = SO3Grid(2, dtype=torch.float32)
+    sigma2 = torch.full(images.shape, max(noise_sd, 0.05) ** 2 * BOX * BOX / 2)
+    search = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, BOX // 2, 5, 2)
+    res = search.search(images, ctf, sigma2)
+    err = torch.rad2deg(geodesic_distance(res.rotations.double(), rot.double()))
+    fine_step = math.degrees(grid.psi_step(1))
+    assert float(err.median()) < fine_step
+    assert float((res.shifts - shifts).norm(dim=1).median()) < 1.0
+    assert torch.allclose(res.sample_weights.sum(1), torch.ones(48), atol=1e-5)
+    assert (res.n_significant >= 1).all() and (res.max_prob <= 1).all()
+    # Local search one level finer around the found poses: errors shrink to that level's scale.
+    ids, valid = local_candidates(grid, 1, res.rotations, 2 * grid.cell_size(1))
+    local = PoseSearcher(proj.volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1)
+    centred = phase_shift(images, res.shifts, BOX)
+    res2 = local.search(centred, ctf, sigma2, ids, valid)
+    err2 = torch.rad2deg(geodesic_distance(res2.rotations.double(), rot.double()))
+    assert float(err2.median()) < math.degrees(grid.psi_step(2))
+    assert float(err2.median()) < float(err.median())
+
+
+def test_noise_model_recovers_white_noise_variance() -> None:
+    gen = torch.Generator().manual_seed(3)
+    imgs = torch.randn((1000, 32, 32), generator=gen) * 2.0
+    ft = torch.fft.rfft2(imgs)
+    sigma2 = initial_sigma2(ft, torch.zeros(1000, dtype=torch.long), 1)
+    # Per real/imaginary component the variance of the unnormalised DFT of white noise is n^2 s^2 / 2.
+    expect = 32 * 32 * 4.0 / 2
+    assert np.allclose(sigma2[0, 2:16].numpy(), expect, rtol=0.05)
+    acc = NoiseAccumulator(32, 2)
+    acc.add(ft.abs() ** 2, torch.arange(1000) % 2)
+    assert acc.sigma2().shape == (2, 17)
+
+
+def test_gaussian_kernel_backprojection_reconstructs_the_map(adk_map: torch.Tensor) -> None:
+    proj = Projector(adk_map)
+    rot = random_rotations(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    bp = GaussianKernelBackProjector(BOX)
+    for s in range(0, 3000, 500):
+        bp.insert(proj.project(rot[s:s + 500]), None, rot[s:s + 500])
+    data, weight = bp.symmetrised()
+    rec = spectrum_to_map(weighted_spectrum(data, weight, BOX, 2, BOX // 2), BOX, 2)
+    rec = rec * kernel_gridding_correction(BOX)
+    cc = float(torch.corrcoef(torch.stack([rec.reshape(-1), adk_map.reshape(-1)]))[0, 1])
+    assert cc > 0.97, cc

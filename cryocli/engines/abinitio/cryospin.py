@@ -1,0 +1,378 @@
+"""cryoSPIN: ab initio reconstruction with semi-amortized pose inference (Shekarforoush et al., 2024).
+
+Image model (cryoSPIN eq. 1-3, cryocli's one forward model): the observed image's centred Hartley
+transform is compared with ``CTF * slice(H, A)``, the central slice at pose ``A`` (RELION matrix) of an
+explicit Hartley volume ``H = M * exp(E)`` (eq. 7-8, :class:`~cryocli.engines.common.hartley_volume.HartleyVolume`)
+multiplied by the particle's CTF; with ``shifts`` on, the image is first translated by the particle's
+origin. The negative log-likelihood of white Gaussian noise is, up to a constant, the squared error
+over the Fourier pixels ``|k| <= n / 2``, divided by ``n^2`` per pixel so that the noise alone
+contributes 1 per pixel (particles are normalised to unit background variance).
+
+Stage 1, auto-encoding (epochs ``1 .. switch_epoch``): a VGG-style CNN with ``heads`` pose heads
+(:class:`~cryocli.engines.common.encoders.MultiHeadPoseEncoder`) predicts ``M`` poses per image; each
+is rendered and only the head with the lowest loss is penalised (winner-takes-all, eq. 5). Encoder
+(Adam, lr 1e-4) and decoder (Adam, lr 0.05) take one step per batch.
+
+Stage 2, auto-decoding (from ``switch_epoch + 1``): each particle keeps its best head's pose
+(eq. 6) as ``R0`` and its origin; per batch, ``pose_steps`` (5) Adam steps (lr 0.05, per-particle moments,
+:class:`~cryocli.engines.abinitio.particle_adam.ParticleAdam`) on an axis-angle perturbation ``omega``
+with ``R = exp([omega]_x) R0`` (eq. 9; the exponential map uses stable Taylor terms near 0,
+:func:`cryocli.geometry.rotations.axis_angle_to_matrix`), the perturbation folded into ``R0`` after every
+update, then ``volume_steps`` (1) decoder step (lr 0.02).
+
+Every particle-level operation is batched on the device; the per-particle state (poses, origins, Adam
+moments) lives in ``(N, ...)`` tensors indexed by particle id. The map written is the decoder's
+(``final_map="decoder"``) or a direct Fourier reconstruction at the recovered poses
+(``final_map="reconstruct"``, :mod:`cryocli.engines.common.reconstruct`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from cryocli.engines.abinitio.particle_adam import ParticleAdam
+from cryocli.engines.base import EngineConfig, PreparedParticles, Reconstruction, prepare_particles, register_engine
+from cryocli.engines.common.encoders import MultiHeadPoseEncoder
+from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
+from cryocli.engines.reporter import Reporter
+from cryocli.errors import CryocliError
+from cryocli.geometry.rotations import axis_angle_to_matrix
+from cryocli.imaging.ctf import CTFParams, ctf_at
+from cryocli.io.dataset import ParticleStack
+
+
+@dataclass
+class CryoSpinConfig(EngineConfig):
+    """cryoSPIN's settings; defaults are the paper's synthetic-data settings (section 5, appendix A).
+
+    heads: pose heads M (7; the paper uses 15 on real data). switch_epoch: last auto-encoding epoch (7 of
+    20). lr: decoder learning rate in stage 1 (0.05). decoder_lr_decoding: decoder learning rate in
+    stage 2 (0.02). encoder_lr: 1e-4. pose_lr: per-particle Adam learning rate in stage 2 (0.05 rad).
+    shift_lr: the same for origins in stage 2 (pixels). pose_steps / volume_steps: 5 / 1 per batch.
+    shifts: predict and refine in-plane origins (the paper's real-data setting). encoder_channels /
+    encoder_convs: VGG16's blocks (64, 128, 256, 512 filters; 2, 2, 3, 3 convolutions; as many blocks as
+    the box allows). head_hidden: widths of each head's hidden layers. pyramid_sigmas: Gaussian blurs
+    (pixels) stacked with the image as encoder input channels. mantissa_std: standard deviation of the
+    random initial mantissa. final_map: "decoder" or "reconstruct".
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float | None = 0.05
+    heads: int = 7
+    switch_epoch: int = 7
+    decoder_lr_decoding: float = 0.02
+    encoder_lr: float = 1e-4
+    pose_lr: float = 0.05
+    shift_lr: float = 0.05
+    pose_steps: int = 5
+    volume_steps: int = 1
+    shifts: bool = False
+    encoder_channels: tuple[int, ...] = (64, 128, 256, 512)
+    encoder_convs: tuple[int, ...] = (2, 2, 3, 3)
+    head_hidden: tuple[int, ...] = (256, 256)
+    pyramid_sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
+    mantissa_std: float = 1.0
+    final_map: str = "decoder"
+
+
+class ImageModel:
+    """The comparison of observed particles with rendered slices, on the centred full Fourier plane.
+
+    n: box (pixels); pixel_size: Angstrom. Builds the centred frequency grid, the circular mask
+    ``|k| <= n / 2`` and, per batch, the CTFs and the observed Hartley transforms (after translating the
+    images by their origins in pixels).
+    """
+
+    def __init__(self, n: int, pixel_size: float, device: torch.device, radius: float | None = None) -> None:
+        self.n = n
+        self.pixel_size = pixel_size
+        k = torch.arange(n, device=device, dtype=torch.float32) - n // 2
+        self.ky, self.kx = torch.meshgrid(k, k, indexing="ij")
+        self.set_radius(radius)
+
+    def set_radius(self, radius: float | None) -> None:
+        """Compare pixels with ``|k| <= radius`` Fourier pixels (default and at most ``n / 2``)."""
+        r = self.n // 2 if radius is None else min(float(radius), self.n // 2)
+        self.mask = ((self.kx**2 + self.ky**2) <= r * r).to(torch.float32)
+        self.n_mask = float(self.mask.sum())
+
+    def spectra(self, images: Tensor) -> Tensor:
+        """Centred full transforms ``(B, n, n)`` complex of images ``(B, n, n)`` (centre at ``n // 2``)."""
+        dims = (-2, -1)
+        return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(images, dim=dims)), dim=dims)
+
+    def observed(self, spectra: Tensor, shifts_px: Tensor | None) -> Tensor:
+        """Hartley transforms of the images translated by ``+shifts_px`` (``(..., 2)`` [x, y] pixels, which
+        centres a particle whose RELION origin is ``shifts_px * pixel_size``). spectra ``(B, n, n)``;
+        shifts ``(B, 2)`` or ``(B, M, 2)``; returns ``(B, n, n)`` or ``(B, M, n, n)``."""
+        if shifts_px is None:
+            return spectra.real - spectra.imag
+        if shifts_px.dim() == 3:
+            spectra = spectra[:, None]
+        phase = (-2 * math.pi / self.n) * (self.kx * shifts_px[..., 0, None, None] + self.ky * shifts_px[..., 1, None, None])
+        shifted = spectra * torch.polar(torch.ones_like(phase), phase)
+        return shifted.real - shifted.imag
+
+    def ctf(self, params: CTFParams | None) -> Tensor | None:
+        """CTFs ``(B, n, n)`` on the centred grid, or ``None`` without CTF."""
+        if params is None:
+            return None
+        scale = 1.0 / (self.n * self.pixel_size)
+        return ctf_at(params, self.kx * scale, self.ky * scale).to(torch.float32)
+
+    def nll(self, slices: Tensor, ctf: Tensor | None, observed: Tensor) -> Tensor:
+        """Per-image loss: mean over ``|k| <= n/2`` of ``(CTF * slice - observed)^2 / n^2``. Shapes
+        ``(B, [M,] n, n)``; ``ctf`` ``(B, n, n)``; returns ``(B,)`` or ``(B, M)``."""
+        model = slices if ctf is None else slices * (ctf[:, None] if slices.dim() == 4 else ctf)
+        err = (model - observed) ** 2 * self.mask
+        return err.sum((-2, -1)) / (self.n_mask * self.n * self.n)
+
+
+@register_engine
+class CryoSpinEngine:
+    """cryoSPIN: multi-head encoder (winner-takes-all) then per-particle pose optimisation, explicit Hartley decoder."""
+
+    name: ClassVar[str] = "cryospin"
+    kind: ClassVar[str] = "abinitio"
+    summary: ClassVar[str] = ("cryoSPIN (2024): multi-head CNN pose encoder with winner-takes-all loss, then "
+                              "per-particle SGD on poses; explicit Hartley-space volume.")
+    config_class: ClassVar[type[EngineConfig]] = CryoSpinConfig
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction:
+        cfg = config if isinstance(config, CryoSpinConfig) else CryoSpinConfig(**config.as_dict())
+        _check(cfg)
+        dev = self.device
+        parts = prepare_particles(data, cfg, dev)
+        n, n_part = parts.box, len(parts)
+        if n_part < 2:
+            raise CryocliError("cryospin needs at least 2 particles", data.table.path)
+        model = ImageModel(n, parts.pixel_size, dev)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        volume = HartleyVolume(n, self._initial_amplitude(parts, model), cfg.mantissa_std, gen, dev)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            encoder = MultiHeadPoseEncoder(n, cfg.heads, cfg.encoder_channels, cfg.encoder_convs, cfg.head_hidden,
+                                           cfg.pyramid_sigmas, cfg.shifts).to(dev)
+        vol_opt = torch.optim.Adam(volume.parameters(), lr=float(cfg.lr))
+        enc_opt = torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr)
+        poses = torch.eye(3, device=dev).repeat(n_part, 1, 1)
+        shifts = torch.zeros(n_part, 2, device=dev)
+        pose_adam = ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev)
+        shift_adam = ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev)
+        head_of = torch.zeros(n_part, dtype=torch.long, device=dev)
+        start_epoch = 1
+        saved = reporter.resume_state()
+        if saved is not None:
+            volume.load_state_dict(saved["volume"])
+            vol_opt.load_state_dict(saved["vol_opt"])
+            if saved.get("encoder") is not None:
+                encoder.load_state_dict(saved["encoder"])
+                enc_opt.load_state_dict(saved["enc_opt"])
+            poses, shifts = saved["poses"].to(dev), saved["shifts"].to(dev)
+            pose_adam = ParticleAdam.from_state(saved["pose_adam"], dev)
+            shift_adam = ParticleAdam.from_state(saved["shift_adam"], dev)
+            head_of = saved["head_of"].to(dev)
+            start_epoch = int(saved["epoch"]) + 1
+        steps_per_epoch = len(_batches(torch.arange(n_part), cfg.batch_size))
+        reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(dev)
+            encoding = epoch <= cfg.switch_epoch
+            if encoding:
+                metrics = self._encoding_epoch(parts, model, volume, encoder, vol_opt, enc_opt, order, cfg, reporter,
+                                               poses, shifts, head_of)
+            else:
+                if epoch == cfg.switch_epoch + 1 and not _switched(saved, cfg):
+                    # Eq. 6: every particle starts from its best head's pose under the current volume.
+                    self._assign_best_heads(parts, model, volume, encoder, cfg, poses, shifts, head_of)
+                    for group in vol_opt.param_groups:
+                        group["lr"] = cfg.decoder_lr_decoding
+                metrics = self._decoding_epoch(parts, model, volume, vol_opt, order, cfg, reporter, poses, shifts,
+                                               pose_adam, shift_adam)
+            state = {"epoch": epoch, "volume": volume.state_dict(), "vol_opt": vol_opt.state_dict(),
+                     "encoder": encoder.state_dict() if epoch <= cfg.switch_epoch else None,
+                     "enc_opt": enc_opt.state_dict() if epoch <= cfg.switch_epoch else None,
+                     "poses": poses, "shifts": shifts, "pose_adam": pose_adam.state(),
+                     "shift_adam": shift_adam.state(), "head_of": head_of}
+            metrics["stage"] = "encode" if encoding else "decode"
+            reporter.end_epoch(epoch, metrics, volume=volume.to_map(), voxel_size=parts.pixel_size,
+                               rotations=poses, state=state, last=epoch == cfg.epochs)
+        if cfg.epochs <= cfg.switch_epoch:
+            # Poses from the encoder only (a run stopped before the switch).
+            self._assign_best_heads(parts, model, volume, encoder, cfg, poses, shifts, head_of)
+        final = volume.to_map() if cfg.final_map == "decoder" else self._reconstruct(parts, poses, shifts)
+        usage = torch.bincount(head_of, minlength=cfg.heads).cpu().numpy() / n_part
+        return Reconstruction(volume=final.detach().cpu().to(torch.float32), voxel_size=parts.pixel_size,
+                              rotations=poses.detach().cpu(), origins_angstrom=(shifts * parts.pixel_size).detach().cpu(),
+                              metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
+                              info={"inverted": parts.inverted, "box": n, "pixel_size": parts.pixel_size,
+                                    "head_usage": usage.round(4).tolist()})
+
+    # ------------------------------------------------------------------------------------------- stages
+    def _encoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
+                        encoder: MultiHeadPoseEncoder, vol_opt: torch.optim.Optimizer, enc_opt: torch.optim.Optimizer,
+                        order: Tensor, cfg: CryoSpinConfig, reporter: Reporter, poses: Tensor, shifts: Tensor,
+                        head_of: Tensor) -> dict[str, Any]:
+        encoder.train()
+        total, count = 0.0, 0
+        for idx in _batches(order, cfg.batch_size):
+            images = parts.images[idx]
+            ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
+            rot, sh = encoder(images)
+            b, m = rot.shape[:2]
+            slices = volume.project(rot.reshape(b * m, 3, 3)).reshape(b, m, model.n, model.n)
+            observed = model.observed(model.spectra(images), sh if cfg.shifts else None)
+            if observed.dim() == 3:
+                observed = observed[:, None]
+            losses = model.nll(slices, ctf, observed)
+            best, winner = losses.min(1)
+            loss = best.mean()
+            enc_opt.zero_grad(set_to_none=True)
+            vol_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            enc_opt.step()
+            vol_opt.step()
+            with torch.no_grad():
+                rows = torch.arange(b, device=rot.device)
+                poses[idx] = rot[rows, winner].detach()
+                shifts[idx] = sh[rows, winner].detach()
+                head_of[idx] = winner
+            total += float(loss.detach()) * b
+            count += b
+            reporter.step(1, stage="encode", loss=float(loss.detach()))
+        usage = torch.bincount(head_of, minlength=cfg.heads).float() / len(head_of)
+        return {"loss": total / count, "head_usage_max": float(usage.max())}
+
+    @torch.no_grad()
+    def _assign_best_heads(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
+                           encoder: MultiHeadPoseEncoder, cfg: CryoSpinConfig, poses: Tensor, shifts: Tensor,
+                           head_of: Tensor) -> None:
+        encoder.eval()
+        n_part = len(parts)
+        for start in range(0, n_part, cfg.batch_size):
+            idx = torch.arange(start, min(n_part, start + cfg.batch_size), device=poses.device)
+            images = parts.images[idx]
+            ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
+            rot, sh = encoder(images)
+            b, m = rot.shape[:2]
+            slices = volume.project(rot.reshape(b * m, 3, 3)).reshape(b, m, model.n, model.n)
+            observed = model.observed(model.spectra(images), sh if cfg.shifts else None)
+            if observed.dim() == 3:
+                observed = observed[:, None]
+            winner = model.nll(slices, ctf, observed).argmin(1)
+            rows = torch.arange(b, device=poses.device)
+            poses[idx], shifts[idx], head_of[idx] = rot[rows, winner], sh[rows, winner], winner
+
+    def _decoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
+                        vol_opt: torch.optim.Optimizer, order: Tensor, cfg: CryoSpinConfig, reporter: Reporter,
+                        poses: Tensor, shifts: Tensor, pose_adam: ParticleAdam, shift_adam: ParticleAdam
+                        ) -> dict[str, Any]:
+        total, count, moved = 0.0, 0, 0.0
+        for idx in _batches(order, cfg.batch_size):
+            images = parts.images[idx]
+            spectra = model.spectra(images)
+            ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
+            b = len(idx)
+            with torch.no_grad():
+                grid = volume.hartley()
+            r0 = poses[idx]
+            start_r = r0.clone()
+            t0 = shifts[idx]
+            for _ in range(cfg.pose_steps):
+                omega = torch.zeros(b, 3, device=r0.device, requires_grad=True)
+                delta_t = torch.zeros(b, 2, device=r0.device, requires_grad=cfg.shifts)
+                rot = axis_angle_to_matrix(omega) @ r0
+                slices = _project_grid(grid, rot, model.n)
+                observed = model.observed(spectra, (t0 + delta_t) if cfg.shifts else None)
+                loss = model.nll(slices, ctf, observed).sum()
+                wanted = [omega, delta_t] if cfg.shifts else [omega]
+                grads = torch.autograd.grad(loss, wanted)
+                with torch.no_grad():
+                    # Fold the Adam update of the perturbation into R0 (its next evaluation is at omega = 0).
+                    r0 = axis_angle_to_matrix(pose_adam.step(idx, grads[0])) @ r0
+                    if cfg.shifts:
+                        t0 = t0 + shift_adam.step(idx, grads[1])
+            poses[idx] = r0.detach()
+            shifts[idx] = t0.detach()
+            for _ in range(cfg.volume_steps):
+                slices = volume.project(r0.detach())
+                observed = model.observed(spectra, t0.detach() if cfg.shifts else None)
+                loss = model.nll(slices, ctf, observed).mean()
+                vol_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                vol_opt.step()
+            with torch.no_grad():
+                moved += float(_angles_deg(start_r, r0).sum())
+            total += float(loss.detach()) * b
+            count += b
+            reporter.step(1, stage="decode", loss=float(loss.detach()))
+        return {"loss": total / count, "pose_change_deg": moved / count}
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @torch.no_grad()
+    def _initial_amplitude(self, parts: PreparedParticles, model: ImageModel, sample: int = 2000) -> Tensor:
+        """Expected slice amplitude per shell from up to ``sample`` particles (noise power = ``n^2`` per
+        Fourier pixel for unit-variance white noise)."""
+        take = torch.linspace(0, len(parts) - 1, min(sample, len(parts)), device=parts.images.device).long()
+        images = parts.images[take]
+        hartley = model.observed(model.spectra(images), None)
+        ctf = model.ctf(parts.ctf.index(take) if parts.ctf is not None else None)
+        return radial_amplitude_from_images(hartley, ctf, float(model.n**2), model.n // 2 + 3)
+
+    @torch.no_grad()
+    def _reconstruct(self, parts: PreparedParticles, poses: Tensor, shifts: Tensor) -> Tensor:
+        from cryocli.engines.common.reconstruct import reconstruct
+
+        origins = shifts * parts.pixel_size
+        return reconstruct(parts.images, poses, origins, parts.ctf, parts.pixel_size, device=parts.images.device)
+
+
+def _batches(order: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive batches of ``order``; a last batch of one particle joins the previous one (batch norm
+    needs two samples in training mode)."""
+    parts = list(torch.split(order, batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
+def _project_grid(grid: Tensor, rotations: Tensor, n: int) -> Tensor:
+    from cryocli.imaging.hartley import project_hartley
+
+    return project_hartley(grid, rotations, n, pad=1)
+
+
+def _angles_deg(a: Tensor, b: Tensor) -> Tensor:
+    from cryocli.geometry.rotations import geodesic_distance
+
+    return torch.rad2deg(geodesic_distance(a, b))
+
+
+def _switched(saved: dict[str, Any] | None, cfg: CryoSpinConfig) -> bool:
+    """Whether a resumed state was saved after the switch (its poses already come from the best heads)."""
+    return saved is not None and int(saved["epoch"]) > cfg.switch_epoch
+
+
+def _check(cfg: CryoSpinConfig) -> None:
+    if cfg.epochs < 1:
+        raise CryocliError(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.batch_size < 1:
+        raise CryocliError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.heads < 1:
+        raise CryocliError(f"--heads {cfg.heads}: must be at least 1")
+    if cfg.switch_epoch < 0:
+        raise CryocliError(f"--switch-epoch {cfg.switch_epoch}: must be 0 or more")
+    if cfg.final_map not in ("decoder", "reconstruct"):
+        raise CryocliError(f"--final-map {cfg.final_map}: expected decoder or reconstruct")
+    if cfg.lr is None or cfg.lr <= 0:
+        raise CryocliError("--lr must be positive")

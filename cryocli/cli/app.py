@@ -15,7 +15,7 @@ from cryocli import __version__
 from cryocli.cli.common import STATE
 
 # Modules of cryocli.cli that define a working subcommand, in the order `--help` lists them.
-COMMAND_MODULES: list[str] = ["info", "simulate", "reconstruct", "postprocess", "fsc", "abinitio"]
+COMMAND_MODULES: list[str] = ["info", "simulate", "reconstruct", "postprocess", "fsc", "abinitio", "refine"]
 
 app = typer.Typer(
     name="cryocli",

@@ -56,7 +56,7 @@ def refine(
     force: bool = typer.Option(False, "--force", help="Overwrite the results in an existing --out directory."),
     datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
 ) -> None:
-    """Gold-standard 3D refinement from an initial reference."""
+    """Gold-standard 3D refinement from an initial reference (the help text is built by _help)."""
     from cryocli.engines.base import get_engine, run_engine
     from cryocli.engines.reporter import GroundTruth, Reporter, RunDirectory
     from cryocli.io.dataset import ParticleStack
@@ -206,7 +206,10 @@ def _help() -> str:
             "Writes half1_unfil.mrc, half2_unfil.mrc (for cryocli postprocess or relion_postprocess), map.mrc, "
             "particles.star (input columns kept; poses, origins, rlnMaxValueProbDistribution, "
             "rlnNrOfSignificantSamples, rlnLogLikeliContribution), model.star, fsc.star, fsc.png, metrics.csv, "
-            "log.jsonl and checkpoint.pt (--resume).")
+            "log.jsonl and checkpoint.pt (--resume).\n\n"
+            "EXPERIMENTAL: relion refines simulated 4AKE (600 particles, 48 px, SNR 0.1) from a 40 A reference "
+            "to about 8.6 A with a 6 degree median pose error, short of RELION's accuracy; sparse-tv has not "
+            "been validated end to end yet.")
 
 
 def register(app: typer.Typer) -> None:

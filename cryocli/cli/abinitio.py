@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,15 +81,10 @@ def abinitio(
                                             "[default: decoder]."),
 ) -> None:
     """Ab initio reconstruction: poses and a map from particles alone (the help text is built by _help)."""
-    from cryocli.engines.base import get_engine, run_engine
-    from cryocli.engines.reporter import GroundTruth, Reporter, RunDirectory
-    from cryocli.io.dataset import ParticleStack
-    from cryocli.io.mrc import read_map
-    from cryocli.io.star import read_star
+    from cryocli.engines.base import get_engine
+    from cryocli.engines.session import build_config, run_to_directory
 
     with guarded():
-        import torch
-
         dev = resolve_device(device)
         run_seed = STATE.seed if seed is None else seed
         engine = get_engine(method, "abinitio", device=dev)
@@ -102,31 +95,13 @@ def abinitio(
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,
         }
-        known = {f.name for f in dataclasses.fields(engine.config_class)}
-        unsupported = [k for k, v in options.items() if v is not None and k not in known]
-        if unsupported:
-            raise CryocliError(f"--method {method} has no option {', '.join(unsupported)}")
-        config = engine.config_class(**{k: v for k, v in options.items() if v is not None})
-        table = read_star(particles, require_images=True)
-        stack = ParticleStack(table, datadir)
-        truth = None
-        if ground_truth is not None:
-            gt = read_map(ground_truth)
-            truth = GroundTruth(torch.tensor(gt.data), gt.voxel_size, stack.rotations, every=score_every)
-        run_dir = RunDirectory(out, force=force, resume=resume)
-        meta = {"method": method, "config": config.as_dict(), "particles": str(particles)}
-        reporter = Reporter(console=err_console(), run_dir=run_dir, ground_truth=truth, resume=resume, meta=meta)
-        reporter.event("start", method=method, config=config.as_dict(), particles=str(particles), device=str(dev))
-        t0 = time.perf_counter()
-        try:
-            result = run_engine(engine, stack, config, reporter, halves=halves)
-        finally:
-            reporter.close()
-        elapsed = time.perf_counter() - t0
-        scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
-        summary = _summary(method, out, result, scores, truth, elapsed)
-        reporter.event("finish", **{k: v for k, v in summary.items() if k not in ("files",)})
-        summary["files"] = run_dir.write_result(result, table, f"abinitio --method {method}", scores)
+        config = build_config(engine, method, options)
+        run = run_to_directory(engine, method, config, particles, out, command=f"abinitio --method {method}",
+                               console=err_console(), device=dev, datadir=datadir, force=force, resume=resume,
+                               ground_truth=ground_truth, score_every=score_every, halves=halves)
+        summary = _summary(method, out, run.result, run.scores, run.truth, run.elapsed_s)
+        run.reporter.event("finish", **summary)
+        summary["files"] = run.files
     _print(summary)
     emit_json(summary)
 

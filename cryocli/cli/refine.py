@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,18 +55,11 @@ def refine(
     datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
 ) -> None:
     """Gold-standard 3D refinement from an initial reference (the help text is built by _help)."""
-    from cryocli.engines.base import get_engine, run_engine
-    from cryocli.engines.reporter import GroundTruth, Reporter, RunDirectory
-    from cryocli.io.dataset import ParticleStack
-    from cryocli.io.mrc import read_map
-    from cryocli.io.star import read_star
+    from cryocli.engines.base import get_engine
+    from cryocli.engines.session import build_config, run_to_directory
+    from cryocli.geometry.symmetry import parse_symmetry
 
     with guarded():
-        import numpy as np
-        import torch
-
-        import cryocli.engines.refine  # noqa: F401  (registers the refine engines)
-
         dev = resolve_device(device)
         engine = get_engine(method, "refine", device=dev)
         if not ref.is_file():
@@ -81,36 +72,15 @@ def refine(
             "eps": eps, "eps_prime": eps_prime, "alpha": alpha, "beta": beta, "gamma": gamma,
             "tv_iters": tv_iters, "tv_lr": tv_lr,
         }
-        known = {f.name for f in dataclasses.fields(engine.config_class)}
-        unsupported = [k for k, v in options.items() if v is not None and k not in known]
-        if unsupported:
-            raise CryocliError(f"--method {method} has no option {', '.join('--' + u.replace('_', '-') for u in unsupported)}")
-        config = engine.config_class(**{k: v for k, v in options.items() if v is not None})
-        from cryocli.geometry.symmetry import parse_symmetry
-
+        config = build_config(engine, method, options)
         parse_symmetry(sym)
-        table = read_star(particles, require_images=True)
-        stack = ParticleStack(table, datadir)
-        truth = None
-        if ground_truth is not None:
-            gt = read_map(ground_truth)
-            truth = GroundTruth(torch.as_tensor(np.array(gt.data)), gt.voxel_size, stack.rotations, every=1000)
-        run_dir = RunDirectory(out, force=force, resume=resume)
-        meta = {"method": method, "config": config.as_dict(), "particles": str(particles)}
-        reporter = Reporter(console=err_console(), run_dir=run_dir, ground_truth=truth, resume=resume, meta=meta)
-        reporter.event("start", method=method, config=config.as_dict(), particles=str(particles), device=str(dev))
-        t0 = time.perf_counter()
-        try:
-            result = run_engine(engine, stack, config, reporter, halves=False)
-        finally:
-            reporter.close()
-        elapsed = time.perf_counter() - t0
-        scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
         command = f"refine --method {method}"
-        files = run_dir.write_result(result, table, command, scores)
-        files.update(write_refine_outputs(run_dir.path, result, table, command))
-        summary = _summary(method, out, result, scores, truth, elapsed)
-        reporter.event("finish", **summary)
+        run = run_to_directory(engine, method, config, particles, out, command=command, console=err_console(),
+                               device=dev, datadir=datadir, force=force, resume=resume, ground_truth=ground_truth)
+        files = dict(run.files)
+        files.update(write_refine_outputs(run.run_dir.path, run.result, run.table, command))
+        summary = _summary(method, out, run.result, run.scores, run.truth, run.elapsed_s)
+        run.reporter.event("finish", **summary)
         summary["files"] = files
     _print(summary)
     emit_json(summary)

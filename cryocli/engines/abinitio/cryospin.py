@@ -226,15 +226,8 @@ class CryoSpinEngine:
         encoder.train()
         total, count = 0.0, 0
         for idx in _batches(order, cfg.batch_size):
-            images = parts.images[idx]
-            ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
-            rot, sh = encoder(images)
-            b, m = rot.shape[:2]
-            slices = volume.project(rot.reshape(b * m, 3, 3)).reshape(b, m, model.n, model.n)
-            observed = model.observed(model.spectra(images), sh if cfg.shifts else None)
-            if observed.dim() == 3:
-                observed = observed[:, None]
-            losses = model.nll(slices, ctf, observed)
+            losses, rot, sh = _head_losses(parts, model, volume, encoder, idx, cfg)
+            b = rot.shape[0]
             best, winner = losses.min(1)
             loss = best.mean()
             enc_opt.zero_grad(set_to_none=True)
@@ -261,16 +254,9 @@ class CryoSpinEngine:
         n_part = len(parts)
         for start in range(0, n_part, cfg.batch_size):
             idx = torch.arange(start, min(n_part, start + cfg.batch_size), device=poses.device)
-            images = parts.images[idx]
-            ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
-            rot, sh = encoder(images)
-            b, m = rot.shape[:2]
-            slices = volume.project(rot.reshape(b * m, 3, 3)).reshape(b, m, model.n, model.n)
-            observed = model.observed(model.spectra(images), sh if cfg.shifts else None)
-            if observed.dim() == 3:
-                observed = observed[:, None]
-            winner = model.nll(slices, ctf, observed).argmin(1)
-            rows = torch.arange(b, device=poses.device)
+            losses, rot, sh = _head_losses(parts, model, volume, encoder, idx, cfg)
+            winner = losses.argmin(1)
+            rows = torch.arange(rot.shape[0], device=poses.device)
             poses[idx], shifts[idx], head_of[idx] = rot[rows, winner], sh[rows, winner], winner
 
     def _decoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
@@ -344,6 +330,20 @@ def _batches(order: Tensor, batch_size: int) -> list[Tensor]:
     if len(parts) > 1 and len(parts[-1]) == 1:
         parts[-2:] = [torch.cat(parts[-2:])]
     return parts
+
+def _head_losses(parts: PreparedParticles, model: ImageModel, volume: HartleyVolume, encoder: MultiHeadPoseEncoder,
+                 idx: Tensor, cfg: CryoSpinConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Negative log-likelihood of every head's pose for particles ``idx``: losses ``(B, M)``, rotations
+    ``(B, M, 3, 3)`` and shifts ``(B, M, 2)`` as the encoder predicted them."""
+    images = parts.images[idx]
+    ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
+    rot, sh = encoder(images)
+    b, m = rot.shape[:2]
+    slices = volume.project(rot.reshape(b * m, 3, 3)).reshape(b, m, model.n, model.n)
+    observed = model.observed(model.spectra(images), sh if cfg.shifts else None)
+    if observed.dim() == 3:
+        observed = observed[:, None]
+    return model.nll(slices, ctf, observed), rot, sh
 
 
 def _project_grid(grid: Tensor, rotations: Tensor, n: int) -> Tensor:

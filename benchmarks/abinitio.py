@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import peak_memory_mb, print_table, run_isolated
 
 FIELD_OF_VIEW_A = 115.2
 
@@ -70,13 +69,12 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     enc = [t for t, s in zip(per_epoch, stages) if s == "encode"]
     enc = enc[1:] or enc  # the first epoch also reads and prepares the particles
     dec = [t for t, s in zip(per_epoch, stages) if s == "decode"]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = peak_memory_mb(dev)
     return {"box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
             "res_fsc05_A": scores["res_fsc05"], "nyquist_A": 2 * apix, "rot_err_mean": poses["rot_err_mean"],
             "rot_err_median": poses["rot_err_median"], "s_per_epoch_encode": float(np.mean(enc)) if enc else float("nan"),
             "s_per_epoch_decode": float(np.mean(dec)) if dec else float("nan"), "total_s": total,
-            "peak_memory_GB": peak / 1e9,
+            "peak_memory_GB": peak * 2**20 / 1e9,
             "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median")} for row in reporter.history]}
 
 
@@ -105,20 +103,12 @@ def main() -> None:
         while j < len(sys.argv) and not sys.argv[j].startswith("--"):
             j += 1
         passthrough = sys.argv[1:i] + sys.argv[j:]
-    rows = []
-    for case in cases:
-        r = subprocess.run([sys.executable, __file__, *passthrough, "--one", case], capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
-            raise SystemExit(f"case {case} failed")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    header = (f"{'box':>4} {'particles':>9} {'A/px':>5} {'FSC0.5 A':>9} {'Nyq A':>6} {'rot mean':>9} {'rot med':>8} "
-              f"{'s/ep enc':>9} {'s/ep dec':>9} {'total s':>8} {'peak GB':>8}  device")
-    print(header)
-    for r in rows:
-        print(f"{r['box']:>4} {r['particles']:>9} {r['apix']:>5.2f} {r['res_fsc05_A']:>9.2f} {r['nyquist_A']:>6.2f} "
-              f"{r['rot_err_mean']:>9.2f} {r['rot_err_median']:>8.2f} {r['s_per_epoch_encode']:>9.2f} "
-              f"{r['s_per_epoch_decode']:>9.2f} {r['total_s']:>8.1f} {r['peak_memory_GB']:>8.2f}  {r['device']}")
+    rows = [run_isolated([__file__, *passthrough, "--one", case]) for case in cases]
+    print_table(rows, [("box", "box", "d"), ("particles", "particles", "d"), ("A/px", "apix", ".2f"),
+                       ("FSC0.5 A", "res_fsc05_A", ".2f"), ("Nyq A", "nyquist_A", ".2f"),
+                       ("rot mean", "rot_err_mean", ".2f"), ("rot med", "rot_err_median", ".2f"),
+                       ("s/ep enc", "s_per_epoch_encode", ".2f"), ("s/ep dec", "s_per_epoch_decode", ".2f"),
+                       ("total s", "total_s", ".1f"), ("peak GB", "peak_memory_GB", ".2f"), ("device", "device", "")])
     for r in rows:
         trace = ", ".join(f"{h['epoch']}:{h['rot_err_median']:.1f}" for h in r["history"])
         print(f"median rotation error by epoch ({r['box']} px): {trace}")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from harness import peak_memory_mb, print_table, run_isolated
 
 from cryocli.analysis.fsc import fsc_curve, threshold_crossing
 from cryocli.engines.common.particles_reconstruct import reconstruct_particles
@@ -60,8 +59,7 @@ def run_case(box: int, particles: int, device: str, snr: float) -> dict:
         res_truth = threshold_crossing(fsc_curve(rec.cpu().numpy(), truth), box, apix, 0.5).resolution
         res_halves = threshold_crossing(fsc_curve(halves[0].cpu().numpy(), halves[1].cpu().numpy()), box, apix,
                                         0.143).resolution
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mb(dev)
     return {"box": box, "apix": apix, "particles": particles, "simulate_s": t_sim,
             "simulate_per_s": particles / t_sim, "reconstruct_s": t_rec, "reconstruct_per_s": 2 * particles / t_rec,
             "fsc05_vs_truth_A": res_truth, "half_fsc0143_A": res_halves, "peak_MB": peak, "device": str(dev)}
@@ -78,20 +76,13 @@ def main() -> None:
     if args.case is not None:
         print(json.dumps(run_case(args.case, args.particles, args.device, args.snr)))
         return
-    rows = []
-    for box in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--case", str(box), "--particles", str(args.particles),
-                              "--device", args.device, "--snr", str(args.snr)], capture_output=True, text=True,
-                             check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = (f"{'box':>5} {'A/px':>6} {'particles':>9} {'simulate p/s':>13} {'reconstruct p/s':>16} "
-              f"{'FSC0.5 vs truth (A)':>20} {'halves FSC0.143 (A)':>20} {'peak MB':>8} device")
-    print(header)
-    for r in rows:
-        print(f"{r['box']:>5} {r['apix']:>6.2f} {r['particles']:>9} {r['simulate_per_s']:>13.0f} "
-              f"{r['reconstruct_per_s']:>16.0f} {r['fsc05_vs_truth_A']:>20.2f} {r['half_fsc0143_A']:>20.2f} "
-              f"{r['peak_MB']:>8.0f} {r['device']}")
-
+    rows = [run_isolated([__file__, "--case", str(box), "--particles", str(args.particles), "--device", args.device,
+                          "--snr", str(args.snr)]) for box in args.sizes]
+    print_table(rows, [("box", "box", "d"), ("A/px", "apix", ".2f"), ("particles", "particles", "d"),
+                       ("simulate p/s", "simulate_per_s", ".0f"), ("reconstruct p/s", "reconstruct_per_s", ".0f"),
+                       ("FSC0.5 vs truth (A)", "fsc05_vs_truth_A", ".2f"),
+                       ("halves FSC0.143 (A)", "half_fsc0143_A", ".2f"), ("peak MB", "peak_MB", ".0f"),
+                       ("device", "device", "")])
 
 if __name__ == "__main__":
     main()

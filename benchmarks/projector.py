@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from harness import print_table, run_isolated
 
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.projector import BackProjector, Projector, project_volume_ft
@@ -92,18 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args.slices, device, args.repeats)))
         return
-    rows = []
-    for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--slices", str(args.slices),
-                              "--device", args.device, "--repeats", str(args.repeats)],
-                             check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [run_isolated([__file__, "--worker", str(n), "--slices", str(args.slices), "--device", args.device,
+                          "--repeats", str(args.repeats)]) for n in args.sizes]
     print(f"projector benchmark: {args.slices} slices, device {args.device}, torch {torch.__version__}, "
           f"{rows[0]['threads']} threads")
-    print(f"{'box':>5} {'forward slices/s':>17} {'insert (s)':>11} {'backward (s)':>13} {'peak memory (MB)':>17}")
-    for r in rows:
-        print(f"{r['n']:>5} {r['forward_slices_per_s']:>17.0f} {r['insert_s']:>11.3f} {r['backward_s']:>13.3f} "
-              f"{r['peak_mb']:>17.0f}")
+    print_table(rows, [("box", "n", "d"), ("forward slices/s", "forward_slices_per_s", ".0f"),
+                       ("insert (s)", "insert_s", ".3f"), ("backward (s)", "backward_s", ".3f"),
+                       ("peak memory (MB)", "peak_mb", ".0f")])
 
 
 if __name__ == "__main__":

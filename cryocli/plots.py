@@ -107,20 +107,3 @@ def plot_guinier(path: str | Path, res_squared: Sequence[float], curves: Mapping
     ax.legend(fontsize=8)
     ax.set_title(title)
     _save(fig, path)
-
-
-def plot_histogram(path: str | Path, values: Sequence[float], xlabel: str, title: str = "",
-                   bins: int = 50) -> None:
-    """A histogram of ``values`` (e.g. pose errors in degrees) with its median marked."""
-    v = np.asarray(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
-    ax.hist(v[np.isfinite(v)], bins=bins, color="C0", alpha=0.8)
-    if v.size:
-        med = float(np.nanmedian(v))
-        ax.axvline(med, color="k", ls="--", lw=1.0, label=f"median {med:.3g}")
-        ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    if title:
-        ax.set_title(title)
-    _save(fig, path)

@@ -130,7 +130,7 @@ def test_noise_model_recovers_white_noise_variance() -> None:
     gen = torch.Generator().manual_seed(3)
     imgs = torch.randn((1000, 32, 32), generator=gen) * 2.0
     ft = torch.fft.rfft2(imgs)
-    sigma2 = initial_sigma2(ft, torch.zeros(1000, dtype=torch.long), 1)
+    sigma2 = initial_sigma2(imgs, torch.zeros(1000, dtype=torch.long), 1)
     # Per real/imaginary component the variance of the unnormalised DFT of white noise is n^2 s^2 / 2.
     expect = 32 * 32 * 4.0 / 2
     assert np.allclose(sigma2[0, 2:16].numpy(), expect, rtol=0.05)

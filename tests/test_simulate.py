@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-import pytest
 import torch
 from typer.testing import CliRunner
 

@@ -28,8 +28,8 @@ from torch import Tensor
 from cryocli.analysis.fsc import (GlibcRand, MaskedFsc, corrected_masked_fsc, format_star_list, format_star_loop,
                                   fsc_tensor, particle_fsc, relion_resolution_shell, star_header)
 from cryocli.errors import CryocliError
-from cryocli.imaging.filters import (apply_bfactor, as_float64_tensor, bfactor_weights, lowpass_filter, lowpass_weights,
-                                     map_spectrum, spectrum_to_map)
+from cryocli.imaging.filters import (as_float64_tensor, bfactor_weights, lowpass_weights, map_spectrum,
+                                     spectrum_to_map)
 from cryocli.imaging.fourier import rfftn_radius, rfftn_shells, shell_sum
 
 

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 
 from cryocli.errors import CryocliError
-from cryocli.io.mrc import open_stack, read_map, stack_info
+from cryocli.io.mrc import open_stack, stack_info
 
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-SHIFT_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY")
+CTF_OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 STAR_SUFFIXES = {".star"}
 MRC_SUFFIXES = {".mrc", ".mrcs", ".map", ".st", ".ali"}
 
@@ -47,9 +46,13 @@ def summarize_star(path: str | Path, datadir: str | Path | None = None) -> dict[
     keys = merged[group_col].unique() if group_col else [None]
     for key in keys:
         rows = merged[merged[group_col] == key] if group_col else merged
+
         def first(col: str) -> Any:
-            return rows[col].iloc[0].item() if col in rows.columns and hasattr(rows[col].iloc[0], "item") else (
-                rows[col].iloc[0] if col in rows.columns else None)
+            if col not in rows.columns:
+                return None
+            value = rows[col].iloc[0]
+            return value.item() if hasattr(value, "item") else value
+
         defocus = None
         if "rlnDefocusU" in rows.columns and "rlnDefocusV" in rows.columns:
             defocus = _range(np.concatenate([rows["rlnDefocusU"].to_numpy(float), rows["rlnDefocusV"].to_numpy(float)]))
@@ -75,11 +78,11 @@ def summarize_star(path: str | Path, datadir: str | Path | None = None) -> dict[
         "particles": int(len(parts)),
         "optics_groups": groups,
         "columns": list(parts.columns),
-        "has_poses": all(c in parts.columns for c in POSE_COLUMNS),
-        "has_shifts": any(c in parts.columns for c in SHIFT_COLUMNS),
+        "has_poses": table.has_poses,
+        "has_shifts": table.has_shifts,
         "has_half_sets": "rlnRandomSubset" in parts.columns,
-        "has_ctf": all(c in merged.columns for c in ("rlnDefocusU", "rlnDefocusV", "rlnVoltage",
-                                                      "rlnSphericalAberration", "rlnAmplitudeContrast")),
+        # Usable for CTF correction: defocus per particle and the optics values the formula needs.
+        "has_ctf": table.has_ctf and all(c in merged.columns for c in CTF_OPTICS_COLUMNS),
         "has_images": has_images,
         "stacks": len(stacks),
         "stacks_missing": missing,

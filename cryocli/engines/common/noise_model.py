@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cryocli.imaging.fourier import rfft_radius
+from cryocli.imaging.fourier import image_to_rfft, rfft_radius
 
 
 def pixel_shells(n: int, device: torch.device | str | None = None) -> Tensor:
@@ -84,13 +84,16 @@ def sigma2_on_pixels(sigma2: Tensor, n: int, groups: Tensor) -> Tensor:
     return sigma2[groups.to(sigma2.device)][:, shells]
 
 
-def initial_sigma2(images_ft: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+def initial_sigma2(images: Tensor, groups: Tensor, n_groups: int, batch_size: int = 512) -> Tensor:
     """Starting noise spectrum from the particles' own power (``|X|^2 / 2`` per shell and group), ``(G, n//2+1)``.
 
-    At the low SNR of cryo-EM the image power is dominated by noise at all but the lowest shells; the
-    first M-step replaces it with residual-based estimates, as RELION does after its first iteration.
+    images: real particle images ``(N, n, n)`` (centred layout of :mod:`cryocli.imaging.fourier`), read
+    ``batch_size`` at a time; groups: optics group index ``(N,)``. At the low SNR of cryo-EM the image
+    power is dominated by noise at all but the lowest shells; the first M-step replaces it with
+    residual-based estimates, as RELION does after its first iteration.
     """
-    n = images_ft.shape[-2]
-    acc = NoiseAccumulator(n, n_groups, images_ft.device)
-    acc.add(images_ft.abs() ** 2, groups)
+    acc = NoiseAccumulator(images.shape[-1], n_groups, images.device)
+    for start in range(0, images.shape[0], batch_size):
+        ft = image_to_rfft(images[start:start + batch_size])
+        acc.add(ft.abs() ** 2, groups[start:start + batch_size].to(images.device))
     return acc.sigma2()

@@ -55,10 +55,13 @@ def reconstruct_particles(stack: ParticleStack, indices: np.ndarray | None = Non
             chunk = idx[start:start + batch_size]
             yield stack.images(chunk)
 
-    def report(done: int, total: int, _last=[0]) -> None:
+    reported = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal reported
         if progress is not None:
-            progress(done - _last[0])
-        _last[0] = done
+            progress(done - reported)
+        reported = done
 
     return reconstruct(batches(), rotations, origins, ctf, stack.pixel_size, maxres=maxres, sym_ops=sym_ops,
                        device=device, batch_size=batch_size, progress=report, ctf_premultiplied=premultiplied,

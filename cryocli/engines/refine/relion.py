@@ -165,7 +165,7 @@ class RelionRefineEngine:
             rot = torch.eye(3, device=dev).expand(len(parts), 3, 3).clone()
             origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
                        else torch.zeros((len(parts), 2), device=dev))
-            sigma2 = self._initial_sigma2(parts, groups, n_groups, origins)
+            sigma2 = initial_sigma2(parts.images, groups, n_groups)
             sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px, math.inf)
             start, fsc, history = 1, np.zeros(n // 2 + 1), []
         else:
@@ -261,17 +261,6 @@ class RelionRefineEngine:
             return torch.zeros(len(data), dtype=torch.long)
         codes = np.unique(merged["rlnOpticsGroup"].to_numpy(), return_inverse=True)[1]
         return torch.as_tensor(codes.astype(np.int64))
-
-    def _initial_sigma2(self, parts: PreparedParticles, groups: Tensor, n_groups: int, origins: Tensor) -> Tensor:
-        out = None
-        total = torch.zeros(1)
-        acc = NoiseAccumulator(parts.box, n_groups, self.device)
-        for s in range(0, len(parts), 512):
-            ft = image_to_rfft(parts.images[s:s + 512])
-            acc.add(ft.abs() ** 2, groups[s:s + 512].to(self.device))
-        out = acc.sigma2()
-        del total
-        return out
 
     @staticmethod
     def _r_max(n: int, apix: float, resolution: float, cfg: RefineConfig) -> int:

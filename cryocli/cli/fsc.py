@@ -22,9 +22,9 @@ def _voxel_size(v1: float, v2: float, angpix: float | None, p1: Path, p2: Path) 
         return angpix
     if v1 <= 0 or v2 <= 0:
         raise CryocliError(f"header voxel size is {v1:g} A ({p1}) and {v2:g} A ({p2}); give --angpix")
-    if abs(v1 - v2) > 0.005 * max(v1, v2):
-        raise CryocliError(f"voxel sizes differ by more than 0.5%: {v1:.5g} A ({p1}) vs {v2:.5g} A ({p2}); "
-                           "resample one map or give --angpix")
+    from cryocli.io.star import check_pixel_size
+
+    check_pixel_size(v1, v2, f"voxel sizes of {p1} and {p2} (resample one map or give --angpix)")
     return v1
 
 

@@ -16,9 +16,9 @@ import torch
 from cryocli.errors import CryocliError
 from cryocli.imaging.fourier import fourier_resample_volume
 from cryocli.io.mrc import read_map
+from cryocli.io.star import check_pixel_size
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".cif.gz", ".ent.gz", ".mmcif.gz")
-PIXEL_TOLERANCE = 0.005
 
 
 def is_atomic_model(path: str | Path) -> bool:
@@ -43,10 +43,8 @@ def resample_map(data: np.ndarray, voxel_size: float, box: int, apix: float,
     if voxel_size <= 0:
         raise CryocliError("map has no voxel size in its header", path)
     n1 = max(2, int(round(n0 * voxel_size / apix)))
-    achieved = voxel_size * n0 / n1
-    if abs(achieved - apix) / apix > PIXEL_TOLERANCE:
-        raise CryocliError(f"cannot resample a {n0}-voxel map of {voxel_size:g} A/voxel to {apix:g} A/px: the "
-                           f"nearest grid gives {achieved:.4g} A/px (more than 0.5% off)", path)
+    check_pixel_size(voxel_size * n0 / n1, apix, f"resampling the {n0}-voxel map of {voxel_size:g} A/voxel on "
+                     f"the nearest grid ({n1} voxels) vs the requested pixel size", path)
     resampled = fourier_resample_volume(torch.from_numpy(np.array(data, dtype=np.float64)), n1).numpy()
     return crop_or_pad(resampled.astype(np.float32), box)
 

@@ -41,7 +41,7 @@ def reconstruct(
     """Reconstruct a map from particles at the poses in their STAR file, as relion_reconstruct: shift by
     +origin, multiply by the CTF, insert into a 2x padded Fourier grid, divide by the CTF^2 weights."""
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
-    from cryocli.engines.common.particles_reconstruct import reconstruct_particles
+    from cryocli.engines.common.particles_reconstruct import reconstruct_sets
     from cryocli.geometry.symmetry import symmetry_operators
     from cryocli.io.dataset import ParticleStack
     from cryocli.io.mrc import write_map
@@ -61,20 +61,21 @@ def reconstruct(
             if stack.random_subset is None:
                 stack.ensure_half_sets(seed=0)
         subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
+        if halves and subset is not None:
+            raise CryocliError("--halves reconstructs both half sets and their union; drop --subset")
         selected = np.arange(len(stack)) if subset is None else np.nonzero(subsets == subset)[0]
         if selected.size == 0:
             raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
-        jobs = [(out, selected)]
         if halves:
             h1, h2 = half_map_paths(out)
-            jobs += [(h1, np.nonzero(subsets == 1)[0]), (h2, np.nonzero(subsets == 2)[0])]
-        maps = {}
-        with progress_bar(sum(len(j[1]) for j in jobs), "reconstruct") as advance:
-            for path, idx in jobs:
-                volume = reconstruct_particles(stack, idx, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops,
-                                               device=device, batch_size=batch_size, progress=advance,
-                                               gridding_iterations=gridding_iterations)
-                maps[path] = volume.detach().cpu().numpy()
+            sets, paths = [np.nonzero(subsets == 1)[0], np.nonzero(subsets == 2)[0]], [h1, h2, out]
+        else:
+            sets, paths = [selected], [out]
+        with progress_bar(len(selected), "reconstruct") as advance:
+            volumes = reconstruct_sets(stack, sets, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device,
+                                       batch_size=batch_size, progress=advance,
+                                       gridding_iterations=gridding_iterations, with_union=halves)
+        maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes)}
         for path, volume in maps.items():
             write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
     con = out_console()

@@ -1,8 +1,10 @@
 """Direct Fourier reconstruction of the particles of a STAR file at their recorded poses.
 
 Glue between :class:`cryocli.io.dataset.ParticleStack` (lazy, batched image access) and
-:func:`cryocli.engines.common.reconstruct.reconstruct` (``relion_reconstruct``'s algorithm), so that
-commands and engines reconstruct a subset of particles in one call, streaming from the stacks.
+:class:`cryocli.engines.common.reconstruct.DirectFourierReconstructor` (``relion_reconstruct``'s
+algorithm), streaming from the stacks. Half sets are accumulated in one pass over the particles and the
+full map is made from the sum of the two half accumulators, as RELION does, so every image is read and
+transformed once.
 """
 
 from __future__ import annotations
@@ -13,56 +15,73 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS, reconstruct
+from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS, DirectFourierReconstructor
 from cryocli.errors import CryocliError
+from cryocli.imaging.ctf import CTFParams
 from cryocli.io.dataset import ParticleStack
 
 
-def reconstruct_particles(stack: ParticleStack, indices: np.ndarray | None = None, use_ctf: bool = True,
-                          maxres: float | None = None, sym_ops: Tensor | None = None,
-                          device: torch.device | str = "cpu", batch_size: int = 256,
-                          progress: Callable[[int], None] | None = None,
-                          gridding_iterations: int = DEFAULT_GRIDDING_ITERATIONS) -> Tensor:
-    """Map ``(n, n, n)`` float32 from the particles ``indices`` (0-based; all when None) at their STAR poses.
+def _ctf_inputs(stack: ParticleStack, idx: np.ndarray, use_ctf: bool) -> tuple[CTFParams | None, bool]:
+    """CTF parameters of ``idx`` (None without CTF correction) and whether the images are CTF-premultiplied."""
+    if not use_ctf:
+        return None, False
+    table = stack.table
+    ctf = table.ctf_params(require=True)
+    premultiplied = False
+    merged = table.optics_per_particle()
+    if "rlnCtfDataAreCtfPremultiplied" in merged.columns:
+        flags = set(merged["rlnCtfDataAreCtfPremultiplied"].to_numpy()[idx].astype(int))
+        if len(flags) > 1:
+            raise CryocliError("optics groups mix CTF-premultiplied and plain images", table.path)
+        premultiplied = bool(flags.pop())
+    return ctf, premultiplied
 
-    use_ctf: correct for the CTF (CryocliError naming the missing column when the STAR file has none);
-    maxres in Angstrom; sym_ops ``(K, 3, 3)`` including the identity; ``progress(k)`` is called with
-    the number of particles done in each batch.
+
+def reconstruct_sets(stack: ParticleStack, sets: list[np.ndarray], use_ctf: bool = True,
+                     maxres: float | None = None, sym_ops: Tensor | None = None,
+                     device: torch.device | str = "cpu", batch_size: int = 256,
+                     progress: Callable[[int], None] | None = None,
+                     gridding_iterations: int = DEFAULT_GRIDDING_ITERATIONS,
+                     with_union: bool = False) -> list[Tensor]:
+    """Maps ``(n, n, n)`` float32 of disjoint particle ``sets`` (0-based indices) at their STAR poses.
+
+    One pass over the union of the sets; with ``with_union`` the map of all of them together is
+    appended, made from the summed accumulators (no second pass). use_ctf: correct for the CTF
+    (CryocliError naming the missing column when the STAR file has none); maxres in Angstrom; sym_ops
+    ``(K, 3, 3)`` including the identity; ``progress(k)`` is called with the particles done per batch.
     """
     table = stack.table
     if stack.rotations is None:
         raise CryocliError("no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns: poses are needed to reconstruct",
                            table.path)
-    idx = np.arange(len(stack)) if indices is None else np.asarray(indices)
-    if idx.size == 0:
+    if any(len(s) == 0 for s in sets):
         raise CryocliError("no particles selected to reconstruct from", table.path)
-    ctf = None
-    premultiplied = False
-    if use_ctf:
-        ctf = table.ctf_params(require=True)
-        merged = table.optics_per_particle()
-        if "rlnCtfDataAreCtfPremultiplied" in merged.columns:
-            flags = merged["rlnCtfDataAreCtfPremultiplied"].to_numpy()[idx].astype(int)
-            if len(set(flags)) > 1:
-                raise CryocliError("optics groups mix CTF-premultiplied and plain images", table.path)
-            premultiplied = bool(flags[0])
-        ctf = ctf.index(torch.as_tensor(idx))
-    rotations = stack.rotations[torch.as_tensor(idx)]
-    origins = stack.shifts_angstrom[torch.as_tensor(idx)] if stack.shifts_angstrom is not None else None
-
-    def batches():
-        for start in range(0, idx.size, batch_size):
-            chunk = idx[start:start + batch_size]
-            yield stack.images(chunk)
-
-    reported = 0
-
-    def report(done: int, total: int) -> None:
-        nonlocal reported
+    label = np.full(len(stack), -1)
+    for k, s in enumerate(sets):
+        label[np.asarray(s)] = k
+    idx = np.nonzero(label >= 0)[0]
+    ctf, premultiplied = _ctf_inputs(stack, idx, use_ctf)
+    recs = [DirectFourierReconstructor(stack.box, stack.pixel_size, maxres=maxres, sym_ops=sym_ops, device=device,
+                                       ctf_premultiplied=premultiplied) for _ in sets]
+    for start in range(0, idx.size, batch_size):
+        chunk = idx[start:start + batch_size]
+        images = stack.images(chunk)
+        for k, rec in enumerate(recs):
+            mine = np.nonzero(label[chunk] == k)[0]
+            if mine.size == 0:
+                continue
+            rows = torch.as_tensor(chunk[mine])
+            rec.add(images[torch.as_tensor(mine)], stack.rotations[rows],
+                    stack.shifts_angstrom[rows] if stack.shifts_angstrom is not None else None,
+                    ctf.index(rows) if ctf is not None else None)
         if progress is not None:
-            progress(done - reported)
-        reported = done
+            progress(int(chunk.size))
+    maps = [rec.reconstruct(gridding_iterations) for rec in recs]
+    if with_union:
+        union = DirectFourierReconstructor(stack.box, stack.pixel_size, maxres=maxres, sym_ops=sym_ops,
+                                           device=device, ctf_premultiplied=premultiplied)
+        for rec in recs:
+            union.backprojector.merge(rec.backprojector)
+        maps.append(union.reconstruct(gridding_iterations))
+    return maps
 
-    return reconstruct(batches(), rotations, origins, ctf, stack.pixel_size, maxres=maxres, sym_ops=sym_ops,
-                       device=device, batch_size=batch_size, progress=report, ctf_premultiplied=premultiplied,
-                       gridding_iterations=gridding_iterations)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cryocli.errors import CryocliError
 from cryocli.imaging.ctf import CTFParams
-from cryocli.imaging.fourier import fourier_crop_images
+from cryocli.imaging.fourier import fourier_crop_images, rfft_frequencies
 from cryocli.io.dataset import ParticleStack
 
 if TYPE_CHECKING:
@@ -198,15 +198,14 @@ def protein_is_dark(mean_image: Tensor, pixel_size: float, lowpass_angstrom: flo
     """
     n = mean_image.shape[-1]
     sigma_k = pixel_size / lowpass_angstrom  # cycles per pixel
-    ky = torch.fft.fftfreq(n, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(n, dtype=torch.float64)
-    filt = torch.exp(-(ky[:, None] ** 2 + kx[None, :] ** 2) / (2 * sigma_k**2))
+    ky, kx = rfft_frequencies(n, dtype=torch.float64)
+    filt = torch.exp(-(ky**2 + kx**2) / (2 * sigma_k**2))
     img = mean_image.to(torch.float64).cpu()
     smooth = torch.fft.irfft2(torch.fft.rfft2(img) * filt, s=(n, n))
     k = torch.arange(n, dtype=torch.float64) - n // 2
     r = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
     centre = smooth[r <= max(1.5, n / 10)].mean()
-    ring = smooth[r > 0.4 * n].mean()
+    ring = smooth[background_mask(n, 0.4)].mean()
     return bool(centre < ring)
 
 

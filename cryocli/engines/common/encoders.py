@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cryocli.geometry.rotations import sixd_to_matrix
+from cryocli.imaging.fourier import rfft_frequencies
 
 FEATURE_SIDE = 4
 
@@ -29,8 +30,8 @@ def gaussian_pyramid(images: Tensor, sigmas: Sequence[float]) -> Tensor:
     if not sigmas:
         return images[:, None]
     n = images.shape[-1]
-    k = torch.fft.fftfreq(n, device=images.device, dtype=images.dtype)
-    k2 = k[:, None] ** 2 + torch.fft.rfftfreq(n, device=images.device, dtype=images.dtype)[None, :] ** 2
+    ky, kx = rfft_frequencies(n, images.device, images.dtype)
+    k2 = ky**2 + kx**2
     spec = torch.fft.rfft2(images)
     s = torch.as_tensor(list(sigmas), device=images.device, dtype=images.dtype)
     filters = torch.exp(-2 * math.pi**2 * s[:, None, None] ** 2 * k2)

@@ -17,7 +17,7 @@ from cryocli.analysis.fsc import fsc_curve
 from cryocli.engines.common.pose_search import PoseSearchResult
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.imaging.filters import lowpass_weights
-from cryocli.imaging.projector import grid_radius, padded_box, rotations_with_symmetry
+from cryocli.imaging.projector import grid_radius, nyquist_mask, padded_box, rotations_with_symmetry
 from cryocli.imaging.shifts import phase_ramp
 
 
@@ -32,9 +32,7 @@ def backproject_samples(backprojector, images_ft: Tensor, ctf: Tensor | None, in
     b, n, h = images_ft.shape
     s = result.sample_weights.shape[1]
     c = ctf if ctf is not None else torch.ones(images_ft.shape, device=images_ft.device)
-    ky = torch.fft.fftfreq(n, d=1.0 / n, device=images_ft.device)
-    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=images_ft.device)
-    inside = ((ky[:, None] ** 2 + kx[None, :] ** 2) <= r_max * r_max).to(inv_sigma2.dtype)
+    inside = nyquist_mask(n, r_max, images_ft.device).to(inv_sigma2.dtype)
     base = (images_ft * c * inv_sigma2 * inside).to(torch.complex64)
     w = result.sample_weights.to(torch.float32)
     ramps = phase_ramp(result.sample_shifts.reshape(-1, 2).to(torch.float32), n).reshape(b, s, n, h)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cryocli.errors import CryocliError
 from cryocli.imaging.ctf import CTFParams
-from cryocli.imaging.fourier import fourier_crop_images, rfft_frequencies
+from cryocli.imaging.fourier import fourier_crop_images, radius_2d, rfft_frequencies
 from cryocli.io.dataset import ParticleStack
 
 if TYPE_CHECKING:
@@ -184,8 +184,7 @@ class PreparedParticles:
 
 def background_mask(n: int, radius_fraction: float = 0.4, device: torch.device | str | None = None) -> Tensor:
     """Boolean ``(n, n)``: pixels farther than ``radius_fraction * n`` from the centre ``n // 2``."""
-    k = torch.arange(n, device=device, dtype=torch.float32) - n // 2
-    return (k[:, None] ** 2 + k[None, :] ** 2) > (radius_fraction * n) ** 2
+    return radius_2d(n, device) > radius_fraction * n
 
 
 def protein_is_dark(mean_image: Tensor, pixel_size: float, lowpass_angstrom: float = 40.0) -> bool:
@@ -202,9 +201,7 @@ def protein_is_dark(mean_image: Tensor, pixel_size: float, lowpass_angstrom: flo
     filt = torch.exp(-(ky**2 + kx**2) / (2 * sigma_k**2))
     img = mean_image.to(torch.float64).cpu()
     smooth = torch.fft.irfft2(torch.fft.rfft2(img) * filt, s=(n, n))
-    k = torch.arange(n, dtype=torch.float64) - n // 2
-    r = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
-    centre = smooth[r <= max(1.5, n / 10)].mean()
+    centre = smooth[radius_2d(n, dtype=torch.float64) <= max(1.5, n / 10)].mean()
     ring = smooth[background_mask(n, 0.4)].mean()
     return bool(centre < ring)
 

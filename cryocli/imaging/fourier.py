@@ -49,6 +49,22 @@ def rfft_radius(n: int, device: torch.device | str | None = None, dtype: torch.d
     return torch.sqrt(kx**2 + ky**2) * n
 
 
+def centred_grid_2d(n: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Integer coordinates ``(y, x)`` relative to the centre pixel ``n // 2``, each ``(n, n)``.
+
+    Also the centred (fftshifted) Fourier-pixel coordinates ``(ky, kx)`` of a full 2D transform.
+    """
+    r = torch.arange(n, device=device, dtype=dtype) - n // 2
+    return torch.meshgrid(r, r, indexing="ij")
+
+
+def radius_2d(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Distance of each pixel from the centre pixel ``n // 2`` in pixels, shape ``(n, n)``."""
+    y, x = centred_grid_2d(n, device, dtype)
+    return torch.sqrt(x**2 + y**2)
+
+
 def centred_grid_3d(n: int, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Integer coordinates ``(z, y, x)`` relative to the centre voxel ``n // 2``, each ``(n, n, n)``."""

@@ -43,6 +43,7 @@ from cryocli.engines.reporter import Reporter
 from cryocli.errors import CryocliError
 from cryocli.geometry.rotations import axis_angle_to_matrix
 from cryocli.imaging.ctf import CTFParams, ctf_at
+from cryocli.imaging.fourier import centred_grid_2d
 from cryocli.io.dataset import ParticleStack
 
 
@@ -92,8 +93,7 @@ class ImageModel:
     def __init__(self, n: int, pixel_size: float, device: torch.device, radius: float | None = None) -> None:
         self.n = n
         self.pixel_size = pixel_size
-        k = torch.arange(n, device=device, dtype=torch.float32) - n // 2
-        self.ky, self.kx = torch.meshgrid(k, k, indexing="ij")
+        self.ky, self.kx = centred_grid_2d(n, device)
         self.set_radius(radius)
 
     def set_radius(self, radius: float | None) -> None:

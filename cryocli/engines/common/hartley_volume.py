@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cryocli.imaging.fourier import radius_2d
 from cryocli.imaging.hartley import hartley_to_volume, project_hartley
 from cryocli.imaging.projector import fourier_grid_size, grid_radius
 
@@ -88,8 +89,7 @@ def radial_amplitude_from_images(hartley_images: Tensor, ctf: Tensor | None, noi
     Returns ``(n_shells,)``.
     """
     n = hartley_images.shape[-1]
-    k = torch.arange(n, device=hartley_images.device, dtype=torch.float32) - n // 2
-    shells = torch.round(torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).long().reshape(-1)
+    shells = torch.round(radius_2d(n, hartley_images.device)).long().reshape(-1)
     shells = torch.clamp(shells, max=n_shells - 1)
     power = (hartley_images.to(torch.float32) ** 2).mean(0).reshape(-1)
     ctf2 = (ctf.to(torch.float32) ** 2).mean(0).reshape(-1) if ctf is not None else torch.ones_like(power)

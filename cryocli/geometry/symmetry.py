@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from cryocli.errors import CryocliError
+from cryocli.imaging.fourier import centred_grid_3d
 
 _PHI = (1 + math.sqrt(5)) / 2
 _A = 1 / math.sqrt(1 + _PHI**2)  # 0.5257311121
@@ -185,8 +186,7 @@ def symmetrize_volume(volume: Tensor, operators: Tensor) -> Tensor:
     if vol.ndim != 4 or vol.shape[-3:] != (n, n, n):
         raise CryocliError(f"expected a cubic map (n, n, n) or (B, n, n, n), got {tuple(volume.shape)}")
     ops = operators.to(device=vol.device, dtype=vol.dtype)
-    r = torch.arange(n, device=vol.device, dtype=vol.dtype) - n // 2
-    z, y, x = torch.meshgrid(r, r, r, indexing="ij")
+    z, y, x = centred_grid_3d(n, vol.device, vol.dtype)
     xyz = torch.stack([x, y, z], -1)  # (n, n, n, 3) as (x, y, z)
     scale = 2.0 / (n - 1)
     total = torch.zeros_like(vol)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from cryocli.imaging.fourier import radius_3d, volume_to_fft
+from cryocli.imaging.fourier import centred_grid_2d, radius_3d, volume_to_fft
 
 # Interpolation points per grid_sample call: bounds the temporary grids to ~100 MB.
 DEFAULT_CHUNK_POINTS = 1 << 22
@@ -151,8 +151,7 @@ def half_plane_pixels(n: int, r_max: int | None = None, skip_redundant: bool = F
 
 @lru_cache(maxsize=64)
 def _full_plane_cpu(n: int, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
-    k = torch.arange(n, dtype=torch.float64) - n // 2
-    gy, gx = torch.meshgrid(k, k, indexing="ij")
+    gy, gx = centred_grid_2d(n, dtype=torch.float64)
     keep = gx**2 + gy**2 <= r_max * r_max
     pix = torch.nonzero(keep.reshape(-1)).reshape(-1)
     return pix, gx.reshape(-1)[pix], gy.reshape(-1)[pix]

@@ -68,6 +68,12 @@ class HartleyVolume(nn.Module):
         return project_hartley(self.hartley(), rotations, self.n, pad=1)
 
     @torch.no_grad()
+    def clear_beyond(self, radius: float) -> None:
+        """Zero the mantissa of voxels farther than ``radius`` Fourier pixels from the centre."""
+        far = _radius_grid(self.grid_size, self.mantissa.device) > radius
+        self.mantissa[far] = 0.0
+
+    @torch.no_grad()
     def to_map(self) -> Tensor:
         """The real map ``(n, n, n)`` ``[z, y, x]`` (centre ``n // 2``) whose transform the grid holds."""
         h = self.hartley()

@@ -76,6 +76,15 @@ def abinitio(
                                                    "blocks, comma-separated [default: 64,128,256,512]."),
     pyramid: Optional[str] = typer.Option(None, "--pyramid", help="cryospin: Gaussian blurs (pixels) stacked with "
                                           "the image as encoder input, comma-separated, or none [default: 1,2,4]."),
+    grid_order: Optional[int] = typer.Option(None, "--grid-order", min=-1, help="cryospin: HEALPix order of the "
+                                             "fixed candidate poses scored with the heads during auto-encoding "
+                                             "(2: 4,608 poses, 15 deg); -1: the paper's heads alone [default: 2]."),
+    encode_resolution: Optional[float] = typer.Option(None, "--encode-resolution", help="cryospin: compare "
+                                                      "frequencies up to 1/this (A) during auto-encoding; 0: all "
+                                                      "[default: 12]."),
+    decode_march_epochs: Optional[int] = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
+                                                      "auto-decoding epochs over which the compared band widens "
+                                                      "to Nyquist [default: 6]."),
     final_map: Optional[str] = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
                                             "reconstruct (direct Fourier reconstruction at the final poses) "
                                             "[default: decoder]."),
@@ -94,6 +103,8 @@ def abinitio(
             "shifts": shifts or None, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,
+            "grid_order": grid_order, "encode_resolution": encode_resolution,
+            "decode_march_epochs": decode_march_epochs,
         }
         config = build_config(engine, method, options)
         run = run_to_directory(engine, method, config, particles, out, command=f"abinitio --method {method}",
@@ -152,9 +163,9 @@ def _help() -> str:
             "(map.mrc, particles.star with the input columns kept and poses/origins in RELION 3.1 form, "
             "metrics.csv, log.jsonl, checkpoint.pt; fsc.png with --ground-truth or --halves).\n\n"
             f"Methods (--method):\n\n{methods}\n\n"
-            "EXPERIMENTAL: cryospin runs end to end (checkpoints, --resume, --halves, RELION outputs) but does "
-            "not yet recover poses from a random start on simulated data (median rotation error about 100 "
-            "degrees at SNR 0.1); see the README.")
+            "cryospin adds to the paper a fixed grid of candidate poses during auto-encoding and frequency "
+            "marching (--grid-order, --encode-resolution, --decode-march-epochs; see the README), without "
+            "which it does not leave its random start on a few thousand particles.")
 
 
 def register(app: typer.Typer) -> None:

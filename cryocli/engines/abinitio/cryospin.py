@@ -32,7 +32,7 @@ particles a CPU run affords, the paper's stage 1 alone does not leave its random
   85-105 degrees after 40 epochs, even on noise-free images, while the same encoder against the true,
   frozen volume reached 10 degrees. With the grid the error falls to 8.6 degrees by the switch. The
   encoder's share of winners is logged each epoch (``grid_win_fraction``); ``grid_order=None`` is the
-  paper's method exactly.
+  paper's method exactly (with ``encode_resolution=0, decode_march_epochs=0``).
 - Frequency marching: auto-encoding compares frequencies up to ``1 / encode_resolution`` (12 A, the
   maximum resolution of cryoSPARC's ab-initio); at the switch, shells never compared are cleared (they
   still hold the random start) and auto-decoding widens the band to Nyquist over ``decode_march_epochs``
@@ -81,8 +81,8 @@ class CryoSpinConfig(EngineConfig):
     (pixels) stacked with the image as encoder input channels. mantissa_std: standard deviation of the
     random initial mantissa. final_map: "decoder" or "reconstruct". grid_order: HEALPix order of the fixed
     SO(3) grid of candidate poses that joins the heads' candidates during auto-encoding (cryocli's addition,
-    see the module docstring; 2 = 4,608 poses about 15 degrees apart; ``None`` = the paper's heads alone).
-    encode_resolution: during auto-encoding compare only frequencies up to 1 / this (Angstrom; ``None``: all,
+    see the module docstring; 2 = 4,608 poses about 15 degrees apart; -1: the paper's heads alone).
+    encode_resolution: during auto-encoding compare only frequencies up to 1 / this (Angstrom; 0: all,
     as the paper). decode_march_epochs: auto-decoding widens the compared band from there to Nyquist over this
     many epochs (0: Nyquist at once).
     """
@@ -105,8 +105,8 @@ class CryoSpinConfig(EngineConfig):
     pyramid_sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
     mantissa_std: float = 1.0
     final_map: str = "decoder"
-    grid_order: int | None = 2
-    encode_resolution: float | None = 12.0
+    grid_order: int = 2
+    encode_resolution: float = 12.0
     decode_march_epochs: int = 6
 
 
@@ -200,7 +200,7 @@ class CryoSpinEngine:
         pose_adam = ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev)
         shift_adam = ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev)
         head_of = torch.zeros(n_part, dtype=torch.long, device=dev)
-        grid = CandidateGrid(cfg.grid_order, dev) if cfg.grid_order is not None else None
+        grid = CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None
         start_epoch = 1
         saved = reporter.resume_state()
         if saved is not None:
@@ -227,7 +227,7 @@ class CryoSpinEngine:
                 if epoch == cfg.switch_epoch + 1 and not _switched(saved, cfg):
                     # Eq. 6: every particle starts from its best head's pose under the current volume.
                     self._assign_best_candidates(parts, model, volume, encoder, cfg, poses, shifts, head_of, grid)
-                    if cfg.encode_resolution is not None:
+                    if cfg.encode_resolution > 0:
                         # Shells never compared so far still hold the random start: clear them, so that the
                         # first pose updates follow the fitted low-resolution volume, not that noise.
                         volume.clear_beyond(model.r_max)
@@ -444,7 +444,7 @@ class CandidateGrid:
 
 def _encode_radius(cfg: CryoSpinConfig, n: int, pixel_size: float) -> float | None:
     """Fourier radius (pixels) compared during auto-encoding: ``n * pixel_size / encode_resolution``."""
-    if cfg.encode_resolution is None:
+    if cfg.encode_resolution <= 0:
         return None
     return n * pixel_size / cfg.encode_resolution
 
@@ -488,5 +488,11 @@ def _check(cfg: CryoSpinConfig) -> None:
         raise CryocliError(f"--switch-epoch {cfg.switch_epoch}: must be 0 or more")
     if cfg.final_map not in ("decoder", "reconstruct"):
         raise CryocliError(f"--final-map {cfg.final_map}: expected decoder or reconstruct")
+    if cfg.grid_order > 3:
+        raise CryocliError(f"--grid-order {cfg.grid_order}: at most 3 (294,912 candidate poses); -1 turns the grid off")
+    if cfg.encode_resolution < 0:
+        raise CryocliError(f"--encode-resolution {cfg.encode_resolution}: must be 0 (all frequencies) or positive")
+    if cfg.decode_march_epochs < 0:
+        raise CryocliError(f"--decode-march-epochs {cfg.decode_march_epochs}: must be 0 or more")
     if cfg.lr is None or cfg.lr <= 0:
         raise CryocliError("--lr must be positive")

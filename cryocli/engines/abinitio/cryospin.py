@@ -253,7 +253,8 @@ class CryoSpinEngine:
                               rotations=poses.detach().cpu(), origins_angstrom=(shifts * parts.pixel_size).detach().cpu(),
                               metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
                               info={"inverted": parts.inverted, "box": n, "pixel_size": parts.pixel_size,
-                                    "head_usage": usage.round(4).tolist()})
+                                    "head_usage": usage.round(4).tolist(),
+                                    "grid_share": round(float((head_of < 0).float().mean()), 4)})
 
     # ------------------------------------------------------------------------------------------- stages
     def _encoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,

@@ -9,8 +9,9 @@ present. The pixel size scales with the box so the field of view is fixed (115.2
 in its own subprocess, so the peak memory it reports (CPU: peak resident set; CUDA: peak allocated)
 is its own. Columns: resolution at FSC 0.5 of the map against the ground truth after alignment
 (rotation, shift, hand), mean and median rotation error after the best global rotation (hand flip
-allowed), mean seconds per epoch of each stage (auto-encoding / auto-decoding), total engine time
-and peak memory. The engine runs with the given settings; defaults are the paper's.
+allowed), mean seconds per epoch of each stage (auto-encoding / auto-decoding), total engine time,
+peak memory, and the share of particles whose starting pose at the switch came from the candidate grid
+rather than an encoder head. The engine runs with the given settings; defaults are the paper's.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
             "rot_err_median": poses["rot_err_median"], "s_per_epoch_encode": float(np.mean(enc)) if enc else float("nan"),
             "s_per_epoch_decode": float(np.mean(dec)) if dec else float("nan"), "total_s": total,
             "peak_memory_GB": peak * 2**20 / 1e9,
-            "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median")} for row in reporter.history]}
+            "grid_share": result.info.get("grid_share"),
+            "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median", "grid_win_fraction")}
+                        for row in reporter.history]}
 
 
 def main() -> None:
@@ -108,10 +111,13 @@ def main() -> None:
                        ("FSC0.5 A", "res_fsc05_A", ".2f"), ("Nyq A", "nyquist_A", ".2f"),
                        ("rot mean", "rot_err_mean", ".2f"), ("rot med", "rot_err_median", ".2f"),
                        ("s/ep enc", "s_per_epoch_encode", ".2f"), ("s/ep dec", "s_per_epoch_decode", ".2f"),
-                       ("total s", "total_s", ".1f"), ("peak GB", "peak_memory_GB", ".2f"), ("device", "device", "")])
+                       ("total s", "total_s", ".1f"), ("peak GB", "peak_memory_GB", ".2f"), ("grid share", "grid_share", ".3f"),
+                       ("device", "device", "")])
     for r in rows:
         trace = ", ".join(f"{h['epoch']}:{h['rot_err_median']:.1f}" for h in r["history"])
         print(f"median rotation error by epoch ({r['box']} px): {trace}")
+        wins = ", ".join(f"{h['epoch']}:{h['grid_win_fraction']:.3f}" for h in r["history"] if h.get("grid_win_fraction") is not None)
+        print(f"share of particles won by the candidate grid, auto-encoding epochs ({r['box']} px): {wins}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ particles a CPU run affords, the paper's stage 1 alone does not leave its random
   wrong solution: on 3,000 simulated 4AKE particles (box 48 / 24) the median rotation error stayed at
   85-105 degrees after 40 epochs, even on noise-free images, while the same encoder against the true,
   frozen volume reached 10 degrees. With the grid the error falls to 8.6 degrees by the switch. The
-  encoder's share of winners is logged each epoch (``grid_win_fraction``); ``grid_order=None`` is the
+  encoder's share of winners is logged each epoch (``grid_win_fraction``); ``grid_order=-1`` is the
   paper's method exactly (with ``encode_resolution=0, decode_march_epochs=0``).
 - Frequency marching: auto-encoding compares frequencies up to ``1 / encode_resolution`` (12 A, the
   maximum resolution of cryoSPARC's ab-initio); at the switch, shells never compared are cleared (they

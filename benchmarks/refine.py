@@ -1,24 +1,28 @@
 """Compare `refine --method relion` and `--method sparse-tv` on the same simulated data, or on set_3j9g.
 
-Simulated (default): 4AKE at box 48, 2.5 A/px, shifts sigma 2 px, several SNRs; both methods start from the
-40-A low-passed ground truth. Prints gold-standard resolution (FSC 0.143 of the half maps), resolution
-against the ground truth (FSC 0.5 after alignment), median pose error after global alignment, time per
-iteration and peak memory (CUDA peak when on a GPU, else the process's peak RSS).
+    .venv/bin/python benchmarks/refine.py [--particles 2000] [--snr 0.1,0.05,0.2] [--box 64] [--apix 2.5]
+                                          [--max-iter 14] [--device cpu|cuda]
+    .venv/bin/python benchmarks/refine.py --set-3j9g [--max-iter 14]
 
-    .venv/bin/python benchmarks/refine.py --particles 2000 --snr 0.1,0.05 --device cpu
-    .venv/bin/python benchmarks/refine.py --set-3j9g        # RELION's set_3j9g refine inputs, both methods
+Simulated (default): 4AKE at box 64, 2.5 A/px, shifts sigma 2 px, one dataset per SNR; the STAR file given
+to refine has no poses and no origins (as RELION's refine input), both methods start from the ground
+truth low-passed to 40 A. Columns: gold-standard resolution (FSC 0.143 of the unregularised half
+reconstructions at the final poses), the same for the written half maps (half1/2_unfil.mrc: the MAP
+maps for relion, the sparse + TV solutions for sparse-tv), resolution of the final map against the ground
+truth (FSC 0.5 after alignment), median rotation error after the best global rotation, median shift
+error, iterations, seconds per iteration, total seconds and peak memory (CPU: peak resident set of the
+case's own process; CUDA: peak allocated). Each case runs in its own subprocess.
 
-set_3j9g: the same particles (refine/refine_input.star) and reference (refine/ref_lp40.mrc) RELION's
-auto-refine used (particle diameter 280 A, offset range 5, step 2); pose errors against noisy/noisy.star,
-also modulo the pseudo-C6 about z (see ../shared/data/relion/set_3j9g/README.md).
+set_3j9g: the particles (refine/refine_input.star) and reference (refine/ref_lp40.mrc) RELION's
+auto-refine used (particle diameter 280 A, offset range 5 px, step 2 px); rotation errors against
+noisy/noisy.star without alignment (same frame: the reference is the true map low-passed), plainly and
+modulo the map's pseudo-C6 about z, as ../shared/data/relion/set_3j9g/README.md reports RELION's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,54 +30,93 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import peak_memory_mb, print_table, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SET = SHARED / "data" / "relion" / "set_3j9g"
+SET = REPO.parent / "shared" / "data" / "relion" / "set_3j9g"
+METHODS = ("relion", "sparse-tv")
+COLUMNS = [("SNR", "snr", ".2f"), ("method", "method", ""), ("gold A", "gold_A", ".2f"),
+           ("halfmaps A", "halfmaps_A", ".2f"), ("truth 0.5 A", "truth_A", ".2f"), ("rot err", "rot_err", ".2f"),
+           ("shift err A", "shift_err_A", ".2f"), ("iters", "iterations", "d"), ("s/iter", "s_per_iter", ".1f"),
+           ("total s", "seconds", ".0f"), ("peak MB", "peak_mb", ".0f")]
+COLUMNS_3J9G = [("method", "method", ""), ("gold A", "gold_A", ".2f"), ("halfmaps A", "halfmaps_A", ".2f"),
+                ("truth 0.5 A", "truth_A", ".2f"), ("rot err", "rot_err", ".2f"), ("mod C6", "rot_err_c6", ".2f"),
+                ("mod C6 >20", "c6_over20", "d"), ("shift err A", "shift_err_A", ".2f"), ("iters", "iterations", "d"),
+                ("total s", "seconds", ".0f"), ("peak MB", "peak_mb", ".0f")]
 
 
-def _cli(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "cryocli", "--json", *args], capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr or out.stdout)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _rotations(table) -> torch.Tensor:
+    from cryocli.geometry.rotations import euler_to_matrix
+
+    a = torch.as_tensor(table.euler_angles)
+    return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def strip_poses(star: Path, out: Path) -> None:
+    """Write ``star`` without rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst (what refine must find)."""
+    from cryocli.io.star import read_star, write_star
+
+    table = read_star(star)
+    drop = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                        "rlnOriginX", "rlnOriginY") if c in table.particles.columns]
+    table.particles = table.particles.drop(columns=drop)
+    write_star(table, out)
 
 
-def _pose_errors(est_star: Path, truth_star: Path, cn: int = 1) -> tuple[float, float]:
-    """Median rotation error after global alignment, and (cn > 1) the error modulo Cn about z (degrees)."""
-    from cryocli.analysis.align import align_pose_sets, pose_errors_after_alignment
-    from cryocli.geometry.rotations import euler_to_matrix, geodesic_distance
+def run_case(args: argparse.Namespace) -> dict:
+    """One refine run in this process; scores against the truth STAR and map; returns the table row."""
+    from cryocli.analysis.align import pose_errors_after_alignment
+    from cryocli.analysis.fsc import fsc_curve, threshold_crossing
+    from cryocli.engines.base import get_engine, run_engine
+    from cryocli.engines.reporter import GroundTruth, Reporter
+    from cryocli.engines.refine.scoring import rotation_errors_modulo_cn
+    from cryocli.io.dataset import ParticleStack
+    from cryocli.io.mrc import read_map
     from cryocli.io.star import read_star
 
-    est_t, tru_t = read_star(est_star), read_star(truth_star)
-    names = tru_t.particles["rlnImageName"].astype(str).tolist()
-    order = {n: i for i, n in enumerate(names)}
-    idx = np.array([order[n] for n in est_t.particles["rlnImageName"].astype(str)])
-    ea, ta = est_t.euler_angles, tru_t.euler_angles[idx]
-    est = euler_to_matrix(*[torch.as_tensor(ea[:, i]) for i in range(3)])
-    tru = euler_to_matrix(*[torch.as_tensor(ta[:, i]) for i in range(3)])
-    err = float(np.median(pose_errors_after_alignment(est, tru)))
-    if cn <= 1:
-        return err, err
-    from cryocli.analysis.align import FLIP
+    dev = torch.device(args.device)
+    engine = get_engine(args.method, "refine", device=dev)
+    cfg = engine.config_class(ref=args.ref, epochs=args.max_iter, particle_diameter=args.diameter,
+                              offset_range=args.offset_range, offset_step=args.offset_step, seed=0)
+    stack = ParticleStack(read_star(args.particles))
+    truth_map = read_map(args.truth_map)
+    truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, None, every=10**9)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    reporter = Reporter()
+    t0 = time.perf_counter()
+    result = run_engine(engine, stack, cfg, reporter)
+    seconds = time.perf_counter() - t0
+    n, apix = int(result.volume.shape[-1]), result.voxel_size
+    halves = fsc_curve(result.half_volumes[0], result.half_volumes[1])
+    truth_table = read_star(args.truth_star)
+    names = truth_table.particles["rlnImageName"].astype(str).to_numpy()
+    order = {name: i for i, name in enumerate(names)}
+    rows = np.array([order[s] for s in stack.table.particles["rlnImageName"].astype(str)])
+    true_rot = _rotations(truth_table)[rows].double()
+    est = result.rotations.double()
+    shift_err = np.linalg.norm(result.origins_angstrom.double().numpy() - truth_table.origins_angstrom[rows], axis=1)
+    row = {"method": args.method, "gold_A": float(result.info["resolution_A"]),
+           "halfmaps_A": threshold_crossing(halves, n, apix, 0.143).resolution,
+           "truth_A": truth.score_map(result.volume, apix)["res_fsc05"],
+           "rot_err": float(np.median(pose_errors_after_alignment(est, true_rot))),
+           "shift_err_A": float(np.median(shift_err)), "iterations": int(result.info["iterations"]),
+           "seconds": seconds, "s_per_iter": seconds / max(1, int(result.info["iterations"])),
+           "peak_mb": peak_memory_mb(dev)}
+    if args.cn > 1:
+        err, copy = rotation_errors_modulo_cn(est, true_rot, args.cn)
+        plain, _ = rotation_errors_modulo_cn(est, true_rot, 1)
+        row.update({"rot_err": float(np.median(plain)), "rot_err_c6": float(np.median(err)),
+                    "c6_over20": int((err > 20).sum()), "c6_copies": np.bincount(copy, minlength=args.cn).tolist()})
+    return row
 
-    al = align_pose_sets(est, tru)
-    a = (FLIP.to(est) @ est @ FLIP.to(est)) if al.flipped else est
-    aligned = a @ torch.as_tensor(al.rotation).T
-    best = None
-    for k in range(cn):
-        ang = torch.deg2rad(torch.tensor(360.0 * k / cn, dtype=torch.float64))
-        c, s = float(torch.cos(ang)), float(torch.sin(ang))
-        rz = torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-        d = torch.rad2deg(geodesic_distance(aligned, tru @ rz))
-        best = d if best is None else torch.minimum(best, d)
-    return err, float(best.median())
+
+def _case_argv(method: str, particles: Path, ref: Path, truth_map: Path, truth_star: Path, diameter: float,
+               args: argparse.Namespace, cn: int = 1) -> list[str]:
+    return [__file__, "--case", "--method", method, "--particles", str(particles), "--ref", str(ref),
+            "--truth-map", str(truth_map), "--truth-star", str(truth_star), "--diameter", str(diameter),
+            "--max-iter", str(args.max_iter), "--device", args.device, "--cn", str(cn),
+            "--offset-range", str(args.offset_range), "--offset-step", str(args.offset_step)]
 
 
 def simulated(args: argparse.Namespace) -> None:
@@ -84,55 +127,58 @@ def simulated(args: argparse.Namespace) -> None:
     for snr in [float(s) for s in args.snr.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             sim = Path(tmp) / "sim"
-            _cli("--quiet", "simulate", str(REPO / "cryocli" / "data" / "4ake_adk_open.pdb"), "-o", str(sim),
-                 "-n", str(args.particles), "--box", "48", "--apix", "2.5", "--snr", str(snr), "--shift-sigma", "2")
+            run_isolated(["-m", "cryocli", "--json", "--quiet", "simulate", str(REPO / "cryocli" / "data" /
+                          "4ake_adk_open.pdb"), "-o", str(sim), "-n", str(int(args.particles)), "--box", str(args.box),
+                          "--apix", str(args.apix), "--snr", str(snr), "--shift-sigma", "2"])
+            strip_poses(sim / "particles.star", sim / "refine_input.star")
             gt = read_map(sim / "ground_truth.mrc")
-            ref = Path(tmp) / "ref.mrc"
-            write_map(ref, lowpass_filter(gt.data, gt.voxel_size, 40).numpy().astype(np.float32), gt.voxel_size, "lp")
-            for method in ("relion", "sparse-tv"):
-                t0 = time.perf_counter()
-                s = _cli("--device", args.device, "refine", str(sim / "particles.star"), "--ref", str(ref),
-                         "--method", method, "-o", str(Path(tmp) / method), "--ground-truth",
-                         str(sim / "ground_truth.mrc"), "--max-iter", str(args.max_iter),
-                         "--particle-diameter", "80")
-                wall = time.perf_counter() - t0
-                rows.append((snr, method, s["gold_standard_resolution_A"], s["res_vs_truth_fsc05_A"],
-                             s.get("final_rot_err_median", float("nan")), s["iterations"],
-                             s["seconds"] / max(1, s["iterations"]), _peak_memory_mb(args.device), wall))
-    print(f"{'SNR':>5} {'method':>10} {'gold 0.143 A':>12} {'truth 0.5 A':>11} {'pose err deg':>12} "
-          f"{'iters':>5} {'s/iter':>7} {'peak MB':>8}")
-    for r in rows:
-        print(f"{r[0]:5.2f} {r[1]:>10} {r[2]:12.2f} {r[3]:11.2f} {r[4]:12.2f} {r[5]:5d} {r[6]:7.1f} {r[7]:8.0f}")
+            ref = Path(tmp) / "ref_lp40.mrc"
+            write_map(ref, lowpass_filter(gt.data, gt.voxel_size, 40).numpy().astype(np.float32), gt.voxel_size, "lp40")
+            for method in METHODS:
+                row = run_isolated(_case_argv(method, sim / "refine_input.star", ref, sim / "ground_truth.mrc",
+                                              sim / "particles.star", 80.0, args))
+                rows.append({"snr": snr, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    print_table(rows, COLUMNS)
 
 
 def set_3j9g(args: argparse.Namespace) -> None:
-    rows = []
-    for method in ("relion", "sparse-tv"):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / method
-            s = _cli("--device", args.device, "refine", str(SET / "refine" / "refine_input.star"), "--ref",
-                     str(SET / "refine" / "ref_lp40.mrc"), "--method", method, "-o", str(out),
-                     "--ground-truth", str(SET / "map.mrc"), "--particle-diameter", "280", "--offset-range", "5",
-                     "--offset-step", "2", "--max-iter", str(args.max_iter))
-            err, err6 = _pose_errors(out / "particles.star", SET / "noisy" / "noisy.star", cn=6)
-            rows.append((method, s["gold_standard_resolution_A"], s["res_vs_truth_fsc05_A"], err, err6,
-                         s["iterations"], s["seconds"]))
-    print(f"{'method':>10} {'gold 0.143 A':>12} {'truth 0.5 A':>11} {'pose err':>9} {'mod C6':>7} {'iters':>5} "
-          f"{'seconds':>8}")
-    print(f"{'RELION 5':>10} {11.7333:12.2f} {10.83:11.2f} {60.36:9.2f} {0.81:7.2f} {14:5d} {696.2:8.1f}")
-    for r in rows:
-        print(f"{r[0]:>10} {r[1]:12.2f} {r[2]:11.2f} {r[3]:9.2f} {r[4]:7.2f} {r[5]:5d} {r[6]:8.1f}")
+    rows = [{"method": "RELION 5", "gold_A": 11.7333, "halfmaps_A": 11.7333, "truth_A": 10.83, "rot_err": 60.36,
+             "rot_err_c6": 0.81, "c6_over20": 3, "shift_err_A": 0.71, "iterations": 14, "seconds": 696.2,
+             "peak_mb": float("nan")}]
+    for method in METHODS:
+        row = run_isolated(_case_argv(method, SET / "refine" / "refine_input.star", SET / "refine" / "ref_lp40.mrc",
+                                      SET / "map.mrc", SET / "noisy" / "noisy.star", 280.0, args, cn=6))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    print_table(rows, COLUMNS_3J9G)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--particles", type=int, default=2000)
-    p.add_argument("--snr", default="0.1,0.05")
-    p.add_argument("--max-iter", type=int, default=10)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--particles", default="2000", help="simulated: particle count; --case: the STAR file")
+    p.add_argument("--snr", default="0.1,0.05,0.2")
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--apix", type=float, default=2.5)
+    p.add_argument("--max-iter", type=int, default=14)
+    p.add_argument("--offset-range", type=float, default=5.0)
+    p.add_argument("--offset-step", type=float, default=2.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set-3j9g", action="store_true", help="run on RELION's set_3j9g refine inputs instead")
+    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--ref", help=argparse.SUPPRESS)
+    p.add_argument("--truth-map", help=argparse.SUPPRESS)
+    p.add_argument("--truth-star", help=argparse.SUPPRESS)
+    p.add_argument("--diameter", type=float, default=80.0, help=argparse.SUPPRESS)
+    p.add_argument("--cn", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
-    set_3j9g(args) if args.set_3j9g else simulated(args)
+    if args.case:
+        print(json.dumps(run_case(args)))
+    elif args.set_3j9g:
+        set_3j9g(args)
+    else:
+        simulated(args)
 
 
 if __name__ == "__main__":

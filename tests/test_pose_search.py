@@ -10,8 +10,10 @@ import torch
 
 from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2
-from cryocli.engines.common.pose_search import (PoseSearcher, SearchPixels, local_candidates, pose_log_likelihoods,
-                                                project_pixels, shift_grid, significant_samples)
+from cryocli.engines.common.pose_search import (PoseSearcher, SearchPixels, SliceCache, coarse_radius,
+                                                expected_accuracy, local_candidates, merge_samples,
+                                                pose_log_likelihoods, project_pixels, shift_grid,
+                                                significant_samples)
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.geometry.rotations import geodesic_distance, random_rotations
 from cryocli.geometry.so3grid import SO3Grid
@@ -120,7 +122,7 @@ def test_global_search_finds_the_poses(adk_map: torch.Tensor, noise_sd: float) -
     ids, valid = local_candidates(grid, 1, res.rotations, 2 * grid.cell_size(1))
     local = PoseSearcher(proj.volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1)
     centred = phase_shift(images, res.shifts, BOX)
-    res2 = local.search(centred, ctf, sigma2, ids, valid)
+    res2 = local.search(centred, ctf, sigma2, candidates=(ids, valid))
     err2 = torch.rad2deg(geodesic_distance(res2.rotations.double(), rot.double()))
     assert float(err2.median()) < math.degrees(grid.psi_step(2))
     assert float(err2.median()) < float(err.median())
@@ -150,3 +152,84 @@ def test_gaussian_kernel_backprojection_reconstructs_the_map(adk_map: torch.Tens
     rec = rec * kernel_gridding_correction(BOX)
     cc = float(torch.corrcoef(torch.stack([rec.reshape(-1), adk_map.reshape(-1)]))[0, 1])
     assert cc > 0.97, cc
+
+
+def test_slice_cache_projects_each_cell_once(adk_map: torch.Tensor) -> None:
+    proj = Projector(adk_map)
+    grid = SO3Grid(1, dtype=torch.float32)
+    pixels = SearchPixels.build(BOX, 12)
+    cache = SliceCache(proj.volume_ft, grid, 1, pixels, 2)
+    ids = torch.tensor([[5, 17, 5], [900, 17, 3]])
+    re, im, rot = cache.get(ids)
+    direct = project_pixels(proj.volume_ft, grid.rotations(1, ids), pixels, 2)
+    assert torch.allclose(torch.complex(re, im), direct, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(rot, grid.rotations(1, ids).float())
+    assert cache.projected == 4
+    cache.get(torch.tensor([17, 900, 6]))
+    assert cache.projected == 5  # only cell 6 was new
+    # A cache too small for a request projects it without keeping it, and still answers correctly.
+    tiny = SliceCache(proj.volume_ft, grid, 1, pixels, 2, max_bytes=1)
+    re2, im2, _ = tiny.get(ids)
+    assert torch.allclose(torch.complex(re2, im2), direct, rtol=1e-5, atol=1e-3)
+
+
+def test_coarse_radius_is_relions_coarse_image_size() -> None:
+    # 15 degrees at the edge of an 80 A particle: (15 / 360) pi 80 / 1.2 = 8.73 A -> ceil(160 / 8.73) = 19 px.
+    assert coarse_radius(64, 2.5, 15.0, 80.0, 32) == 19
+    assert coarse_radius(64, 2.5, 7.5, 80.0, 32) == 32  # capped at the fine pass's radius
+    assert coarse_radius(64, 2.5, 15.0, 80.0, 14) == 14
+
+
+def test_merge_samples_sums_the_weights_of_a_shared_rotation(adk_map: torch.Tensor) -> None:
+    proj, rot, shifts, ctf, images = _particles(adk_map, 8, 2.0, seed=3)
+    grid = SO3Grid(2, dtype=torch.float32)
+    sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
+    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
+    particle, rotation, weight, member = merge_samples(res)
+    ok = res.sample_weights > 0
+    assert int((member >= 0).sum()) == int(ok.sum())
+    # Summed weights per particle stay 1, and rows with the same particle have distinct rotations.
+    per_particle = torch.zeros(8, dtype=weight.dtype).index_add_(0, particle, weight)
+    assert torch.allclose(per_particle, torch.ones(8), atol=1e-5)
+    for b in range(8):
+        ids = res.sample_ids[b][ok[b]]
+        assert int((particle == b).sum()) == int(torch.unique(ids).numel())
+    assert torch.allclose(rotation[member[ok]], res.sample_rotations[ok])
+
+
+def test_posterior_mean_pose_is_a_rotation_near_the_best(adk_map: torch.Tensor) -> None:
+    proj, rot, shifts, ctf, images = _particles(adk_map, 32, 3.0, seed=4)
+    grid = SO3Grid(2, dtype=torch.float32)
+    sigma2 = torch.full(images.shape, 9.0 * BOX * BOX / 2)
+    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, BOX // 2, 5, 2).search(images, ctf, sigma2)
+    m = res.mean_rotations.double()
+    assert torch.allclose(m @ m.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(32, 3, 3), atol=1e-5)
+    assert torch.allclose(torch.det(m), torch.ones(32, dtype=torch.float64), atol=1e-5)
+    near = torch.rad2deg(geodesic_distance(m, res.rotations.double()))
+    assert float(near.max()) <= math.degrees(grid.cell_size(0)) + 1e-3
+    err_mean = torch.rad2deg(geodesic_distance(m, rot.double()))
+    err_best = torch.rad2deg(geodesic_distance(res.rotations.double(), rot.double()))
+    assert float(err_mean.median()) <= float(err_best.median()) + 0.5
+
+
+def test_expected_accuracy_grows_with_the_noise(adk_map: torch.Tensor) -> None:
+    proj, rot, _, ctf, _ = _particles(adk_map, 16, 1.0, seed=5)
+    pixels = SearchPixels.build(BOX, BOX // 2)
+    c = pixels.take(ctf)
+    gen = torch.Generator().manual_seed(0)
+    low = expected_accuracy(proj.volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / BOX**2), gen)
+    high = expected_accuracy(proj.volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / (100 * BOX**2)), gen)
+    assert 0 < low[0] < high[0] and 0 < low[1] < high[1]
+
+
+def test_noise_from_a_pixel_subset_matches_the_full_plane() -> None:
+    gen = torch.Generator().manual_seed(7)
+    ft = torch.fft.rfft2(torch.randn((50, 32, 32), generator=gen))
+    groups = torch.arange(50) % 2
+    full = NoiseAccumulator(32, 2)
+    full.add(ft.abs() ** 2, groups)
+    pixels = SearchPixels.build(32, 16)
+    part = NoiseAccumulator(32, 2)
+    shells = torch.floor(torch.sqrt(pixels.kx**2 + pixels.ky**2) + 0.5).long()
+    part.add_pixels(pixels.take(ft).abs() ** 2, shells, groups)
+    assert torch.allclose(part.sigma2()[:, 1:16], full.sigma2()[:, 1:16], rtol=0.15)

@@ -1,4 +1,6 @@
-"""The sparse-TV M-step's pieces (Luo eq. 22): normal equations, TV adjoint, proximal solver.
+"""The refine engines' pieces: RELION's auto-sampling rules, the sparse-TV M-step (Luo eq. 22: normal
+equations, TV adjoint, proximal solver, held-out beta choice), and pose scoring modulo a pseudo-symmetry
+(checked on RELION's own set_3j9g refine).
 
 The end-to-end refine runs are in test_refine_acceptance.py (marked `acceptance`)."""
 
@@ -10,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from cryocli.engines.refine.sparse_tv import (NormalEquations, SparseTVConfig, differences_adjoint,
+from cryocli.engines.refine.relion import Sampling, update_sampling
+from cryocli.engines.refine.scoring import rotation_errors_modulo_cn
+from cryocli.engines.refine.sparse_tv import (NormalEquations, SparseTVConfig, beta_candidates, differences_adjoint,
                                               forward_differences, objective, scaled_parameters, solve_sparse_tv)
-from cryocli.geometry.rotations import random_rotations
+from cryocli.geometry.rotations import euler_to_matrix, random_rotations
 from cryocli.imaging.projector import BackProjector, Projector
+from cryocli.io.star import read_star
+from tests.conftest import RELION_SET, need
 
 
 def _normal_problem() -> tuple[NormalEquations, torch.Tensor]:
@@ -33,35 +39,78 @@ def _normal_problem() -> tuple[NormalEquations, torch.Tensor]:
 def test_normal_equations_gradient_and_tv_adjoint() -> None:
     problem, vol = _normal_problem()
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(vol.shape, generator=g, dtype=torch.float64)
-    d = torch.randn(vol.shape, generator=g, dtype=torch.float64)
-
-    def f(v: torch.Tensor) -> float:
-        ax = problem._forward(v)
-        return 0.5 * float((problem.weights * ax.abs() ** 2).sum()) - float((v * problem.back).sum())
-
-    h = 1e-3
-    numeric = (f(x + h * d) - f(x - h * d)) / (2 * h)
-    assert float((problem.gradient(x) * d).sum()) == pytest.approx(numeric, rel=1e-5)
+    x = torch.randn(vol.shape, generator=g)
+    d = torch.randn(vol.shape, generator=g)
+    # The data term is quadratic: its change along d is <gradient, d> + <d, Hessian d> / 2 exactly.
+    change = problem.value(x + d) - problem.value(x)
+    predicted = float((problem.gradient(x) * d).double().sum() + 0.5 * (d * problem.hessian(d)).double().sum())
+    assert change == pytest.approx(predicted, rel=1e-4)
+    # The Hessian is symmetric positive semi-definite.
+    e = torch.randn(vol.shape, generator=g)
+    assert float((e * problem.hessian(d)).double().sum()) == pytest.approx(
+        float((d * problem.hessian(e)).double().sum()), rel=1e-4)
+    assert float((d * problem.hessian(d)).double().sum()) >= 0
     u = torch.randn((3, *vol.shape), generator=g, dtype=torch.float64)
-    assert float((forward_differences(x) * u).sum()) == pytest.approx(float((x * differences_adjoint(u)).sum()),
-                                                                       rel=1e-10)
+    xd = x.double()
+    assert float((forward_differences(xd) * u).sum()) == pytest.approx(float((xd * differences_adjoint(u)).sum()),
+                                                                        rel=1e-10)
     # The data term alone is minimised by the map that made the data (noise-free, well sampled).
-    params = scaled_parameters(problem, vol.double(), SparseTVConfig(alpha=0.0, beta=0.0, gamma=0.0))
+    params = scaled_parameters(problem, vol, SparseTVConfig(alpha=0.0, beta=0.0, gamma=0.0))
     solved = solve_sparse_tv(problem, torch.zeros_like(x), params, 150)
-    cc = float(torch.corrcoef(torch.stack([solved.reshape(-1), vol.double().reshape(-1)]))[0, 1])
+    cc = float(torch.corrcoef(torch.stack([solved.reshape(-1), vol.reshape(-1)]))[0, 1])
     assert cc > 0.95, cc
 
 
 def test_sparse_tv_step_lowers_the_objective_and_sparsifies() -> None:
     problem, vol = _normal_problem()
-    noisy = vol.double() + 0.3 * torch.randn(vol.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    params = scaled_parameters(problem, vol.double(), SparseTVConfig())
+    noisy = vol + 0.3 * torch.randn(vol.shape, generator=torch.Generator().manual_seed(6))
+    params = scaled_parameters(problem, vol, SparseTVConfig())
     x = solve_sparse_tv(problem, noisy, params, 60)
     assert objective(problem, x, noisy, params, x) < objective(problem, noisy, noisy, params, x)
     background = vol == 0
     assert float((x[background] == 0).double().mean()) > float((noisy[background] == 0).double().mean()) + 0.3
-    cc_before = float(torch.corrcoef(torch.stack([noisy.reshape(-1), vol.double().reshape(-1)]))[0, 1])
-    cc_after = float(torch.corrcoef(torch.stack([x.reshape(-1), vol.double().reshape(-1)]))[0, 1])
+    cc_before = float(torch.corrcoef(torch.stack([noisy.reshape(-1), vol.reshape(-1)]))[0, 1])
+    cc_after = float(torch.corrcoef(torch.stack([x.reshape(-1), vol.reshape(-1)]))[0, 1])
     assert cc_after > cc_before, (cc_before, cc_after)
     assert math.isfinite(params.mu) and params.step > 0
+
+
+def test_sampling_refines_only_after_no_gain_and_no_large_changes() -> None:
+    s = Sampling(level=0, local=False, offset_range=5.0, offset_step=2.0)
+    # Resolution improves: keep the sampling.
+    assert not update_sampling(s, 10.0, 30.0, 1.0, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
+    # No gain, but the poses still move a lot (more than 40% of the fine step and not within 3% of the
+    # smallest change so far): keep the sampling.
+    assert not update_sampling(s, 10.5, 20.0, 0.9, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
+    # No gain and changes below 40% of the fine step: one HEALPix order finer, local, finer translations.
+    assert not update_sampling(s, 10.4, 2.0, 0.3, 6.0, 0.5, 7.5, 5, 1)
+    assert s.level == 1 and s.local and s.offset_step < 2.0 and s.offset_range >= 1.5 * s.offset_step
+    assert s.iters_without_gain == 0 and s.iters_without_change == 0
+    # The fine step (3.75) is below 75% of the accuracy (6 deg): after one more quiet iteration, converged.
+    assert not update_sampling(s, 9.0, 1.0, 0.1, 6.0, 0.5, 3.75, 5, 1)
+    assert update_sampling(s, 9.2, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1)
+    assert s.level == 1
+
+
+def test_beta_candidates_bracket_the_kept_scale() -> None:
+    assert beta_candidates(1.5) == pytest.approx([0.75, 1.5, 3.0])
+    assert min(beta_candidates(0.06)) >= 0.05
+
+
+def test_modulo_c6_errors_reproduce_relions_set_3j9g_readme() -> None:
+    """README of set_3j9g: RELION's poses are 60.36 deg off the truth (median), 0.81 deg modulo the map's
+    pseudo-C6 about z, with 134, 95, 86, 88, 97, 100 particles on the six copies and 3 beyond 20 deg."""
+    def rotations(path):
+        table = read_star(need(path))
+        a = torch.as_tensor(table.euler_angles)
+        return table.particles["rlnImageName"].tolist(), euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+
+    names_est, est = rotations(RELION_SET / "refine" / "run_data.star")
+    names_true, true = rotations(RELION_SET / "noisy" / "noisy.star")
+    order = [names_true.index(name) for name in names_est]
+    plain, _ = rotation_errors_modulo_cn(est, true[order], 1)
+    err, copy = rotation_errors_modulo_cn(est, true[order], 6)
+    assert np.median(plain) == pytest.approx(60.36, abs=0.01)
+    assert np.median(err) == pytest.approx(0.81, abs=0.005)
+    assert np.bincount(copy, minlength=6).tolist() == [134, 95, 86, 88, 97, 100]
+    assert int((err > 20).sum()) == 3

@@ -1,8 +1,13 @@
 """Acceptance tests of issue 5 for `cryocli refine` (end to end on simulated 4AKE and C2 HIV protease).
 
-Not part of the default suite (`-m "not acceptance"` in pyproject): as of this commit they take more than
-15 minutes on 2 cores and the relion method stops at about 8.6 A / 6 deg median pose error on 600
-particles (targets 7.5 A / 3 deg). Run them with `bash scripts/test.sh -m acceptance tests/test_refine_acceptance.py`.
+Not part of the default suite (marker `acceptance`): each run refines a few thousand particles for about
+ten EM iterations on the CPU. Run them with `.venv/bin/pytest -m acceptance tests/test_refine_acceptance.py -s`.
+
+The datasets follow the issue: box 64 px at 2.5 A/px (Nyquist 5 A), SNR 0.1, shifts (sigma 2 px) on. The
+STAR file refine reads has no poses and no origins (as RELION's refine input); the truth stays in the
+simulation's own STAR file for scoring. Both methods start from the ground truth low-passed to 40 A.
+Targets: gold-standard resolution within 1.5 x Nyquist (7.5 A) and median rotation error under 3 degrees
+(after the best global rotation; for the C2 dimer, modulo the symmetry).
 """
 
 from __future__ import annotations
@@ -10,82 +15,135 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gemmi
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cryocli.analysis.align import pose_errors_after_alignment
 from cryocli.cli.app import app
+from cryocli.engines.refine.scoring import rotation_errors_modulo_cn
+from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.filters import lowpass_filter
-from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map, write_map
-from cryocli.io.star import read_star
+from cryocli.io.star import read_star, write_star
 from tests.conftest import MODELS, need
 
 runner = CliRunner()
-BOX, APIX = 48, 2.5
+BOX, APIX = 64, 2.5
 NYQUIST = 2 * APIX
+TARGET_RESOLUTION = 1.5 * NYQUIST
+TARGET_POSE_ERROR = 3.0
+
+pytestmark = pytest.mark.acceptance
+
+
+def _rotations(star: Path) -> torch.Tensor:
+    a = torch.as_tensor(read_star(star).euler_angles)
+    return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).double()
 
 
 def _simulate(tmp: Path, model: Path, n: int) -> tuple[Path, Path]:
+    """Simulate ``n`` particles; write ``refine_input.star`` (no poses, no origins) and the 40 A reference."""
     out = tmp / "sim"
     r = runner.invoke(app, ["--quiet", "simulate", str(model), "-o", str(out), "-n", str(n), "--box", str(BOX),
                             "--apix", str(APIX), "--snr", "0.1", "--shift-sigma", "2"])
     assert r.exit_code == 0, r.output
+    table = read_star(out / "particles.star")
+    table.particles = table.particles.drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
+                                                    "rlnOriginXAngst", "rlnOriginYAngst"])
+    write_star(table, out / "refine_input.star")
     gt = read_map(out / "ground_truth.mrc")
     ref = tmp / "ref_lp40.mrc"
     write_map(ref, lowpass_filter(gt.data, gt.voxel_size, 40.0).numpy().astype(np.float32), gt.voxel_size, "lp40")
     return out, ref
 
 
-pytestmark = pytest.mark.acceptance
+def _c2_along_z(model: Path, out: Path) -> Path:
+    """The HIV protease dimer turned so that its two-fold axis is z (RELION's C2 axis) through the origin:
+    the axis and centre come from superposing chain A's C-alpha atoms onto chain B's."""
+    st = gemmi.read_structure(str(model))
+    st.remove_waters()
+    chains = {ch.name: {r.seqid.num: np.array(r["CA"][0].pos.tolist()) for r in ch if r.find_atom("CA", "*")}
+              for ch in st[0] if ch.name in ("A", "B")}
+    common = sorted(set(chains["A"]) & set(chains["B"]))
+    p = np.array([chains["A"][i] for i in common])
+    q = np.array([chains["B"][i] for i in common])
+    centre = 0.5 * (p.mean(0) + q.mean(0))
+    u, _, vt = np.linalg.svd((p - p.mean(0)).T @ (q - q.mean(0)))
+    rot = vt.T @ np.diag([1, 1, np.sign(np.linalg.det(vt.T @ u.T))]) @ u.T
+    w, v = np.linalg.eig(rot)
+    axis = np.real(v[:, np.argmin(np.abs(w - 1))])
+    axis /= np.linalg.norm(axis)
+    # Rodrigues turn taking the axis onto z.
+    z = np.array([0.0, 0.0, 1.0])
+    k = np.cross(axis, z)
+    s, c = np.linalg.norm(k), float(axis @ z)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    turn = np.eye(3) + kx + kx @ kx * ((1 - c) / s**2) if s > 1e-9 else np.eye(3)
+    for chain in st[0]:
+        for residue in chain:
+            for atom in residue:
+                atom.pos = gemmi.Position(*(turn @ (np.array(atom.pos.tolist()) - centre)))
+    path = out / "1hvr_c2z.pdb"
+    st.write_pdb(str(path))
+    return path
 
 
-@pytest.fixture(scope="module")
-def adk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _simulate(tmp_path_factory.mktemp("adk"), need(MODELS / "4ake_adk_open.pdb"), 1000)
-
-
-def _refine(sim: Path, ref: Path, out: Path, method: str, *extra: str) -> dict:
-    r = runner.invoke(app, ["--json", "refine", str(sim / "particles.star"), "--ref", str(ref), "--method", method,
-                            "-o", str(out), "--ground-truth", str(sim / "ground_truth.mrc"), *extra])
+def _refine(particles: Path, ref: Path, truth_map: Path, out: Path, method: str, *extra: str) -> dict:
+    r = runner.invoke(app, ["--json", "refine", str(particles), "--ref", str(ref), "--method", method, "-o", str(out),
+                            "--ground-truth", str(truth_map), "--particle-diameter", "80", "--max-iter", "14", *extra])
     assert r.exit_code == 0, r.output
     return json.loads(r.output.strip().splitlines()[-1])
 
 
-def _pose_error(sim: Path, out: Path) -> float:
-    truth = ParticleStack(read_star(sim / "particles.star")).rotations.double()
-    est = ParticleStack(read_star(out / "particles.star")).rotations.double()
-    return float(np.median(pose_errors_after_alignment(est, truth)))
+@pytest.fixture(scope="module")
+def adk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _simulate(tmp_path_factory.mktemp("adk"), need(MODELS / "4ake_adk_open.pdb"), 2000)
 
 
 @pytest.mark.parametrize("method", ["relion", "sparse-tv"])
 def test_refine_adk_from_40A_reference(adk: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     sim, ref = adk
     out = tmp_path / method
-    summary = _refine(sim, ref, out, method, "--max-iter", "8", "--particle-diameter", "80")
+    summary = _refine(sim / "refine_input.star", ref, sim / "ground_truth.mrc", out, method)
     res = summary["gold_standard_resolution_A"]
-    err = _pose_error(sim, out)
-    print(method, "gold-standard", res, "vs truth 0.5", summary["res_vs_truth_fsc05_A"], "pose error", err,
-          "iterations", summary["iterations"])
-    assert res <= 1.5 * NYQUIST, res
-    assert err < 3.0, err
+    err = pose_errors_after_alignment(_rotations(out / "particles.star"), _rotations(sim / "particles.star"))
+    truth_table, out_table = read_star(sim / "particles.star"), read_star(out / "particles.star")
+    shift_err = np.linalg.norm(out_table.origins_angstrom - truth_table.origins_angstrom, axis=1)
+    print(f"\n{method}: gold-standard {res:.2f} A (half maps {summary['halfmaps_resolution_A']:.2f} A), "
+          f"FSC 0.5 vs truth {summary['res_vs_truth_fsc05_A']:.2f} A, median rotation error {np.median(err):.2f} deg, "
+          f"median shift error {np.median(shift_err):.2f} A, {summary['iterations']} iterations, "
+          f"{summary['seconds']:.0f} s")
+    assert res <= TARGET_RESOLUTION, res
+    assert np.median(err) < TARGET_POSE_ERROR, np.median(err)
+    assert np.median(shift_err) < APIX, np.median(shift_err)
     for name in ("half1_unfil.mrc", "half2_unfil.mrc", "map.mrc", "model.star", "fsc.png", "checkpoint.pt"):
         assert (out / name).is_file(), name
-    table = read_star(out / "particles.star")
     for col in ("rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution",
                 "rlnRandomSubset", "rlnDefocusU"):
-        assert col in table.particles.columns, col
-    assert (table.particles["rlnNrOfSignificantSamples"].astype(int) >= 1).all()
+        assert col in out_table.particles.columns, col
+    assert (out_table.particles["rlnNrOfSignificantSamples"].astype(int) >= 1).all()
     pp = runner.invoke(app, ["--json", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
                              "-o", str(tmp_path / "pp")])
     assert pp.exit_code == 0, pp.output
 
 
 def test_refine_c2_protease(tmp_path: Path) -> None:
-    sim, ref = _simulate(tmp_path, need(MODELS / "1hvr.pdb"), 600)
+    model = _c2_along_z(need(MODELS / "1hvr.pdb"), tmp_path)
+    sim, ref = _simulate(tmp_path, model, 1000)
     out = tmp_path / "c2"
-    summary = _refine(sim, ref, out, "relion", "--sym", "C2", "--max-iter", "6", "--particle-diameter", "80")
-    print("1hvr C2 gold-standard", summary["gold_standard_resolution_A"], "vs truth", summary["res_vs_truth_fsc05_A"])
-    assert summary["gold_standard_resolution_A"] <= 1.5 * NYQUIST
-    assert summary["res_vs_truth_fsc05_A"] <= 2.5 * NYQUIST
+    summary = _refine(sim / "refine_input.star", ref, sim / "ground_truth.mrc", out, "relion", "--sym", "C2")
+    est, true = _rotations(out / "particles.star"), _rotations(sim / "particles.star")
+    # A C2 map projects alike at A and A Rz(180): score each pose against the nearer copy of the truth.
+    _, copy = rotation_errors_modulo_cn(est, true, 2)
+    turn = euler_to_matrix(torch.as_tensor(180.0 * copy), torch.zeros(len(copy)), torch.zeros(len(copy))).double()
+    err = pose_errors_after_alignment(est, true @ turn)
+    res = summary["gold_standard_resolution_A"]
+    print(f"\n1hvr C2: gold-standard {res:.2f} A, FSC 0.5 vs truth {summary['res_vs_truth_fsc05_A']:.2f} A, "
+          f"median rotation error modulo C2 {np.median(err):.2f} deg, {summary['iterations']} iterations, "
+          f"{summary['seconds']:.0f} s")
+    assert res <= TARGET_RESOLUTION, res
+    assert summary["res_vs_truth_fsc05_A"] <= 2 * NYQUIST
+    assert np.median(err) < TARGET_POSE_ERROR, np.median(err)

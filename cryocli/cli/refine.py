@@ -38,11 +38,12 @@ def refine(
                                         "[default: 99th percentile of the current map]."),
     eps_prime: Optional[float] = typer.Option(None, "--eps-prime", help="sparse-tv: TV weight floor [eps/3]."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="sparse-tv: L1 weight [0.45 x rms|A^H D y| x eps]."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="sparse-tv: TV weight [1.7 x rms|A^H D y| x eps']."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="sparse-tv: TV weight [chosen each iteration among "
+                                         "multiples of rms|A^H D y| x eps' by the other half's held-out data]."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="sparse-tv: implicit-gradient weight "
                                           "[0.05 x mean N(n)]."),
     tv_iters: Optional[int] = typer.Option(None, "--tv-iters", min=1, help="sparse-tv: proximal-gradient "
-                                           "iterations per M-step [100]."),
+                                           "iterations per M-step [30]."),
     tv_lr: Optional[float] = typer.Option(None, "--tv-lr", help="sparse-tv: step as a fraction of 1/Lipschitz [1]."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="Known map: score the final map by "
                                                 "FSC after alignment (and poses against the STAR file's)."),
@@ -140,7 +141,9 @@ def _summary(method: str, out: Path, result: Any, scores: dict | None, truth: An
     s: dict[str, Any] = {"command": "refine", "method": method, "out": str(out),
                          "particles": int(result.rotations.shape[0]), "box": n, "pixel_size": result.voxel_size,
                          "iterations": result.info.get("iterations"), "converged": result.info.get("converged"),
-                         "gold_standard_resolution_A": result.info.get("resolution_A"), "seconds": round(elapsed, 2)}
+                         "gold_standard_resolution_A": result.info.get("resolution_A"),
+                         "halfmaps_resolution_A": result.info.get("halfmaps_resolution_A"),
+                         "seconds": round(elapsed, 2)}
     if scores is not None:
         s["res_vs_truth_fsc05_A"] = scores["res_fsc05"]
         s["res_vs_truth_fsc0143_A"] = scores["res_fsc0143"]

@@ -13,7 +13,6 @@ In real space the kernel multiplies the map by the kernel's Fourier transform,
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -25,7 +24,6 @@ from cryocli.imaging.projector import (default_r_max, fourier_grid_size, half_pl
 
 #: The paper's bandwidth (padded Fourier voxels^2 in ``exp(-d^2 / h)``).
 DEFAULT_BANDWIDTH = 2.0
-_OFFSETS = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.float32)  # (27, 3) as (x, y, z)
 
 
 class GaussianKernelBackProjector:
@@ -53,30 +51,43 @@ class GaussianKernelBackProjector:
     def insert(self, slices: Tensor, weights: Tensor | None, rotations: Tensor, skip_redundant: bool = True) -> None:
         """Insert slices ``(B, n, n // 2 + 1)`` (complex) with weights (same shape, None: 1) at ``A (B, 3, 3)``;
         pixels with weight <= 0 are skipped, data included."""
-        dev, g = self.device, self.grid_size
-        pix, kx, ky = half_plane_pixels(self.n, self.r_max, skip_redundant, device=dev, dtype=self.dtype)
+        pix, kx, ky = half_plane_pixels(self.n, self.r_max, skip_redundant, device=self.device, dtype=self.dtype)
         b = slices.shape[0]
-        picked = slices.to(dev).reshape(b, -1)[:, pix]
-        w = (torch.ones((b, pix.shape[0]), dtype=self.dtype, device=dev) if weights is None
-             else weights.to(device=dev, dtype=self.dtype).reshape(b, -1)[:, pix])
+        picked = slices.to(self.device).reshape(b, -1)[:, pix]
+        w = None if weights is None else weights.to(self.device).reshape(b, -1)[:, pix]
+        self.insert_pixels(picked, w, rotations, kx, ky)
+
+    def insert_pixels(self, values: Tensor, weights: Tensor | None, rotations: Tensor, kx: Tensor,
+                      ky: Tensor) -> None:
+        """Insert the pixels ``(kx, ky)`` ``(M,)`` (Fourier pixels) of ``B`` slices: values ``(B, M)`` complex,
+        weights ``(B, M)`` (None: 1), rotations ``(B, 3, 3)``; pixels with weight <= 0 are skipped."""
+        dev, g = self.device, self.grid_size
+        kx, ky = kx.to(device=dev, dtype=self.dtype), ky.to(device=dev, dtype=self.dtype)
+        b, m = values.shape
+        w = (torch.ones((b, m), dtype=self.dtype, device=dev) if weights is None
+             else weights.to(device=dev, dtype=self.dtype))
         valid = (w > 0).to(self.dtype)
-        values = torch.stack([picked.real.to(self.dtype) * valid, picked.imag.to(self.dtype) * valid, w * valid])
-        offsets = _OFFSETS.to(device=dev, dtype=self.dtype)
-        step = max(1, self.chunk_points // max(1, 27 * pix.shape[0]))
+        values = values.to(dev)
+        packed = torch.stack([values.real.to(self.dtype) * valid, values.imag.to(self.dtype) * valid, w * valid])
+        # Flat offsets of the 27 neighbours, in the (z, y, x) order of the outer product below.
+        d = torch.arange(-1, 2, device=dev)
+        offsets = ((d[:, None, None] * g + d[None, :, None]) * g + d[None, None, :]).reshape(-1)
+        step = max(1, self.chunk_points // max(1, 27 * m))
         for s in range(0, b, step):
             coords = slice_coordinates(rotations[s:s + step].to(device=dev, dtype=self.dtype), kx, ky, self.scale)
-            coords = coords.reshape(-1, 3)
-            vals = values[:, s:s + step].reshape(3, -1)
-            nodes = torch.round(coords)[:, None, :] + offsets[None]  # (N, 27, 3)
-            d2 = ((coords[:, None, :] - nodes) ** 2).sum(-1)
-            kern = torch.exp(-d2 / self.bandwidth)
-            idx = (nodes + g // 2).long()
-            inside = ((idx >= 0) & (idx < g)).all(-1)
-            flat = (idx[..., 2] * g + idx[..., 1]) * g + idx[..., 0]
-            kern = kern * inside
-            flat = torch.where(inside, flat, torch.zeros_like(flat)).reshape(-1)
-            contrib = (vals[:, :, None] * kern[None]).reshape(3, -1)
-            self._acc.index_add_(1, flat, contrib)
+            coords = coords.reshape(-1, 3)  # (N, 3) as (x, y, z) voxels from the centre
+            base = torch.round(coords)
+            frac = coords - base
+            # The kernel is separable: per axis exp(-(frac - delta)^2 / h) for delta = -1, 0, 1.
+            axis_w = torch.exp(-((frac[:, :, None] - d.to(self.dtype)) ** 2) / self.bandwidth)  # (N, 3, 3)
+            kern = (axis_w[:, 2, :, None, None] * axis_w[:, 1, None, :, None] * axis_w[:, 0, None, None, :])
+            # Points whose 3 x 3 x 3 neighbourhood leaves the grid (beyond the backprojector's r_max) are dropped.
+            inside = base.abs().amax(-1) <= g // 2 - 1
+            idx = (torch.where(inside[:, None], base, torch.zeros_like(base)) + g // 2).long()
+            flat = ((idx[:, 2] * g + idx[:, 1]) * g + idx[:, 0])[:, None] + offsets[None]
+            vals = packed[:, s:s + step].reshape(3, -1) * inside
+            contrib = (vals[:, :, None] * kern.reshape(1, -1, 27)).reshape(3, -1)
+            self._acc.index_add_(1, flat.reshape(-1), contrib)
 
     @property
     def data(self) -> Tensor:

@@ -65,6 +65,23 @@ class NoiseAccumulator:
         self.sums += sums.to(self.sums.device)
         self.counts += counts.to(self.counts.device)
 
+    def add_pixels(self, residual_power: Tensor, shells: Tensor, groups: Tensor) -> None:
+        """Add ``|d|^2`` ``(B, M)`` of a pixel subset whose shells (Fourier pixels, ``round(|k|)``) are
+        ``shells`` ``(M,)`` long, for images in optics ``groups`` ``(B,)``; shells the subset does not reach
+        get no count (and keep their previous value in :meth:`sigma2`)."""
+        nshell = self.n // 2 + 1
+        dev = self.sums.device
+        shells = shells.to(dev).clamp(max=nshell - 1)
+        g = groups.to(dev)
+        per_image = torch.zeros((residual_power.shape[0], nshell), dtype=torch.float64, device=dev)
+        per_image.index_add_(1, shells, residual_power.to(device=dev, dtype=torch.float64))
+        self.sums.index_add_(0, g, per_image)
+        ones = torch.zeros(nshell, dtype=torch.float64, device=dev).index_add_(
+            0, shells, torch.ones(shells.shape, dtype=torch.float64, device=dev))
+        images = torch.zeros(self.n_groups, dtype=torch.float64, device=dev).index_add_(
+            0, g, torch.ones(g.shape, dtype=torch.float64, device=dev))
+        self.counts += images[:, None] * ones[None, :]
+
     def sigma2(self, previous: Tensor | None = None) -> Tensor:
         """``sigma^2`` ``(G, n // 2 + 1)`` = mean ``|d|^2 / 2``; shells without data keep ``previous`` (or the
         nearest lower shell's value)."""

@@ -6,7 +6,7 @@ candidate poses, the log-likelihood of every (rotation, shift) pair is
 
     log p(X | r, t) = - sum_k |X_k e_t(k) - CTF_k P_r(k)|^2 / (2 sigma^2_k)
 
-over the independent pixels of the half plane with ``0 < |k| <= r_max`` (Fourier pixels; the Friedel
+over the independent pixels of the half plane with ``0 < |k| <= r`` (Fourier pixels; the Friedel
 duplicates ``kx = 0, ky < 0`` and the zero frequency are left out), ``e_t`` the phase ramp that moves the
 image by ``+t`` pixels (RELION's sign: the refined origin is the current origin plus ``t``) and ``P_r``
 the central slice at RELION rotation ``A_r``. Expanding the square,
@@ -17,13 +17,24 @@ or poses. ``profile_scale`` replaces the likelihood by its maximum over a per-(p
 scale ``a >= 0`` (``-1/2 |X|^2 + 1/2 max(0, cross)^2 / norm``): the first iteration uses it because the
 reference's grey scale is arbitrary (RELION's first-iteration scale correction plays that role).
 
-Search strategy (RELION auto-refine): a coarse pass at SO3Grid ``level`` over either the whole grid
-(global search) or, per particle, the cells near the previous best pose (local search), times a grid of
-shifts (``offset_step`` pixels within ``offset_range``). The coarse posterior keeps its smallest set of
-samples holding ``fraction`` (0.999) of the mass, at most ``max_significant`` ("significant samples");
-each of them is oversampled once, as RELION's adaptive oversampling: its 8 children at ``level + 1`` times
-4 sub-shifts at ``+-step / 4``, and the fine posterior over those decides the best pose and the weights
-the M-step backprojects. Rotations are RELION ``A`` matrices; shifts in pixels ``[x, y]``.
+Search (RELION auto-refine with adaptive oversampling 1): a coarse pass at SO3Grid ``level`` over either
+the whole grid (global search) or, per particle, the cells within ``local_radius`` of the previous pose
+(local search, weighted by RELION's Gaussian prior on the angular distance, ``sigma`` = one coarse step =
+two fine steps), times a grid of shifts (``offset_step`` pixels within ``offset_range``). The coarse pass
+compares only pixels up to ``r_coarse``: RELION's coarse image size, the frequency at which a rotation
+by one coarse step moves the particle's edge by 1.2 x the resolution, so that a pose one coarse step away
+from the truth still scores well. The coarse posterior keeps its smallest set of samples holding
+``fraction`` (0.999) of the mass, at most ``max_significant`` ("significant samples"); each is
+oversampled once: its 8 children at ``level + 1`` times 4 sub-shifts at ``+-step / 4``, compared up to
+``r_fine``, and the fine posterior decides the poses and the weights the M-step backprojects.
+
+Each result carries the most probable fine sample (RELION's choice for ``rlnAngle*``) and the posterior
+mean around it (the weighted chordal mean of the fine samples within one coarse step of the best one,
+projected onto SO(3), and their weighted mean shift): with noisy images the likelihood is flat over a few
+degrees and its highest grid point scatters over that width, while the local mean averages it out
+(measured on simulated 4AKE at SNR 0.1: 2.3 -> 1.9 degrees median error against the true map).
+Projections of grid cells are cached per reference (:class:`SliceCache`), since neighbouring particles
+ask for the same cells. Rotations are RELION ``A`` matrices; shifts in pixels ``[x, y]``.
 """
 
 from __future__ import annotations
@@ -34,8 +45,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cryocli.geometry.rotations import geodesic_distance, rotation_about_axis
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.imaging.projector import DEFAULT_CHUNK_POINTS, half_plane_pixels, padded_box, sample_slices
+
+#: Bytes of projections a :class:`SliceCache` keeps before it starts again.
+CACHE_BYTES = 256 * 2**20
+#: Bytes of the largest temporary tensor of the oversampling pass (bounds its particle chunks).
+FINE_PASS_BYTES = 256 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -64,9 +81,19 @@ class SearchPixels:
     def ramp(self, shifts_px: Tensor) -> Tensor:
         """Phase ramps ``exp(-2 pi i (kx sx + ky sy) / n)`` that move an image by ``+shifts_px`` (``(..., 2)``
         pixels ``[x, y]``) -> ``(..., M)`` complex64."""
+        cos, sin = self.ramp_parts(shifts_px)
+        return torch.complex(cos, sin)
+
+    def ramp_parts(self, shifts_px: Tensor) -> tuple[Tensor, Tensor]:
+        """Real and imaginary parts ``(..., M)`` float32 of :meth:`ramp`."""
         s = shifts_px.to(torch.float32)
         phase = (-2.0 * math.pi / self.n) * (s[..., 0:1] * self.kx + s[..., 1:2] * self.ky)
-        return torch.polar(torch.ones_like(phase), phase)
+        return torch.cos(phase), torch.sin(phase)
+
+    def subset(self, r_max: int) -> "SearchPixels":
+        """The pixels with ``|k| <= r_max`` (a prefix-free selection, same order)."""
+        keep = self.kx**2 + self.ky**2 <= r_max * r_max
+        return SearchPixels(self.index[keep], self.kx[keep], self.ky[keep], self.n)
 
 
 def shift_grid(offset_range: float, offset_step: float, device: torch.device | str | None = None) -> Tensor:
@@ -89,6 +116,14 @@ def sub_shifts(offset_step: float, device: torch.device | str | None = None) -> 
     return torch.tensor([[-q, -q], [q, -q], [-q, q], [q, q]], dtype=torch.float32, device=device)
 
 
+def coarse_radius(n: int, pixel_size: float, coarse_step_deg: float, diameter: float, r_max: int) -> int:
+    """RELION's coarse image size as a Fourier radius (pixels): the resolution at which turning by
+    ``coarse_step_deg`` moves the edge of a particle of ``diameter`` Angstrom by 1.2 x that resolution,
+    ``res = (step / 360) pi diameter / 1.2``; never above ``r_max``."""
+    res = (coarse_step_deg / 360.0) * math.pi * diameter / 1.2
+    return int(min(r_max, max(1, math.ceil(n * pixel_size / res))))
+
+
 def project_pixels(volume_ft: Tensor, rotations: Tensor, pixels: SearchPixels, pad: float) -> Tensor:
     """Central slices of a padded Fourier grid at the search pixels: rotations ``(..., 3, 3)`` -> ``(..., M)``."""
     lead = rotations.shape[:-2]
@@ -106,9 +141,15 @@ def pose_log_likelihoods(weighted: Tensor, projections: Tensor, ctf2_inv: Tensor
     ``(B, R, M)`` (per particle); ctf2_inv: ``CTF^2 / sigma^2`` ``(B, M)``; x2: ``sum |X|^2 / sigma^2`` ``(B,)``.
     Returns ``(loglik (B, T, R), scale (B, T, R))``; scale is 1 unless ``profile_scale``.
     """
-    wr, wi = _parts(weighted)
-    pr, pi = _parts(projections)
-    if projections.dim() == 2:
+    return split_log_likelihoods(_parts(weighted), _parts(projections), ctf2_inv, x2, profile_scale)
+
+
+def split_log_likelihoods(weighted: tuple[Tensor, Tensor], projections: tuple[Tensor, Tensor], ctf2_inv: Tensor,
+                          x2: Tensor, profile_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`pose_log_likelihoods` with complex arguments given as contiguous (real, imaginary) pairs."""
+    wr, wi = weighted
+    pr, pi = projections
+    if pr.dim() == 2:
         cross = wr @ pr.T + wi @ pi.T
         norm = ctf2_inv @ (pr * pr + pi * pi).T  # (B, R)
     else:
@@ -120,6 +161,11 @@ def pose_log_likelihoods(weighted: Tensor, projections: Tensor, ctf2_inv: Tensor
 def _parts(z: Tensor) -> tuple[Tensor, Tensor]:
     """Contiguous real and imaginary parts (strided views make CPU matrix products ~100x slower)."""
     return z.real.contiguous(), z.imag.contiguous()
+
+
+def _times(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Complex product of (real, imaginary) pairs (broadcasting), as a pair."""
+    return a[0] * b[0] - a[1] * b[1], a[0] * b[1] + a[1] * b[0]
 
 
 def _combine(cross: Tensor, norm: Tensor, x2: Tensor, profile_scale: bool) -> tuple[Tensor, Tensor]:
@@ -141,13 +187,88 @@ def significant_samples(log_lik: Tensor, fraction: float, max_count: int) -> tup
     k = min(max_count, log_lik.shape[1])
     top, idx = torch.topk(prob, k, dim=1)
     before = torch.cumsum(top, dim=1) - top
-    keep = before < fraction
+    keep = (before < fraction) & (top > 0)
     keep[:, 0] = True
     count = keep.sum(1)
     kmax = int(count.max())
     top, idx, keep = top[:, :kmax], idx[:, :kmax], keep[:, :kmax]
     w = torch.where(keep, top, torch.zeros_like(top))
     return idx, w / w.sum(1, keepdim=True), count
+
+
+def project_to_rotation(m: Tensor) -> Tensor:
+    """Nearest rotation (Frobenius norm) to each matrix ``(..., 3, 3)``: ``U diag(1, 1, det) V^T`` of its SVD."""
+    u, _, vh = torch.linalg.svd(m)
+    d = torch.det(u @ vh)
+    fix = torch.ones((*d.shape, 3), dtype=m.dtype, device=m.device)
+    fix[..., 2] = d
+    return (u * fix[..., None, :]) @ vh
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+class SliceCache:
+    """Projections (and rotations) of SO3Grid cells at one level for one reference, computed once and shared
+    by the batches of an E-step.
+
+    ``get(ids)`` returns the slices of cell ids ``(...)`` (all ``>= 0``) as (real, imaginary) parts
+    ``(..., M)`` float32, and their rotations ``(..., 3, 3)``. Unseen cells are projected together; when the
+    cache would exceed ``max_bytes`` it starts again empty (a search whose cells are not reused across
+    particles then just costs what it would without the cache).
+    """
+
+    def __init__(self, volume_ft: Tensor, grid: SO3Grid, level: int, pixels: SearchPixels, pad: float,
+                 max_bytes: int = CACHE_BYTES) -> None:
+        self.volume_ft, self.grid, self.level, self.pixels, self.pad = volume_ft, grid, int(level), pixels, pad
+        m = pixels.index.shape[0]
+        self.capacity = max(1, int(max_bytes) // max(1, 8 * m + 36))
+        dev = volume_ft.device
+        self._ids = torch.empty(0, dtype=torch.int64, device=dev)  # sorted cell ids held
+        self._slot = torch.empty(0, dtype=torch.int64, device=dev)  # their rows in the stores
+        self._re: Tensor | None = None
+        self._im: Tensor | None = None
+        self._rot: Tensor | None = None
+        self._used = 0
+        self.projected = 0  # cells projected so far (a cost counter for tests and logs)
+
+    def _project(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.projected += int(ids.numel())
+        rot = self.grid.rotations(self.level, ids).to(self.volume_ft.device, torch.float32)
+        proj = project_pixels(self.volume_ft, rot, self.pixels, self.pad)
+        return proj.real.to(torch.float32), proj.imag.to(torch.float32), rot
+
+    def get(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        flat = ids.reshape(-1).to(self._ids.device)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        shape = (*ids.shape, -1)
+        if uniq.numel() > self.capacity:
+            re, im, rot = self._project(uniq)
+            return re[inverse].reshape(shape), im[inverse].reshape(shape), rot[inverse].reshape(*ids.shape, 3, 3)
+        if self._ids.numel():
+            hit = self._ids[torch.searchsorted(self._ids, uniq).clamp(max=self._ids.numel() - 1)] == uniq
+        else:
+            hit = torch.zeros_like(uniq, dtype=torch.bool)
+        missing = uniq[~hit]
+        if self._used + missing.numel() > self.capacity:
+            self._ids, self._slot, self._used = self._ids[:0], self._slot[:0], 0
+            missing = uniq
+        if self._re is None:
+            m = self.pixels.index.shape[0]
+            dev = self.volume_ft.device
+            self._re = torch.empty((self.capacity, m), dtype=torch.float32, device=dev)
+            self._im = torch.empty((self.capacity, m), dtype=torch.float32, device=dev)
+            self._rot = torch.empty((self.capacity, 3, 3), dtype=torch.float32, device=dev)
+        if missing.numel():
+            rows = torch.arange(self._used, self._used + missing.numel(), device=missing.device)
+            self._re[rows], self._im[rows], self._rot[rows] = self._project(missing)
+            self._used += missing.numel()
+            ids_all = torch.cat([self._ids, missing])
+            slot_all = torch.cat([self._slot, rows])
+            order = torch.argsort(ids_all)
+            self._ids, self._slot = ids_all[order], slot_all[order]
+        rows = self._slot[torch.searchsorted(self._ids, uniq)][inverse]
+        return self._re[rows].reshape(shape), self._im[rows].reshape(shape), self._rot[rows].reshape(*ids.shape, 3, 3)
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -158,20 +279,25 @@ class PoseSearchResult:
     """E-step result for a batch of ``B`` particles.
 
     rotations ``(B, 3, 3)`` and shifts ``(B, 2)`` (pixels, relative to the search centre): the most probable
-    fine sample. sample_rotations ``(B, S, 3, 3)``, sample_shifts ``(B, S, 2)``, sample_weights ``(B, S)``
-    (posterior weights, 0 in padded slots, each row sums to 1) and sample_scales ``(B, S)``: the significant
-    fine samples for the M-step. best_scale ``(B,)``: the intensity scale at the best pose (1 unless
-    ``profile_scale``). max_prob ``(B,)``: the largest fine posterior weight (rlnMaxValueProbDistribution).
-    n_significant ``(B,)``: coarse samples kept (rlnNrOfSignificantSamples). log_likelihood ``(B,)``: log of
-    the coarse marginal likelihood under a uniform prior over the searched samples, without the Gaussian
-    normalisation constant (rlnLogLikeliContribution). fine_ids ``(B,)``: SO3Grid cell id at ``level + 1``
-    of the best rotation.
+    fine sample. mean_rotations ``(B, 3, 3)`` and mean_shifts ``(B, 2)``: the posterior mean around it (see
+    the module docstring). sample_rotations ``(B, S, 3, 3)``, sample_shifts ``(B, S, 2)``, sample_ids
+    ``(B, S)`` (SO3Grid ids at ``level + 1``), sample_weights ``(B, S)`` (posterior weights, 0 in padded
+    slots, each row sums to 1) and sample_scales ``(B, S)``: the significant fine samples for the M-step.
+    best_scale ``(B,)``: the intensity scale at the best pose (1 unless ``profile_scale``). max_prob
+    ``(B,)``: the largest fine posterior weight (rlnMaxValueProbDistribution). n_significant ``(B,)``:
+    coarse samples kept (rlnNrOfSignificantSamples). log_likelihood ``(B,)``: log of the coarse marginal
+    likelihood under the search's prior, without the Gaussian normalisation constant
+    (rlnLogLikeliContribution). fine_ids ``(B,)``: SO3Grid cell id at ``level + 1`` of the best rotation.
+    best_projection ``(B, M)``: the reference's slice at the best rotation on the fine search pixels.
     """
 
     rotations: Tensor
     shifts: Tensor
+    mean_rotations: Tensor
+    mean_shifts: Tensor
     sample_rotations: Tensor
     sample_shifts: Tensor
+    sample_ids: Tensor
     sample_weights: Tensor
     sample_scales: Tensor
     best_scale: Tensor
@@ -179,6 +305,7 @@ class PoseSearchResult:
     n_significant: Tensor
     log_likelihood: Tensor
     fine_ids: Tensor
+    best_projection: Tensor
 
 
 class PoseSearcher:
@@ -186,90 +313,153 @@ class PoseSearcher:
 
     volume_ft: the reference's padded Fourier grid (``Projector(...).volume_ft``) for box ``n`` and ``pad``.
     grid: the SO3Grid; level: coarse level (the fine pass uses ``level + 1``). r_max: Fourier radius in
-    pixels compared. offset_range, offset_step: the translational search in pixels. fraction,
-    max_significant: the significant-sample rule. profile_scale: see the module docstring.
+    pixels of the fine pass; r_coarse: of the coarse pass (default ``r_max``). offset_range, offset_step:
+    the translational search in pixels. fraction, max_significant: the significant-sample rule.
+    profile_scale: see the module docstring. local_radius: radians around the previous pose searched by
+    :meth:`search` when it is given previous poses (default two coarse steps). prior_sigma: radians, the
+    Gaussian prior of local searches (default one coarse step, RELION's ``2 x`` the fine step; 0 for none).
     """
 
     def __init__(self, volume_ft: Tensor, n: int, pad: float, grid: SO3Grid, level: int, r_max: int,
-                 offset_range: float, offset_step: float, fraction: float = 0.999, max_significant: int = 32,
-                 profile_scale: bool = False) -> None:
+                 offset_range: float, offset_step: float, fraction: float = 0.999, max_significant: int = 16,
+                 profile_scale: bool = False, r_coarse: int | None = None, local_radius: float | None = None,
+                 prior_sigma: float | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         self.volume_ft = volume_ft
         self.n, self.pad, self.grid, self.level = int(n), pad, grid, int(level)
         self.device = volume_ft.device
-        self.pixels = SearchPixels.build(self.n, int(r_max), self.device)
+        self.fine_pixels = SearchPixels.build(self.n, int(r_max), self.device)
+        self.pixels = self.fine_pixels.subset(int(r_coarse)) if r_coarse is not None else self.fine_pixels
+        # Positions of the coarse pixels inside the fine pixel list (the fine set contains the coarse one).
+        fine_r2 = self.fine_pixels.kx**2 + self.fine_pixels.ky**2
+        self._coarse_in_fine = torch.nonzero(fine_r2 <= (int(r_coarse) if r_coarse is not None else r_max) ** 2
+                                             ).reshape(-1)
         self.shifts = shift_grid(offset_range, offset_step, self.device)
-        self.sub = sub_shifts(offset_step if offset_range >= offset_step > 0 else 1.0, self.device)
-        if offset_step <= 0 or offset_range < offset_step:
-            self.sub = torch.zeros((1, 2), device=self.device)
+        searching_shifts = offset_step > 0 and offset_range >= offset_step
+        self.sub = sub_shifts(offset_step, self.device) if searching_shifts else torch.zeros((1, 2), device=self.device)
         self.fraction, self.max_significant = fraction, int(max_significant)
         self.profile_scale = profile_scale
-        self._global: Tensor | None = None
+        step = grid.cell_size(self.level)
+        self.local_radius = 2.0 * step if local_radius is None else float(local_radius)
+        self.prior_sigma = step if prior_sigma is None else float(prior_sigma)
+        self.coarse_cache = SliceCache(volume_ft, grid, self.level, self.pixels, pad, cache_bytes)
+        self.fine_cache = SliceCache(volume_ft, grid, self.level + 1, self.fine_pixels, pad, cache_bytes)
+        # Phase ramps of the shift grid (T, Mc) and of every oversampled shift (T, S, M), made once.
+        self._coarse_ramp = self.pixels.ramp_parts(self.shifts)
+        self._fine_ramp = self.fine_pixels.ramp_parts(self.shifts[:, None, :] + self.sub[None])
 
     def global_projections(self) -> Tensor:
-        """Slices at every cell of the coarse level ``(R, M)`` (computed once, reused by every batch)."""
-        if self._global is None:
-            self._global = project_pixels(self.volume_ft, self.grid.rotations(self.level).to(self.device),
-                                          self.pixels, self.pad)
-        return self._global
+        """Slices at every cell of the coarse level ``(R, M)`` complex (computed once, reused by every batch)."""
+        re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
+        return torch.complex(re, im)
 
-    def search(self, images_ft: Tensor, ctf: Tensor | None, sigma2: Tensor, candidate_ids: Tensor | None = None,
-               candidate_valid: Tensor | None = None) -> PoseSearchResult:
+    def _log_prior(self, rotations: Tensor, centres: Tensor) -> Tensor:
+        """RELION's local-search prior ``-d^2 / (2 sigma^2)`` of rotations ``(B, ..., 3, 3)`` around ``(B, 3, 3)``."""
+        if self.prior_sigma <= 0:
+            return torch.zeros(rotations.shape[:-2], device=rotations.device)
+        c = centres.reshape(centres.shape[0], *([1] * (rotations.dim() - 3)), 3, 3).to(rotations)
+        d = geodesic_distance(rotations, c.expand_as(rotations))
+        return -0.5 * (d / self.prior_sigma) ** 2
+
+    def search(self, images_ft: Tensor, ctf: Tensor | None, sigma2: Tensor, previous: Tensor | None = None,
+               candidates: tuple[Tensor, Tensor] | None = None) -> PoseSearchResult:
         """Search one batch.
 
         images_ft ``(B, n, n // 2 + 1)`` complex, centred on the current origins; ctf ``(B, n, n // 2 + 1)``
-        or None; sigma2 ``(B, n, n // 2 + 1)`` noise variance per pixel. candidate_ids ``(B, K)``: coarse
-        cells to search per particle (local search; ``candidate_valid`` masks padding); None: all cells.
+        or None; sigma2 ``(B, n, n // 2 + 1)`` noise variance per pixel. With neither ``previous`` nor
+        ``candidates``: a global search. previous: poses ``(B, 3, 3)`` for a local search (cells within
+        ``local_radius``, Gaussian prior). candidates: explicit coarse cells ``(ids, valid)`` ``(B, K)``
+        (uniform prior).
         """
-        px = self.pixels
-        x = px.take(images_ft).to(torch.complex64)
-        c = px.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
-        inv = 1.0 / px.take(sigma2).to(torch.float32)
-        b = x.shape[0]
+        fp = self.fine_pixels
+        x = fp.take(images_ft).to(torch.complex64)
+        c = fp.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
+        inv = 1.0 / fp.take(sigma2).to(torch.float32)
+        xw = (x.real * c * inv, x.imag * c * inv)
+        c2inv = c * c * inv
         x2 = (inv * (x.real**2 + x.imag**2)).sum(1)
-        ctf2_inv = c * c * inv
-        ramps = px.ramp(self.shifts)  # (T, M)
-        weighted = (x * c * inv)[:, None, :] * ramps[None]
-        if candidate_ids is None:
-            proj = self.global_projections()
-            n_rot = proj.shape[0]
+        sel = self._coarse_in_fine
+        # The constant -|X|^2 / 2 cancels in the posterior; the coarse pass uses its own pixels' share.
+        x2_coarse = (inv[:, sel] * (x[:, sel].real ** 2 + x[:, sel].imag ** 2)).sum(1)
+        b = x.shape[0]
+        cr, ci = self._coarse_ramp
+        weighted = _times((xw[0][:, sel][:, None, :], xw[1][:, sel][:, None, :]), (cr[None], ci[None]))  # (B, T, Mc)
+        centres = None
+        if previous is None and candidates is None:
+            re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
             ids = None
+            log_prior = None
+            valid = None
         else:
-            ids = torch.where(candidate_valid, candidate_ids, candidate_ids[:, :1].clamp_min(0))
-            proj = project_pixels(self.volume_ft, self.grid.rotations(self.level, ids).to(self.device), px, self.pad)
-            n_rot = ids.shape[1]
-        loglik, _ = pose_log_likelihoods(weighted, proj, ctf2_inv, x2, self.profile_scale)  # (B, T, R)
+            if candidates is None:
+                centres = previous.to(self.device, torch.float32)
+                ids, dist = self.grid.cells_within(centres.double(), self.level, self.local_radius)
+                ids, dist = ids.to(self.device), dist.to(self.device)
+                valid = ids >= 0
+                log_prior = (-0.5 * (dist / self.prior_sigma) ** 2 if self.prior_sigma > 0
+                             else torch.zeros_like(dist)).to(torch.float32)
+            else:
+                ids, valid = candidates[0].to(self.device), candidates[1].to(self.device)
+                log_prior = torch.zeros(ids.shape, device=self.device)
+            ids = torch.where(valid, ids, ids[:, :1].clamp_min(0))
+            re, im, _ = self.coarse_cache.get(ids)  # (B, K, Mc)
+        loglik, _ = split_log_likelihoods(weighted, (re, im), c2inv[:, sel], x2_coarse, self.profile_scale)
         loglik = loglik.transpose(1, 2)  # (B, R, T)
-        if candidate_valid is not None:
-            loglik = loglik.masked_fill(~candidate_valid[:, :, None], -math.inf)
         n_t = self.shifts.shape[0]
+        if ids is not None:
+            loglik = loglik + torch.where(valid, log_prior, torch.full_like(log_prior, -math.inf))[:, :, None]
         flat = loglik.reshape(b, -1)
-        n_valid = (n_rot if candidate_valid is None else candidate_valid.sum(1)) * n_t
-        log_marginal = torch.logsumexp(flat, 1) - torch.log(torch.as_tensor(n_valid, dtype=flat.dtype,
-                                                                            device=flat.device))
+        if ids is None:
+            log_norm = math.log(re.shape[0] * n_t)
+        else:
+            log_norm = torch.logsumexp(torch.where(valid, log_prior, torch.full_like(log_prior, -math.inf)), 1) \
+                + math.log(n_t)
+        log_marginal = torch.logsumexp(flat, 1) - log_norm
         idx, _, count = significant_samples(flat, self.fraction, self.max_significant)
         coarse_rot, coarse_t = idx // n_t, idx % n_t
         cells = coarse_rot if ids is None else torch.gather(ids, 1, coarse_rot)
-        return self._oversample(x, c, inv, x2, cells, coarse_t, count, log_marginal)
+        return self._oversample(xw, c2inv, x2, cells, coarse_t, count, log_marginal, centres)
 
-    def _oversample(self, x: Tensor, c: Tensor, inv: Tensor, x2: Tensor, cells: Tensor, coarse_t: Tensor,
-                    count: Tensor, log_marginal: Tensor) -> PoseSearchResult:
+    def _oversample(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, cells: Tensor, coarse_t: Tensor,
+                    count: Tensor, log_marginal: Tensor, centres: Tensor | None) -> PoseSearchResult:
         """Fine pass over the children of the significant coarse samples ``cells`` ``(B, K)`` (level ids)."""
-        px = self.pixels
         b, k = cells.shape
         valid = torch.arange(k, device=cells.device)[None, :] < count[:, None]
-        children = self.grid.children(self.level, cells.clamp_min(0))  # (B, K, 8)
-        rot = self.grid.rotations(self.level + 1, children).to(self.device)  # (B, K, 8, 3, 3)
-        proj = project_pixels(self.volume_ft, rot, px, self.pad)  # (B, K, 8, M)
-        shifts = self.shifts[coarse_t][:, :, None, :] + self.sub[None, None]  # (B, K, 4, 2)
-        weighted = (x * c * inv)[:, None, None, :] * px.ramp(shifts)  # (B, K, 4, M)
-        m = proj.shape[-1]
-        n_sub = weighted.shape[2]
-        wr, wi = (t.reshape(b * k, n_sub, m) for t in _parts(weighted))
-        pr, pi = (t.reshape(b * k, 8, m) for t in _parts(proj))
+        # Padded slots repeat the particle's best cell, so they cost no extra projection.
+        cells = torch.where(valid, cells, cells[:, :1])
+        children = self.grid.children(self.level, cells)  # (B, K, 8)
+        re, im, rot = self.fine_cache.get(children)  # (B, K, 8, M) x 2, (B, K, 8, 3, 3)
+        m = c2inv.shape[1]
+        per_particle = k * (8 + self.sub.shape[0]) * m * 4 * 4
+        chunk = max(1, FINE_PASS_BYTES // max(1, per_particle))
+        sl = [slice(s, s + chunk) for s in range(0, b, chunk)]
+        parts = [self._oversample_chunk((xw[0][q], xw[1][q]), c2inv[q], x2[q], children[q], (re[q], im[q]), rot[q],
+                                        coarse_t[q], valid[q], None if centres is None else centres[q]) for q in sl]
+        out = {}
+        for key in parts[0]:
+            vals = [p[key] for p in parts]
+            if key.startswith("sample_"):
+                width = max(v.shape[1] for v in vals)
+                vals = [_pad_samples(v, width) for v in vals]
+            out[key] = torch.cat(vals)
+        return PoseSearchResult(n_significant=count, log_likelihood=log_marginal, **out)
+
+    def _oversample_chunk(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, children: Tensor,
+                          proj: tuple[Tensor, Tensor], rot: Tensor, coarse_t: Tensor, valid: Tensor,
+                          centres: Tensor | None) -> dict[str, Tensor]:
+        b, k = children.shape[:2]
+        fr, fi = self._fine_ramp
+        shifts = self.shifts[coarse_t][:, :, None, :] + self.sub[None, None]  # (B, K, S, 2)
+        wr, wi = _times((xw[0][:, None, None, :], xw[1][:, None, None, :]), (fr[coarse_t], fi[coarse_t]))
+        m = proj[0].shape[-1]
+        n_sub = wr.shape[2]
+        wr, wi = wr.reshape(b * k, n_sub, m), wi.reshape(b * k, n_sub, m)
+        pr, pi = proj[0].reshape(b * k, 8, m), proj[1].reshape(b * k, 8, m)
         cross = (torch.bmm(wr, pr.transpose(1, 2)) + torch.bmm(wi, pi.transpose(1, 2))).reshape(b, k, n_sub, 8)
         power = (pr * pr + pi * pi).reshape(b, k * 8, m)
-        norm = torch.bmm(power, (c * c * inv)[:, :, None]).reshape(b, k, 8)
+        norm = torch.bmm(power, c2inv[:, :, None]).reshape(b, k, 8)
         loglik, scale = _combine(cross, norm[:, :, None, :], x2[:, None, None, None], self.profile_scale)
+        if centres is not None:
+            loglik = loglik + self._log_prior(rot, centres)[:, :, None, :]
         loglik = loglik.masked_fill(~valid[:, :, None, None], -math.inf)
         flat = loglik.reshape(b, -1)
         idx, weights, _ = significant_samples(flat, self.fraction, self.max_significant)
@@ -280,17 +470,118 @@ class PoseSearcher:
         sample_shift = shifts[bidx, kk, jj]
         sample_scale = scale.reshape(b, -1).gather(1, idx)
         prob = torch.softmax(flat, 1)
-        max_prob = prob.gather(1, idx[:, :1])[:, 0]
-        return PoseSearchResult(
-            rotations=sample_rot[:, 0], shifts=sample_shift[:, 0], sample_rotations=sample_rot,
-            sample_shifts=sample_shift, sample_weights=weights, sample_scales=sample_scale,
-            best_scale=sample_scale[:, 0], max_prob=max_prob, n_significant=count,
-            log_likelihood=log_marginal, fine_ids=children[bidx, kk, ii][:, 0])
+        mean_rot, mean_shift = self._local_mean(prob.reshape(b, k, n_sub, 8), rot, shifts, sample_rot[:, 0])
+        b0, k0, i0 = bidx[:, 0], kk[:, 0], ii[:, 0]
+        best_projection = torch.complex(proj[0][b0, k0, i0], proj[1][b0, k0, i0])
+        return {"rotations": sample_rot[:, 0], "shifts": sample_shift[:, 0], "mean_rotations": mean_rot,
+                "mean_shifts": mean_shift, "sample_rotations": sample_rot, "sample_shifts": sample_shift,
+                "sample_ids": children[bidx, kk, ii], "sample_weights": weights, "sample_scales": sample_scale,
+                "best_scale": sample_scale[:, 0], "max_prob": prob.gather(1, idx[:, :1])[:, 0],
+                "fine_ids": children[bidx, kk, ii][:, 0], "best_projection": best_projection}
+
+    def _local_mean(self, prob: Tensor, rot: Tensor, shifts: Tensor, best: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean rotation and shift over the fine samples within one coarse step of ``best``.
+
+        prob ``(B, K, S, 8)`` fine posterior; rot ``(B, K, 8, 3, 3)``; shifts ``(B, K, S, 2)``; best ``(B, 3, 3)``.
+        """
+        near = geodesic_distance(rot, best[:, None, None].expand_as(rot)) <= self.grid.cell_size(self.level) + 1e-6
+        p_rot = (prob.sum(2) * near).to(torch.float64)  # (B, K, 8)
+        m = (p_rot[..., None, None] * rot.to(torch.float64)).sum((1, 2))
+        mean_rot = project_to_rotation(m).to(best.dtype)
+        p_shift = (prob * near[:, :, None, :]).sum(3).to(torch.float64)  # (B, K, S)
+        total = p_shift.sum((1, 2)).clamp_min(1e-300)
+        mean_shift = (p_shift[..., None] * shifts.to(torch.float64)).sum((1, 2)) / total[:, None]
+        return mean_rot, mean_shift.to(shifts.dtype)
+
+
+def _pad_samples(t: Tensor, width: int) -> Tensor:
+    """Pad the sample axis (1) of a per-sample tensor to ``width`` (zeros; padded slots carry weight 0)."""
+    if t.shape[1] == width:
+        return t
+    pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
+    if t.dim() >= 4:  # rotations: pad with the first sample's rotation so that it stays a rotation
+        pad = t[:, :1].expand(-1, width - t.shape[1], *t.shape[2:]).clone()
+    return torch.cat([t, pad], 1)
 
 
 def local_candidates(grid: SO3Grid, level: int, previous: Tensor, radius: float) -> tuple[Tensor, Tensor]:
     """Cells at ``level`` within ``radius`` (radians) of each previous best pose ``(B, 3, 3)``: ``(ids, valid)``
-    ``(B, K)`` (RELION's local searches around the previous orientation)."""
+    ``(B, K)`` (for :meth:`PoseSearcher.search` with explicit candidates)."""
     ids, _ = grid.cells_within(previous.to(torch.float64), level, radius)
     valid = ids >= 0
     return ids.to(previous.device), valid.to(previous.device)
+
+
+def merge_samples(result: PoseSearchResult) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Group each particle's significant samples by rotation, for one insertion per distinct rotation.
+
+    Returns ``(particle (U,), rotation (U, 3, 3), weight (U,), member (B, S))``: for every distinct
+    (particle, fine cell) pair its particle index, rotation and summed posterior weight; ``member`` gives
+    each sample's row in those ``U`` (``-1`` for padded slots with weight 0).
+    """
+    b, s = result.sample_ids.shape
+    w = result.sample_weights
+    key = torch.arange(b, device=w.device)[:, None] * (int(result.sample_ids.max()) + 1) + result.sample_ids
+    key = torch.where(w > 0, key, torch.full_like(key, -1))
+    uniq, inverse = torch.unique(key.reshape(-1), return_inverse=True)
+    inverse = inverse.reshape(b, s)
+    has_pad = bool((uniq < 0).any())
+    member = inverse - 1 if has_pad else inverse
+    member = torch.where(w > 0, member, torch.full_like(member, -1))
+    u = uniq.numel() - (1 if has_pad else 0)
+    first = torch.full((u,), b * s, dtype=torch.long, device=w.device)
+    flat_pos = torch.arange(b * s, device=w.device)
+    ok = member.reshape(-1) >= 0
+    first.scatter_reduce_(0, member.reshape(-1)[ok], flat_pos[ok], reduce="amin")
+    particle = first // s
+    rotation = result.sample_rotations.reshape(b * s, 3, 3)[first]
+    weight = torch.zeros(u, dtype=w.dtype, device=w.device).index_add_(0, member.reshape(-1)[ok], w.reshape(-1)[ok])
+    return particle, rotation, weight, member
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+#: RELION's significance of a pose difference: a likelihood ratio of 100 (``ln 100``).
+SIGNIFICANT_LOG_RATIO = math.log(100.0)
+#: Trial angular errors (degrees) and shift errors (pixels), RELION's increasing steps up to 30 deg / 10 px.
+TRIAL_ANGLES = torch.cat([torch.arange(0.05, 0.2, 0.05), torch.arange(0.2, 1.0, 0.1), torch.arange(1.0, 2.0, 0.2),
+                          torch.arange(2.0, 5.0, 0.5), torch.arange(5.0, 10.0, 1.0), torch.arange(10.0, 20.0, 2.0),
+                          torch.arange(20.0, 30.01, 5.0)])
+TRIAL_SHIFTS = torch.cat([torch.arange(0.1, 1.0, 0.1), torch.arange(1.0, 2.0, 0.2), torch.arange(2.0, 5.0, 0.5),
+                          torch.arange(5.0, 10.01, 1.0)])
+
+
+def expected_accuracy(volume_ft: Tensor, pixels: SearchPixels, pad: float, rotations: Tensor, ctf: Tensor | None,
+                      inv_sigma2: Tensor, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """RELION's estimate of the orientational and translational accuracy (``calculateExpectedAngularErrors``).
+
+    For each particle (pose ``rotations`` ``(B, 3, 3)``, CTF and ``1 / sigma^2`` on ``pixels`` ``(B, M)``),
+    the smallest trial error whose reference projection differs from the particle's own by a likelihood
+    ratio of 100, ``sum CTF^2 |P(A) - P(A')|^2 / (2 sigma^2) > ln 100``: for rotations ``A' = R A`` with
+    ``R`` a turn about a random one of the image axes x, y (out of plane) or z (in plane), for shifts a
+    translation along x or y. Returns the means over the particles: ``(degrees, pixels)``.
+    """
+    b = rotations.shape[0]
+    dev = volume_ft.device
+    rot = rotations.to(dev, torch.float32)
+    c2inv = inv_sigma2 * (ctf * ctf if ctf is not None else 1.0)
+    p1 = project_pixels(volume_ft, rot, pixels, pad).to(torch.complex64)  # (B, M)
+    angles = TRIAL_ANGLES.to(dev)
+    axis = torch.zeros((b, 3), device=dev)
+    axis[torch.arange(b, device=dev), torch.randint(0, 3, (b,), generator=generator).to(dev)] = 1.0
+    turn = rotation_about_axis(axis[:, None, :].expand(b, angles.numel(), 3),
+                               torch.deg2rad(angles)[None].expand(b, -1))
+    p2 = project_pixels(volume_ft, turn.to(rot) @ rot[:, None], pixels, pad)  # (B, D, M)
+    snr_rot = 0.5 * (c2inv[:, None] * (p1[:, None] - p2).abs() ** 2).sum(-1)
+    shifts = TRIAL_SHIFTS.to(dev)
+    along = torch.randint(0, 2, (b,), generator=generator).to(dev)
+    k = torch.where(along[:, None] == 0, pixels.kx[None], pixels.ky[None])  # (B, M)
+    phase = 2.0 * math.pi * shifts[None, :, None] * k[:, None, :] / pixels.n
+    snr_trans = 0.5 * (c2inv[:, None] * (p1.abs() ** 2)[:, None] * (2.0 - 2.0 * torch.cos(phase))).sum(-1)
+
+    def first_above(snr: Tensor, trials: Tensor) -> float:
+        above = snr > SIGNIFICANT_LOG_RATIO
+        first = torch.where(above.any(1), above.float().argmax(1), torch.full((b,), trials.numel() - 1, device=dev))
+        return float(trials[first].mean())
+
+    return first_above(snr_rot, angles), first_above(snr_trans, shifts)

@@ -14,37 +14,55 @@ import torch
 from torch import Tensor
 
 from cryocli.analysis.fsc import fsc_curve
-from cryocli.engines.common.pose_search import PoseSearchResult
+from cryocli.engines.common.pose_search import PoseSearchResult, SearchPixels, merge_samples
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.imaging.filters import lowpass_weights
-from cryocli.imaging.projector import grid_radius, nyquist_mask, padded_box, rotations_with_symmetry
-from cryocli.imaging.shifts import phase_ramp
+from cryocli.imaging.projector import (grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry,
+                                       scatter_slices)
 
 
-def backproject_samples(backprojector, images_ft: Tensor, ctf: Tensor | None, inv_sigma2: Tensor,
+def insert_pixels(backprojector, values: Tensor, weights: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor) -> None:
+    """Insert pixels ``(kx, ky)`` ``(M,)`` of ``U`` slices (values ``(U, M)`` complex, weights ``(U, M)``) at
+    rotations ``(U, 3, 3)`` into a :class:`BackProjector` (trilinear) or Gaussian-kernel backprojector."""
+    if hasattr(backprojector, "insert_pixels"):
+        backprojector.insert_pixels(values, weights, rotations, kx, ky)
+        return
+    dt = backprojector.dtype
+    valid = (weights > 0).to(dt)
+    packed = torch.stack([values.real.to(dt) * valid, values.imag.to(dt) * valid, weights.to(dt) * valid])
+    backprojector.accumulators.add_(scatter_slices(packed, rotations.to(dt), kx.to(dt), ky.to(dt),
+                                                   backprojector.scale, backprojector.grid_size))
+
+
+def backproject_samples(backprojectors: list, images_ft: Tensor, ctf: Tensor | None, inv_sigma2: Tensor,
                         result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
-    """Insert every significant sample of a batch with its posterior weight.
+    """Insert every significant sample of a batch with its posterior weight into each backprojector.
 
     images_ft ``(B, n, n // 2 + 1)`` centred on the search centre; ctf and inv_sigma2 the same shape;
-    ``result`` from :class:`~cryocli.engines.common.pose_search.PoseSearcher`; frequencies beyond ``r_max``
-    Fourier pixels are not inserted (weight 0, which the backprojector skips).
+    ``result`` from :class:`~cryocli.engines.common.pose_search.PoseSearcher`. Only the half-plane pixels
+    with ``|k| <= r_max`` (Fourier pixels) are inserted. The samples of a particle that share a rotation
+    (its sub-shifts) are summed first, ``sum_s w_s CTF X e_s / sigma^2`` with weight
+    ``sum_s w_s CTF^2 / sigma^2``, so each distinct (particle, rotation) pair is inserted once.
     """
-    b, n, h = images_ft.shape
-    s = result.sample_weights.shape[1]
-    c = ctf if ctf is not None else torch.ones(images_ft.shape, device=images_ft.device)
-    inside = nyquist_mask(n, r_max, images_ft.device).to(inv_sigma2.dtype)
-    base = (images_ft * c * inv_sigma2 * inside).to(torch.complex64)
+    b, n, _ = images_ft.shape
+    pix, kx, ky = half_plane_pixels(n, r_max, skip_redundant=True, device=images_ft.device, dtype=torch.float32)
+    pixels = SearchPixels(pix, kx, ky, n)
+    x = pixels.take(images_ft).to(torch.complex64)
+    c = pixels.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
+    inv = pixels.take(inv_sigma2).to(torch.float32)
+    particle, rotation, weight, member = merge_samples(result)
     w = result.sample_weights.to(torch.float32)
-    ramps = phase_ramp(result.sample_shifts.reshape(-1, 2).to(torch.float32), n).reshape(b, s, n, h)
-    slices = (base[:, None] * ramps * w[:, :, None, None]).reshape(b * s, n, h)
-    weights = ((c * c * inv_sigma2 * inside).to(torch.float32)[:, None] * w[:, :, None, None]).reshape(b * s, n, h)
-    rot = result.sample_rotations.reshape(b * s, 3, 3).to(torch.float32)
-    keep = w.reshape(-1) > 0
-    slices, weights, rot = slices[keep], weights[keep], rot[keep]
+    contrib = (x * c * inv)[:, None, :] * pixels.ramp(result.sample_shifts) * w[:, :, None]  # (B, S, M)
+    ok = member >= 0
+    data = torch.zeros((particle.numel(), x.shape[1]), dtype=torch.complex64, device=x.device)
+    data.index_add_(0, member[ok], contrib[ok])
+    weights = (c * c * inv)[particle] * weight.to(torch.float32)[:, None]
+    rot = rotation.to(torch.float32)
     ops = [None] if sym_ops is None else list(sym_ops)
     for op in ops:
         posed = rot if op is None else rotations_with_symmetry(rot, op[None].to(rot))
-        backprojector.insert(slices, weights, posed)
+        for backprojector in backprojectors:
+            insert_pixels(backprojector, data, weights, posed, kx, ky)
 
 
 def padded_shells(grid_size: int, n: int, pad: float, device: torch.device) -> Tensor:

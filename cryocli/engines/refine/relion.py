@@ -6,23 +6,31 @@ Per iteration, for each half set (``rlnRandomSubset``, drawn if absent) independ
   ``particle_diameter``, is compared with every particle at the candidate poses (global search on the
   SO3Grid coarse level at first, local searches around the previous pose once the sampling is refined)
   and in-plane shifts around the current origin; posterior weights over the significant samples.
-* M-step: backprojection of ``CTF X / sigma^2`` with the posterior weights (``--kernel trilinear`` as
-  RELION, or Luo's Gaussian kernel), the FSC of the two unregularised halves, and the MAP reconstruction
-  with ``tau^2 = tau2_fudge * SSNR / <weight>`` from that FSC (``SSNR = FSC / (1 - FSC)``), as RELION's
-  ``reconstruct`` with ``update_tau2_with_fsc``. The halves are averaged below ``low_resol_join_halves``
-  (40 A) so they stay in one frame; above it they never share information.
-* Noise: ``sigma^2`` per shell and optics group from the residuals at the best poses.
+* M-step: backprojection of ``CTF X / sigma^2`` with the posterior weights (trilinear, as RELION; with
+  ``--kernel gaussian`` also Luo's Gaussian kernel, whose accumulators then make the maps), the
+  gold-standard FSC of the two unregularised trilinear half reconstructions (``relion_reconstruct``'s
+  maps at the current poses, so that the resolution measures the poses the same way for every method and
+  kernel), and the MAP reconstruction with ``tau^2 = tau2_fudge * SSNR / <weight>`` from that FSC
+  (``SSNR = FSC / (1 - FSC)``), as RELION's ``reconstruct`` with ``update_tau2_with_fsc``. The halves are
+  averaged below ``low_resol_join_halves`` (40 A) so they stay in one frame; above it they never share
+  information.
+* Noise: ``sigma^2`` per shell and optics group from the residuals at the most probable poses.
 
-Auto-sampling (RELION's ``updateAngularSampling`` rule): when an iteration neither improves the
-resolution nor moves the poses much (mean rotation change below twice the fine angular step, mean origin
-change below the offset step), the angular sampling is refined one level (local searches from level
-``local_from_level`` on, within two coarse cells of the previous pose) and the offset step halved, as
-long as the fine angular step is coarser than the accuracy the resolution needs
-(``degrees(resolution / (2 particle_diameter))``: a quarter of the resolution at the particle's edge); when that is already reached, the run has converged and a
-final iteration joins the halves (accumulators summed, ``FSC -> 2 FSC / (1 + FSC)`` for tau^2).
+Auto-sampling (RELION's ``updateAngularSampling``): each iteration counts whether the resolution
+improved and whether the pose changes were large (not within 3% of the smallest so far and above 40% of
+the fine sampling); after an iteration with neither, the sampling is refined one HEALPix order (local
+searches from level ``local_from_level`` on, around the previous pose with RELION's Gaussian prior) and
+the translational grid is set from the estimated accuracy (RELION's rules), unless the fine angular step
+is already below 75% of the estimated angular accuracy (RELION's ``calculateExpectedAngularErrors``, see
+:func:`~cryocli.engines.common.pose_search.expected_accuracy`): then the run has converged, and one more
+iteration compares all frequencies up to Nyquist and joins the halves in its M-step (accumulators summed,
+``FSC -> 2 FSC / (1 + FSC)`` for tau^2), as RELION's last iteration. A run that reaches ``epochs``
+without converging joins the last iteration's halves.
 
-The initial reference is low-pass filtered to ``ini_lowpass`` (40 A) and its grey scale is fitted in the
-first iteration by the per-pose intensity scale of the likelihood (see ``profile_scale``). Units:
+Poses: ``pose_estimate = "mean"`` (default) keeps, per particle, the posterior mean around the most
+probable sample (see :mod:`cryocli.engines.common.pose_search`); ``"best"`` keeps RELION's most probable
+sample. The initial reference is low-pass filtered to ``ini_lowpass`` (40 A) and its grey scale is fitted
+in the first iteration by the per-pose intensity scale of the likelihood (see ``profile_scale``). Units:
 Angstrom for resolutions, diameters and origins; pixels for offsets (of the data's box, like RELION's
 ``--offset_range``/``--offset_step``); degrees for angles in the metrics.
 """
@@ -41,7 +49,7 @@ from cryocli.analysis.fsc import threshold_crossing
 from cryocli.engines.base import EngineConfig, PreparedParticles, Reconstruction, prepare_particles, register_engine
 from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
-from cryocli.engines.common.pose_search import PoseSearcher, local_candidates
+from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
 from cryocli.engines.refine.maps import (backproject_samples, fsc_to_ssnr, half_map_fsc, join_low_resolution,
                                          map_reconstruct, unregularised_map)
 from cryocli.errors import CryocliError
@@ -57,6 +65,11 @@ from cryocli.imaging.shifts import phase_shift
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 
+#: RELION's MAX_NR_ITER_WO_RESOL_GAIN and MAX_NR_ITER_WO_LARGE_HIDDEN_VARIABLE_CHANGES.
+PATIENCE = 1
+#: Finest HEALPix order the auto-sampling goes to (0.47 degrees fine step).
+MAX_ORDER = 8
+
 
 @dataclass
 class RefineConfig(EngineConfig):
@@ -68,8 +81,10 @@ class RefineConfig(EngineConfig):
     coarse, 7.5 degrees after oversampling). offset_range, offset_step: translational search in pixels
     of the data (5, 2). particle_diameter: Angstrom (None: 0.8 x the box). low_resol_join_halves: Angstrom
     (40). kernel: backprojection kernel, trilinear or gaussian. fraction, max_significant: significant
-    samples (0.999, 16). local_from_level: first grid level searched locally (1). incr_size: Fourier
-    pixels compared beyond the current resolution (10).
+    samples (0.999, 16). local_from_level: first grid level searched locally (1: HEALPix order 3).
+    incr_size: Fourier pixels compared beyond the current resolution (10). pose_estimate: ``mean`` (the
+    posterior mean around the most probable pose) or ``best`` (RELION's most probable pose).
+    accuracy_particles: particles used to estimate the angular accuracy each iteration (200).
     """
 
     epochs: int = 25
@@ -87,19 +102,109 @@ class RefineConfig(EngineConfig):
     max_significant: int = 16
     local_from_level: int = 1
     incr_size: int = 10
+    pose_estimate: str = "mean"
+    accuracy_particles: int = 200
+
+
+def symmetric_distance(a: Tensor, b: Tensor, sym_ops: Tensor | None) -> Tensor:
+    """Angle (radians) between poses ``a`` and ``b`` ``(N, 3, 3)`` modulo the point group: a symmetric map
+    projects alike at ``b`` and ``b L`` for every operator ``L`` ``(K, 3, 3)`` (RELION's angular distance
+    for pose changes takes the minimum over them too)."""
+    a64, b64 = a.double(), b.double()
+    if sym_ops is None:
+        return geodesic_distance(a64, b64)
+    ops = sym_ops.to(b64)
+    return geodesic_distance(a64[None], b64[None] @ ops[:, None]).min(0).values
 
 
 @dataclass
 class Sampling:
-    """Auto-sampling state: coarse grid level, search kind and translational grid (pixels of the working box)."""
+    """Auto-sampling state (RELION's ``HealpixSampling`` + convergence counters).
+
+    level: coarse SO3Grid level; local: local searches; offset_range, offset_step: translational grid in
+    pixels of the working box (the fine step is half the step); best_resolution: Angstrom.
+    """
 
     level: int
     local: bool
     offset_range: float
     offset_step: float
-    best_resolution: float
+    best_resolution: float = math.inf
     iters_without_gain: int = 0
     iters_without_change: int = 0
+    smallest_rot_change: float = 999.0
+    smallest_offset_change: float = 999.0
+
+
+def update_sampling(s: Sampling, resolution: float, change_deg: float, change_px: float, acc_rot: float,
+                    acc_trans: float, fine_step_deg: float, max_level: int, local_from_level: int) -> bool:
+    """RELION's auto-refine bookkeeping after one iteration (``updateOverallChangesInHiddenVariables``,
+    ``updateAngularSampling``, ``checkConvergence``); refines ``s`` in place and returns True once converged.
+
+    resolution: Angstrom; change_deg: mean angular change of the poses; change_px: RMS change of the
+    origins per coordinate (pixels); acc_rot (degrees), acc_trans (pixels): estimated accuracies;
+    fine_step_deg: the current fine angular step.
+    """
+    if resolution < s.best_resolution - 1e-6:
+        s.best_resolution, s.iters_without_gain = resolution, 0
+    else:
+        s.iters_without_gain += 1
+    fine_px = s.offset_step / 2.0
+    small_rot = change_deg < 0.4 * fine_step_deg or 1.03 * change_deg >= s.smallest_rot_change
+    small_trans = change_px < 0.4 * fine_px or 1.03 * change_px >= s.smallest_offset_change
+    s.iters_without_change = s.iters_without_change + 1 if (small_rot and small_trans) else 0
+    s.smallest_rot_change = min(s.smallest_rot_change, change_deg)
+    s.smallest_offset_change = min(s.smallest_offset_change, change_px)
+    if s.iters_without_gain < PATIENCE or s.iters_without_change < PATIENCE:
+        return False
+    if fine_step_deg < 0.75 * acc_rot or s.level >= max_level:
+        return True
+    # Translations as RELION: fine step at most 1.5 px and 75% of the accuracy; range five times the last
+    # change, at most 30% wider than before, at least 1.5 steps and at most 4 steps.
+    new_step = min(1.5, 0.75 * acc_trans) * 2.0
+    new_range = max(min(1.3 * s.offset_range, 5.0 * change_px), 1.5 * new_step)
+    if new_range > 4.0 * new_step:
+        new_range /= 2.0
+    if new_range > 4.0 * new_step:
+        new_step = new_range / 4.0
+    if new_step <= s.offset_step:
+        s.offset_step, s.offset_range = new_step, new_range
+    s.level += 1
+    s.local = s.level >= local_from_level
+    s.iters_without_gain = s.iters_without_change = 0
+    s.smallest_rot_change = s.smallest_offset_change = 999.0
+    return False
+
+
+class ParticleSpectra:
+    """The particles' half transforms and CTFs ``(B, n, n // 2 + 1)`` by index: computed once and kept when
+    they fit in ``max_bytes`` (every EM iteration reads every particle), else computed per batch."""
+
+    def __init__(self, parts: PreparedParticles, device: torch.device, max_bytes: int = 2**30) -> None:
+        self.parts, self.device = parts, device
+        n = parts.box
+        self.n, self.apix = n, parts.pixel_size
+        per_image = n * (n // 2 + 1) * (8 + (4 if parts.ctf is not None else 0))
+        self._images: Tensor | None = None
+        self._ctf: Tensor | None = None
+        if len(parts) * per_image <= max_bytes:
+            all_idx = torch.arange(len(parts), device=device)
+            self._images, self._ctf = self._compute(all_idx)
+
+    def _compute(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        images = torch.cat([image_to_rfft(self.parts.images[idx[s:s + 1024]]) for s in range(0, len(idx), 1024)])
+        ctf = None
+        if self.parts.ctf is not None:
+            ctf = torch.cat([compute_ctf(self.parts.ctf.index(idx[s:s + 1024].cpu()).to(self.device), self.n,
+                                         self.apix, device=self.device).to(torch.float32)
+                             for s in range(0, len(idx), 1024)])
+        return images, ctf
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Half transforms (complex) and CTFs (float32, or None) of particles ``idx``."""
+        if self._images is None:
+            return self._compute(idx)
+        return self._images[idx], (self._ctf[idx] if self._ctf is not None else None)
 
 
 @register_engine
@@ -116,10 +221,13 @@ class RelionRefineEngine:
         self.device = torch.device(device)
 
     # ------------------------------------------------------------------------------------------ M-step hooks
-    def new_backprojector(self, n: int, cfg: RefineConfig):
+    def new_backprojectors(self, n: int, cfg: RefineConfig) -> list[Any]:
+        """The trilinear backprojector (RELION's, whose unregularised halves give the gold-standard FSC),
+        and the Gaussian-kernel one when ``--kernel gaussian`` makes the maps."""
+        bps: list[Any] = [BackProjector(n, device=self.device)]
         if cfg.kernel == "gaussian":
-            return GaussianKernelBackProjector(n, device=self.device)
-        return BackProjector(n, device=self.device)
+            bps.append(GaussianKernelBackProjector(n, device=self.device))
+        return bps
 
     def gridding_fix(self, volume: Tensor, cfg: RefineConfig) -> Tensor:
         """Replace the trilinear (sinc^2) gridding correction by the Gaussian kernel's where that kernel is used."""
@@ -128,8 +236,13 @@ class RelionRefineEngine:
         n = volume.shape[-1]
         return volume * kernel_gridding_correction(n, trilinear=True, device=volume.device)
 
+    def begin_m_step(self, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int, cfg: RefineConfig,
+                     info: dict[str, Any]) -> None:
+        """Hook called once per iteration before the halves are reconstructed (nothing for RELION)."""
+
     def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
-                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False) -> Tensor:
+                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False,
+                         half: int = 0) -> Tensor:
         """RELION's MAP reconstruction of one half (or, ``joined``, of the summed halves)."""
         ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge, joined)
         return self.gridding_fix(map_reconstruct(data, weight, n, 2, ssnr, r_max), cfg)
@@ -141,23 +254,27 @@ class RelionRefineEngine:
             raise CryocliError("--ref: a reference map is required")
         if cfg.kernel not in ("trilinear", "gaussian"):
             raise CryocliError(f"--kernel {cfg.kernel}: choose trilinear or gaussian")
+        if cfg.pose_estimate not in ("mean", "best"):
+            raise CryocliError(f"pose_estimate {cfg.pose_estimate}: choose mean or best")
         torch.manual_seed(cfg.seed)
         dev = self.device
         subset = data.ensure_half_sets(cfg.seed).numpy()
         parts = prepare_particles(data, cfg, dev)
         n, apix = parts.box, parts.pixel_size
+        spectra = ParticleSpectra(parts, dev)
         ref = self._reference(cfg, n, apix)
         sym_ops = None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev)
         diameter = cfg.particle_diameter or 0.8 * n * apix
         mask = soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)
         groups = self._optics_groups(data)
         n_groups = int(groups.max()) + 1
-        ctf_all = parts.ctf
         scale_px = data.box / n  # offsets are given in pixels of the data
         grid = SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32)
+        max_level = MAX_ORDER - cfg.healpix_order - 1
         halves = [torch.as_tensor(np.flatnonzero(subset == h), device=dev) for h in (1, 2)]
         if min(len(h) for h in halves) < 2:
             raise CryocliError("each half set needs at least 2 particles")
+        generator = torch.Generator().manual_seed(cfg.seed)
 
         saved = reporter.resume_state()
         if saved is None:
@@ -166,7 +283,7 @@ class RelionRefineEngine:
             origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
                        else torch.zeros((len(parts), 2), device=dev))
             sigma2 = initial_sigma2(parts.images, groups, n_groups)
-            sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px, math.inf)
+            sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
             start, fsc, history = 1, np.zeros(n // 2 + 1), []
         else:
             refs = [saved["refs"][0].to(dev), saved["refs"][1].to(dev)]
@@ -179,51 +296,76 @@ class RelionRefineEngine:
         accumulators: list[Any] = []
         r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
         converged = False
-        for it in range(start, cfg.epochs + 1):
-            r_max = self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
+        final_pass = bool(saved.get("final_pass", False)) if saved is not None else False
+        it = start
+        while it <= cfg.epochs or final_pass:
+            # RELION's last iteration after convergence compares all frequencies up to Nyquist.
+            r_max = n // 2 if final_pass else self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
+            coarse_step = math.degrees(grid.cell_size(sampling.level))
+            r_coarse = coarse_radius(n, apix, coarse_step, diameter, r_max)
             noise = NoiseAccumulator(n, n_groups, dev)
             new_rot, new_origins = rot.clone(), origins.clone()
-            accumulators = []
+            accumulators, trilinear = [], []
+            projected = 0
+            acc_rot = acc_trans = math.nan
             for h, rows in enumerate(halves):
-                bp = self.new_backprojector(n, cfg)
+                bps = self.new_backprojectors(n, cfg)
                 proj = Projector(refs[h] * mask, device=dev)
                 searcher = PoseSearcher(proj.volume_ft, n, 2, grid, sampling.level, r_max, sampling.offset_range,
                                         sampling.offset_step, cfg.fraction, cfg.max_significant,
-                                        profile_scale=(it == 1))
+                                        profile_scale=(it == 1), r_coarse=r_coarse)
                 for s in range(0, len(rows), cfg.batch_size):
                     idx = rows[s:s + cfg.batch_size]
-                    self._estep_batch(idx, parts, ctf_all, groups, sigma2, rot, origins, new_rot, new_origins,
-                                      searcher, sampling, grid, bp, noise, proj, sym_ops, r_max, apix, stats, n)
-                accumulators.append(bp.symmetrised())
-            change_deg = float(torch.rad2deg(geodesic_distance(new_rot.double(), rot.double())).mean())
-            change_px = float(((new_origins - origins).norm(dim=1) / apix).mean())
+                    self._estep_batch(idx, spectra, groups, sigma2, rot, origins, new_rot, new_origins, searcher,
+                                      sampling, bps, noise, sym_ops, r_max, apix, stats, n, cfg)
+                if h == 0:
+                    acc_rot, acc_trans = self._accuracy(searcher, spectra, rows[:cfg.accuracy_particles], groups,
+                                                        sigma2, new_rot, apix, n, generator)
+                projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
+                trilinear.append(bps[0].symmetrised())
+                accumulators.append(bps[-1].symmetrised() if len(bps) > 1 else trilinear[-1])
+            change_deg = float(torch.rad2deg(symmetric_distance(new_rot, rot, sym_ops)).mean())
+            change_px = float(((new_origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
             rot, origins = new_rot, new_origins
             sigma2 = noise.sigma2(sigma2)
-            unreg = [self.gridding_fix(unregularised_map(d, w, n, 2, r_max), cfg) for d, w in accumulators]
+            # Gold-standard FSC of relion_reconstruct-style (trilinear, unregularised) half maps: it measures
+            # the poses alone, the same way for every method and kernel.
+            unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
             fsc = half_map_fsc(unreg[0], unreg[1])
             fsc[r_max + 1:] = 0.0
             res = threshold_crossing(fsc, n, apix, 0.143).resolution
             info: dict[str, Any] = {}
-            maps = [self.reconstruct_half(d, w, n, fsc, refs[i], r_max, cfg, info)
+            self.begin_m_step(accumulators, n, r_max, cfg, info)
+            maps = [self.reconstruct_half(d, w, n, fsc, refs[i], r_max, cfg, info, half=i + 1)
                     for i, (d, w) in enumerate(accumulators)]
             maps = list(join_low_resolution(maps[0], maps[1], apix, cfg.low_resol_join_halves))
             refs = maps
-            metrics = {"resolution_A": res, "r_max_px": r_max, "level": sampling.level, "local": sampling.local,
-                       "fine_step_deg": self._fine_step(grid, sampling.level), "offset_step_px": sampling.offset_step,
-                       "rot_change_deg": change_deg, "origin_change_px": change_px,
-                       "max_prob_mean": float(stats["max_prob"].mean()),
-                       "n_significant_mean": float(stats["n_sig"].mean()), **info}
-            converged = self._update_sampling(sampling, res, change_deg, change_px, grid, diameter, cfg)
+            fine_step = self._fine_step(grid, sampling.level)
+            metrics = {"resolution_A": res, "r_max_px": r_max, "r_coarse_px": r_coarse, "level": sampling.level,
+                       "local": sampling.local, "fine_step_deg": fine_step,
+                       "offset_step_px": sampling.offset_step, "offset_range_px": sampling.offset_range,
+                       "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": acc_rot,
+                       "acc_trans_px": acc_trans, "max_prob_mean": float(stats["max_prob"].mean()),
+                       "n_significant_mean": float(stats["n_sig"].mean()), "slices_projected": projected, **info}
+            metrics["final_pass"] = final_pass
+            if final_pass:
+                converged = True
+            else:
+                converged = update_sampling(sampling, res, change_deg, change_px, acc_rot, acc_trans, fine_step,
+                                            max_level, cfg.local_from_level)
             history.append({"iteration": it, "fsc": fsc.tolist(), "sigma2": sigma2.cpu().tolist(),
                             "ssnr": fsc_to_ssnr(fsc, cfg.tau2_fudge).tolist(), **metrics})
+            last = final_pass or (not converged and it >= cfg.epochs)
             state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
-                     "history": history, "iteration": it}
+                     "history": history, "iteration": it, "final_pass": converged and not final_pass}
             reporter.step(1, res=round(res, 2), level=metrics["level"])
             reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
-                               state=state, last=converged or it == cfg.epochs)
-            if converged:
+                               state=state, last=last)
+            if final_pass:
                 break
+            final_pass = converged
+            it += 1
         if not accumulators:
             raise CryocliError("--resume: the run has no iteration left to finish; raise --epochs")
         data_sum = accumulators[0][0] + accumulators[1][0]
@@ -231,6 +373,7 @@ class RelionRefineEngine:
         info = {}
         final = self.reconstruct_half(data_sum, weight_sum, n, fsc, 0.5 * (refs[0] + refs[1]), r_max, cfg, info,
                                       joined=True)
+        halfmaps = threshold_crossing(half_map_fsc(refs[0], refs[1]), n, apix, 0.143).resolution
         columns = {"rlnMaxValueProbDistribution": stats["max_prob"].cpu().numpy(),
                    "rlnNrOfSignificantSamples": stats["n_sig"].cpu().numpy().astype(np.int64),
                    "rlnLogLikeliContribution": stats["loglik"].cpu().numpy()}
@@ -239,7 +382,8 @@ class RelionRefineEngine:
             half_volumes=(refs[0].cpu(), refs[1].cpu()), metrics=list(reporter.history),
             info={"gold_standard_fsc": fsc.tolist(), "converged": converged, "iterations": len(history),
                   "inverted": parts.inverted, "particle_columns": columns, "model_history": history,
-                  "resolution_A": threshold_crossing(fsc, n, apix, 0.143).resolution, **info})
+                  "resolution_A": threshold_crossing(fsc, n, apix, 0.143).resolution,
+                  "halfmaps_resolution_A": halfmaps, **info})
 
     # ------------------------------------------------------------------------------------------ pieces
     def _reference(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
@@ -272,50 +416,43 @@ class RelionRefineEngine:
     def _fine_step(grid: SO3Grid, level: int) -> float:
         return math.degrees(grid.psi_step(level + 1))
 
-    def _update_sampling(self, s: Sampling, res: float, change_deg: float, change_px: float, grid: SO3Grid,
-                         diameter: float, cfg: RefineConfig) -> bool:
-        """RELION's auto-sampling bookkeeping; True when the run has converged."""
-        gain = res < s.best_resolution - 1e-6
-        s.best_resolution = min(s.best_resolution, res)
-        s.iters_without_gain = 0 if gain else s.iters_without_gain + 1
-        fine = self._fine_step(grid, s.level)
-        small = change_deg < 2.0 * fine and change_px < max(s.offset_step, 0.5)
-        s.iters_without_change = s.iters_without_change + 1 if small else 0
-        if s.iters_without_gain < 1 or s.iters_without_change < 1:
-            return False
-        needed = math.degrees(s.best_resolution / (2.0 * diameter))
-        if fine <= needed or grid.base_order + s.level + 2 > 8:
-            return True
-        s.level += 1
-        s.local = s.level >= cfg.local_from_level
-        s.offset_step = s.offset_step / 2
-        s.offset_range = max(3 * s.offset_step, 1.0)
-        s.iters_without_gain = s.iters_without_change = 0
-        return False
-
-    def _estep_batch(self, idx: Tensor, parts: PreparedParticles, ctf_all: Any, groups: Tensor, sigma2: Tensor,
-                     rot: Tensor, origins: Tensor, new_rot: Tensor, new_origins: Tensor, searcher: PoseSearcher,
-                     sampling: Sampling, grid: SO3Grid, bp: Any, noise: NoiseAccumulator, proj: Projector,
-                     sym_ops: Tensor | None, r_max: int, apix: float, stats: dict[str, Tensor], n: int) -> None:
-        """E-step of one batch, its backprojection and its noise residuals."""
-        ft = phase_shift(image_to_rfft(parts.images[idx]), origins[idx] / apix, n)
-        ctf = compute_ctf(ctf_all.index(idx.cpu()).to(self.device), n, apix, device=self.device) \
-            if ctf_all is not None else None
+    def _batch_inputs(self, idx: Tensor, spectra: "ParticleSpectra", groups: Tensor, sigma2: Tensor,
+                      origins: Tensor, apix: float, n: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Centred half transforms, CTFs and noise variances ``(B, n, n // 2 + 1)`` and optics groups ``(B,)``."""
+        images, ctf = spectra.get(idx)
+        ft = phase_shift(images, origins[idx] / apix, n)
         g = groups[idx.cpu()].to(self.device)
-        sig = sigma2_on_pixels(sigma2, n, g).to(torch.float32)
-        if sampling.local:
-            radius = 2.0 * grid.cell_size(sampling.level)
-            ids, valid = local_candidates(grid, sampling.level, rot[idx], radius)
-            res = searcher.search(ft, ctf, sig, ids, valid)
-        else:
-            res = searcher.search(ft, ctf, sig)
-        new_rot[idx] = res.rotations.to(rot.dtype)
-        new_origins[idx] = origins[idx] + res.shifts * apix
+        return ft, ctf, sigma2_on_pixels(sigma2, n, g).to(torch.float32), g
+
+    def _estep_batch(self, idx: Tensor, spectra: "ParticleSpectra", groups: Tensor, sigma2: Tensor, rot: Tensor,
+                     origins: Tensor, new_rot: Tensor, new_origins: Tensor, searcher: PoseSearcher,
+                     sampling: Sampling, bps: list[Any], noise: NoiseAccumulator, sym_ops: Tensor | None, r_max: int,
+                     apix: float, stats: dict[str, Tensor], n: int, cfg: RefineConfig) -> None:
+        """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
+        the pixels the search compared)."""
+        ft, ctf, sig, g = self._batch_inputs(idx, spectra, groups, sigma2, origins, apix, n)
+        res = searcher.search(ft, ctf, sig, previous=rot[idx] if sampling.local else None)
+        mean = cfg.pose_estimate == "mean"
+        new_rot[idx] = (res.mean_rotations if mean else res.rotations).to(rot.dtype)
+        new_origins[idx] = origins[idx] + (res.mean_shifts if mean else res.shifts) * apix
         stats["max_prob"][idx] = res.max_prob
         stats["n_sig"][idx] = res.n_significant.to(torch.float32)
         stats["loglik"][idx] = res.log_likelihood.to(torch.float32)
-        backproject_samples(bp, ft, ctf, 1.0 / sig, res, sym_ops, r_max)
-        best = proj.project(res.rotations) * res.best_scale[:, None, None]
-        model = best * ctf if ctf is not None else best
-        resid = phase_shift(ft, res.shifts, n) - model
-        noise.add(resid.abs() ** 2, g)
+        backproject_samples(bps, ft, ctf, 1.0 / sig, res, sym_ops, r_max)
+        px = searcher.fine_pixels
+        model = res.best_projection * res.best_scale[:, None]
+        if ctf is not None:
+            model = model * px.take(ctf)
+        resid = px.take(ft) * px.ramp(res.shifts) - model
+        shells = torch.floor(torch.sqrt(px.kx**2 + px.ky**2) + 0.5).long()
+        noise.add_pixels(resid.abs() ** 2, shells, g)
+
+    def _accuracy(self, searcher: PoseSearcher, spectra: "ParticleSpectra", idx: Tensor, groups: Tensor,
+                  sigma2: Tensor, rot: Tensor, apix: float, n: int,
+                  generator: torch.Generator) -> tuple[float, float]:
+        """RELION's expected angular (degrees) and translational (pixels) accuracy on particles ``idx``."""
+        _, ctf = spectra.get(idx)
+        sig = sigma2_on_pixels(sigma2, n, groups[idx.cpu()].to(self.device)).to(torch.float32)
+        px = searcher.fine_pixels
+        return expected_accuracy(searcher.volume_ft, px, 2, rot[idx], None if ctf is None else px.take(ctf),
+                                 1.0 / px.take(sig), generator)

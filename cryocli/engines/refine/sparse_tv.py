@@ -14,17 +14,29 @@ weights on the padded Fourier grid (eq. 28: the data term is the kernel-regressi
 ``A`` the padded Fourier transform of the map (after the kernel's real-space envelope), ``x^i`` the
 previous inner iterate (reweighted L1 and TV, eq. 11), ``|.|_mu`` Nesterov's smoothed norm (eq. 14-16),
 and ``x^{k-1}`` the previous EM iteration's map (the implicit-gradient term). It is solved by proximal
-gradient with Nesterov (FISTA) momentum: a gradient step on the smooth terms (one FFT and one inverse FFT
+gradient with Nesterov (FISTA) momentum: a gradient step on the smooth terms (one real FFT and one inverse
 of the padded box for the data term), then soft thresholding with ``lr * alpha / (|x^i| + eps)`` (eq. 21).
+Each solve starts from this iteration's RELION (MAP) reconstruction, which is close to the data term's
+minimiser at every frequency, so that the few proximal iterations are spent on the penalties; in the
+first iteration, whose previous map is the initial reference on an arbitrary grey scale, that MAP map
+also stands in for ``x^{k-1}``.
 
 Parameter scales (section 2.5): ``eps`` = the density level of the molecule (default: the 99th percentile
 of the current half map, i.e. the level of the few percent of voxels a molecule fills), ``eps' = eps / 3``,
-``alpha = 0.45 * rms(A^H b) * eps``, ``beta = 1.7 * rms(A^H b) * eps'``, ``gamma = 0.05 * mean N`` (over the
-Fourier voxels with data), where ``A^H b`` is the backprojected data in real space and ``N`` is in the
-normalisation in which the data term's Hessian is ``A^H N A`` with a unitary ``A``. The scaled values
-are logged in the metrics. The smoothing ``mu`` is set so that the smoothed TV's gradient is no stiffer
-than the data term's (``mu = 12 beta / (eps' L_data)``), which keeps the step ``tv_lr / L`` useful. The
-Gaussian kernel (``--kernel gaussian``) is this method's default backprojection.
+``alpha = 0.45 * rms(A^H b) * eps``, ``beta = beta_scale * rms(A^H b) * eps'``, ``gamma = 0.05 * mean N``
+(over the Fourier voxels with data), where ``A^H b`` is the backprojected data in real space and ``N`` is
+in the normalisation in which the data term's Hessian is ``A^H N A`` with a unitary ``A``. The smoothing
+``mu`` is set so that the smoothed TV's gradient is no stiffer than the data term's
+(``mu = 12 beta / (eps' L_data)``), which keeps the step ``tv_lr / L`` useful.
+
+Automatic beta (when ``--beta`` is not given): each M-step solves each half for a few beta scales and
+keeps the solution that best predicts the other half's data, i.e. with the lowest held-out data term
+``1/2 x^T A^H N' A x - x^T A^H b'`` (the other half's negative log-likelihood up to a constant). The first
+M-step tries 0.1, 0.3, 1 and 3 (the paper's 1.2-2.4 lie inside), later ones the kept scale and its
+neighbours ``/ 2`` and ``x 2``, so the choice follows the data as the resolution improves.
+Only this one number per half is chosen from the other half's data. The scaled values (eps, eps',
+alpha, beta, gamma, mu and the held-out scores) are logged in the metrics. The Gaussian kernel
+(``--kernel gaussian``) is this method's default backprojection.
 """
 
 from __future__ import annotations
@@ -39,18 +51,28 @@ from torch import Tensor
 
 from cryocli.engines.base import EngineConfig, register_engine
 from cryocli.engines.common.kernel_backprojection import kernel_envelope
+from cryocli.engines.refine.maps import fsc_to_ssnr, map_reconstruct
 from cryocli.engines.refine.relion import RefineConfig, RelionRefineEngine
 from cryocli.imaging.fourier import radius_3d
 from cryocli.imaging.projector import grid_radius, padded_box
+
+#: Beta scales tried in a half's first M-step (multiples of rms(A^H b) eps'), the paper's range included.
+FIRST_BETA_GRID = (0.1, 0.3, 1.0, 3.0)
+#: Factor between the three beta scales tried in later M-steps.
+BETA_STEP = 2.0
+#: Range the automatic beta scale stays in (multiples of rms(A^H b) eps').
+BETA_RANGE = (0.05, 50.0)
 
 
 @dataclass
 class SparseTVConfig(RefineConfig):
     """``RefineConfig`` plus Luo's parameters (None: the section-2.5 scales, see the module docstring).
 
-    eps, eps_prime: map density units. alpha, beta, gamma: absolute values (None: scaled defaults).
-    alpha_scale, beta_scale, gamma_scale: the multipliers of those defaults (0.45, 1.7, 0.05).
-    tv_iters: proximal-gradient iterations per M-step. tv_lr: step as a fraction of 1 / Lipschitz.
+    eps, eps_prime: map density units. alpha, beta, gamma: absolute values (None: scaled defaults; beta
+    None also switches on the automatic search). alpha_scale, beta_scale, gamma_scale: the multipliers of
+    those defaults (0.45, 1.7, 0.05; beta_scale applies when the search is off). tv_iters: proximal-gradient
+    iterations per M-step (30). tv_lr: step as a fraction of 1 / Lipschitz (1). beta_search: the automatic
+    search over beta when beta is None (True).
     """
 
     kernel: str = "gaussian"
@@ -62,8 +84,9 @@ class SparseTVConfig(RefineConfig):
     alpha_scale: float = 0.45
     beta_scale: float = 1.7
     gamma_scale: float = 0.05
-    tv_iters: int = 100
+    tv_iters: int = 30
     tv_lr: float = 1.0
+    beta_search: bool = True
 
 
 # ------------------------------------------------------------------------------------------------ operators
@@ -86,60 +109,68 @@ def grid_to_padded(spectrum: Tensor, padded: int, radius: int) -> Tensor:
 class NormalEquations:
     """The data term ``1/2 x^T A^H N A x - x^T A^H b`` of a map ``(n, n, n)`` on the padded grid.
 
-    ``A x``: the map times the kernel's real-space ``envelope``, zero-padded to ``P``, orthonormal FFT.
-    ``N``: the accumulated weights scaled to that normalisation (``P^3`` times the backprojector's, whose
-    slices are unnormalised DFTs); ``A^H b`` the backprojected data in real space. Each :meth:`gradient`
-    costs one FFT and one inverse FFT of the padded box.
+    ``A x``: the map times the kernel's real-space ``envelope``, zero-padded to ``P`` around the centre,
+    orthonormal FFT. ``N``: the accumulated weights scaled to that normalisation (``P^3`` times the
+    backprojector's, whose slices are unnormalised DFTs); Hermitian-symmetrised, so a real FFT's half
+    spectrum ``(P, P, P // 2 + 1)`` carries it exactly. ``A^H b``: the backprojected data in real space
+    (computed once). ``A^H N A`` is a convolution, so :meth:`hessian` pads the map at the corner instead
+    of the centre and needs no shifts: one real FFT and one inverse of the padded box (float32).
     """
 
     def __init__(self, data: Tensor, weight: Tensor, n: int, pad: float, envelope: Tensor, r_max: int) -> None:
         self.n, self.p = int(n), padded_box(n, pad)
         radius = grid_radius(n, pad, r_max)
         p3 = float(self.p) ** 3
+        half = self.p // 2 + 1
         centred_b = grid_to_padded(data.to(torch.complex128), self.p, radius)
         centred_n = grid_to_padded(weight.to(torch.float64), self.p, radius)
-        self.weights = torch.fft.ifftshift(centred_n) * p3
-        self.envelope = envelope.to(torch.float64)
-        # U^H b with U the unnormalised DFT = sqrt(P^3) * orthonormal; here in the orthonormal form.
-        self.back = self._adjoint(torch.fft.ifftshift(centred_b) * math.sqrt(p3))
+        self.weights = (torch.fft.ifftshift(centred_n) * p3)[..., :half].to(torch.float32).contiguous()
+        self.envelope = envelope.to(torch.float32)
+        # A^H b = env * crop(centred inverse DFT of b); U^H b with U the unnormalised DFT = sqrt(P^3) * unitary.
+        o = self.p // 2 - self.n // 2
+        full_b = torch.fft.ifftshift(centred_b) * math.sqrt(p3)
+        padded = torch.fft.fftshift(torch.fft.irfftn(full_b[..., :half].to(torch.complex64), s=(self.p,) * 3,
+                                                     norm="ortho"))
+        self.back = (padded[o:o + self.n, o:o + self.n, o:o + self.n] * self.envelope).contiguous()
         inside = self.weights > 0
         self.mean_weight = float(self.weights[inside].mean()) if bool(inside.any()) else 0.0
         self.lipschitz = float(self.weights.max())
 
-    def _forward(self, x: Tensor) -> Tensor:
-        o = self.p // 2 - self.n // 2
-        padded = torch.zeros((self.p,) * 3, dtype=torch.float64, device=x.device)
-        padded[o:o + self.n, o:o + self.n, o:o + self.n] = x * self.envelope
-        return torch.fft.fftn(torch.fft.ifftshift(padded), norm="ortho")
-
-    def _adjoint(self, spectrum: Tensor) -> Tensor:
-        o = self.p // 2 - self.n // 2
-        padded = torch.fft.fftshift(torch.fft.ifftn(spectrum, norm="ortho")).real
-        return padded[o:o + self.n, o:o + self.n, o:o + self.n] * self.envelope
+    def hessian(self, x: Tensor) -> Tensor:
+        """``A^H N A x`` ``(n, n, n)`` float32."""
+        size = (self.p,) * 3
+        spec = torch.fft.rfftn(x.to(torch.float32) * self.envelope, s=size, norm="ortho")
+        out = torch.fft.irfftn(spec * self.weights, s=size, norm="ortho")
+        return out[:self.n, :self.n, :self.n] * self.envelope
 
     def gradient(self, x: Tensor) -> Tensor:
-        """``A^H N A x - A^H b`` ``(n, n, n)`` float64."""
-        return self._adjoint(self.weights * self._forward(x)) - self.back
+        """``A^H N A x - A^H b`` ``(n, n, n)`` float32."""
+        return self.hessian(x) - self.back
+
+    def value(self, x: Tensor) -> float:
+        """The data term at ``x`` (the negative log-likelihood of the data up to a constant)."""
+        x = x.to(torch.float32)
+        return float(0.5 * (x * self.hessian(x)).double().sum() - (x * self.back).double().sum())
 
 
 def forward_differences(x: Tensor) -> Tensor:
     """Discrete gradient (eq. 12, ``x[i] - x[i - 1]`` along z, y, x; 0 on the first plane): ``(3, n, n, n)``."""
-    d = torch.zeros((3, *x.shape), dtype=x.dtype, device=x.device)
-    d[0, 1:] = x[1:] - x[:-1]
-    d[1, :, 1:] = x[:, 1:] - x[:, :-1]
-    d[2, :, :, 1:] = x[:, :, 1:] - x[:, :, :-1]
+    d = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)
+    for axis in range(3):
+        torch.diff(x, dim=axis, prepend=torch.zeros_like(x.narrow(axis, 0, 1)), out=d[axis])
+        d[axis].narrow(axis, 0, 1).zero_()
     return d
 
 
 def differences_adjoint(u: Tensor) -> Tensor:
     """Adjoint ``D^T`` of :func:`forward_differences`: ``(3, n, n, n)`` -> ``(n, n, n)``."""
     out = torch.zeros(u.shape[1:], dtype=u.dtype, device=u.device)
-    out[1:] += u[0, 1:]
-    out[:-1] -= u[0, 1:]
-    out[:, 1:] += u[1, :, 1:]
-    out[:, :-1] -= u[1, :, 1:]
-    out[:, :, 1:] += u[2, :, :, 1:]
-    out[:, :, :-1] -= u[2, :, :, 1:]
+    for axis in range(3):
+        v = u[axis]
+        n = v.shape[axis]
+        tail = v.narrow(axis, 1, n - 1)
+        out.narrow(axis, 1, n - 1).add_(tail)
+        out.narrow(axis, 0, n - 1).sub_(tail)
     return out
 
 
@@ -150,7 +181,7 @@ def soft_threshold(x: Tensor, threshold: Tensor) -> Tensor:
 
 @dataclass
 class SparseTVParameters:
-    """The scaled parameters of one M-step (map density units)."""
+    """The scaled parameters of one M-step (map density units) and the scales they came from."""
 
     eps: float
     eps_prime: float
@@ -161,32 +192,39 @@ class SparseTVParameters:
     step: float
     rms_back: float
     mean_weight: float
+    beta_scale: float
 
 
-def scaled_parameters(problem: NormalEquations, previous: Tensor, cfg: SparseTVConfig) -> SparseTVParameters:
-    """Section 2.5's defaults from ``A^H b``, ``N`` and the previous map; explicit values win."""
-    rms = float(problem.back.pow(2).mean().sqrt())
+def scaled_parameters(problem: NormalEquations, previous: Tensor, cfg: SparseTVConfig,
+                      beta_scale: float | None = None) -> SparseTVParameters:
+    """Section 2.5's defaults from ``A^H b``, ``N`` and the previous map; explicit values win.
+
+    beta_scale: the multiplier of ``rms(A^H b) eps'`` (default ``cfg.beta_scale``).
+    """
+    rms = float(problem.back.double().pow(2).mean().sqrt())
     eps = cfg.eps if cfg.eps is not None else float(torch.quantile(previous.reshape(-1).double().abs()[::7], 0.99))
     eps = max(eps, 1e-12)
     eps_p = cfg.eps_prime if cfg.eps_prime is not None else eps / 3.0
+    scale_b = cfg.beta_scale if beta_scale is None else beta_scale
     alpha = cfg.alpha if cfg.alpha is not None else cfg.alpha_scale * rms * eps
-    beta = cfg.beta if cfg.beta is not None else cfg.beta_scale * rms * eps_p
+    beta = cfg.beta if cfg.beta is not None else scale_b * rms * eps_p
     gamma = cfg.gamma if cfg.gamma is not None else cfg.gamma_scale * problem.mean_weight
     lip_data = max(problem.lipschitz, 1e-30)
     mu = max(12.0 * beta / (eps_p * lip_data), 1e-3 * eps_p)
     lip = lip_data + 2.0 * gamma + 12.0 * beta / (eps_p * mu)
-    return SparseTVParameters(eps, eps_p, alpha, beta, gamma, mu, cfg.tv_lr / lip, rms, problem.mean_weight)
+    return SparseTVParameters(eps, eps_p, alpha, beta, gamma, mu, cfg.tv_lr / lip, rms, problem.mean_weight,
+                              beta / max(rms * eps_p, 1e-30))
 
 
 def solve_sparse_tv(problem: NormalEquations, previous: Tensor, params: SparseTVParameters, iterations: int,
-                    support: Tensor | None = None) -> Tensor:
-    """Proximal gradient (FISTA) on eq. 22 starting from ``previous`` ``(n, n, n)``; returns float64.
+                    support: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    """Proximal gradient (FISTA) on eq. 22 from ``start`` (default ``previous``), ``(n, n, n)``; float32.
 
-    ``support`` (optional ``(n, n, n)`` in [0, 1]): voxels outside it are not penalised differently; it is
-    only used to keep the solution inside the particle sphere, as RELION's solvent flattening does.
+    previous: ``x^{k-1}`` of the implicit-gradient term. ``support`` (optional ``(n, n, n)`` in [0, 1]):
+    the solution is multiplied by it after each step (a solvent mask).
     """
-    x_prev = previous.to(torch.float64)
-    x = x_prev.clone()
+    x_prev = previous.to(torch.float32)
+    x = (x_prev if start is None else start.to(torch.float32)).clone()
     y = x.clone()
     t = 1.0
     for _ in range(iterations):
@@ -208,13 +246,18 @@ def solve_sparse_tv(problem: NormalEquations, previous: Tensor, params: SparseTV
 def objective(problem: NormalEquations, x: Tensor, previous: Tensor, params: SparseTVParameters,
               reference: Tensor) -> float:
     """Value of eq. 22 at ``x`` with the weights taken at ``reference`` (for tests and logs)."""
-    ax = problem._forward(x)
-    data = 0.5 * float((problem.weights * ax.abs() ** 2).sum()) - float((x * problem.back).sum())
-    l1 = float((x.abs() / (reference.abs() + params.eps)).sum())
+    l1 = float((x.abs() / (reference.abs() + params.eps)).double().sum())
     gx = forward_differences(x).pow(2).sum(0).sqrt()
     gr = forward_differences(reference).pow(2).sum(0).sqrt()
-    tv = float((gx / (gr + params.eps_prime)).sum())
-    return data + params.alpha * l1 + params.beta * tv + params.gamma * float(((x - previous) ** 2).sum())
+    tv = float((gx / (gr + params.eps_prime)).double().sum())
+    return (problem.value(x) + params.alpha * l1 + params.beta * tv
+            + params.gamma * float(((x - previous) ** 2).double().sum()))
+
+
+def beta_candidates(centre: float) -> list[float]:
+    """The three beta scales tried in one M-step: ``centre / 2, centre, 2 centre`` within BETA_RANGE."""
+    lo, hi = BETA_RANGE
+    return sorted({min(hi, max(lo, centre * f)) for f in (1.0 / BETA_STEP, 1.0, BETA_STEP)})
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -230,19 +273,62 @@ class SparseTVRefineEngine(RelionRefineEngine):
                               "solved in real space by proximal gradient with Gaussian-kernel backprojection.")
     config_class: ClassVar[type[EngineConfig]] = SparseTVConfig
 
-    def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
-                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False) -> Tensor:
-        """Eq. 22 for one half (or the joined halves), warm-started from the previous map of that half."""
-        assert isinstance(cfg, SparseTVConfig)
-        pad = 2
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        self._problems: list[NormalEquations] = []
+        self._beta_scale: dict[int, float] = {}
+        self._solved = False
+
+    def _envelope(self, n: int, cfg: RefineConfig, device: torch.device) -> Tensor:
         if cfg.kernel == "gaussian":
-            envelope = kernel_envelope(n, pad, device=data.device)
+            return kernel_envelope(n, 2, device=device)
+        return torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, 2)) ** 2
+
+    def begin_m_step(self, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int, cfg: RefineConfig,
+                     info: dict[str, Any]) -> None:
+        """Both halves' normal equations, so that each half's beta can be scored on the other's data."""
+        env = self._envelope(n, cfg, accumulators[0][0].device)
+        self._problems = [NormalEquations(d, w, n, 2, env, r_max) for d, w in accumulators]
+
+    def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
+                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False,
+                         half: int = 0) -> Tensor:
+        """Eq. 22 for one half (or the joined halves), started from this iteration's MAP reconstruction."""
+        assert isinstance(cfg, SparseTVConfig)
+        start = self.gridding_fix(map_reconstruct(data, weight, n, 2, fsc_to_ssnr(fsc, cfg.tau2_fudge, joined),
+                                                  r_max), cfg)
+        # The first M-step's previous map is the initial reference on an arbitrary grey scale.
+        prior = previous if self._solved else start
+        if joined or not self._problems:
+            problem = NormalEquations(data, weight, n, 2, self._envelope(n, cfg, data.device), r_max)
         else:
-            envelope = torch.sinc(radius_3d(n, data.device, torch.float64) / padded_box(n, pad)) ** 2
-        problem = NormalEquations(data, weight, n, pad, envelope, r_max)
-        params = scaled_parameters(problem, previous, cfg)
-        x = solve_sparse_tv(problem, previous, params, cfg.tv_iters)
-        tag = "join" if joined else f"h{len([k for k in info if k.startswith('eps_h')]) + 1}"
-        info.update({f"eps_{tag}": params.eps, f"alpha_{tag}": params.alpha, f"beta_{tag}": params.beta,
+            problem = self._problems[half - 1]
+        tag = "join" if joined else f"h{half}"
+        searching = cfg.beta is None and cfg.beta_search and not joined and len(self._problems) == 2
+        if joined:
+            scales = [float(np.mean(list(self._beta_scale.values()))) if self._beta_scale else cfg.beta_scale]
+        else:
+            centre = self._beta_scale.get(half)
+            if not searching:
+                scales = [cfg.beta_scale if centre is None else centre]
+            else:
+                scales = list(FIRST_BETA_GRID) if centre is None else beta_candidates(centre)
+        best: tuple[float, Tensor, SparseTVParameters] | None = None
+        for scale in scales:
+            params = scaled_parameters(problem, prior, cfg, scale)
+            x = solve_sparse_tv(problem, prior, params, cfg.tv_iters, start=start)
+            score = self._problems[2 - half].value(x) if searching else 0.0
+            if searching:
+                info[f"heldout_{tag}_b{params.beta_scale:.3g}"] = score
+            if best is None or score < best[0]:
+                best = (score, x, params)
+        assert best is not None
+        _, x, params = best
+        if not joined:
+            self._beta_scale[half] = params.beta_scale
+        info.update({f"eps_{tag}": params.eps, f"eps_prime_{tag}": params.eps_prime, f"alpha_{tag}": params.alpha,
+                     f"beta_{tag}": params.beta, f"beta_scale_{tag}": params.beta_scale,
                      f"gamma_{tag}": params.gamma, f"mu_{tag}": params.mu})
+        if half == 2 or joined:
+            self._solved = True
         return x.to(torch.float32)

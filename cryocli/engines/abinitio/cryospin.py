@@ -275,12 +275,9 @@ class CryoSpinEngine:
             pose, shift = rot[rows, winner].detach(), sh[rows, winner].detach()
             if grid is not None:
                 # ... while the volume is fitted at the best candidate of the heads and the fixed grid.
-                grid_loss, grid_pose = grid.best(model, hartley.detach(), spectra, ctf, shifts[idx] if cfg.shifts else None)
-                use_grid = grid_loss < best_head.detach()
-                pose = torch.where(use_grid[:, None, None], grid_pose, pose)
-                shift = torch.where(use_grid[:, None], shifts[idx], shift)
-                winner = torch.where(use_grid, torch.full_like(winner, -1), winner)
-                grid_wins += int(use_grid.sum())
+                pose, shift, winner = grid.merge(model, hartley.detach(), spectra, ctf, shifts[idx], cfg.shifts,
+                                                 best_head.detach(), pose, shift, winner)
+                grid_wins += int((winner < 0).sum())
             slices = _project_grid(hartley, pose, model.n, model.r_max)
             vol_loss = model.nll(slices, ctf, model.observed(spectra, shift if cfg.shifts else None)).mean()
             enc_opt.zero_grad(set_to_none=True)
@@ -317,11 +314,8 @@ class CryoSpinEngine:
             rows = torch.arange(rot.shape[0], device=poses.device)
             pose, shift = rot[rows, winner], sh[rows, winner]
             if grid is not None:
-                grid_loss, grid_pose = grid.best(model, hartley, spectra, ctf, shifts[idx] if cfg.shifts else None)
-                use_grid = grid_loss < best
-                pose = torch.where(use_grid[:, None, None], grid_pose, pose)
-                shift = torch.where(use_grid[:, None], shifts[idx], shift)
-                winner = torch.where(use_grid, torch.full_like(winner, -1), winner)
+                pose, shift, winner = grid.merge(model, hartley, spectra, ctf, shifts[idx], cfg.shifts, best, pose,
+                                                 shift, winner)
             poses[idx], shifts[idx], head_of[idx] = pose, shift, winner
 
     def _decoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
@@ -441,6 +435,19 @@ class CandidateGrid:
         err = (c * c) @ (slices * slices).T - 2 * (c * observed) @ slices.T + (observed * observed).sum(1, keepdim=True)
         loss, which = (err / (model.n_mask * model.n * model.n)).min(1)
         return loss, self.rotations[which]
+
+    def merge(self, model: ImageModel, hartley: Tensor, spectra: Tensor, ctf: Tensor | None, current_shifts: Tensor,
+              use_shifts: bool, head_loss: Tensor, pose: Tensor, shift: Tensor, winner: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """Replace the heads' winners ``pose (B, 3, 3)``, ``shift (B, 2)``, ``winner (B,)`` (losses ``head_loss``)
+        by the grid's best rotation where that scores lower; grid candidates keep the particle's current
+        origin ``current_shifts`` and are marked ``winner = -1``."""
+        grid_loss, grid_pose = self.best(model, hartley, spectra, ctf, current_shifts if use_shifts else None)
+        use_grid = grid_loss < head_loss
+        pose = torch.where(use_grid[:, None, None], grid_pose, pose)
+        shift = torch.where(use_grid[:, None], current_shifts, shift)
+        winner = torch.where(use_grid, torch.full_like(winner, -1), winner)
+        return pose, shift, winner
 
 
 def _encode_radius(cfg: CryoSpinConfig, n: int, pixel_size: float) -> float | None:

@@ -114,3 +114,36 @@ def test_modulo_c6_errors_reproduce_relions_set_3j9g_readme() -> None:
     assert np.median(err) == pytest.approx(0.81, abs=0.005)
     assert np.bincount(copy, minlength=6).tolist() == [134, 95, 86, 88, 97, 100]
     assert int((err > 20).sum()) == 3
+
+
+def _noisy_half(vol: torch.Tensor, seed: int, noise: float) -> NormalEquations:
+    """Normal equations of 300 noisy projections of ``vol`` (white noise of ``noise`` x the signal's rms)."""
+    n = vol.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    proj = Projector(vol)
+    rot = random_rotations(300, generator=g, dtype=torch.float32)
+    clean = proj.project(rot)
+    sd = noise * float(clean.abs().pow(2).mean().sqrt())
+    noisy = clean + sd / math.sqrt(2) * torch.complex(torch.randn(clean.shape, generator=g),
+                                                      torch.randn(clean.shape, generator=g))
+    bp = BackProjector(n)
+    bp.insert(noisy, None, rot)
+    data, weight = bp.symmetrised()
+    env = torch.sinc(torch.as_tensor(np.indices((n, n, n)) - n // 2).double().norm(dim=0) / 48) ** 2
+    return NormalEquations(data, weight, n, 2, env, n // 2)
+
+
+def test_held_out_data_prefer_the_regularised_map_when_the_data_are_noisy() -> None:
+    """The beta search's criterion: a half's sparse + TV map predicts the other half's data better than the
+    unregularised fit of its own noise does, and a moderate beta beats an extreme one."""
+    _, vol = _normal_problem()
+    half1, half2 = _noisy_half(vol, 11, 3.0), _noisy_half(vol, 12, 3.0)
+    start = torch.zeros_like(vol)
+    plain = solve_sparse_tv(half1, start, scaled_parameters(half1, vol, SparseTVConfig(alpha=0.0, beta=0.0,
+                                                                                      gamma=0.0)), 150)
+    scores = {}
+    for beta_scale in (0.3, 1.0, 100.0):
+        params = scaled_parameters(half1, plain, SparseTVConfig(), beta_scale)
+        scores[beta_scale] = half2.value(solve_sparse_tv(half1, plain, params, 150, start=plain))
+    assert min(scores[0.3], scores[1.0]) < half2.value(plain), (scores, half2.value(plain))
+    assert min(scores[0.3], scores[1.0]) < scores[100.0], scores

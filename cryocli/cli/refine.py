@@ -169,20 +169,25 @@ def _print(s: dict[str, Any]) -> None:
 def _help() -> str:
     return ("Gold-standard 3D refinement from an initial reference (RELION 3D auto-refine): two half sets "
             "(rlnRandomSubset, drawn if absent) refined independently by expectation-maximisation over poses "
-            "and shifts, the reference low-passed to --ini-lowpass, local searches and finer sampling as the "
-            "resolution improves, a final iteration joining the halves.\n\n"
+            "and shifts, the reference low-passed to --ini-lowpass; global searches at first, then local "
+            "searches one HEALPix order finer whenever the resolution and the pose changes stop improving, "
+            "until the sampling is finer than the estimated accuracy; a last iteration to Nyquist joins the "
+            "halves. Poses are the posterior mean around the most probable sample.\n\n"
             "Methods (--method):\n\n"
             "* [bold]relion[/]: MAP reconstruction with tau^2 from the gold-standard FSC (--tau2-fudge).\n\n"
             "* [bold]sparse-tv[/]: Luo's reweighted L1 + total variation + implicit-gradient M-step "
             "(--eps, --eps-prime, --alpha, --beta, --gamma, --tv-iters, --tv-lr) with Gaussian-kernel "
-            "backprojection.\n\n"
+            "backprojection; without --beta, beta is chosen each iteration by how well each half's map "
+            "predicts the other half's data.\n\n"
+            "The gold-standard resolution is the FSC 0.143 of the unregularised (relion_reconstruct-style) half "
+            "reconstructions at the current poses, for both methods.\n\n"
             "Writes half1_unfil.mrc, half2_unfil.mrc (for cryocli postprocess or relion_postprocess), map.mrc, "
             "particles.star (input columns kept; poses, origins, rlnMaxValueProbDistribution, "
             "rlnNrOfSignificantSamples, rlnLogLikeliContribution), model.star, fsc.star, fsc.png, metrics.csv, "
             "log.jsonl and checkpoint.pt (--resume).\n\n"
-            "EXPERIMENTAL: relion refines simulated 4AKE (600 particles, 48 px, SNR 0.1) from a 40 A reference "
-            "to about 8.6 A with a 6 degree median pose error, short of RELION's accuracy; sparse-tv has not "
-            "been validated end to end yet.")
+            "Measured on simulated 4AKE (2000 particles, 64 px at 2.5 A/px, SNR 0.1, no input poses or "
+            "origins, 40 A reference): relion 6.3 A gold standard, 2.9 degrees median pose error; sparse-tv "
+            "5.0 A, 2.2 degrees.")
 
 
 def register(app: typer.Typer) -> None:

@@ -360,6 +360,28 @@ class PoseSearcher:
         d = geodesic_distance(rotations, c.expand_as(rotations))
         return -0.5 * (d / self.prior_sigma) ** 2
 
+    def _coarse_cells(self, previous: Tensor | None, candidates: tuple[Tensor, Tensor] | None):
+        """Slices (real, imaginary) of the coarse cells to compare: all cells ``(R, Mc)`` for a global search,
+        else per particle ``(B, K, Mc)`` with their ids, validity and log prior ``(B, K)``, and the centres of
+        a local search ``(B, 3, 3)`` (None otherwise)."""
+        if previous is None and candidates is None:
+            re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
+            return re, im, None, None, None, None
+        centres = None
+        if candidates is None:
+            centres = previous.to(self.device, torch.float32)
+            ids, dist = self.grid.cells_within(centres.double(), self.level, self.local_radius)
+            ids, dist = ids.to(self.device), dist.to(self.device)
+            valid = ids >= 0
+            log_prior = (-0.5 * (dist / self.prior_sigma) ** 2 if self.prior_sigma > 0
+                         else torch.zeros_like(dist)).to(torch.float32)
+        else:
+            ids, valid = candidates[0].to(self.device), candidates[1].to(self.device)
+            log_prior = torch.zeros(ids.shape, device=self.device)
+        ids = torch.where(valid, ids, ids[:, :1].clamp_min(0))
+        re, im, _ = self.coarse_cache.get(ids)
+        return re, im, ids, valid, log_prior, centres
+
     def search(self, images_ft: Tensor, ctf: Tensor | None, sigma2: Tensor, previous: Tensor | None = None,
                candidates: tuple[Tensor, Tensor] | None = None) -> PoseSearchResult:
         """Search one batch.
@@ -383,25 +405,7 @@ class PoseSearcher:
         b = x.shape[0]
         cr, ci = self._coarse_ramp
         weighted = _times((xw[0][:, sel][:, None, :], xw[1][:, sel][:, None, :]), (cr[None], ci[None]))  # (B, T, Mc)
-        centres = None
-        if previous is None and candidates is None:
-            re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
-            ids = None
-            log_prior = None
-            valid = None
-        else:
-            if candidates is None:
-                centres = previous.to(self.device, torch.float32)
-                ids, dist = self.grid.cells_within(centres.double(), self.level, self.local_radius)
-                ids, dist = ids.to(self.device), dist.to(self.device)
-                valid = ids >= 0
-                log_prior = (-0.5 * (dist / self.prior_sigma) ** 2 if self.prior_sigma > 0
-                             else torch.zeros_like(dist)).to(torch.float32)
-            else:
-                ids, valid = candidates[0].to(self.device), candidates[1].to(self.device)
-                log_prior = torch.zeros(ids.shape, device=self.device)
-            ids = torch.where(valid, ids, ids[:, :1].clamp_min(0))
-            re, im, _ = self.coarse_cache.get(ids)  # (B, K, Mc)
+        re, im, ids, valid, log_prior, centres = self._coarse_cells(previous, candidates)
         loglik, _ = split_log_likelihoods(weighted, (re, im), c2inv[:, sel], x2_coarse, self.profile_scale)
         loglik = loglik.transpose(1, 2)  # (B, R, T)
         n_t = self.shifts.shape[0]

@@ -103,7 +103,8 @@ def map_reconstruct(data: Tensor, weight: Tensor, n: int, pad: float, ssnr: np.n
     idx = shells.clamp(max=nshell - 1)[inside]
     w64 = weight.to(torch.float64)
     total = torch.zeros(nshell, dtype=torch.float64, device=data.device).index_add_(0, idx, w64[inside])
-    count = torch.zeros(nshell, dtype=torch.float64, device=data.device).index_add_(0, idx, torch.ones_like(w64[inside]))
+    count = torch.zeros(nshell, dtype=torch.float64, device=data.device).index_add_(
+        0, idx, torch.ones_like(w64[inside]))
     avg = total / count.clamp_min(1)
     snr = torch.as_tensor(np.asarray(ssnr, dtype=np.float64), device=data.device)
     inv_tau2 = avg / snr.clamp_min(1e-12)

@@ -250,6 +250,72 @@ class RelionRefineEngine:
     # ------------------------------------------------------------------------------------------ run
     def run(self, data: ParticleStack, config: EngineConfig, reporter: Any) -> Reconstruction:
         cfg = config if isinstance(config, RefineConfig) else RefineConfig(**config.as_dict())
+        ctx = self._setup(data, cfg)
+        dev, n, apix = self.device, ctx.n, ctx.apix
+        saved = reporter.resume_state()
+        if saved is None:
+            ref = self._reference(cfg, n, apix)
+            refs = [ref.clone(), ref.clone()]
+            rot = torch.eye(3, device=dev).expand(len(ctx.parts), 3, 3).clone()
+            origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
+                       else torch.zeros((len(ctx.parts), 2), device=dev))
+            sigma2 = initial_sigma2(ctx.parts.images, ctx.groups, ctx.n_groups)
+            scale_px = data.box / n  # offsets are given in pixels of the data
+            sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
+            start, fsc, history, final_pass = 1, np.zeros(n // 2 + 1), [], False
+        else:
+            refs = [saved["refs"][0].to(dev), saved["refs"][1].to(dev)]
+            rot, origins, sigma2 = saved["rot"].to(dev), saved["origins"].to(dev), saved["sigma2"].to(dev)
+            sampling, fsc, history = Sampling(**saved["sampling"]), np.asarray(saved["fsc"]), saved["history"]
+            start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
+        reporter.start(cfg.epochs, self.name, completed=start - 1)
+        accumulators: list[tuple[Tensor, Tensor]] = []
+        r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
+        converged = False
+        it = start
+        while it <= cfg.epochs or final_pass:
+            # RELION's last iteration after convergence compares all frequencies up to Nyquist.
+            r_max = n // 2 if final_pass else self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
+            e = self._e_step(ctx, refs, rot, origins, sigma2, sampling, r_max, first=(it == 1))
+            change_deg = float(torch.rad2deg(symmetric_distance(e.rot, rot, ctx.sym_ops)).mean())
+            change_px = float(((e.origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
+            rot, origins, accumulators = e.rot, e.origins, e.accumulators
+            sigma2 = e.noise.sigma2(sigma2)
+            fsc = self._gold_standard_fsc(e.trilinear, n, r_max)
+            res = threshold_crossing(fsc, n, apix, 0.143).resolution
+            info: dict[str, Any] = {}
+            self.begin_m_step(accumulators, n, r_max, cfg, info)
+            maps = [self.reconstruct_half(d, w, n, fsc, refs[i], r_max, cfg, info, half=i + 1)
+                    for i, (d, w) in enumerate(accumulators)]
+            refs = list(join_low_resolution(maps[0], maps[1], apix, cfg.low_resol_join_halves))
+            fine_step = self._fine_step(ctx.grid, sampling.level)
+            metrics = {"resolution_A": res, "r_max_px": r_max, "r_coarse_px": e.r_coarse, "level": sampling.level,
+                       "local": sampling.local, "fine_step_deg": fine_step,
+                       "offset_step_px": sampling.offset_step, "offset_range_px": sampling.offset_range,
+                       "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": e.acc_rot,
+                       "acc_trans_px": e.acc_trans, "max_prob_mean": float(ctx.stats["max_prob"].mean()),
+                       "n_significant_mean": float(ctx.stats["n_sig"].mean()), "slices_projected": e.projected,
+                       **info, "final_pass": final_pass}
+            converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
+                                                      fine_step, ctx.max_level, cfg.local_from_level)
+            history.append({"iteration": it, "fsc": fsc.tolist(), "sigma2": sigma2.cpu().tolist(),
+                            "ssnr": fsc_to_ssnr(fsc, cfg.tau2_fudge).tolist(), **metrics})
+            state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
+                     "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
+                     "history": history, "iteration": it, "final_pass": converged and not final_pass}
+            reporter.step(1, res=round(res, 2), level=metrics["level"])
+            reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
+                               state=state, last=final_pass or (not converged and it >= cfg.epochs))
+            if final_pass:
+                break
+            final_pass = converged
+            it += 1
+        if not accumulators:
+            raise CryocliError("--resume: the run has no iteration left to finish; raise --epochs")
+        return self._finish(ctx, accumulators, refs, rot, origins, fsc, r_max, converged, history, reporter)
+
+    def _setup(self, data: ParticleStack, cfg: RefineConfig) -> "RunContext":
+        """Check the options and prepare what every iteration reads."""
         if cfg.ref is None:
             raise CryocliError("--ref: a reference map is required")
         if cfg.kernel not in ("trilinear", "gaussian"):
@@ -261,127 +327,71 @@ class RelionRefineEngine:
         subset = data.ensure_half_sets(cfg.seed).numpy()
         parts = prepare_particles(data, cfg, dev)
         n, apix = parts.box, parts.pixel_size
-        spectra = ParticleSpectra(parts, dev)
-        ref = self._reference(cfg, n, apix)
-        sym_ops = None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev)
         diameter = cfg.particle_diameter or 0.8 * n * apix
-        mask = soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)
-        groups = self._optics_groups(data)
-        n_groups = int(groups.max()) + 1
-        scale_px = data.box / n  # offsets are given in pixels of the data
-        grid = SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32)
-        max_level = MAX_ORDER - cfg.healpix_order - 1
         halves = [torch.as_tensor(np.flatnonzero(subset == h), device=dev) for h in (1, 2)]
         if min(len(h) for h in halves) < 2:
             raise CryocliError("each half set needs at least 2 particles")
-        generator = torch.Generator().manual_seed(cfg.seed)
+        groups = self._optics_groups(data)
+        return RunContext(
+            cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev), n=n, apix=apix, diameter=diameter,
+            mask=soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev),
+            sym_ops=None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev),
+            groups=groups, n_groups=int(groups.max()) + 1,
+            grid=SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32),
+            max_level=MAX_ORDER - cfg.healpix_order - 1, halves=halves,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            stats={k: torch.zeros(len(parts), device=dev) for k in ("max_prob", "n_sig", "loglik")})
 
-        saved = reporter.resume_state()
-        if saved is None:
-            refs = [ref.clone(), ref.clone()]
-            rot = torch.eye(3, device=dev).expand(len(parts), 3, 3).clone()
-            origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
-                       else torch.zeros((len(parts), 2), device=dev))
-            sigma2 = initial_sigma2(parts.images, groups, n_groups)
-            sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
-            start, fsc, history = 1, np.zeros(n // 2 + 1), []
-        else:
-            refs = [saved["refs"][0].to(dev), saved["refs"][1].to(dev)]
-            rot, origins, sigma2 = saved["rot"].to(dev), saved["origins"].to(dev), saved["sigma2"].to(dev)
-            sampling, fsc, history = Sampling(**saved["sampling"]), np.asarray(saved["fsc"]), saved["history"]
-            start = int(saved["iteration"]) + 1
-        stats = {"max_prob": torch.zeros(len(parts), device=dev), "n_sig": torch.zeros(len(parts), device=dev),
-                 "loglik": torch.zeros(len(parts), device=dev)}
-        reporter.start(cfg.epochs, self.name, completed=start - 1)
-        accumulators: list[Any] = []
-        r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
-        converged = False
-        final_pass = bool(saved.get("final_pass", False)) if saved is not None else False
-        it = start
-        while it <= cfg.epochs or final_pass:
-            # RELION's last iteration after convergence compares all frequencies up to Nyquist.
-            r_max = n // 2 if final_pass else self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
-            coarse_step = math.degrees(grid.cell_size(sampling.level))
-            r_coarse = coarse_radius(n, apix, coarse_step, diameter, r_max)
-            noise = NoiseAccumulator(n, n_groups, dev)
-            new_rot, new_origins = rot.clone(), origins.clone()
-            accumulators, trilinear = [], []
-            projected = 0
-            acc_rot = acc_trans = math.nan
-            for h, rows in enumerate(halves):
-                bps = self.new_backprojectors(n, cfg)
-                proj = Projector(refs[h] * mask, device=dev)
-                searcher = PoseSearcher(proj.volume_ft, n, 2, grid, sampling.level, r_max, sampling.offset_range,
-                                        sampling.offset_step, cfg.fraction, cfg.max_significant,
-                                        profile_scale=(it == 1), r_coarse=r_coarse)
-                for s in range(0, len(rows), cfg.batch_size):
-                    idx = rows[s:s + cfg.batch_size]
-                    self._estep_batch(idx, spectra, groups, sigma2, rot, origins, new_rot, new_origins, searcher,
-                                      sampling, bps, noise, sym_ops, r_max, apix, stats, n, cfg)
-                if h == 0:
-                    acc_rot, acc_trans = self._accuracy(searcher, spectra, rows[:cfg.accuracy_particles], groups,
-                                                        sigma2, new_rot, apix, n, generator)
-                projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
-                trilinear.append(bps[0].symmetrised())
-                accumulators.append(bps[-1].symmetrised() if len(bps) > 1 else trilinear[-1])
-            change_deg = float(torch.rad2deg(symmetric_distance(new_rot, rot, sym_ops)).mean())
-            change_px = float(((new_origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
-            rot, origins = new_rot, new_origins
-            sigma2 = noise.sigma2(sigma2)
-            # Gold-standard FSC of relion_reconstruct-style (trilinear, unregularised) half maps: it measures
-            # the poses alone, the same way for every method and kernel.
-            unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
-            fsc = half_map_fsc(unreg[0], unreg[1])
-            fsc[r_max + 1:] = 0.0
-            res = threshold_crossing(fsc, n, apix, 0.143).resolution
-            info: dict[str, Any] = {}
-            self.begin_m_step(accumulators, n, r_max, cfg, info)
-            maps = [self.reconstruct_half(d, w, n, fsc, refs[i], r_max, cfg, info, half=i + 1)
-                    for i, (d, w) in enumerate(accumulators)]
-            maps = list(join_low_resolution(maps[0], maps[1], apix, cfg.low_resol_join_halves))
-            refs = maps
-            fine_step = self._fine_step(grid, sampling.level)
-            metrics = {"resolution_A": res, "r_max_px": r_max, "r_coarse_px": r_coarse, "level": sampling.level,
-                       "local": sampling.local, "fine_step_deg": fine_step,
-                       "offset_step_px": sampling.offset_step, "offset_range_px": sampling.offset_range,
-                       "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": acc_rot,
-                       "acc_trans_px": acc_trans, "max_prob_mean": float(stats["max_prob"].mean()),
-                       "n_significant_mean": float(stats["n_sig"].mean()), "slices_projected": projected, **info}
-            metrics["final_pass"] = final_pass
-            if final_pass:
-                converged = True
-            else:
-                converged = update_sampling(sampling, res, change_deg, change_px, acc_rot, acc_trans, fine_step,
-                                            max_level, cfg.local_from_level)
-            history.append({"iteration": it, "fsc": fsc.tolist(), "sigma2": sigma2.cpu().tolist(),
-                            "ssnr": fsc_to_ssnr(fsc, cfg.tau2_fudge).tolist(), **metrics})
-            last = final_pass or (not converged and it >= cfg.epochs)
-            state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
-                     "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
-                     "history": history, "iteration": it, "final_pass": converged and not final_pass}
-            reporter.step(1, res=round(res, 2), level=metrics["level"])
-            reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
-                               state=state, last=last)
-            if final_pass:
-                break
-            final_pass = converged
-            it += 1
-        if not accumulators:
-            raise CryocliError("--resume: the run has no iteration left to finish; raise --epochs")
-        data_sum = accumulators[0][0] + accumulators[1][0]
-        weight_sum = accumulators[0][1] + accumulators[1][1]
-        info = {}
-        final = self.reconstruct_half(data_sum, weight_sum, n, fsc, 0.5 * (refs[0] + refs[1]), r_max, cfg, info,
-                                      joined=True)
+    def _e_step(self, ctx: "RunContext", refs: list[Tensor], rot: Tensor, origins: Tensor, sigma2: Tensor,
+                sampling: Sampling, r_max: int, first: bool) -> "EStepOutcome":
+        """Both halves against their own references: new poses, accumulators, noise, accuracy estimate."""
+        cfg, n, apix = ctx.cfg, ctx.n, ctx.apix
+        r_coarse = coarse_radius(n, apix, math.degrees(ctx.grid.cell_size(sampling.level)), ctx.diameter, r_max)
+        out = EStepOutcome(rot.clone(), origins.clone(), [], [], NoiseAccumulator(n, ctx.n_groups, self.device),
+                           math.nan, math.nan, 0, r_coarse)
+        for h, rows in enumerate(ctx.halves):
+            bps = self.new_backprojectors(n, cfg)
+            proj = Projector(refs[h] * ctx.mask, device=self.device)
+            searcher = PoseSearcher(proj.volume_ft, n, 2, ctx.grid, sampling.level, r_max, sampling.offset_range,
+                                    sampling.offset_step, cfg.fraction, cfg.max_significant, profile_scale=first,
+                                    r_coarse=r_coarse)
+            for s in range(0, len(rows), cfg.batch_size):
+                self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, rot, origins, out, searcher, sampling,
+                                  bps, r_max)
+            if h == 0:
+                out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:cfg.accuracy_particles], sigma2,
+                                                            out.rot)
+            out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
+            out.trilinear.append(bps[0].symmetrised())
+            out.accumulators.append(bps[-1].symmetrised() if len(bps) > 1 else out.trilinear[-1])
+        return out
+
+    @staticmethod
+    def _gold_standard_fsc(trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int) -> np.ndarray:
+        """FSC of the relion_reconstruct-style (trilinear, unregularised) half maps: it measures the poses
+        alone, the same way for every method and kernel; zero beyond ``r_max``."""
+        unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
+        fsc = half_map_fsc(unreg[0], unreg[1])
+        fsc[r_max + 1:] = 0.0
+        return fsc
+
+    def _finish(self, ctx: "RunContext", accumulators: list[tuple[Tensor, Tensor]], refs: list[Tensor], rot: Tensor,
+                origins: Tensor, fsc: np.ndarray, r_max: int, converged: bool, history: list[dict[str, Any]],
+                reporter: Any) -> Reconstruction:
+        """The joined map from both halves' accumulators, and the result."""
+        n, apix = ctx.n, ctx.apix
+        info: dict[str, Any] = {}
+        final = self.reconstruct_half(accumulators[0][0] + accumulators[1][0], accumulators[0][1] + accumulators[1][1],
+                                      n, fsc, 0.5 * (refs[0] + refs[1]), r_max, ctx.cfg, info, joined=True)
         halfmaps = threshold_crossing(half_map_fsc(refs[0], refs[1]), n, apix, 0.143).resolution
-        columns = {"rlnMaxValueProbDistribution": stats["max_prob"].cpu().numpy(),
-                   "rlnNrOfSignificantSamples": stats["n_sig"].cpu().numpy().astype(np.int64),
-                   "rlnLogLikeliContribution": stats["loglik"].cpu().numpy()}
+        columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
+                   "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),
+                   "rlnLogLikeliContribution": ctx.stats["loglik"].cpu().numpy()}
         return Reconstruction(
             volume=final.cpu(), voxel_size=apix, rotations=rot.cpu(), origins_angstrom=origins.cpu(),
             half_volumes=(refs[0].cpu(), refs[1].cpu()), metrics=list(reporter.history),
             info={"gold_standard_fsc": fsc.tolist(), "converged": converged, "iterations": len(history),
-                  "inverted": parts.inverted, "particle_columns": columns, "model_history": history,
+                  "inverted": ctx.parts.inverted, "particle_columns": columns, "model_history": history,
                   "resolution_A": threshold_crossing(fsc, n, apix, 0.143).resolution,
                   "halfmaps_resolution_A": halfmaps, **info})
 
@@ -416,43 +426,78 @@ class RelionRefineEngine:
     def _fine_step(grid: SO3Grid, level: int) -> float:
         return math.degrees(grid.psi_step(level + 1))
 
-    def _batch_inputs(self, idx: Tensor, spectra: "ParticleSpectra", groups: Tensor, sigma2: Tensor,
-                      origins: Tensor, apix: float, n: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def _batch_inputs(self, idx: Tensor, ctx: "RunContext", sigma2: Tensor,
+                      origins: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Centred half transforms, CTFs and noise variances ``(B, n, n // 2 + 1)`` and optics groups ``(B,)``."""
-        images, ctf = spectra.get(idx)
-        ft = phase_shift(images, origins[idx] / apix, n)
-        g = groups[idx.cpu()].to(self.device)
-        return ft, ctf, sigma2_on_pixels(sigma2, n, g).to(torch.float32), g
+        images, ctf = ctx.spectra.get(idx)
+        ft = phase_shift(images, origins[idx] / ctx.apix, ctx.n)
+        g = ctx.groups[idx.cpu()].to(self.device)
+        return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
 
-    def _estep_batch(self, idx: Tensor, spectra: "ParticleSpectra", groups: Tensor, sigma2: Tensor, rot: Tensor,
-                     origins: Tensor, new_rot: Tensor, new_origins: Tensor, searcher: PoseSearcher,
-                     sampling: Sampling, bps: list[Any], noise: NoiseAccumulator, sym_ops: Tensor | None, r_max: int,
-                     apix: float, stats: dict[str, Tensor], n: int, cfg: RefineConfig) -> None:
+    def _estep_batch(self, idx: Tensor, ctx: "RunContext", sigma2: Tensor, rot: Tensor, origins: Tensor,
+                     out: "EStepOutcome", searcher: PoseSearcher, sampling: Sampling, bps: list[Any],
+                     r_max: int) -> None:
         """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
         the pixels the search compared)."""
-        ft, ctf, sig, g = self._batch_inputs(idx, spectra, groups, sigma2, origins, apix, n)
+        ft, ctf, sig, g = self._batch_inputs(idx, ctx, sigma2, origins)
         res = searcher.search(ft, ctf, sig, previous=rot[idx] if sampling.local else None)
-        mean = cfg.pose_estimate == "mean"
-        new_rot[idx] = (res.mean_rotations if mean else res.rotations).to(rot.dtype)
-        new_origins[idx] = origins[idx] + (res.mean_shifts if mean else res.shifts) * apix
-        stats["max_prob"][idx] = res.max_prob
-        stats["n_sig"][idx] = res.n_significant.to(torch.float32)
-        stats["loglik"][idx] = res.log_likelihood.to(torch.float32)
-        backproject_samples(bps, ft, ctf, 1.0 / sig, res, sym_ops, r_max)
+        mean = ctx.cfg.pose_estimate == "mean"
+        out.rot[idx] = (res.mean_rotations if mean else res.rotations).to(rot.dtype)
+        out.origins[idx] = origins[idx] + (res.mean_shifts if mean else res.shifts) * ctx.apix
+        ctx.stats["max_prob"][idx] = res.max_prob
+        ctx.stats["n_sig"][idx] = res.n_significant.to(torch.float32)
+        ctx.stats["loglik"][idx] = res.log_likelihood.to(torch.float32)
+        backproject_samples(bps, ft, ctf, 1.0 / sig, res, ctx.sym_ops, r_max)
         px = searcher.fine_pixels
         model = res.best_projection * res.best_scale[:, None]
         if ctf is not None:
             model = model * px.take(ctf)
         resid = px.take(ft) * px.ramp(res.shifts) - model
         shells = torch.floor(torch.sqrt(px.kx**2 + px.ky**2) + 0.5).long()
-        noise.add_pixels(resid.abs() ** 2, shells, g)
+        out.noise.add_pixels(resid.abs() ** 2, shells, g)
 
-    def _accuracy(self, searcher: PoseSearcher, spectra: "ParticleSpectra", idx: Tensor, groups: Tensor,
-                  sigma2: Tensor, rot: Tensor, apix: float, n: int,
-                  generator: torch.Generator) -> tuple[float, float]:
+    def _accuracy(self, searcher: PoseSearcher, ctx: "RunContext", idx: Tensor, sigma2: Tensor,
+                  rot: Tensor) -> tuple[float, float]:
         """RELION's expected angular (degrees) and translational (pixels) accuracy on particles ``idx``."""
-        _, ctf = spectra.get(idx)
-        sig = sigma2_on_pixels(sigma2, n, groups[idx.cpu()].to(self.device)).to(torch.float32)
+        _, ctf = ctx.spectra.get(idx)
+        sig = sigma2_on_pixels(sigma2, ctx.n, ctx.groups[idx.cpu()].to(self.device)).to(torch.float32)
         px = searcher.fine_pixels
         return expected_accuracy(searcher.volume_ft, px, 2, rot[idx], None if ctf is None else px.take(ctf),
-                                 1.0 / px.take(sig), generator)
+                                 1.0 / px.take(sig), ctx.generator)
+
+
+@dataclass
+class RunContext:
+    """What every iteration of a refine run reads: options, particles, geometry, half sets, statistics."""
+
+    cfg: RefineConfig
+    parts: PreparedParticles
+    spectra: ParticleSpectra
+    n: int
+    apix: float
+    diameter: float
+    mask: Tensor
+    sym_ops: Tensor | None
+    groups: Tensor
+    n_groups: int
+    grid: SO3Grid
+    max_level: int
+    halves: list[Tensor]
+    generator: torch.Generator
+    stats: dict[str, Tensor]
+
+
+@dataclass
+class EStepOutcome:
+    """One E-step over both halves: new poses and origins, trilinear and map accumulators per half, noise
+    residuals, estimated accuracies (degrees, pixels), slices projected and the coarse radius used."""
+
+    rot: Tensor
+    origins: Tensor
+    trilinear: list[tuple[Tensor, Tensor]]
+    accumulators: list[tuple[Tensor, Tensor]]
+    noise: NoiseAccumulator
+    acc_rot: float
+    acc_trans: float
+    projected: int
+    r_coarse: int

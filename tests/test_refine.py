@@ -2,7 +2,7 @@
 equations, TV adjoint, proximal solver, held-out beta choice), and pose scoring modulo a pseudo-symmetry
 (checked on RELION's own set_3j9g refine).
 
-The end-to-end refine runs are in test_refine_acceptance.py (marked `acceptance`)."""
+The end-to-end refine runs are in test_refine_acceptance.py."""
 
 from __future__ import annotations
 
@@ -147,3 +147,48 @@ def test_held_out_data_prefer_the_regularised_map_when_the_data_are_noisy() -> N
         scores[beta_scale] = half2.value(solve_sparse_tv(half1, plain, params, 150, start=plain))
     assert min(scores[0.3], scores[1.0]) < half2.value(plain), (scores, half2.value(plain))
     assert min(scores[0.3], scores[1.0]) < scores[100.0], scores
+
+
+def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() -> None:
+    """Luo's claim at the M-step: from the same backprojected data (4AKE, 48 px at 2.4 A/px, 1,000 noisy
+    projections per half at the true poses, noise rms 10 x the signal's), the sparse + TV map with the
+    automatic beta is closer to the ground truth than RELION's MAP map with tau^2 from the gold-standard
+    FSC, inside a mask around the molecule (so not merely by flattening the solvent).
+    Measured: masked mean FSC 0.54 (MAP) vs 0.71 (sparse-tv), FSC 0.5 at 9.8-9.9 A vs 7.0-7.6 A."""
+    from cryocli.analysis.fsc import fsc_curve
+    from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector
+    from cryocli.engines.refine.maps import half_map_fsc, unregularised_map
+    from cryocli.engines.refine.relion import RefineConfig, RelionRefineEngine
+    from cryocli.engines.refine.sparse_tv import SparseTVRefineEngine
+    from cryocli.imaging.masks import auto_mask
+    from cryocli.io.models import model_potential
+    from tests.conftest import MODELS
+
+    n, apix = 48, 2.4
+    vol = model_potential(need(MODELS / "4ake_adk_open.pdb"), n, apix)
+    vol = torch.as_tensor(vol / vol.std(), dtype=torch.float32)
+    proj, g = Projector(vol), torch.Generator().manual_seed(5)
+    trilinear, kernel = [], []
+    for _ in range(2):
+        rot = random_rotations(1000, generator=g, dtype=torch.float32)
+        clean = proj.project(rot)
+        sd = 10.0 * float(clean.abs().pow(2).mean().sqrt())
+        noisy = clean + sd / math.sqrt(2) * torch.complex(torch.randn(clean.shape, generator=g),
+                                                          torch.randn(clean.shape, generator=g))
+        bt, bk = BackProjector(n), GaussianKernelBackProjector(n)
+        bt.insert(noisy, None, rot)
+        bk.insert(noisy, None, rot)
+        trilinear.append(bt.symmetrised())
+        kernel.append(bk.symmetrised())
+    r_max = n // 2
+    unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
+    fsc = half_map_fsc(unreg[0], unreg[1])
+    mask = auto_mask(vol, apix, 0.05 * float(vol.max()), extend=3.0, soft_edge_width=3.0)
+    scores = {}
+    for engine, cfg in ((RelionRefineEngine(), RefineConfig(ref="ref.mrc")),
+                        (SparseTVRefineEngine(), SparseTVConfig(ref="ref.mrc"))):
+        engine.begin_m_step(kernel, n, r_max, cfg, {})
+        maps = [engine.reconstruct_half(d, w, n, fsc, torch.zeros_like(vol), r_max, cfg, {}, half=i + 1)
+                for i, (d, w) in enumerate(kernel)]
+        scores[engine.name] = [float(np.mean(fsc_curve(m * mask, vol * mask)[1:r_max])) for m in maps]
+    assert min(scores["sparse-tv"]) > max(scores["relion"]) + 0.1, scores

@@ -31,3 +31,19 @@ def test_every_command_has_a_man_page(tmp_path: Path) -> None:
     for name in root.commands:
         page = (tmp_path / "man" / f"cryocli-{name}.1").read_text()
         assert ".SH OPTIONS" in page or ".SH DESCRIPTION" in page
+
+
+def test_bracketed_defaults_survive_rich_help_and_markup_stays_out_of_man_pages(tmp_path: Path) -> None:
+    """rich reads ``[default: 25]`` in an option's help as a markup tag and drops it unless escaped; the
+    man pages get plain text, without the commands' ``[bold]`` markup."""
+    from typer.testing import CliRunner
+
+    from cryocli.cli.app import app
+
+    result = CliRunner().invoke(app, ["refine", "--help"], env={"COLUMNS": "250", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    assert "[default: 25]" in result.output
+    assert "[default: the global --seed]" in result.output
+    generate(tmp_path)
+    page = (tmp_path / "man" / "cryocli-refine.1").read_text()
+    assert "[default: 25]" in page and "[bold]" not in page and "\\[default" not in page

@@ -7,9 +7,11 @@ commands that work are registered here.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from cryocli import __version__
 from cryocli.cli.common import STATE
@@ -53,6 +55,19 @@ def root(
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"cryocli.cli.{_name}").register(app)
+
+
+def _escape_parameter_help(typer_app: typer.Typer) -> None:
+    """Escape square brackets in the options' help: rich would take ``[default: 25]`` for a markup tag
+    and drop it. The commands' own help keeps its markup (``[bold]``)."""
+    for info in typer_app.registered_commands:
+        for parameter in inspect.signature(info.callback).parameters.values():
+            default = parameter.default
+            if isinstance(default, typer.models.ParameterInfo) and default.help and "\\[" not in default.help:
+                default.help = escape(default.help)
+
+
+_escape_parameter_help(app)
 
 
 def main() -> None:

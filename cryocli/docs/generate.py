@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 import typer._completion_shared as typer_completion
+from rich.text import Text
 
 from cryocli import __version__
 from cryocli.cli.app import app
@@ -21,7 +22,8 @@ SHELLS = {"bash": "cryocli.bash", "zsh": "_cryocli", "fish": "cryocli.fish"}
 
 
 def _roff(text: str) -> str:
-    text = " ".join((text or "").split())
+    # The help is rich markup (``[bold]``, escaped ``\\[default: ...]``); man pages take the plain text.
+    text = " ".join(Text.from_markup(text or "").plain.split())
     text = text.replace("\\", "\\e").replace("-", "\\-")
     return ("\\&" + text) if text.startswith((".", "'")) else text
 

@@ -185,9 +185,9 @@ def _help() -> str:
             "particles.star (input columns kept; poses, origins, rlnMaxValueProbDistribution, "
             "rlnNrOfSignificantSamples, rlnLogLikeliContribution), model.star, fsc.star, fsc.png, metrics.csv, "
             "log.jsonl and checkpoint.pt (--resume).\n\n"
-            "Measured on simulated 4AKE (2000 particles, 64 px at 2.5 A/px, SNR 0.1, no input poses or "
-            "origins, 40 A reference): relion 6.3 A gold standard, 2.9 degrees median pose error; sparse-tv "
-            "5.0 A, 2.2 degrees.")
+            "Measured on simulated 4AKE (1,500 particles, 64 px at 2.5 A/px, SNR 0.1, no input poses or "
+            "origins, 40 A reference): relion 6.5 A gold standard, 2.9 degrees median pose error; sparse-tv "
+            "5.1 A, 2.2 degrees (see benchmarks/refine.py and the README for RELION's set_3j9g).")
 
 
 def register(app: typer.Typer) -> None:

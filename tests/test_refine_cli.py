@@ -1,4 +1,4 @@
-"""`cryocli refine` runs end to end on real RELION particles (results on 17 particles are not judged) and its
+"""`cryocli refine` runs end to end on real RELION particles (results on 5-17 particles are not judged) and its
 half maps go through `cryocli postprocess`; bad input leaves no run directory behind."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cryocli.imaging.fourier import fourier_crop_images
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import write_map
 from cryocli.io.star import read_star
-from tests.conftest import ASPIRE, CRYOJAX, need
+from tests.conftest import ASPIRE, CRYODRGN, CRYOJAX, need
 
 runner = CliRunner()
 BOX = 32
@@ -51,6 +51,51 @@ def test_refine_runs_on_real_particles_and_feeds_postprocess(reference: Path, tm
     pp = runner.invoke(app, ["--quiet", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
                              "-o", str(tmp_path / f"pp_{method}"), "--bfactor", "0"], catch_exceptions=False)
     assert pp.exit_code == 0, pp.output
+
+
+def _blob_reference(stack: ParticleStack, path: Path) -> Path:
+    """A Gaussian blob of the particles' field of view at BOX px."""
+    import numpy as np
+
+    r2 = ((np.indices((BOX,) * 3) - BOX // 2) ** 2).sum(0)
+    write_map(path, np.exp(-r2 / (2 * (BOX / 8) ** 2)).astype(np.float32), stack.pixel_size * stack.box / BOX, "blob")
+    return path
+
+
+def test_refine_runs_on_a_relion_30_file(tmp_path: Path) -> None:
+    """A RELION 3.0 file without poses, origins or optics table (EMPIAR-10076, 7 particles, 320 px), from a
+    blob of its field of view: both methods run an iteration, keep the input columns (3.0 per-particle
+    optics move to data_optics) and write half maps postprocess reads."""
+    import numpy as np
+
+    star = need(CRYODRGN / "empiar_10076_7.star")
+    stack = ParticleStack(read_star(star))
+    ref = _blob_reference(stack, tmp_path / "blob.mrc")
+    for method in ("relion", "sparse-tv"):
+        out = tmp_path / method
+        r = runner.invoke(app, ["--quiet", "refine", str(star), "--ref", str(ref), "--method", method, "-o", str(out),
+                                "--box", str(BOX), "--max-iter", "1"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        table = read_star(out / "particles.star")
+        assert len(table) == len(stack)
+        kept = set(table.particles.columns) | set(table.optics.columns)
+        assert set(stack.table.particles.columns) - {"rlnOriginX", "rlnOriginY"} <= kept
+        assert np.isfinite(table.euler_angles).all()
+        pp = runner.invoke(app, ["--quiet", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
+                                 "-o", str(tmp_path / f"pp_{method}"), "--bfactor", "0"], catch_exceptions=False)
+        assert pp.exit_code == 0, pp.output
+
+
+def test_half_sets_too_small_is_one_error_line_naming_the_file(tmp_path: Path) -> None:
+    """cryoDRGN's RELION 3.1 file puts its 5 particles all in rlnRandomSubset 1."""
+    star = need(CRYODRGN / "relion31.star")
+    ref = _blob_reference(ParticleStack(read_star(star)), tmp_path / "blob.mrc")
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["--quiet", "refine", str(star), "--ref", str(ref), "-o", str(out), "--box", str(BOX)])
+    assert r.exit_code == 2
+    assert str(star) in r.output and "found 5 in half 1 and 0 in half 2" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_reference_of_another_size_is_refused_without_leftovers(tmp_path: Path) -> None:

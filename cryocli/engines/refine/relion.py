@@ -330,7 +330,9 @@ class RelionRefineEngine:
         diameter = cfg.particle_diameter or 0.8 * n * apix
         halves = [torch.as_tensor(np.flatnonzero(subset == h), device=dev) for h in (1, 2)]
         if min(len(h) for h in halves) < 2:
-            raise CryocliError("each half set needs at least 2 particles")
+            raise CryocliError(f"rlnRandomSubset: each half set needs at least 2 particles, found "
+                               f"{len(halves[0])} in half 1 and {len(halves[1])} in half 2",
+                               getattr(data.table, "path", None))
         groups = self._optics_groups(data)
         return RunContext(
             cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev), n=n, apix=apix, diameter=diameter,

@@ -105,3 +105,22 @@ def test_reference_of_another_size_is_refused_without_leftovers(tmp_path: Path) 
     assert r.exit_code == 2
     assert "reference" in r.output
     assert not out.exists()
+
+
+def test_resume_continues_a_finished_run_and_plain_rerun_is_refused(tmp_path: Path) -> None:
+    """One iteration, then --resume with --max-iter 3 runs iterations 2 and 3 on top of the first (its
+    metrics row kept), and rewrites the results; running again without --resume or --force is refused."""
+    stack = ParticleStack(read_star(need(REAL)))
+    ref = _blob_reference(stack, tmp_path / "blob.mrc")
+    out = tmp_path / "run"
+    base = ["--quiet", "refine", str(REAL), "--ref", str(ref), "-o", str(out), "--box", str(BOX)]
+    assert runner.invoke(app, [*base, "--max-iter", "1"]).exit_code == 0
+    first = (out / "metrics.csv").read_text().splitlines()
+    assert len(first) == 2
+    r = runner.invoke(app, [*base, "--max-iter", "3", "--resume"])
+    assert r.exit_code == 0, r.output
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[:2] == first and [row.split(",")[1] for row in rows[1:]] == ["1", "2", "3"]
+    assert len(read_star(out / "particles.star")) == len(stack)
+    again = runner.invoke(app, [*base, "--max-iter", "3"])
+    assert again.exit_code == 2 and "--resume" in again.output

@@ -209,3 +209,23 @@ def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() 
                 for i, (d, w) in enumerate(kernel)]
         scores[engine.name] = [float(np.mean(fsc_curve(m * mask, vol * mask)[1:r_max])) for m in maps]
     assert min(scores["sparse-tv"]) > max(scores["relion"]) + 0.1, scores
+
+
+def test_shell_tau2_is_the_prior_map_reconstruct_applies() -> None:
+    """``map_reconstruct`` with SSNR s is the data divided by ``weight + 1 / tau^2`` with ``tau^2 = s / <weight>``
+    per shell: a single non-zero voxel on shell 3 comes back scaled by ``w / (w + 1 / tau^2)``."""
+    from cryocli.engines.refine.maps import map_reconstruct, padded_shells, shell_tau2, unregularised_map
+
+    n, pad = 16, 2
+    g = 2 * n + 1
+    weight = torch.full((g, g, g), 2.0, dtype=torch.float64)
+    data = torch.zeros((g, g, g), dtype=torch.complex128)
+    shells = padded_shells(g, n, pad, "cpu")
+    voxel = tuple(int(i) for i in (shells == 3).nonzero()[0])
+    data[voxel] = 1.0
+    ssnr = np.full(n // 2 + 1, 4.0)
+    tau2 = shell_tau2(weight, n, pad, ssnr, n // 2)
+    assert tau2[3] == pytest.approx(2.0)
+    regularised = map_reconstruct(data, weight, n, pad, ssnr, n // 2).double()
+    plain = unregularised_map(data, weight, n, pad, n // 2).double()
+    assert torch.allclose(regularised, plain * (2.0 / (2.0 + 1.0 / tau2[3])), atol=1e-6 * float(plain.abs().max()))

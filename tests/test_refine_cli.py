@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import starfile
 from typer.testing import CliRunner
 
 from cryocli.cli.app import app
@@ -48,6 +49,11 @@ def test_refine_runs_on_real_particles_and_feeds_postprocess(reference: Path, tm
         assert column in table.particles.columns, column
     for column in ("rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert column in table.particles.columns, column
+    model = starfile.read(out / "model.star", always_dict=True)
+    shells = model["model_class_1"]
+    assert {"rlnGoldStandardFsc", "rlnSsnrMap", "rlnReferenceTau2"} <= set(shells.columns)
+    assert (shells["rlnReferenceTau2"] >= 0).all() and (shells["rlnReferenceTau2"] > 0).any()
+    assert "rlnSigma2Noise" in model["model_optics_group_1"].columns
     pp = runner.invoke(app, ["--quiet", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
                              "-o", str(tmp_path / f"pp_{method}"), "--bfactor", "0"], catch_exceptions=False)
     assert pp.exit_code == 0, pp.output

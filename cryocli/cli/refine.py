@@ -88,8 +88,8 @@ def refine(
 
 
 def write_refine_outputs(out: Path, result: Any, table: Any, command: str) -> dict[str, str]:
-    """``particles.star`` with the E-step columns added and ``model.star`` (per-iteration resolution, FSC,
-    SSNR, tau^2-free SSNR and sigma^2 of the last iteration)."""
+    """``particles.star`` with the E-step columns added and ``model.star`` (per-iteration resolution,
+    changes and sampling; the last iteration's gold-standard FSC, SSNR, tau^2 and sigma^2)."""
     import numpy as np
     import torch
 
@@ -125,7 +125,8 @@ def write_refine_outputs(out: Path, result: Any, table: Any, command: str) -> di
             res = np.where(shells > 0, n * result.voxel_size / np.maximum(shells, 1), 999.0)
         text += format_star_loop("model_class_1", {
             "rlnSpectralIndex": shells, "rlnResolution": 1.0 / res, "rlnAngstromResolution": res,
-            "rlnGoldStandardFsc": np.asarray(last["fsc"]), "rlnSsnrMap": np.asarray(last["ssnr"])})
+            "rlnGoldStandardFsc": np.asarray(last["fsc"]), "rlnSsnrMap": np.asarray(last["ssnr"]),
+            "rlnReferenceTau2": np.asarray(last.get("tau2", np.zeros(n // 2 + 1)))})
         sigma2 = np.asarray(last["sigma2"])
         for g, spectrum in enumerate(sigma2, start=1):
             text += format_star_loop(f"model_optics_group_{g}", {

@@ -86,6 +86,34 @@ def fsc_to_ssnr(fsc: np.ndarray, tau2_fudge: float = 1.0, joined: bool = False) 
     return tau2_fudge * f / (1 - f)
 
 
+def _shell_mean_weight(weight: Tensor, n: int, pad: float, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Shell index of each padded-grid voxel ``(G, G, G)``, the voxels within ``r_max`` pixels, and the mean
+    weight of each shell ``(n // 2 + 1,)`` float64 over those voxels."""
+    g = weight.shape[-1]
+    shells = padded_shells(g, n, pad, weight.device)
+    big_r = grid_radius(n, pad, r_max)
+    k = torch.arange(g, device=weight.device, dtype=torch.float64) - g // 2
+    inside = (k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2) <= big_r * big_r
+    nshell = n // 2 + 1
+    idx = shells.clamp(max=nshell - 1)[inside]
+    w64 = weight.to(torch.float64)[inside]
+    total = torch.zeros(nshell, dtype=torch.float64, device=weight.device).index_add_(0, idx, w64)
+    count = torch.zeros(nshell, dtype=torch.float64, device=weight.device).index_add_(0, idx, torch.ones_like(w64))
+    return shells, inside, total / count.clamp_min(1)
+
+
+def shell_tau2(weight: Tensor, n: int, pad: float, ssnr: np.ndarray, r_max: int) -> np.ndarray:
+    """The Fourier-shell prior variance ``tau^2 = SSNR / <weight>`` per shell ``(n // 2 + 1,)`` that
+    :func:`map_reconstruct` regularises with (RELION's ``rlnReferenceTau2``, in the units of the map's
+    padded Fourier transform); zero beyond ``r_max`` and where a shell has no weight."""
+    _, _, avg = _shell_mean_weight(weight, n, pad, r_max)
+    snr = np.asarray(ssnr, dtype=np.float64)
+    mean = avg.cpu().numpy()
+    out = np.where(mean > 0, snr / np.maximum(mean, 1e-300), 0.0)
+    out[r_max + 1:] = 0.0
+    return out
+
+
 def map_reconstruct(data: Tensor, weight: Tensor, n: int, pad: float, ssnr: np.ndarray, r_max: int) -> Tensor:
     """RELION's MAP reconstruction ``V = data / (weight + 1 / tau^2)`` with ``1 / tau^2(shell) = mean
     weight of the shell / SSNR(shell)`` (``tau^2 = SSNR / <weight>``, the Fourier-shell Gaussian prior),
@@ -94,21 +122,11 @@ def map_reconstruct(data: Tensor, weight: Tensor, n: int, pad: float, ssnr: np.n
     data, weight: symmetrised accumulators ``(G, G, G)``; ssnr: ``(n // 2 + 1,)`` per shell. Voxels beyond
     ``r_max`` pixels are zero.
     """
-    g = data.shape[-1]
-    shells = padded_shells(g, n, pad, data.device)
-    big_r = grid_radius(n, pad, r_max)
-    k = torch.arange(g, device=data.device, dtype=torch.float64) - g // 2
-    inside = (k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2) <= big_r * big_r
     nshell = n // 2 + 1
-    idx = shells.clamp(max=nshell - 1)[inside]
-    w64 = weight.to(torch.float64)
-    total = torch.zeros(nshell, dtype=torch.float64, device=data.device).index_add_(0, idx, w64[inside])
-    count = torch.zeros(nshell, dtype=torch.float64, device=data.device).index_add_(
-        0, idx, torch.ones_like(w64[inside]))
-    avg = total / count.clamp_min(1)
+    shells, inside, avg = _shell_mean_weight(weight, n, pad, r_max)
     snr = torch.as_tensor(np.asarray(ssnr, dtype=np.float64), device=data.device)
     inv_tau2 = avg / snr.clamp_min(1e-12)
-    denom = w64 + inv_tau2[shells.clamp(max=nshell - 1)]
+    denom = weight.to(torch.float64) + inv_tau2[shells.clamp(max=nshell - 1)]
     spec = torch.where(inside & (denom > 0), data.to(torch.complex128) / denom.clamp_min(1e-300),
                        torch.zeros((), dtype=torch.complex128, device=data.device))
     return spectrum_to_map(spec, n, pad).to(torch.float32)

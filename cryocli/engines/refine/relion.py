@@ -51,7 +51,7 @@ from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProje
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
 from cryocli.engines.refine.maps import (backproject_samples, fsc_to_ssnr, half_map_fsc, join_low_resolution,
-                                         map_reconstruct, unregularised_map)
+                                         map_reconstruct, shell_tau2, unregularised_map)
 from cryocli.errors import CryocliError
 from cryocli.geometry.rotations import geodesic_distance
 from cryocli.geometry.so3grid import SO3Grid
@@ -298,8 +298,10 @@ class RelionRefineEngine:
                        **info, "final_pass": final_pass}
             converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
                                                       fine_step, ctx.max_level, cfg.local_from_level)
+            ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge)
+            tau2 = np.mean([shell_tau2(w, n, 2, ssnr, r_max) for _, w in accumulators], axis=0)
             history.append({"iteration": it, "fsc": fsc.tolist(), "sigma2": sigma2.cpu().tolist(),
-                            "ssnr": fsc_to_ssnr(fsc, cfg.tau2_fudge).tolist(), **metrics})
+                            "ssnr": ssnr.tolist(), "tau2": tau2.tolist(), **metrics})
             state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
                      "history": history, "iteration": it, "final_pass": converged and not final_pass}

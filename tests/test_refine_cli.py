@@ -130,3 +130,22 @@ def test_resume_continues_a_finished_run_and_plain_rerun_is_refused(tmp_path: Pa
     assert len(read_star(out / "particles.star")) == len(stack)
     again = runner.invoke(app, [*base, "--max-iter", "3"])
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_sparse_tv_resume_searches_beta_around_the_kept_scale(tmp_path: Path) -> None:
+    """The checkpoint carries each half's kept beta scale: after --resume the second M-step tries that scale
+    and its neighbours (/ 2, x 2), not the first M-step's grid again."""
+    import csv
+
+    stack = ParticleStack(read_star(need(REAL)))
+    ref = _blob_reference(stack, tmp_path / "blob.mrc")
+    out = tmp_path / "run"
+    base = ["--quiet", "refine", str(REAL), "--ref", str(ref), "-o", str(out), "--box", str(BOX), "--method",
+            "sparse-tv"]
+    assert runner.invoke(app, [*base, "--max-iter", "1"]).exit_code == 0
+    r = runner.invoke(app, [*base, "--max-iter", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    kept = float(rows[0]["beta_scale_h1"])
+    tried = sorted(float(k.rsplit("_b", 1)[1]) for k, v in rows[1].items() if k.startswith("heldout_h1_b") and v)
+    assert tried == pytest.approx(sorted({min(50.0, max(0.05, kept * f)) for f in (0.5, 1.0, 2.0)}), rel=1e-2)

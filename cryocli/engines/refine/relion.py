@@ -240,6 +240,13 @@ class RelionRefineEngine:
                      info: dict[str, Any]) -> None:
         """Hook called once per iteration before the halves are reconstructed (nothing for RELION)."""
 
+    def m_step_state(self) -> dict[str, Any]:
+        """What the M-step carries from one iteration to the next, for the checkpoint (nothing for RELION)."""
+        return {}
+
+    def restore_m_step_state(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`m_step_state` from a checkpoint (``--resume``)."""
+
     def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
                          r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False,
                          half: int = 0) -> Tensor:
@@ -268,6 +275,7 @@ class RelionRefineEngine:
             rot, origins, sigma2 = saved["rot"].to(dev), saved["origins"].to(dev), saved["sigma2"].to(dev)
             sampling, fsc, history = Sampling(**saved["sampling"]), np.asarray(saved["fsc"]), saved["history"]
             start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
+            self.restore_m_step_state(saved.get("m_step", {}))
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
         r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
@@ -304,7 +312,8 @@ class RelionRefineEngine:
                             "ssnr": ssnr.tolist(), "tau2": tau2.tolist(), **metrics})
             state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
-                     "history": history, "iteration": it, "final_pass": converged and not final_pass}
+                     "history": history, "iteration": it, "final_pass": converged and not final_pass,
+                     "m_step": self.m_step_state()}
             reporter.step(1, res=round(res, 2), level=metrics["level"])
             reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
                                state=state, last=final_pass or (not converged and it >= cfg.epochs))

@@ -284,6 +284,15 @@ class SparseTVRefineEngine(RelionRefineEngine):
         self._beta_scale: dict[int, float] = {}
         self._solved = False
 
+    def m_step_state(self) -> dict[str, Any]:
+        """The beta scale each half kept and whether a previous map exists (so a resumed run searches beta
+        around the kept scale, as the uninterrupted run would)."""
+        return {"beta_scale": dict(self._beta_scale), "solved": self._solved}
+
+    def restore_m_step_state(self, state: dict[str, Any]) -> None:
+        self._beta_scale = {int(k): float(v) for k, v in state.get("beta_scale", {}).items()}
+        self._solved = bool(state.get("solved", False))
+
     def _envelope(self, n: int, cfg: RefineConfig, device: torch.device) -> Tensor:
         if cfg.kernel == "gaussian":
             return kernel_envelope(n, 2, device=device)

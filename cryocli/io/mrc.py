@@ -2,8 +2,9 @@
 
 Arrays in memory are ``[z, y, x]`` (stacks ``[n, y, x]``) whatever the file's MAPC/MAPR/MAPS axis order.
 Voxel size is cell length / grid size. cryocli writes mode 2 (float32) with the voxel size set, origin 0,
-and a label naming the command; every write goes to a temporary name first and is renamed at the end,
-so an interrupted run never leaves a half-written file under the final name.
+and a label naming the command (no time stamp: the same run writes the same bytes); every write goes to
+a temporary name first (``.{name}.XXXXXXXX.tmp`` beside it) and is renamed at the end, so an interrupted
+run never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import mrcfile
@@ -148,8 +148,8 @@ def stack_images(mrc, indices: np.ndarray) -> np.ndarray:
 
 
 def _label(command: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%d-%b-%Y %H:%M:%S")
-    return f"cryocli {command} {stamp}"[:80]
+    """The MRC label: ``cryocli <command>``, without a clock time, so that the same run writes the same bytes."""
+    return " ".join(f"cryocli {command}".split())[:80]
 
 
 def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, is_stack: bool) -> None:

@@ -21,6 +21,7 @@ from cryocli.geometry.rotations import (
     matrix_to_quaternion,
     matrix_to_s2s2,
     matrix_to_sixd,
+    project_to_so3,
     projection_direction,
     quaternion_distance,
     quaternion_multiply,
@@ -199,6 +200,25 @@ def test_geodesic_distance(dtype):
     x = a[:3].clone().requires_grad_()
     geodesic_distance(x, a[:3]).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_project_to_so3_is_the_nearest_rotation(dtype):
+    a = _random(50, dtype, seed=7)
+    assert (project_to_so3(a) - a).abs().max() < 4 * TOL[dtype]
+    # A perturbed rotation comes back to a proper rotation close to it; a reflection to det +1.
+    m = a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    m[:5] = -m[:5]
+    r = project_to_so3(m)
+    eye = torch.eye(3, dtype=dtype).expand_as(r)
+    assert (r @ r.transpose(-1, -2) - eye).abs().max() < 4 * TOL[dtype]
+    assert torch.allclose(torch.det(r), torch.ones(50, dtype=dtype), atol=4 * TOL[dtype])
+    assert (geodesic_distance(r[5:], a[5:]) < 0.2).all()
+    # The chordal mean of two turns by +-w about one rotation projects back onto it.
+    w = torch.tensor([0.3, -0.2, 0.5], dtype=dtype)
+    mean = project_to_so3((axis_angle_to_matrix(torch.stack([w, -w])) @ a[0]).sum(0))
+    assert geodesic_distance(mean, a[0]) < 4 * TOL[dtype]
+    assert project_to_so3(a.reshape(5, 10, 3, 3)).shape == (5, 10, 3, 3)
 
 
 def test_quaternion_distance_is_chordal():

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance, quaternion_to_matrix
+from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance, project_to_so3, quaternion_to_matrix
 from cryocli.imaging.fourier import centred_grid_3d, fourier_resample_volume, radius_3d
 from cryocli.imaging.masks import soft_sphere
 
@@ -75,15 +75,6 @@ def sample_rotations(count: int, dtype: torch.dtype = torch.float64) -> Tensor:
     alpha, beta = 2 * math.pi * s / phi, 2 * math.pi * s / psi
     q = torch.stack([r * torch.sin(alpha), r * torch.cos(alpha), big_r * torch.sin(beta), big_r * torch.cos(beta)], -1)
     return quaternion_to_matrix(q).to(dtype)
-
-
-def project_to_so3(m: Tensor) -> Tensor:
-    """The rotation nearest (Frobenius) to each matrix ``(..., 3, 3)``."""
-    u, _, vh = torch.linalg.svd(m)
-    det = torch.det(u @ vh)
-    d = torch.ones(m.shape[:-1], dtype=m.dtype, device=m.device)
-    d[..., 2] = det
-    return u @ torch.diag_embed(d) @ vh
 
 
 # --- resampling --------------------------------------------------------------------------------

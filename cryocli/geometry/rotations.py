@@ -290,6 +290,20 @@ def geodesic_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.atan2(sin_t, cos_t)
 
 
+def project_to_so3(matrix: Tensor) -> Tensor:
+    """The rotation nearest (Frobenius norm) to each matrix ``(..., 3, 3)`` -> ``(..., 3, 3)``.
+
+    ``U diag(1, 1, det(U V^T)) V^T`` from the SVD ``U S V^T``: the orthogonal polar factor, with the sign of
+    its last column fixed so that the result is a proper rotation (det +1). For averaging rotations
+    (chordal mean) and cleaning up accumulated rounding.
+    """
+    u, _, vh = torch.linalg.svd(matrix)
+    d = torch.det(u @ vh)
+    fix = torch.ones((*d.shape, 3), dtype=matrix.dtype, device=matrix.device)
+    fix[..., 2] = d
+    return (u * fix[..., None, :]) @ vh
+
+
 def random_quaternions(n: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> Tensor:
     """``n`` unit quaternions ``(n, 4)`` uniform on SO(3) (normalised 4D Gaussians), canonical sign ``w >= 0``."""

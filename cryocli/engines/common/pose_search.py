@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryocli.geometry.rotations import geodesic_distance, rotation_about_axis
+from cryocli.geometry.rotations import geodesic_distance, project_to_so3, rotation_about_axis
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.imaging.projector import DEFAULT_CHUNK_POINTS, half_plane_pixels, padded_box, sample_slices
 
@@ -194,15 +194,6 @@ def significant_samples(log_lik: Tensor, fraction: float, max_count: int) -> tup
     top, idx, keep = top[:, :kmax], idx[:, :kmax], keep[:, :kmax]
     w = torch.where(keep, top, torch.zeros_like(top))
     return idx, w / w.sum(1, keepdim=True), count
-
-
-def project_to_rotation(m: Tensor) -> Tensor:
-    """Nearest rotation (Frobenius norm) to each matrix ``(..., 3, 3)``: ``U diag(1, 1, det) V^T`` of its SVD."""
-    u, _, vh = torch.linalg.svd(m)
-    d = torch.det(u @ vh)
-    fix = torch.ones((*d.shape, 3), dtype=m.dtype, device=m.device)
-    fix[..., 2] = d
-    return (u * fix[..., None, :]) @ vh
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -491,7 +482,7 @@ class PoseSearcher:
         near = geodesic_distance(rot, best[:, None, None].expand_as(rot)) <= self.grid.cell_size(self.level) + 1e-6
         p_rot = (prob.sum(2) * near).to(torch.float64)  # (B, K, 8)
         m = (p_rot[..., None, None] * rot.to(torch.float64)).sum((1, 2))
-        mean_rot = project_to_rotation(m).to(best.dtype)
+        mean_rot = project_to_so3(m).to(best.dtype)
         p_shift = (prob * near[:, :, None, :]).sum(3).to(torch.float64)  # (B, K, S)
         total = p_shift.sum((1, 2)).clamp_min(1e-300)
         mean_shift = (p_shift[..., None] * shifts.to(torch.float64)).sum((1, 2)) / total[:, None]

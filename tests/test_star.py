@@ -66,6 +66,23 @@ def _rewritten(tmp_path: Path, source: Path, old: str, new: str, name: str | Non
     return out
 
 
+def _stack_files(table: ParticleTable) -> tuple[list[int], list[object]]:
+    """Each particle's image index and the stack file it reads from (the name as written when no stack is
+    found), resolved as the reader resolves it: what a rewritten ``rlnImageName`` must keep."""
+    from cryocli.io.dataset import resolve_stack_paths
+
+    found = {e["name"]: e["resolved"] if e["resolved"] is not None else e["name"] for e in resolve_stack_paths(table)}
+    index, paths = table.image_names
+    return index.tolist(), [found[p] for p in paths]
+
+
+def _assert_same_images(before: ParticleTable, after: ParticleTable) -> None:
+    """``after`` names the same images of the same stack files as ``before``, with the index text kept."""
+    assert _stack_files(after) == _stack_files(before)
+    index_text = lambda t: t.particles["rlnImageName"].astype(str).str.partition("@")[0].tolist()  # noqa: E731
+    assert index_text(after) == index_text(before)
+
+
 def _assert_error_names_file(exc: pytest.ExceptionInfo, path: Path, *words: str) -> None:
     message = str(exc.value)
     assert path.name in message, message
@@ -271,15 +288,19 @@ def test_round_trip_keeps_every_value_and_its_text(path: Path, tmp_path: Path) -
     assert list(again.particles.columns) == list(table.particles.columns) + added
     np.testing.assert_array_equal(again.optics_per_particle()["rlnOpticsGroup"],
                                   table.optics_per_particle()["rlnOpticsGroup"])
-    pd.testing.assert_frame_equal(again.particles[table.particles.columns], table.particles)
+    kept = [c for c in table.particles.columns if c != "rlnImageName"]
+    pd.testing.assert_frame_equal(again.particles[kept], table.particles[kept])
     pd.testing.assert_frame_equal(again.optics, table.optics)
-    # every token is the file's own text, read independently of cryocli
+    # image names are rewritten relative to the current directory (absolute outside it), same images
+    _assert_same_images(table, again)
+    # every other token is the file's own text, read independently of cryocli
     before, after = _raw_columns(path), _raw_columns(out)
     for block in ("particles", "optics"):
         columns = list(before[block].columns)
         assert list(after[block].columns)[:len(columns)] == columns
+        columns = [c for c in columns if c != "rlnImageName"]
         pd.testing.assert_frame_equal(after[block][columns].reset_index(drop=True),
-                                      before[block].reset_index(drop=True))
+                                      before[block].reset_index(drop=True)[columns])
     assert [f.name for f in tmp_path.iterdir()] == ["out.star"]
 
 
@@ -310,7 +331,9 @@ def test_relion30_converts_to_31(tmp_path: Path) -> None:
     raw_before = _raw_columns(ASPIRE / "sample_particles_relion30.star")["model_class_1"]
     raw_after = _raw_columns(out)["particles"]
     for column in kept:
-        assert raw_after[column].tolist() == raw_before[column].tolist(), column
+        if column != "rlnImageName":
+            assert raw_after[column].tolist() == raw_before[column].tolist(), column
+    _assert_same_images(source, table)
 
 
 def test_relion30_single_group_converts(tmp_path: Path) -> None:
@@ -321,7 +344,8 @@ def test_relion30_single_group_converts(tmp_path: Path) -> None:
     assert (table.particles["rlnOpticsGroup"] == 1).all()
     assert table.optics["rlnAmplitudeContrast"].iloc[0] == pytest.approx(0.07)
     np.testing.assert_allclose(table.pixel_size, 1e4 * 5 / 38168)
-    assert table.particles["rlnImageName"].tolist()[0] == "1@empiar_10076_7.mrc"
+    # the stack beside the source file lies outside the current directory: named by its absolute path
+    assert table.particles["rlnImageName"].tolist()[0] == f"1@{need(CRYODRGN / 'empiar_10076_7.mrc')}"
 
 
 def test_with_poses_full_precision_round_trip(tmp_path: Path) -> None:
@@ -356,7 +380,9 @@ def test_subset_keeps_order_and_text(tmp_path: Path) -> None:
     write_star(half, out)
     raw = _raw_columns(out)["particles"]
     original = _raw_columns(RELION_SET / "noisy" / "noisy.star")["particles"]
-    pd.testing.assert_frame_equal(raw, original[mask].reset_index(drop=True))
+    columns = [c for c in raw.columns if c != "rlnImageName"]
+    pd.testing.assert_frame_equal(raw[columns], original[mask].reset_index(drop=True)[columns])
+    _assert_same_images(half, read_star(out))
 
 
 def test_source_changed_after_reading_falls_back_to_fresh_text(tmp_path: Path) -> None:
@@ -402,6 +428,122 @@ def test_in_memory_table_writes(tmp_path: Path) -> None:
     assert again.image_names[1] == ["a b.mrcs", "a b.mrcs"]
     assert again.particles["rlnMicrographName"].tolist() == ["", "x"]
     assert again.optics["rlnOpticsGroupName"].tolist() == ["g 1"]
+
+
+# ----- image names: written relative to the current directory, as RELION does ------------------------------
+def _small_set(folder: Path, names: list[str]) -> Path:
+    """``folder/particles.star`` naming ``names`` (written as they are: an in-memory table), and a 3-image
+    8 px stack ``folder/Particles/particles_0001.mrcs``."""
+    from cryocli.io.mrc import write_stack
+
+    write_stack(folder / "Particles" / "particles_0001.mrcs", np.zeros((3, 8, 8), np.float32), 2.0)
+    particles = pd.DataFrame({"rlnImageName": names, "rlnDefocusU": np.full(len(names), 1e4),
+                              "rlnOpticsGroup": np.ones(len(names), dtype=int)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g1"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [2.0], "rlnImageSize": [8]})
+    write_star(ParticleTable(particles, optics, "3.1"), folder / "particles.star")
+    return folder / "particles.star"
+
+
+def test_relion_image_path_is_relative_to_the_cwd_or_absolute(tmp_path: Path, monkeypatch) -> None:
+    from cryocli.io.paths import relion_image_path
+
+    root = tmp_path.resolve()
+    work, data = root / "w", root / "data"
+    (work / "sim").mkdir(parents=True)
+    data.mkdir()
+    monkeypatch.chdir(work)
+    assert relion_image_path(work / "sim" / "a.mrcs") == "sim/a.mrcs"
+    assert relion_image_path("sim/./x/../a.mrcs") == "sim/a.mrcs"
+    assert relion_image_path(data / "a.mrcs") == str(data / "a.mrcs")
+    assert relion_image_path("../data/a.mrcs") == str(data / "a.mrcs")  # never "../": absolute outside
+    (work / "link").symlink_to(data)
+    assert relion_image_path(work / "link" / "a.mrcs") == "link/a.mrcs"  # the user's link is kept
+    # a current directory reached through a link: names still relative to it
+    (root / "wl").symlink_to(work)
+    monkeypatch.chdir(root / "wl")
+    assert relion_image_path(root / "wl" / "sim" / "a.mrcs") == "sim/a.mrcs"
+    assert relion_image_path(work / "sim" / "a.mrcs") == "sim/a.mrcs"
+
+
+def test_written_names_resolve_from_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    """A table read from sim/particles.star (names relative to its folder, as cryocli used to write them)
+    and written to run/particles.star names its stacks from the current directory, as RELION does."""
+    from cryocli.io.dataset import ParticleStack
+
+    work = tmp_path.resolve() / "w"
+    (work / "sim").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    _small_set(work / "sim", ["00000001@Particles/particles_0001.mrcs", "00000003@Particles/particles_0001.mrcs",
+                              "2@./Particles/particles_0001.mrcs", "1@missing/none.mrcs"])
+    stack = work / "sim" / "Particles" / "particles_0001.mrcs"
+    table = read_star("sim/particles.star")
+    write_star(table, "run/particles.star")
+    written = read_star("run/particles.star")
+    assert written.particles["rlnImageName"].tolist() == [
+        "00000001@sim/Particles/particles_0001.mrcs", "00000003@sim/Particles/particles_0001.mrcs",
+        "2@sim/Particles/particles_0001.mrcs", "1@missing/none.mrcs"]  # index text kept, unknown name kept
+    assert all(Path(p).is_file() for p in written.image_names[1][:3])  # from the cwd, as RELION reads them
+    kept = written.subset([0, 1, 2])
+    assert ParticleStack(kept).files == [stack]
+    # writing again changes nothing; reading from the STAR file's own folder works too
+    write_star(kept, "again/particles.star")
+    assert read_star("again/particles.star").particles["rlnImageName"].tolist() == \
+        kept.particles["rlnImageName"].tolist()
+    monkeypatch.chdir(work / "run")
+    assert ParticleStack(read_star("particles.star").subset([0, 1, 2])).files == [stack]
+    # written from a directory the stacks are not under: absolute names
+    elsewhere = tmp_path.resolve() / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    write_star(read_star(work / "sim" / "particles.star"), "out/particles.star")
+    names = read_star("out/particles.star").particles["rlnImageName"].tolist()
+    assert names[:3] == [f"00000001@{stack}", f"00000003@{stack}", f"2@{stack}"] and names[3] == "1@missing/none.mrcs"
+    # and as they are, when asked
+    write_star(read_star(work / "sim" / "particles.star"), "plain.star", rebase_images=False)
+    assert read_star("plain.star").particles["rlnImageName"].tolist()[0] == "00000001@Particles/particles_0001.mrcs"
+
+
+def test_written_names_use_the_datadir_the_stacks_were_found_in(tmp_path: Path, monkeypatch) -> None:
+    from cryocli.io.dataset import ParticleStack
+
+    work = tmp_path.resolve() / "w"
+    (work / "meta").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    _small_set(work / "data", ["1@particles_0001.mrcs"])  # writes data/Particles/particles_0001.mrcs
+    star = _small_set(work / "meta", ["1@particles_0001.mrcs", "3@particles_0001.mrcs"])
+    table = read_star(star)
+    write_star(table, "a.star")  # not found without the datadir: left as it is
+    assert read_star("a.star").particles["rlnImageName"].tolist() == ["1@particles_0001.mrcs", "3@particles_0001.mrcs"]
+    write_star(table, "b.star", datadir="data/Particles")
+    assert read_star("b.star").particles["rlnImageName"].tolist() == [
+        "1@data/Particles/particles_0001.mrcs", "3@data/Particles/particles_0001.mrcs"]
+    ParticleStack(table, datadir="data/Particles")  # remembers the folder on the table for writers
+    write_star(table.subset([1]).with_poses([1.0], [2.0], [3.0], np.zeros((1, 2))), "c.star")
+    assert read_star("c.star").particles["rlnImageName"].tolist() == ["3@data/Particles/particles_0001.mrcs"]
+
+
+def test_image_names_are_resolved_once_per_stack(tmp_path: Path, monkeypatch) -> None:
+    """10^5 particles in 3 stacks: 3 look-ups, not one per particle (the 10^6-particle case stays fast)."""
+    import cryocli.io.star as star_module
+
+    work = tmp_path.resolve()
+    monkeypatch.chdir(work)
+    n = 100_000
+    stacks = np.array(["a/s1.mrcs", "b/s2.mrcs", "c/s3.mrcs"], dtype=object)
+    names = [f"{i % 1000 + 1:06d}@{p}" for i, p in enumerate(stacks[np.arange(n) % 3])]
+    star = _small_set(work / "set", names)
+    for p in stacks:
+        (work / "set" / p).parent.mkdir(exist_ok=True)
+        (work / "set" / p).write_bytes(b"")
+    calls = []
+    real = star_module.resolve_stack
+    monkeypatch.setattr(star_module, "resolve_stack", lambda *a: calls.append(a[0]) or real(*a))
+    write_star(read_star(star), work / "out.star")
+    assert sorted(calls) == sorted(stacks)
+    again = read_star(work / "out.star").particles["rlnImageName"]
+    assert again.iloc[4] == "000005@set/b/s2.mrcs" and again.iloc[n - 1] == f"{(n - 1) % 1000 + 1:06d}@set/a/s1.mrcs"
 
 
 # ----- errors -------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ the STAR file's folder, the current directory, the data directory (as given and 
 the STAR file's parent folder (RELION writes paths relative to its project folder, which is often the
 parent of the folder holding the STAR file, e.g. ``set/noisy/noisy.star`` naming ``noisy/noisy.mrcs``).
 Stacks are memory-mapped; a batch reads only its own images, with one read per stack file.
+The data directory is remembered on the table (``table.datadir``), so that a STAR file written from it
+names the same stacks, relative to the current directory (:func:`cryocli.io.star.write_star`).
 
 Units: pixel size and shifts in Angstrom, box in pixels, rotations are RELION ``A`` matrices.
 """
@@ -26,7 +28,7 @@ from cryocli.errors import CryocliError
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams
 from cryocli.io.mrc import MapData, open_stack, stack_images, stack_info
-from cryocli.io.paths import resolve_stack
+from cryocli.io.paths import resolve_stack, star_folder
 from cryocli.io.star import ParticleTable, check_pixel_size
 
 MAX_OPEN_STACKS = 128
@@ -38,8 +40,9 @@ def resolve_stack_paths(table: ParticleTable, datadir: str | Path | None = None)
     Each entry: ``name`` (as written in the STAR file), ``resolved`` (existing :class:`Path` or ``None``),
     ``tried`` (every path looked at, in order) and ``first_particle`` (0-based row of its first particle).
     """
-    star_dir = Path(table.path).resolve().parent if table.path else None
-    folder = Path(datadir) if datadir is not None else None
+    star_dir = star_folder(table.path)
+    folder = datadir if datadir is not None else table.datadir
+    folder = Path(folder) if folder is not None else None
     _, names = table.image_names
     codes, uniques = pd.factorize(pd.Series(names, dtype=object), sort=False)
     first = np.unique(codes, return_index=True)[1]
@@ -70,15 +73,20 @@ class ParticleBatch:
 class ParticleStack:
     """The particles of a :class:`ParticleTable` with their images, read lazily from MRC stacks.
 
-    ``datadir``: an extra folder to look for stacks in. ``allow_box_mismatch``: accept stacks whose box
-    differs from ``rlnImageSize`` in the optics table (otherwise :class:`CryocliError`).
+    ``datadir``: an extra folder to look for stacks in (default: ``table.datadir``; a folder given here is
+    stored there, for writers). ``allow_box_mismatch``: accept stacks whose box differs from
+    ``rlnImageSize`` in the optics table (otherwise :class:`CryocliError`).
     The STAR file's pixel size wins over the stack headers; the header is used only when the table has none.
     """
 
     def __init__(self, table: ParticleTable, datadir: str | Path | None = None, *,
                  allow_box_mismatch: bool = False) -> None:
         self.table = table
-        self.datadir = Path(datadir) if datadir is not None else None
+        if datadir is not None:
+            self.datadir: Path | None = Path(datadir)
+            table.datadir = str(self.datadir.absolute())
+        else:
+            self.datadir = Path(table.datadir) if table.datadir is not None else None
         local, names = table.image_names
         self._local = local
         self._file_code = pd.factorize(pd.Series(names, dtype=object), sort=False)[0].astype(np.int64)

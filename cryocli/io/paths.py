@@ -5,6 +5,10 @@ usually sits in that folder or one level below it (``Extract/job012/particles.st
 ``noisy/noisy.star``), so a stack path is looked up, in order, against the STAR file's folder, the
 current directory, the user's data directory (also by bare file name, the ``--datadir`` habit of other
 tools) and finally the STAR file's parent folder.
+
+Writers name stacks as RELION does (:func:`relion_image_path`): relative to the current directory when
+the stack lies under it, absolute otherwise, so a STAR file written by one command reads from the same
+shell with the next command, or with RELION, without ``--datadir``.
 """
 
 from __future__ import annotations
@@ -85,3 +89,56 @@ def resolve_stack(name: str, star_dir: Path | None, datadir: Path | None) -> tup
         if candidate.is_file():
             return candidate, tried
     return None, tried
+
+
+def star_folder(star_path: str | Path | None) -> Path | None:
+    """The folder stack names of the STAR file ``star_path`` are first looked up in (its resolved folder)."""
+    return Path(star_path).resolve().parent if star_path else None
+
+
+def relion_image_path(path: str | Path) -> str:
+    """The stack path ``path`` as RELION writes it in ``rlnImageName``: relative to the current directory.
+
+    ``path`` (absolute, or relative to the current directory) is made absolute and normalised lexically
+    (``.`` and ``a/..`` removed, symbolic links kept). When it lies under the current directory, either
+    as written or once symbolic links are resolved on both sides (``os.getcwd()`` gives the physical
+    folder), the result is relative to it (``sim/Particles/particles_0001.mrcs``), as RELION names the
+    stacks of its project folder (``Extract/job005/...``). Otherwise it is absolute, never ``../``: a
+    name that climbs out of the current directory reads from nowhere else anyway, and ``..`` after a
+    symbolic link means a different folder to the kernel than to a lexical normalisation, so the
+    same text could name two files. An absolute name reads from every directory.
+    """
+    target = Path(os.path.abspath(os.fspath(path)))
+    cwd = Path.cwd()
+    for base, full in ((cwd, target), (cwd.resolve(), None)):
+        if full is None:
+            try:
+                full = target.resolve()
+            except OSError:
+                continue
+        try:
+            rel = full.relative_to(base)
+        except ValueError:
+            continue
+        if rel.parts:
+            return rel.as_posix()
+    return target.as_posix()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`atomic_write_text` does (temporary in the same folder, fsync,
+    umask permissions, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -18,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ import starfile
 
 from cryocli.errors import CryocliError
 from cryocli.imaging.ctf import CTFParams
-from cryocli.io.paths import atomic_write_text
+from cryocli.io.paths import atomic_write_text, relion_image_path, resolve_stack, star_folder
 
 # Labels that live in data_optics in 3.1+ files and per particle in 3.0 files.
 OPTICS_LABELS = (
@@ -113,7 +113,8 @@ class ParticleTable:
     without one, from the presence of ``data_optics``). ``optics_in_file``: whether ``data_optics``
     existed (otherwise the per-particle columns are the source of optics values). ``particle_block``: the
     block the particles came from. ``source``: the file read, used by :func:`write_star` to keep the
-    original text of unchanged values.
+    original text of unchanged values. ``datadir``: the extra folder the stacks were looked up in
+    (set by :class:`~cryocli.io.dataset.ParticleStack`), so that :func:`write_star` finds them again.
     """
 
     particles: pd.DataFrame
@@ -123,6 +124,7 @@ class ParticleTable:
     optics_in_file: bool = True
     particle_block: str = "particles"
     source: SourceStamp | None = field(default=None, repr=False, compare=False)
+    datadir: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.particles)
@@ -550,15 +552,30 @@ def _version(text: str, has_optics: bool) -> str:
 
 
 # ----- writing ---------------------------------------------------------------------------------------------
-def write_star(table: ParticleTable, path: str | Path) -> None:
+def write_star(table: ParticleTable, path: str | Path, *, datadir: str | Path | None = None,
+               rebase_images: bool = True) -> None:
     """Write ``table`` atomically as a RELION 3.1+ STAR file (``# version 30001``, data_optics, data_particles).
 
     Particle order and every column are kept. A table read from a 3.0 file gets an optics table built from
     its per-particle optics columns (which leave the particle table), ``rlnOpticsGroup`` per particle, and
     pixel origins ``rlnOriginX/Y`` converted to ``rlnOriginX/YAngst`` (Angstrom). Unchanged numbers are written
     with their original text, others with the shortest text that reads back to the same float64.
+
+    Image names are written as RELION writes them, relative to the current directory (absolute for stacks
+    outside it): for a table read from a file (``table.path`` set), each stack named in ``rlnImageName`` is
+    found as the reader finds it (the table's STAR folder, the current directory, ``datadir`` or else the
+    ``datadir`` the table's stacks were opened with, the STAR folder's parent) and renamed
+    :func:`~cryocli.io.paths.relion_image_path` of that file (see :func:`image_names_from_cwd`), so the new
+    file reads from this directory whichever folder it is written to. Stacks that are not found keep their
+    name. ``rebase_images=False`` writes the names as they are in the table.
     """
     path = Path(path)
+    if rebase_images and table.path is not None and "rlnImageName" in table.particles.columns:
+        names = image_names_from_cwd(table, datadir)
+        if names is not None:
+            particles = table.particles.copy()
+            particles["rlnImageName"] = names
+            table = replace(table, particles=particles)
     optics, particles = _relion31_tables(table)
     texts = table.source.text_frames() if table.source is not None else {}
     source_particles = texts.get("particles")
@@ -568,6 +585,36 @@ def write_star(table: ParticleTable, path: str | Path) -> None:
         _format_block("particles", particles, source_particles, path),
     ]
     atomic_write_text(path, "".join(parts))
+
+
+def image_names_from_cwd(table: ParticleTable, datadir: str | Path | None = None) -> np.ndarray | None:
+    """``rlnImageName`` of every particle with its stack named from the current directory, as RELION does.
+
+    Each distinct stack path (the part after ``@``, or the whole name of a single-image file) is resolved
+    once, in the reader's order (:func:`~cryocli.io.paths.resolve_stack`: the STAR folder of
+    ``table.path``, the current directory, ``datadir`` (else ``table.datadir``), the STAR folder's parent)
+    and renamed :func:`~cryocli.io.paths.relion_image_path` of the file found; stacks not found keep their
+    name, and the image index keeps its text (``000012@``). The file system is asked once per stack, never
+    per particle; per particle there are only a split, a factorisation and a join (about 1 s for 10^6
+    particles). Returns an object array ``(N,)``, or ``None`` when no name changes.
+    """
+    if "rlnImageName" not in table.particles.columns or len(table.particles) == 0:
+        return None
+    folder = datadir if datadir is not None else table.datadir
+    search = Path(folder) if folder is not None else None
+    star_dir = star_folder(table.path)
+    names = table.particles["rlnImageName"].astype(str).to_numpy(dtype=object)
+    # "000012@stack.mrcs" -> "stack.mrcs"; a name without "@" is all path (find gives -1).
+    codes, uniques = pd.factorize(np.array([name[name.find("@") + 1:] for name in names], dtype=object),
+                                  sort=False)
+    renamed = np.empty(len(uniques), dtype=object)
+    for k, stack in enumerate(uniques):
+        found = resolve_stack(str(stack), star_dir, search)[0] if stack else None
+        renamed[k] = relion_image_path(found) if found is not None else stack
+    if (renamed == np.asarray(uniques, dtype=object)).all():
+        return None
+    heads = np.array([name[:name.find("@") + 1] for name in names], dtype=object)  # "000012@" or ""
+    return heads + renamed[codes]
 
 
 def _legacy_optics_text(table: ParticleTable, source: pd.DataFrame | None) -> pd.DataFrame | None:

@@ -13,12 +13,12 @@ from scipy import ndimage
 
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams, compute_ctf
-from cryocli.imaging.fourier import (fft_to_volume, fourier_resample_volume, image_to_rfft, rfft_to_image,
-                                     volume_to_fft)
+from cryocli.imaging.fourier import (centred_grid_3d, fft_to_volume, fourier_resample_volume, image_to_rfft,
+                                     radius2_3d, radius_3d, rfft_radius, rfft_to_image, volume_to_fft)
 from cryocli.imaging.hartley import (hartley_from_rfft, hartley_to_image, hartley_to_volume, hartley_volume,
                                      image_to_hartley, project_hartley, volume_to_hartley)
 from cryocli.imaging.projector import (BackProjector, Projector, backproject_slices_ft, fourier_grid_size,
-                                       fourier_volume, nyquist_mask, project_volume_ft)
+                                       fourier_volume, project_volume_ft)
 from cryocli.imaging.shifts import phase_shift, shift_from_center, shift_to_center
 from cryocli.io.mrc import read_map
 from tests.conftest import ASPIRE, EXTERNAL, RELION_SET, need
@@ -33,6 +33,11 @@ def col(df, name: str) -> np.ndarray:
 def rotations_of(df) -> torch.Tensor:
     return euler_to_matrix(torch.tensor(col(df, "rlnAngleRot")), torch.tensor(col(df, "rlnAngleTilt")),
                            torch.tensor(col(df, "rlnAnglePsi"))).double()
+
+
+def nyquist_mask(n: int, r_max: float) -> torch.Tensor:
+    """Half-transform pixels ``(n, n // 2 + 1)`` with ``|k| <= r_max`` Fourier pixels."""
+    return rfft_radius(n, dtype=torch.float64) <= r_max
 
 
 def fourier_corr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -317,3 +322,12 @@ def test_hartley_round_trips_and_central_slice():
     ht = image_to_hartley(real)
     c = np.corrcoef(slices[0][inside].numpy(), ht[inside].numpy())[0, 1]
     assert c > 0.99
+
+
+def test_radius_grids_are_exact_and_centred():
+    for n in (7, 8):
+        r2 = radius2_3d(n, dtype=torch.int64)
+        z, y, x = centred_grid_3d(n, dtype=torch.int64)
+        assert torch.equal(r2, x * x + y * y + z * z) and int(r2[n // 2, n // 2, n // 2]) == 0
+        assert torch.equal(radius2_3d(n, dtype=torch.float32), r2.float())
+        assert torch.equal(radius_3d(n, dtype=torch.float64), torch.sqrt(r2.double()))

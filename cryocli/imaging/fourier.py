@@ -72,10 +72,20 @@ def centred_grid_3d(n: int, device: torch.device | str | None = None,
     return torch.meshgrid(r, r, r, indexing="ij")
 
 
+def radius2_3d(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Squared distance of each voxel from the centre voxel ``n // 2`` in voxels^2, shape ``(n, n, n)``.
+
+    Also ``|k|^2`` (Fourier voxels) of a centred grid, e.g. the odd padded grids of
+    :mod:`cryocli.imaging.projector`. Exact for integer dtypes, and for floating ones while ``3 (n / 2)^2``
+    fits the mantissa (``n`` up to ~4700 in float32), so comparisons with ``r^2`` decide ties exactly.
+    """
+    k = torch.arange(n, device=device, dtype=dtype) - n // 2
+    return k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
+
+
 def radius_3d(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Distance of each voxel from the centre voxel ``n // 2`` in voxels, shape ``(n, n, n)``."""
-    z, y, x = centred_grid_3d(n, device, dtype)
-    return torch.sqrt(x**2 + y**2 + z**2)
+    return torch.sqrt(radius2_3d(n, device, dtype))
 
 
 def shell_index_3d(n: int, device: torch.device | str | None = None) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cryocli.imaging.filters import lowpass_filter
-from cryocli.imaging.fourier import radius_3d
+from cryocli.imaging.fourier import radius2_3d, radius_3d
 
 
 def soft_sphere(n: int, radius: float, edge: float = 0.0, device: torch.device | str | None = None,
@@ -33,12 +33,6 @@ def soft_sphere(n: int, radius: float, edge: float = 0.0, device: torch.device |
         return (r <= radius).to(dtype)
     ramp = 0.5 + 0.5 * torch.cos(torch.pi * (r - radius) / edge)
     return torch.where(r <= radius, torch.ones_like(r), torch.where(r >= radius + edge, torch.zeros_like(r), ramp)).to(dtype)
-
-
-def _offsets(reach: int, device: torch.device | str | None) -> Tensor:
-    g = torch.arange(-reach, reach + 1, device=device, dtype=torch.float64)
-    z, y, x = torch.meshgrid(g, g, g, indexing="ij")
-    return z**2 + y**2 + x**2
 
 
 def _fft_size(n: int) -> int:
@@ -87,7 +81,7 @@ def dilate(binary: Tensor, distance: float) -> Tensor:
     if distance <= 0:
         return binary.bool()
     reach = int(np.ceil(distance))
-    kernel = (_offsets(reach, binary.device) < distance**2).float()
+    kernel = (radius2_3d(2 * reach + 1, binary.device, torch.float64) < distance**2).float()
     return _BinaryConvolver(binary.bool(), reach).any_within(kernel[None])[0]
 
 
@@ -106,7 +100,7 @@ def distance_within(binary: Tensor, reach: float) -> Tensor:
     dist = torch.where(b, 0.0, float("inf")).double()
     found = b.clone()
     r = int(np.ceil(reach))
-    d2 = _offsets(r, b.device)
+    d2 = radius2_3d(2 * r + 1, b.device, torch.float64)  # offsets -r .. r on each axis
     radii2 = torch.unique(d2[(d2 > 0) & (d2 < reach**2)])
     if radii2.numel() == 0:
         return dist

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from cryocli.imaging.fourier import centred_grid_2d, radius_3d, volume_to_fft
+from cryocli.imaging.fourier import centred_grid_2d, radius2_3d, radius_3d, volume_to_fft
 
 # Interpolation points per grid_sample call: bounds the temporary grids to ~100 MB.
 DEFAULT_CHUNK_POINTS = 1 << 22
@@ -91,8 +91,7 @@ def embed_spectrum(spectrum: Tensor, grid_size: int, radius: int) -> Tensor:
     k = torch.arange(-half, half + 1, device=spectrum.device)
     idx = torch.remainder(k + p // 2, p)
     out = spectrum[idx][:, idx][:, :, idx]
-    kk = k.to(torch.float64)
-    r2 = kk[:, None, None] ** 2 + kk[None, :, None] ** 2 + kk[None, None, :] ** 2
+    r2 = radius2_3d(grid_size, spectrum.device, torch.float64)
     return torch.where(r2 <= radius * radius, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
@@ -422,18 +421,10 @@ def rotations_with_symmetry(rotations: Tensor, sym_ops: Tensor | None) -> Tensor
     return (rotations[None] @ ops[:, None]).reshape(-1, 3, 3)
 
 
-def nyquist_mask(n: int, r_max: float | None = None, device: torch.device | str | None = None) -> Tensor:
-    """Boolean ``(n, n // 2 + 1)``: half-transform pixels with ``|k| <= r_max`` (default ``n // 2``) pixels."""
-    r_max = default_r_max(n) if r_max is None else r_max
-    ky = torch.fft.fftfreq(n, d=1.0 / n, device=device)
-    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=device)
-    return (ky[:, None] ** 2 + kx[None, :] ** 2) <= r_max * r_max
-
-
 __all__ = [
     "BackProjector", "Projector", "backproject_slices_ft", "default_r_max", "embed_spectrum",
     "fourier_grid_size", "fourier_volume", "full_plane_pixels", "grid_radius", "gridding_correct",
-    "half_plane_pixels", "nyquist_mask", "padded_box", "project_volume_ft", "rotations_with_symmetry",
+    "half_plane_pixels", "padded_box", "project_volume_ft", "rotations_with_symmetry",
     "sample_grid", "sample_slices", "scatter_grid", "scatter_slices", "slice_coordinates",
 ]
 

@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cryocli.imaging.fourier import radius_2d
+from cryocli.imaging.fourier import radius_2d, radius_3d
 from cryocli.imaging.hartley import hartley_to_volume, project_hartley
 from cryocli.imaging.projector import fourier_grid_size, grid_radius
-
-
-def _radius_grid(g: int, device: torch.device | str | None = None) -> Tensor:
-    """Distance in Fourier pixels of each voxel of a centred ``(g, g, g)`` grid from its centre ``g // 2``."""
-    k = torch.arange(g, dtype=torch.float32, device=device) - g // 2
-    return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
 
 
 class HartleyVolume(nn.Module):
@@ -42,7 +36,7 @@ class HartleyVolume(nn.Module):
         super().__init__()
         self.n = int(n)
         g = fourier_grid_size(self.n, pad=1)
-        radius = _radius_grid(g, device)
+        radius = radius_3d(g, device)  # Fourier pixels from the centre g // 2
         self.register_buffer("support", (radius <= grid_radius(self.n, pad=1) + 1).to(torch.float32))
         shells = torch.clamp(torch.round(radius).long(), max=radial_amplitude.numel() - 1)
         amp = torch.clamp(radial_amplitude.to(device=device, dtype=torch.float32), min=1e-12)
@@ -70,7 +64,7 @@ class HartleyVolume(nn.Module):
     @torch.no_grad()
     def clear_beyond(self, radius: float) -> None:
         """Zero the mantissa of voxels farther than ``radius`` Fourier pixels from the centre."""
-        far = _radius_grid(self.grid_size, self.mantissa.device) > radius
+        far = radius_3d(self.grid_size, self.mantissa.device) > radius
         self.mantissa[far] = 0.0
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ from scipy import special
 from torch import Tensor
 
 from cryocli.imaging.ctf import CTFParams, compute_ctf
-from cryocli.imaging.fourier import fft_to_volume, image_to_rfft, radius_3d
+from cryocli.imaging.fourier import centred_grid_3d, fft_to_volume, image_to_rfft, radius2_3d, radius_3d
 from cryocli.imaging.projector import (BackProjector, default_r_max, grid_radius, gridding_correct, padded_box,
                                        rotations_with_symmetry)
 from cryocli.imaging.shifts import shift_to_center
@@ -84,17 +84,6 @@ def soft_mask_outside_map(volume: Tensor, radius: float | None = None, cosine_wi
 # Weight normalisation
 # ----------------------------------------------------------------------------------------------
 
-def _grid_offsets(g: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    k = torch.arange(g, device=device, dtype=torch.int64) - g // 2
-    return k[:, None, None], k[None, :, None], k[None, None, :]
-
-
-def _radius2(g: int, device: torch.device) -> Tensor:
-    """Squared distance from the grid centre in voxels, exact integers, ``(g, g, g)`` int64."""
-    z, y, x = _grid_offsets(g, device)
-    return z * z + y * y + x * x
-
-
 def radial_weight_floor(weight: Tensor, r_max: int, pad: float) -> Tensor:
     """RELION's ``--skip_gridding`` floor: ``radial average of the weight / 1000`` per voxel, ``(G, G, G)``.
 
@@ -104,8 +93,8 @@ def radial_weight_floor(weight: Tensor, r_max: int, pad: float) -> Tensor:
     """
     g = weight.shape[-1]
     dev = weight.device
-    r2 = _radius2(g, dev)
-    x = _grid_offsets(g, dev)[2].expand_as(r2)
+    r2 = radius2_3d(g, dev, torch.int64)
+    x = centred_grid_3d(g, dev, torch.int64)[2]
     shell = torch.floor(torch.sqrt(r2.to(torch.float64)) / pad).long()
     inside = (r2 < round((pad * r_max) ** 2)) & (x >= 0)
     idx = shell[inside]
@@ -154,7 +143,7 @@ def gridding_weights(weight: Tensor, r_max2: int, padded: int, iterations: int) 
     """
     g = weight.shape[-1]
     dev = weight.device
-    inside = _radius2(g, dev) < r_max2
+    inside = radius2_3d(g, dev, torch.int64) < r_max2
     wt = weight.to(torch.float64)
     new = inside.to(torch.float64)
     factor = blob_real_space_factor(g, padded, dev)
@@ -260,7 +249,7 @@ def weighted_spectrum(data: Tensor, weight: Tensor, n: int, pad: float, r_max: i
     p = padded_box(n, pad)
     big_r = grid_radius(n, pad, r_max)
     g = data.shape[-1]
-    keep = _radius2(g, data.device) <= big_r * big_r
+    keep = radius2_3d(g, data.device, torch.int64) <= big_r * big_r
     data = torch.where(keep, data, torch.zeros((), dtype=data.dtype, device=data.device))
     weight = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
     if gridding_iterations > 0:

@@ -17,6 +17,7 @@ from cryocli.analysis.fsc import fsc_curve
 from cryocli.engines.common.pose_search import PoseSearchResult, SearchPixels, merge_samples
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.imaging.filters import lowpass_weights
+from cryocli.imaging.fourier import radius2_3d, radius_3d
 from cryocli.imaging.projector import (grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry,
                                        scatter_slices)
 
@@ -67,8 +68,7 @@ def backproject_samples(backprojectors: list, images_ft: Tensor, ctf: Tensor | N
 
 def padded_shells(grid_size: int, n: int, pad: float, device: torch.device) -> Tensor:
     """Shell (Fourier pixels of box ``n``, ``round(|k| / (P / n))``) of every voxel of the padded grid ``(G, G, G)``."""
-    k = torch.arange(grid_size, device=device, dtype=torch.float64) - grid_size // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    r = radius_3d(grid_size, device, torch.float64)
     return torch.floor(r / (padded_box(n, pad) / n) + 0.5).long()
 
 
@@ -92,8 +92,7 @@ def _shell_mean_weight(weight: Tensor, n: int, pad: float, r_max: int) -> tuple[
     g = weight.shape[-1]
     shells = padded_shells(g, n, pad, weight.device)
     big_r = grid_radius(n, pad, r_max)
-    k = torch.arange(g, device=weight.device, dtype=torch.float64) - g // 2
-    inside = (k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2) <= big_r * big_r
+    inside = radius2_3d(g, weight.device, torch.float64) <= big_r * big_r
     nshell = n // 2 + 1
     idx = shells.clamp(max=nshell - 1)[inside]
     w64 = weight.to(torch.float64)[inside]

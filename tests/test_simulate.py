@@ -113,3 +113,73 @@ def test_model_too_big_for_box_is_an_error(tmp_path: Path) -> None:
                "--box", "16", "--apix", "1")
     assert res.exit_code == 2
     assert not (tmp_path / "x").exists()
+
+
+# ----- names: stacks and micrographs named from the current directory, as RELION names them ----------------
+def test_names_are_relative_to_the_cwd_for_the_final_folder(tmp_path: Path, monkeypatch) -> None:
+    """-o sim/ from W names W's sim/Particles/... (not the temporary folder it was staged in); particles of
+    one synthetic micrograph share its defocus; an output outside the cwd gets absolute names."""
+    work = tmp_path.resolve() / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = _run("simulate", str(DEMO_MODEL), "-o", "sim/", "-n", "120", "--box", "32", "--apix", "3",
+               "--snr", "inf", "--stack-size", "50")
+    assert res.exit_code == 0, res.output
+    table = read_star("sim/particles.star")
+    names = table.particles["rlnImageName"].tolist()
+    assert names[0] == "000001@sim/Particles/particles_0001.mrcs"
+    assert names[119] == "000020@sim/Particles/particles_0003.mrcs"
+    assert all(Path(p).is_file() for p in set(table.image_names[1]))  # read from the cwd, as RELION reads them
+    mics = table.particles["rlnMicrographName"]
+    assert mics.tolist() == [f"sim/Micrographs/mic_{k // 50 + 1:06d}.mrc" for k in range(120)]
+    per_mic = table.particles.groupby("rlnMicrographName")[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]]
+    assert (per_mic.nunique() == 1).all().all()
+    assert per_mic.first()["rlnDefocusU"].nunique() == 3
+    xy = table.particles[["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"]]
+    assert not xy.duplicated().any()  # no two particles of a micrograph at the same place
+    # outside the cwd: absolute names
+    out = tmp_path.resolve() / "elsewhere" / "sim"
+    assert _run("simulate", str(DEMO_MODEL), "-o", str(out), "-n", "5", "--box", "32", "--apix", "3",
+                "--snr", "inf").exit_code == 0
+    far = read_star(out / "particles.star").particles
+    assert far["rlnImageName"].iloc[4] == f"000005@{out}/Particles/particles_0001.mrcs"
+    assert far["rlnMicrographName"].iloc[0] == f"{out}/Micrographs/mic_000001.mrc"
+
+
+def test_micrograph_defocus_is_deterministic_and_leaves_poses_alone() -> None:
+    from dataclasses import replace as dc_replace
+
+    from cryocli.imaging.simulate import SimulationConfig, draw_geometry
+
+    config = SimulationConfig(n_particles=230, box=32, apix=3.0, seed=4, particles_per_micrograph=100)
+    a, b = draw_geometry(config), draw_geometry(config)
+    single = draw_geometry(dc_replace(config, particles_per_micrograph=1))
+    np.testing.assert_array_equal(a.ctf.defocus_u.numpy(), b.ctf.defocus_u.numpy())
+    np.testing.assert_array_equal(a.euler, single.euler)
+    np.testing.assert_array_equal(a.subset, single.subset)
+    du = a.ctf.defocus_u.numpy()
+    assert len(np.unique(single.ctf.defocus_u.numpy())) == 230
+    assert [len(np.unique(du[k:k + 100])) for k in (0, 100, 200)] == [1, 1, 1] and len(np.unique(du)) == 3
+    # each micrograph takes the values its first particle draws with one defocus per particle
+    np.testing.assert_array_equal(du[[0, 150, 229]], single.ctf.defocus_u.numpy()[[0, 100, 200]])
+
+
+def test_poses_from_keeps_the_source_micrographs() -> None:
+    from cryocli.imaging.simulate import SimulationConfig, geometry_from_star, particles_table
+
+    source_path = need(RELION_SET.parents[1] / "external" / "ASPIRE-Python" / "tests" / "saved_test_data"
+                       / "sample_particles_relion31.star")
+    geometry = geometry_from_star(source_path)
+    config = SimulationConfig(n_particles=len(geometry), box=32, apix=1.4)
+    names = [f"{i + 1:06d}@resim/Particles/particles_0001.mrcs" for i in range(len(geometry))]
+    table = particles_table(geometry, config, names)
+    source = read_star(source_path).particles
+    assert table.particles["rlnMicrographName"].tolist() == source["rlnMicrographName"].tolist()
+    np.testing.assert_array_equal(table.particles["rlnCoordinateX"], source["rlnCoordinateX"])
+    # a source without micrographs (relion_project's): one synthetic micrograph per distinct defocus
+    clean = geometry_from_star(RELION_SET / "clean" / "clean.star")
+    names = [f"{i + 1:06d}@resim/Particles/particles_0001.mrcs" for i in range(len(clean))]
+    mics = particles_table(clean, SimulationConfig(n_particles=len(clean), box=64, apix=4.4), names).particles
+    assert mics["rlnMicrographName"].iloc[0] == "resim/Micrographs/mic_000001.mrc"
+    defocus = mics[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]]
+    assert mics["rlnMicrographName"].nunique() == len(defocus.drop_duplicates())

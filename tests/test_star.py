@@ -345,7 +345,7 @@ def test_relion30_single_group_converts(tmp_path: Path) -> None:
     assert table.optics["rlnAmplitudeContrast"].iloc[0] == pytest.approx(0.07)
     np.testing.assert_allclose(table.pixel_size, 1e4 * 5 / 38168)
     # the stack beside the source file lies outside the current directory: named by its absolute path
-    assert table.particles["rlnImageName"].tolist()[0] == f"1@{need(CRYODRGN / 'empiar_10076_7.mrc')}"
+    assert table.particles["rlnImageName"].tolist()[0] == f"1@{need(CRYODRGN / 'empiar_10076_7.mrc').resolve()}"
 
 
 def test_with_poses_full_precision_round_trip(tmp_path: Path) -> None:

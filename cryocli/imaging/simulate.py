@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +36,7 @@ from cryocli.imaging.noise import noise_sigma_for_snr, signal_variances
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.shifts import shift_from_center
 from cryocli.io.mrc import write_map, write_stack
+from cryocli.io.paths import relion_image_path
 from cryocli.io.star import ParticleTable, read_star, write_star
 
 
@@ -45,6 +47,8 @@ class SimulationConfig:
     box: pixels. apix: Angstrom per pixel. snr: linear (``math.inf`` for no noise). defocus and
     astigmatism: Angstrom ranges (uniform); DefocusU = d + a/2, DefocusV = d - a/2. astig_angle:
     radians range (written to the STAR file in degrees). voltage kV, cs mm, bfactor A^2, shift_sigma A.
+    particles_per_micrograph: consecutive particles that share one synthetic micrograph, hence one
+    defocus U/V/angle (see :func:`draw_geometry`); 1 gives every particle its own defocus.
     """
 
     n_particles: int = 10000
@@ -66,6 +70,7 @@ class SimulationConfig:
     stack_size: int = 1000
     chunk_size: int = 256
     pilot_size: int = 2000
+    particles_per_micrograph: int = 50
 
 
 @dataclass
@@ -101,7 +106,15 @@ def draw_views(n: int, views: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_geometry(config: SimulationConfig) -> Geometry:
-    """Poses, shifts, CTF parameters and half sets drawn from the configured distributions."""
+    """Poses, shifts, CTF parameters and half sets drawn from the configured distributions.
+
+    Particles come from synthetic micrographs of ``config.particles_per_micrograph`` consecutive
+    particles (the last one may hold fewer), and the particles of one micrograph share its defocus U, V
+    and astigmatism angle, as on real data before per-particle CTF refinement. The values are drawn once per
+    particle (the same random stream for any micrograph size, so poses, origins and half sets do not
+    depend on it) and the whole micrograph takes those of its first particle: everything is
+    deterministic with ``config.seed``, and ``particles_per_micrograph=1`` gives one defocus per particle.
+    """
     rng = np.random.default_rng(config.seed)
     n = config.n_particles
     euler = draw_views(n, config.views, rng)
@@ -111,6 +124,9 @@ def draw_geometry(config: SimulationConfig) -> Geometry:
         d = _uniform(rng, config.defocus, n)
         a = _uniform(rng, config.astigmatism, n)
         angle = np.rad2deg(_uniform(rng, config.astig_angle, n))
+        per_mic = max(1, int(config.particles_per_micrograph))
+        first = (np.arange(n) // per_mic) * per_mic      # first particle of each particle's micrograph
+        d, a, angle = d[first], a[first], angle[first]
         ctf = CTFParams.build(d + a / 2, d - a / 2, angle, config.voltage, config.cs, config.amp_contrast,
                               0.0, config.bfactor, 1.0)
     subset = np.where(rng.permutation(n) % 2 == 0, 1, 2)
@@ -171,11 +187,57 @@ def _clean_chunk(projector: Projector, geometry: Geometry, idx: np.ndarray, conf
     return render_clean(projector, rotations, origins, ctf, config.apix)
 
 
+def stack_image_names(stack: str | Path, count: int) -> list[str]:
+    """``rlnImageName`` of the ``count`` images of ``stack`` (its final path, absolute or relative to the
+    current directory): ``000001@sim/Particles/particles_0001.mrcs``..., the stack named relative to the
+    current directory as RELION names it (absolute when it lies outside; see
+    :func:`~cryocli.io.paths.relion_image_path`)."""
+    where = relion_image_path(stack)
+    return [f"{i + 1:06d}@{where}" for i in range(count)]
+
+
+def _micrograph_groups(geometry: Geometry, config: SimulationConfig) -> np.ndarray:
+    """0-based synthetic micrograph of each particle ``(N,)``: one per distinct (defocus U, V, angle), in
+    order of first appearance; without CTF, consecutive groups of ``config.particles_per_micrograph``."""
+    n = len(geometry)
+    if geometry.ctf is None:
+        return np.arange(n) // max(1, int(config.particles_per_micrograph))
+    c = geometry.ctf
+    keys = pd.DataFrame({"u": c.defocus_u.numpy(), "v": c.defocus_v.numpy(), "a": c.defocus_angle.numpy()})
+    return keys.groupby(["u", "v", "a"], sort=False).ngroup().to_numpy(dtype=np.int64)
+
+
+def _micrograph_columns(groups: np.ndarray, image_names: list[str], box: int) -> dict[str, np.ndarray]:
+    """``rlnMicrographName`` and ``rlnCoordinateX/Y`` (micrograph pixels) of synthetic micrographs.
+
+    Micrographs are named ``<out>/Micrographs/mic_000001.mrc``, where ``<out>`` is the folder above the
+    particle stacks in ``image_names`` (so the names are relative to the current directory like the stack
+    names). The files do not exist: the names group particles as RELION's tools expect (relion_star_handler
+    ``--remove_duplicates`` needs rlnMicrographName and rlnCoordinateX/Y). Particles sit on a square grid,
+    two boxes apart, so no two are duplicates of each other.
+    """
+    first = str(image_names[0]) if len(image_names) else ""
+    stack = first.partition("@")[2] or first
+    out = posixpath.dirname(posixpath.dirname(stack))
+    folder = posixpath.join(out, "Micrographs") if out else "Micrographs"
+    counts = np.bincount(groups) if len(groups) else np.ones(1, dtype=np.int64)
+    names = np.array([f"{folder}/mic_{g + 1:06d}.mrc" for g in range(len(counts))], dtype=object)
+    rank = pd.Series(groups).groupby(groups).cumcount().to_numpy()
+    side = math.ceil(math.sqrt(int(counts.max())))
+    step = 2.0 * box
+    return {"rlnMicrographName": names[groups], "rlnCoordinateX": box + step * (rank % side),
+            "rlnCoordinateY": box + step * (rank // side)}
+
+
 def particles_table(geometry: Geometry, config: SimulationConfig, image_names: list[str]) -> ParticleTable:
     """The RELION 3.1 table of the simulated set (ground truth poses, origins, CTF and half sets).
 
-    With ``--poses-from``, the source table is kept whole (optics and every column) and only the
-    image names change, so the new set is the old one's geometry with new images.
+    Particles of one synthetic micrograph (one per distinct defocus, :func:`draw_geometry`) share an
+    ``rlnMicrographName`` beside the stacks (``sim/Micrographs/mic_000001.mrc``) and get coordinates on
+    it (:func:`_micrograph_columns`). With ``--poses-from``, the source table is kept whole (optics and
+    every column, its micrograph names and coordinates included) and only the image names change, so
+    the new set is the old one's geometry with new images; micrograph columns are added only where the
+    source has none.
     """
     n = len(geometry)
     if geometry.source is not None:
@@ -183,6 +245,13 @@ def particles_table(geometry: Geometry, config: SimulationConfig, image_names: l
         particles["rlnImageName"] = image_names
         if "rlnRandomSubset" not in particles.columns:
             particles["rlnRandomSubset"] = geometry.subset.astype(int)
+        if "rlnMicrographName" in particles.columns:
+            groups = pd.factorize(particles["rlnMicrographName"].astype(str), sort=False)[0]
+        else:
+            groups = _micrograph_groups(geometry, config)
+        for column, values in _micrograph_columns(groups, image_names, config.box).items():
+            if column not in particles.columns:
+                particles[column] = values
         return replace(geometry.source, particles=particles, path=None, source=None)
     optics = pd.DataFrame({
         "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
@@ -191,6 +260,7 @@ def particles_table(geometry: Geometry, config: SimulationConfig, image_names: l
         "rlnImageDimensionality": [2], "rlnCtfDataAreCtfPremultiplied": [0],
     })
     cols: dict[str, object] = {"rlnImageName": image_names}
+    cols.update(_micrograph_columns(_micrograph_groups(geometry, config), image_names, config.box))
     cols.update(rlnAngleRot=geometry.euler[:, 0], rlnAngleTilt=geometry.euler[:, 1],
                 rlnAnglePsi=geometry.euler[:, 2], rlnOriginXAngst=geometry.origins[:, 0],
                 rlnOriginYAngst=geometry.origins[:, 1])
@@ -245,7 +315,7 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
                 if progress:
                     progress(len(idx))
             write_stack(tmp / stack_name, images, config.apix, command="simulate")
-            names += [f"{i + 1:06d}@{stack_name}" for i in range(last - first)]
+            names += stack_image_names(out_dir / stack_name, last - first)
         write_star(particles_table(geometry, config, names), tmp / "particles.star")
         write_map(tmp / "ground_truth.mrc", volume, config.apix, command="simulate ground truth")
         achieved = (clean_var_sum / noise_var_sum) if noise_var_sum > 0 else math.inf

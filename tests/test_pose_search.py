@@ -11,7 +11,7 @@ import torch
 from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2
 from cryocli.engines.common.pose_search import (PoseSearcher, SearchPixels, SliceCache, coarse_radius,
-                                                expected_accuracy, local_candidates, merge_samples,
+                                                expected_accuracy, merge_samples,
                                                 pose_log_likelihoods, project_pixels, shift_grid,
                                                 significant_samples)
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
@@ -118,11 +118,12 @@ def test_global_search_finds_the_poses(adk_map: torch.Tensor, noise_sd: float) -
     assert float((res.shifts - shifts).norm(dim=1).median()) < 1.0
     assert torch.allclose(res.sample_weights.sum(1), torch.ones(48), atol=1e-5)
     assert (res.n_significant >= 1).all() and (res.max_prob <= 1).all()
-    # Local search one level finer around the found poses: errors shrink to that level's scale.
-    ids, valid = local_candidates(grid, 1, res.rotations, 2 * grid.cell_size(1))
-    local = PoseSearcher(proj.volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1)
+    # Local search one level finer around the found poses (cells within two steps, uniform prior): errors
+    # shrink to that level's scale.
+    local = PoseSearcher(proj.volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1, local_radius=2 * grid.cell_size(1),
+                         prior_sigma=0)
     centred = phase_shift(images, res.shifts, BOX)
-    res2 = local.search(centred, ctf, sigma2, candidates=(ids, valid))
+    res2 = local.search(centred, ctf, sigma2, previous=res.rotations)
     err2 = torch.rad2deg(geodesic_distance(res2.rotations.double(), rot.double()))
     assert float(err2.median()) < math.degrees(grid.psi_step(2))
     assert float(err2.median()) < float(err.median())

@@ -186,32 +186,34 @@ def test_cells_within_is_exact_against_brute_force():
     assert (torch.diff(dist, dim=1)[valid[:, 1:]] >= 0).all()
 
 
-def test_neighbours_symmetric_and_self_first():
+def test_cell_neighbourhoods_symmetric_and_self_first():
     grid = SO3Grid(dtype=torch.float64)
     level, radius = 2, 1.5 * grid.cell_size(2)
     ids = torch.randperm(grid.n_cells(level), generator=torch.Generator().manual_seed(1))[:200]
-    nb, dist = grid.neighbours(level, ids, radius=radius)
+    nb, valid, dist = grid.local_cells(grid.rotations(level, ids), level, radius)
     assert torch.equal(nb[:, 0], ids) and (dist[:, 0] < 1e-12).all()
-    assert ((nb >= 0).sum(1) >= 9).all()  # at least the adjacent directions and in-plane steps
-    pairs = [(int(a), int(b)) for a, row in zip(ids, nb) for b in row if b >= 0]
-    back, _ = grid.neighbours(level, torch.tensor([b for _, b in pairs]), radius=radius)
-    assert all(a in set(row.tolist()) for (a, _), row in zip(pairs, back))
-    knn, kd = grid.neighbours(level, ids[:20], k=7)
+    assert (valid.sum(1) >= 9).all()  # at least the adjacent directions and in-plane steps
+    pairs = [(int(a), int(b)) for a, row, ok in zip(ids, nb, valid) for b in row[ok]]
+    back, back_ok, _ = grid.local_cells(grid.rotations(level, torch.tensor([b for _, b in pairs])), level, radius)
+    assert all(a in set(row[ok].tolist()) for (a, _), row, ok in zip(pairs, back, back_ok))
+    knn, kd = grid.nearest(grid.rotations(level, ids[:20]), level, k=7)
     assert knn.shape == (20, 7) and torch.equal(knn[:, 0], ids[:20])
     assert (kd[:, -1] <= dist[:20, 6] + 1e-12).all()
     with pytest.raises(CryocliError):
-        grid.neighbours(level, ids, radius=0.1, k=3)
+        grid.nearest(grid.rotations(level, ids), level, k=0)
 
 
-def test_local_rotations_around_arbitrary_poses():
+def test_local_cells_around_arbitrary_poses():
     grid = SO3Grid(base_order=1, dtype=torch.float32)
     centres = _haar(16, seed=5)
     radius = 2 * grid.cell_size(2)
-    rot, ids, valid = grid.local_rotations(centres, 2, radius)
+    ids, valid, dist = grid.local_cells(centres, 2, radius)
+    rot = grid.rotations(2, ids)
     assert rot.shape == (*ids.shape, 3, 3) and rot.dtype == torch.float32
     d = geodesic_distance(rot.double(), centres[:, None])
     assert (d[valid] <= radius + 1e-6).all()
+    assert torch.allclose(dist[valid], d[valid], atol=1e-6) and torch.isinf(dist[~valid]).all()
     brute = geodesic_distance(centres[:, None], grid.rotations(2).double()[None]) <= radius
     assert torch.equal(valid.sum(1), brute.sum(1))
     # Padding repeats the nearest cell so that it can be evaluated and masked.
-    assert torch.equal(rot[~valid], rot[:, :1].expand_as(rot)[~valid])
+    assert torch.equal(ids[~valid], ids[:, :1].expand_as(ids)[~valid])

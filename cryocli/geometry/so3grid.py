@@ -429,28 +429,16 @@ class SO3Grid:
                 return ids[:, :k], dist[:, :k]
             radius = min(2 * radius, math.pi)
 
-    def neighbours(self, level: int, ids: Tensor, radius: float | None = None,
-                   k: int | None = None) -> tuple[Tensor, Tensor]:
-        """Cells near cells ``ids`` (``(B,)``) at the same level, the cell itself included (distance 0).
+    def local_cells(self, centres: Tensor, level: int, radius: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The neighbourhood at ``level`` of each pose ``centres`` ``(B, 3, 3)``: the cells within geodesic
+        ``radius`` (radians), nearest first, as searched by a RELION-style local search around the previous
+        best pose. For the neighbours of cells ``ids`` pass ``self.rotations(level, ids)`` (each cell then
+        comes first, at distance 0); for the ``k`` nearest cells see :meth:`nearest`.
 
-        Give ``radius`` (radians; e.g. ``1.5 * cell_size``) for all cells within it, padded like
-        :meth:`cells_within`, or ``k`` for the ``k`` nearest. Returns ``(ids, distance)`` ``(B, K)``.
+        Returns ``(ids, valid, distance)``, each ``(B, K)`` (see :meth:`cells_within`). Padded slots (``valid``
+        False, distance ``inf``) repeat the row's nearest cell (cell 0 for a row with none), so that they can
+        be evaluated harmlessly, then masked.
         """
-        if (radius is None) == (k is None):
-            raise CryocliError("give exactly one of radius or k")
-        centres = self.rotations(level, ids).to(torch.float64).reshape(-1, 3, 3)
-        if k is not None:
-            return self.nearest(centres, level, k)
-        return self.cells_within(centres, level, radius)
-
-    def local_rotations(self, center: Tensor, level: int, radius: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Grid neighbourhood of given poses, for RELION-style local searches around the previous best pose.
-
-        ``center`` ``(B, 3, 3)``; returns ``(rotations (B, K, 3, 3), ids (B, K), valid (B, K))``: the cells
-        at ``level`` within ``radius`` (radians), nearest first. Padded slots (``valid`` False, id ``-1``)
-        repeat the nearest cell's rotation so that they can be evaluated harmlessly, then masked.
-        """
-        ids, _ = self.cells_within(center, level, radius)
+        ids, dist = self.cells_within(centres, level, radius)
         valid = ids >= 0
-        filled = torch.where(valid, ids, ids[:, :1].clamp(min=0))
-        return self.rotations(level, filled), ids, valid
+        return torch.where(valid, ids, ids[:, :1].clamp(min=0)), valid, dist

@@ -351,37 +351,29 @@ class PoseSearcher:
         d = geodesic_distance(rotations, c.expand_as(rotations))
         return -0.5 * (d / self.prior_sigma) ** 2
 
-    def _coarse_cells(self, previous: Tensor | None, candidates: tuple[Tensor, Tensor] | None):
+    def _coarse_cells(self, previous: Tensor | None):
         """Slices (real, imaginary) of the coarse cells to compare: all cells ``(R, Mc)`` for a global search,
         else per particle ``(B, K, Mc)`` with their ids, validity and log prior ``(B, K)``, and the centres of
-        a local search ``(B, 3, 3)`` (None otherwise)."""
-        if previous is None and candidates is None:
+        the local search ``(B, 3, 3)`` (None for a global search)."""
+        if previous is None:
             re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
             return re, im, None, None, None, None
-        centres = None
-        if candidates is None:
-            centres = previous.to(self.device, torch.float32)
-            ids, dist = self.grid.cells_within(centres.double(), self.level, self.local_radius)
-            ids, dist = ids.to(self.device), dist.to(self.device)
-            valid = ids >= 0
-            log_prior = (-0.5 * (dist / self.prior_sigma) ** 2 if self.prior_sigma > 0
-                         else torch.zeros_like(dist)).to(torch.float32)
-        else:
-            ids, valid = candidates[0].to(self.device), candidates[1].to(self.device)
-            log_prior = torch.zeros(ids.shape, device=self.device)
-        ids = torch.where(valid, ids, ids[:, :1].clamp_min(0))
+        centres = previous.to(self.device, torch.float32)
+        ids, valid, dist = self.grid.local_cells(centres.double(), self.level, self.local_radius)
+        ids, valid, dist = ids.to(self.device), valid.to(self.device), dist.to(self.device)
+        log_prior = (-0.5 * (dist / self.prior_sigma) ** 2 if self.prior_sigma > 0
+                     else torch.zeros_like(dist)).to(torch.float32)
         re, im, _ = self.coarse_cache.get(ids)
         return re, im, ids, valid, log_prior, centres
 
-    def search(self, images_ft: Tensor, ctf: Tensor | None, sigma2: Tensor, previous: Tensor | None = None,
-               candidates: tuple[Tensor, Tensor] | None = None) -> PoseSearchResult:
+    def search(self, images_ft: Tensor, ctf: Tensor | None, sigma2: Tensor,
+               previous: Tensor | None = None) -> PoseSearchResult:
         """Search one batch.
 
         images_ft ``(B, n, n // 2 + 1)`` complex, centred on the current origins; ctf ``(B, n, n // 2 + 1)``
-        or None; sigma2 ``(B, n, n // 2 + 1)`` noise variance per pixel. With neither ``previous`` nor
-        ``candidates``: a global search. previous: poses ``(B, 3, 3)`` for a local search (cells within
-        ``local_radius``, Gaussian prior). candidates: explicit coarse cells ``(ids, valid)`` ``(B, K)``
-        (uniform prior).
+        or None; sigma2 ``(B, n, n // 2 + 1)`` noise variance per pixel. Without ``previous``: a global
+        search. previous: poses ``(B, 3, 3)`` for a local search (cells within ``local_radius``, Gaussian
+        prior).
         """
         fp = self.fine_pixels
         x = fp.take(images_ft).to(torch.complex64)
@@ -396,7 +388,7 @@ class PoseSearcher:
         b = x.shape[0]
         cr, ci = self._coarse_ramp
         weighted = _times((xw[0][:, sel][:, None, :], xw[1][:, sel][:, None, :]), (cr[None], ci[None]))  # (B, T, Mc)
-        re, im, ids, valid, log_prior, centres = self._coarse_cells(previous, candidates)
+        re, im, ids, valid, log_prior, centres = self._coarse_cells(previous)
         loglik, _ = split_log_likelihoods(weighted, (re, im), c2inv[:, sel], x2_coarse, self.profile_scale)
         loglik = loglik.transpose(1, 2)  # (B, R, T)
         n_t = self.shifts.shape[0]
@@ -497,14 +489,6 @@ def _pad_samples(t: Tensor, width: int) -> Tensor:
     if t.dim() >= 4:  # rotations: pad with the first sample's rotation so that it stays a rotation
         pad = t[:, :1].expand(-1, width - t.shape[1], *t.shape[2:]).clone()
     return torch.cat([t, pad], 1)
-
-
-def local_candidates(grid: SO3Grid, level: int, previous: Tensor, radius: float) -> tuple[Tensor, Tensor]:
-    """Cells at ``level`` within ``radius`` (radians) of each previous best pose ``(B, 3, 3)``: ``(ids, valid)``
-    ``(B, K)`` (for :meth:`PoseSearcher.search` with explicit candidates)."""
-    ids, _ = grid.cells_within(previous.to(torch.float64), level, radius)
-    valid = ids >= 0
-    return ids.to(previous.device), valid.to(previous.device)
 
 
 def merge_samples(result: PoseSearchResult) -> tuple[Tensor, Tensor, Tensor, Tensor]:

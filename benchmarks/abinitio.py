@@ -32,8 +32,9 @@ FIELD_OF_VIEW_A = 115.2
 
 def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
-    from cryocli.engines.base import run_engine
-    from cryocli.engines.reporter import GroundTruth, Reporter
+    from cryocli.analysis.ground_truth import GroundTruth
+    from cryocli.engines.halves import run_engine
+    from cryocli.engines.progress import Reporter
     from cryocli.imaging.simulate import SimulationConfig, draw_geometry, simulate_dataset
     from cryocli.io.dataset import ParticleStack
     from cryocli.io.mrc import read_map
@@ -64,7 +65,7 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
         total = time.perf_counter() - t0
         scores = truth.score_map(result.volume, result.voxel_size)
         poses = truth.score_poses(result.rotations, result.particle_rows)
-    elapsed = [row["elapsed_s"] for row in reporter.history]
+    elapsed = reporter.elapsed_s
     per_epoch = np.diff([0.0, *elapsed])
     stages = [row["stage"] for row in reporter.history]
     enc = [t for t, s in zip(per_epoch, stages) if s == "encode"]
@@ -76,7 +77,7 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
             "rot_err_median": poses["rot_err_median"], "s_per_epoch_encode": float(np.mean(enc)) if enc else float("nan"),
             "s_per_epoch_decode": float(np.mean(dec)) if dec else float("nan"), "total_s": total,
             "peak_memory_GB": peak * 2**20 / 1e9,
-            "grid_share": result.info.get("grid_share"),
+            "grid_share": result.method_summary.get("grid_share"),
             "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median", "grid_win_fraction")}
                         for row in reporter.history]}
 

@@ -72,8 +72,10 @@ def run_case(args: argparse.Namespace) -> dict:
     """One refine run in this process; scores against the truth STAR and map; returns the table row."""
     from cryocli.analysis.align import pose_errors_after_alignment
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
-    from cryocli.engines.base import get_engine, run_engine
-    from cryocli.engines.reporter import GroundTruth, Reporter
+    from cryocli.analysis.ground_truth import GroundTruth
+    from cryocli.engines.halves import run_engine
+    from cryocli.engines.progress import Reporter
+    from cryocli.engines.protocol import get_engine
     from cryocli.engines.refine.scoring import rotation_errors_modulo_cn, rotation_errors_modulo_cn_aligned
     from cryocli.io.dataset import ParticleStack
     from cryocli.io.mrc import read_map
@@ -101,13 +103,13 @@ def run_case(args: argparse.Namespace) -> dict:
     true_rot = _rotations(truth_table)[rows].double()
     est = result.rotations.double()
     shift_err = np.linalg.norm(result.origins_angstrom.double().numpy() - truth_table.origins_angstrom[rows], axis=1)
-    row = {"method": args.method, "gold_A": float(result.info["resolution_A"]),
+    row = {"method": args.method, "gold_A": float(result.resolution_A),
            "halfmaps_A": threshold_crossing(halves, n, apix, 0.143).resolution,
            "truth_A": truth.score_map(result.volume, apix)["res_fsc05"],
            "rot_err": float(np.median(pose_errors_after_alignment(est, true_rot))),
-           "shift_err_A": float(np.median(shift_err)), "iterations": int(result.info["iterations"]),
-           "converged": "yes" if result.info["converged"] else "no", "seconds": seconds,
-           "s_per_iter": seconds / max(1, int(result.info["iterations"])),
+           "shift_err_A": float(np.median(shift_err)), "iterations": result.iterations,
+           "converged": "yes" if result.converged else "no", "seconds": seconds,
+           "s_per_iter": seconds / max(1, result.iterations),
            "peak_mb": peak_memory_mb(dev)}
     if args.cn > 1:
         err, copy = rotation_errors_modulo_cn(est, true_rot, args.cn)

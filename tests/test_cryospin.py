@@ -4,6 +4,7 @@ auto-decoding stage on its own, checkpoints and --resume, --halves, and real REL
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,9 @@ from typer.testing import CliRunner
 
 from cryocli.cli.app import app
 from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine, ImageModel
-from cryocli.engines.abinitio.particle_adam import ParticleAdam
-from cryocli.engines.base import prepare_particles
+from cryocli.engines.particles import prepare_particles
 from cryocli.engines.common.hartley_volume import HartleyVolume
-from cryocli.engines.reporter import Reporter
+from cryocli.engines.progress import Reporter
 from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance
 from cryocli.imaging.hartley import hartley_volume
 from cryocli.io.dataset import ParticleStack
@@ -121,13 +121,13 @@ def test_auto_decoding_refines_perturbed_poses(small):
     start = axis_angle_to_matrix(axis * np.radians(10.0)) @ stack.rotations
     poses = start.clone()
     shifts = torch.zeros(len(parts), 2)
-    opt = torch.optim.Adam(vol.parameters(), lr=0.0)  # volume fixed: this test is about the poses
     engine = CryoSpinEngine()
-    pose_adam = ParticleAdam.zeros(len(parts), 3, cfg.pose_lr)
-    shift_adam = ParticleAdam.zeros(len(parts), 2, cfg.shift_lr)
+    st = replace(engine._new_state(parts, replace(cfg, encoder_channels=(4,))), model=model, volume=vol,
+                 vol_opt=torch.optim.Adam(vol.parameters(), lr=0.0),  # volume fixed: this test is about the poses
+                 poses=poses, shifts=shifts)
     for epoch in range(4):
         order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(epoch))
-        engine._decoding_epoch(parts, model, vol, opt, order, cfg, Reporter(), poses, shifts, pose_adam, shift_adam)
+        engine._decoding_epoch(st, order, cfg, Reporter())
     before = np.degrees(geodesic_distance(start, stack.rotations).numpy())
     after = np.degrees(geodesic_distance(poses, stack.rotations).numpy())
     print(f"median rotation error {np.median(before):.2f} -> {np.median(after):.2f} deg")

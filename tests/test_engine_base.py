@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
-from cryocli.engines.base import (EngineConfig, Reconstruction, engine_names, engine_summaries, get_engine,
-                                  prepare_particles, protein_is_dark)
+from cryocli.analysis.ground_truth import GroundTruth
+from cryocli.engines.particles import prepare_particles, protein_is_dark
+from cryocli.engines.progress import Reporter
+from cryocli.engines.protocol import EngineConfig, engine_names, engine_summaries, get_engine
+from cryocli.engines.result import Reconstruction
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder, gaussian_pyramid
 from cryocli.engines.common.hartley_volume import HartleyVolume
-from cryocli.engines.reporter import GroundTruth, Reporter, RunDirectory
+from cryocli.io.run_directory import RunDirectory
 from cryocli.errors import CryocliError
 from cryocli.geometry.rotations import euler_to_matrix, geodesic_distance, random_rotations
 from cryocli.imaging.hartley import hartley_volume, image_to_hartley
@@ -176,8 +179,8 @@ def _fake_result(n_particles: int, rows: np.ndarray) -> Reconstruction:
     return Reconstruction(volume=torch.randn(16, 16, 16, generator=g), voxel_size=7.2,
                           rotations=random_rotations(n_particles, generator=g),
                           origins_angstrom=torch.randn(n_particles, 2, generator=g) * 3, particle_rows=rows,
-                          info={"gold_standard_fsc": np.linspace(1, 0, 9).tolist()},
-                          half_volumes=(torch.zeros(16, 16, 16), torch.ones(16, 16, 16)))
+                          gold_standard_fsc=np.linspace(1, 0, 9),
+                          half_volumes=(torch.randn(16, 16, 16, generator=g), torch.ones(16, 16, 16)))
 
 
 def test_run_directory_refuses_to_overwrite_and_writes_relion31_results(bright, tmp_path):
@@ -188,11 +191,16 @@ def test_run_directory_refuses_to_overwrite_and_writes_relion31_results(bright, 
         RunDirectory(out)
     with pytest.raises(CryocliError, match="no checkpoint.pt"):
         RunDirectory(out, resume=True)
-    run = RunDirectory(out, force=True)
+    run = RunDirectory(out, force=True).open()
     table = read_star(bright / "particles.star")
     rows = np.arange(0, 300, 3)
     result = _fake_result(len(rows), rows)
     written = run.write_result(result, table, "abinitio --method test")
+    # A forced run works aside: the old results stay until it is committed.
+    assert (out / "keep.txt").read_text() == "old results" and not (out / "map.mrc").exists()
+    run.commit()
+    run.close(keep=False)
+    assert not (out / "keep.txt").exists()
     for key in ("map", "half1", "half2", "particles", "fsc_star", "fsc_plot"):
         assert Path(written[key]).is_file(), key
     back = read_star(out / "particles.star")
@@ -214,8 +222,8 @@ def test_reporter_logs_metrics_checkpoints_and_resumes(bright, tmp_path):
     truth_map = read_map(bright / "ground_truth.mrc")
     stack = ParticleStack(read_star(bright / "particles.star"))
     truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, stack.rotations, every=2)
-    run = RunDirectory(tmp_path / "run")
-    rep = Reporter(run_dir=run, ground_truth=truth, meta={"method": "test"})
+    run = RunDirectory(tmp_path / "run").open()
+    rep = Reporter(files=run, ground_truth=truth, meta={"method": "test"})
     rows = np.arange(300)
     rep.begin_run("full", rows)
     assert rep.resume_state() is None
@@ -230,10 +238,11 @@ def test_reporter_logs_metrics_checkpoints_and_resumes(bright, tmp_path):
     assert [x["event"] for x in lines] == ["run", "epoch", "epoch"]
     csv = (run.path / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("run,epoch,loss") and len(csv) == 3
-    again = Reporter(run_dir=RunDirectory(run.path, resume=True), resume=True, meta={"method": "test"})
+    run.close(keep=True)
+    again = Reporter(files=RunDirectory(run.path, resume=True).open(), resume=True, meta={"method": "test"})
     again.begin_run("full", rows)
     state = again.resume_state()
     assert state["epoch"] == 2 and torch.equal(state["x"], torch.arange(4))
     assert len(again.history) == 2
     with pytest.raises(CryocliError, match="not other"):
-        Reporter(run_dir=RunDirectory(run.path, resume=True), resume=True, meta={"method": "other"})
+        Reporter(files=RunDirectory(run.path, resume=True), resume=True, meta={"method": "other"})

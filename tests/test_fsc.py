@@ -11,9 +11,10 @@ import starfile
 import torch
 from typer.testing import CliRunner
 
-from cryocli.analysis.fsc import (GlibcRand, corrected_masked_fsc, fsc_curve, fsc_star_text, randomize_phases_beyond,
+from cryocli.analysis.fsc import (GlibcRand, corrected_masked_fsc, fsc_curve, randomize_phases_beyond,
                                   relion_resolution_shell, shell_resolution, shell_voxel_counts, threshold_crossing)
 from cryocli.cli.app import app
+from cryocli.io.star import fsc_star_text
 from cryocli.imaging.fourier import fourier_resample_volume, shell_index_3d, volume_to_fft
 from cryocli.io.mrc import read_map, write_map
 from tests.conftest import CRYODRGN, RELION_SET, need

@@ -204,8 +204,9 @@ def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() 
     scores = {}
     for engine, cfg in ((RelionRefineEngine(), RefineConfig(ref="ref.mrc")),
                         (SparseTVRefineEngine(), SparseTVConfig(ref="ref.mrc"))):
-        engine.begin_m_step(kernel, n, r_max, cfg, {})
-        maps = [engine.reconstruct_half(d, w, n, fsc, torch.zeros_like(vol), r_max, cfg, {}, half=i + 1)
+        state = engine.new_m_step_state()
+        engine.begin_m_step(state, kernel, n, r_max, cfg)
+        maps = [engine.reconstruct_half(state, d, w, n, fsc, torch.zeros_like(vol), r_max, cfg, half=i + 1)
                 for i, (d, w) in enumerate(kernel)]
         scores[engine.name] = [float(np.mean(fsc_curve(m * mask, vol * mask)[1:r_max])) for m in maps]
     assert min(scores["sparse-tv"]) > max(scores["relion"]) + 0.1, scores

@@ -24,7 +24,6 @@ statistically.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -268,59 +267,3 @@ def particle_fsc(fsc: np.ndarray, fraction: float) -> np.ndarray:
     """cisTEM-style ``FSC_part = f FSC / (1 + (f - 1) FSC)`` for a volume fraction factor ``f`` (RELION's ParticleMaskFraction)."""
     fsc = np.asarray(fsc, dtype=np.float64)
     return fraction * fsc / (1.0 + (fraction - 1.0) * fsc)
-
-
-# --- STAR text ------------------------------------------------------------------------------------
-
-def _star_value(value: object) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "1" if value else "0"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
-            return f"{v:.6e}"
-        return f"{v:.6f}"
-    text = str(value)
-    return f'"{text}"' if (not text or any(c.isspace() for c in text)) else text
-
-
-def format_star_list(name: str, values: Mapping[str, object]) -> str:
-    """A RELION key-value block ``data_<name>`` (keys without the leading underscore, e.g. ``rlnFinalResolution``)."""
-    width = max(len(k) for k in values) + 2
-    lines = [f"data_{name}", ""]
-    lines += [f"_{k:<{width}} {_star_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n\n"
-
-
-def format_star_loop(name: str, columns: Mapping[str, Sequence[object] | np.ndarray]) -> str:
-    """A RELION loop block ``data_<name>`` with numbered column labels, one row per element of the columns."""
-    lines = [f"data_{name}", "", "loop_"]
-    lines += [f"_{k} #{i + 1}" for i, k in enumerate(columns)]
-    cols = [list(v) for v in columns.values()]
-    for row in zip(*cols):
-        lines.append(" ".join(f"{_star_value(v):>12}" for v in row))
-    return "\n".join(lines) + "\n\n"
-
-
-def star_header(command: str) -> str:
-    """The comment lines cryocli puts at the top of a STAR file (RELION 3.1+ dialect)."""
-    return f"# Written by cryocli {command}\n\n# version 30001\n\n"
-
-
-def fsc_star_text(fsc: np.ndarray, n: int, voxel_size: float, command: str = "fsc",
-                  extra: Mapping[str, Iterable[float]] | None = None) -> str:
-    """``data_fsc`` with RELION's columns rlnSpectralIndex, rlnResolution (1/A), rlnAngstromResolution (A),
-    rlnFourierShellCorrelation, plus any ``extra`` per-shell columns. Shell 0 is written as 999 A, as RELION does."""
-    shells = np.arange(n // 2 + 1)
-    res_a = np.where(shells > 0, n * voxel_size / np.maximum(shells, 1), 999.0)
-    cols: dict[str, Sequence[object]] = {
-        "rlnSpectralIndex": shells.tolist(),
-        "rlnResolution": (1.0 / res_a).tolist(),
-        "rlnAngstromResolution": res_a.tolist(),
-        "rlnFourierShellCorrelation": np.asarray(fsc, dtype=np.float64).tolist(),
-    }
-    for k, v in (extra or {}).items():
-        cols[k] = list(v)
-    return star_header(command) + format_star_loop("fsc", cols)

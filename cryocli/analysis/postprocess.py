@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.analysis.fsc import (GlibcRand, MaskedFsc, corrected_masked_fsc, format_star_list, format_star_loop,
-                                  fsc_tensor, particle_fsc, relion_resolution_shell, star_header)
+from cryocli.analysis.fsc import (GlibcRand, MaskedFsc, corrected_masked_fsc,
+                                  fsc_tensor, particle_fsc, relion_resolution_shell)
+from cryocli.io.star import format_star_list, format_star_loop, star_header
 from cryocli.errors import CryocliError
 from cryocli.imaging.filters import (as_float64_tensor, bfactor_weights, lowpass_weights, map_spectrum,
                                      spectrum_to_map)

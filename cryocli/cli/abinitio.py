@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from cryocli.cli.common import STATE, emit_json, err_console, guarded, out_console, resolve_device
+from cryocli.cli.common import guarded
+from cryocli.cli.engine_command import option_flags, print_summary, run_engine_command
 from cryocli.errors import CryocliError
 
 
@@ -56,11 +57,10 @@ def abinitio(
                                     "map every N epochs (and at the last)."),
     invert: Optional[bool] = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 (dark "
                                           "protein) or keep them [default: detect from the mean image]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: the global "
-                                         "--device]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: the global --seed]."),
+    no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
+                                "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the results in an existing --out directory."),
+    force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory (the old one stays until the new run succeeds)."),
     datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
     heads: Optional[int] = typer.Option(None, "--heads", min=1, help="cryospin: pose heads of the encoder "
                                         "[default: 7; the paper uses 15 on real data]."),
@@ -90,73 +90,24 @@ def abinitio(
                                             "[default: decoder]."),
 ) -> None:
     """Ab initio reconstruction: poses and a map from particles alone (the help text is built by _help)."""
-    from cryocli.engines.base import get_engine
-    from cryocli.engines.session import build_config, run_to_directory
-
     with guarded():
-        dev = resolve_device(device)
-        run_seed = STATE.seed if seed is None else seed
-        engine = get_engine(method, "abinitio", device=dev)
         options: dict[str, Any] = {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "box": box, "max_particles": max_particles,
-            "invert": invert, "seed": run_seed, "heads": heads, "switch_epoch": switch_epoch,
+            "invert": invert, "use_ctf": False if no_ctf else None, "heads": heads, "switch_epoch": switch_epoch,
             "shifts": shifts or None, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,
             "grid_order": grid_order, "encode_resolution": encode_resolution,
             "decode_march_epochs": decode_march_epochs,
         }
-        config = build_config(engine, method, options)
-        run = run_to_directory(engine, method, config, particles, out, command=f"abinitio --method {method}",
-                               console=err_console(), device=dev, datadir=datadir, force=force, resume=resume,
-                               ground_truth=ground_truth, score_every=score_every, halves=halves)
-        summary = _summary(method, out, run.result, run.scores, run.truth, run.elapsed_s)
-        run.reporter.event("finish", **summary)
-        summary["files"] = run.files
-    _print(summary)
-    emit_json(summary)
-
-
-def _summary(method: str, out: Path, result: Any, scores: dict | None, truth: Any, elapsed: float) -> dict[str, Any]:
-    import numpy as np
-
-    from cryocli.analysis.fsc import threshold_crossing
-
-    n = int(result.volume.shape[-1])
-    last = result.metrics[-1] if result.metrics else {}
-    s: dict[str, Any] = {"command": "abinitio", "method": method, "out": str(out),
-                         "particles": int(result.rotations.shape[0]), "box": n, "pixel_size": result.voxel_size,
-                         "epochs": len({m.get("epoch") for m in result.metrics}),
-                         "final_loss": last.get("loss"), "seconds": round(elapsed, 2),
-                         **{k: v for k, v in result.info.items() if k != "gold_standard_fsc"}}
-    gold = result.info.get("gold_standard_fsc")
-    if gold is not None:
-        s["gold_standard_resolution_A"] = threshold_crossing(np.asarray(gold), n, result.voxel_size, 0.143).resolution
-    if scores is not None:
-        s["res_vs_truth_fsc05_A"] = scores["res_fsc05"]
-        s["res_vs_truth_fsc0143_A"] = scores["res_fsc0143"]
-        s["fsc_vs_truth"] = np.asarray(scores["fsc"]).round(4).tolist()
-        if truth is not None and truth.rotations is not None and result.particle_rows is not None:
-            s.update({f"final_{k}": v for k, v in truth.score_poses(result.rotations, result.particle_rows).items()})
-    return s
-
-
-def _print(s: dict[str, Any]) -> None:
-    con = out_console()
-    con.print(f"{s['method']}: {s['particles']} particles, box {s['box']} px at {s['pixel_size']:.4g} A/px, "
-              f"{s['epochs']} epochs in {s['seconds']:.1f} s; map written to {s['files']['map']}")
-    if "gold_standard_resolution_A" in s:
-        con.print(f"gold-standard FSC 0.143 (half maps): {s['gold_standard_resolution_A']:.2f} A")
-    if "res_vs_truth_fsc05_A" in s:
-        line = f"FSC 0.5 against the ground truth (after alignment): {s['res_vs_truth_fsc05_A']:.2f} A"
-        if "final_rot_err_median" in s:
-            line += (f"; rotation error after global alignment: median {s['final_rot_err_median']:.2f} deg, "
-                     f"mean {s['final_rot_err_mean']:.2f} deg")
-        con.print(line)
+    summary = run_engine_command("abinitio", method, options, particles, out, flags=FLAGS, datadir=datadir,
+                                 force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
+                                 halves=halves)
+    print_summary(summary)
 
 
 def _help() -> str:
-    from cryocli.engines.base import engine_summaries
+    from cryocli.engines.protocol import engine_summaries
 
     methods = "\n".join(f"* [bold]{name}[/]: {line}" for name, line in engine_summaries("abinitio").items())
     return ("Ab initio reconstruction: poses and a map from the particles alone, written to a run directory "
@@ -166,6 +117,9 @@ def _help() -> str:
             "cryospin adds to the paper a fixed grid of candidate poses during auto-encoding and frequency "
             "marching (--grid-order, --encode-resolution, --decode-march-epochs; see the README), without "
             "which it does not leave its random start on a few thousand particles.")
+
+
+FLAGS = option_flags(abinitio, {"pyramid": "pyramid_sigmas"})
 
 
 def register(app: typer.Typer) -> None:

@@ -694,3 +694,94 @@ def _quote(value: str) -> str:
     """Quote a string token when a STAR reader would otherwise split or misread it."""
     return f'"{value}"' if _NEEDS_QUOTES.search(value) else value
 
+
+# ----- STAR text of cryocli's own tables (fsc.star, model.star, postprocess.star) ----------------------
+
+def _star_value(value: object) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "1" if value else "0"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
+            return f"{v:.6e}"
+        return f"{v:.6f}"
+    text = str(value)
+    return f'"{text}"' if (not text or any(c.isspace() for c in text)) else text
+
+
+def format_star_list(name: str, values: Mapping[str, object]) -> str:
+    """A RELION key-value block ``data_<name>`` (keys without the leading underscore, e.g. ``rlnFinalResolution``)."""
+    width = max(len(k) for k in values) + 2
+    lines = [f"data_{name}", ""]
+    lines += [f"_{k:<{width}} {_star_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def format_star_loop(name: str, columns: Mapping[str, Sequence[object] | np.ndarray]) -> str:
+    """A RELION loop block ``data_<name>`` with numbered column labels, one row per element of the columns."""
+    lines = [f"data_{name}", "", "loop_"]
+    lines += [f"_{k} #{i + 1}" for i, k in enumerate(columns)]
+    cols = [list(v) for v in columns.values()]
+    for row in zip(*cols):
+        lines.append(" ".join(f"{_star_value(v):>12}" for v in row))
+    return "\n".join(lines) + "\n\n"
+
+
+def star_header(command: str) -> str:
+    """The comment lines cryocli puts at the top of a STAR file (RELION 3.1+ dialect)."""
+    return f"# Written by cryocli {command}\n\n# version 30001\n\n"
+
+
+def fsc_star_text(fsc: np.ndarray, n: int, voxel_size: float, command: str = "fsc",
+                  extra: Mapping[str, Iterable[float]] | None = None) -> str:
+    """``data_fsc`` with RELION's columns rlnSpectralIndex, rlnResolution (1/A), rlnAngstromResolution (A),
+    rlnFourierShellCorrelation, plus any ``extra`` per-shell columns. Shell 0 is written as 999 A, as RELION does."""
+    shells = np.arange(n // 2 + 1)
+    res_a = np.where(shells > 0, n * voxel_size / np.maximum(shells, 1), 999.0)
+    cols: dict[str, Sequence[object]] = {
+        "rlnSpectralIndex": shells.tolist(),
+        "rlnResolution": (1.0 / res_a).tolist(),
+        "rlnAngstromResolution": res_a.tolist(),
+        "rlnFourierShellCorrelation": np.asarray(fsc, dtype=np.float64).tolist(),
+    }
+    for k, v in (extra or {}).items():
+        cols[k] = list(v)
+    return star_header(command) + format_star_loop("fsc", cols)
+
+
+def model_star_text(history: Sequence[Any], n: int, voxel_size: float, resolution: float | None,
+                    converged: bool | None, command: str) -> str:
+    """RELION's ``run_model.star`` blocks for a refinement of box ``n`` at ``voxel_size`` Angstrom.
+
+    ``history``: :class:`cryocli.engines.result.ModelIteration` per iteration. data_model_general (current
+    resolution, iteration, pixel size, convergence), data_model_iterations (one row per iteration:
+    resolution, image size compared, orientation and offset changes, HEALPix order), data_model_class_1 (the
+    last iteration's gold-standard FSC, SSNR and tau^2 per shell) and data_model_optics_group_<g> (sigma^2).
+    """
+    text = star_header(command)
+    text += format_star_list("model_general", {
+        "rlnCurrentResolution": float("nan") if resolution is None else resolution,
+        "rlnCurrentIteration": len(history), "rlnPixelSize": voxel_size, "rlnOriginalImageSize": n,
+        "rlnHasConverged": int(bool(converged))})
+    if not history:
+        return text
+    text += format_star_loop("model_iterations", {
+        "rlnCurrentIteration": [h.iteration for h in history],
+        "rlnCurrentResolution": [h.resolution_A for h in history],
+        "rlnCurrentImageSize": [2 * h.r_max_px for h in history],
+        "rlnChangesOptimalOrientations": [h.rot_change_deg for h in history],
+        "rlnChangesOptimalOffsets": [h.origin_change_px for h in history],
+        "rlnHealpixOrderFine": [h.healpix_order for h in history]})
+    last = history[-1]
+    shells = np.arange(n // 2 + 1)
+    res = np.where(shells > 0, n * voxel_size / np.maximum(shells, 1), 999.0)
+    text += format_star_loop("model_class_1", {
+        "rlnSpectralIndex": shells, "rlnResolution": 1.0 / res, "rlnAngstromResolution": res,
+        "rlnGoldStandardFsc": np.asarray(last.fsc), "rlnSsnrMap": np.asarray(last.ssnr),
+        "rlnReferenceTau2": np.asarray(last.tau2)})
+    for g, spectrum in enumerate(np.atleast_2d(np.asarray(last.sigma2)), start=1):
+        text += format_star_loop(f"model_optics_group_{g}", {
+            "rlnSpectralIndex": shells, "rlnResolution": 1.0 / res, "rlnSigma2Noise": spectrum})
+    return text

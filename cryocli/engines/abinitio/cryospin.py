@@ -56,11 +56,13 @@ import torch
 from torch import Tensor
 
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
-from cryocli.engines.base import EngineConfig, PreparedParticles, Reconstruction, prepare_particles, register_engine
+from cryocli.engines.particles import PreparedParticles, prepare_particles
+from cryocli.engines.progress import Reporter
+from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
+from cryocli.engines.result import Reconstruction
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
-from cryocli.engines.reporter import Reporter
-from cryocli.errors import CryocliError
+from cryocli.errors import CryocliError, OptionError
 from cryocli.geometry.rotations import axis_angle_to_matrix
 from cryocli.imaging.ctf import CTFParams, ctf_at
 from cryocli.imaging.fourier import centred_grid_2d
@@ -108,6 +110,25 @@ class CryoSpinConfig(EngineConfig):
     grid_order: int = 2
     encode_resolution: float = 12.0
     decode_march_epochs: int = 6
+
+    def validate(self) -> None:
+        super().validate()
+        at_least(self, "heads", 1)
+        at_least(self, "switch_epoch", 0)
+        positive(self, "lr")
+        for name in ("decoder_lr_decoding", "encoder_lr", "pose_lr", "shift_lr", "mantissa_std"):
+            positive(self, name)
+        at_least(self, "pose_steps", 0)
+        at_least(self, "volume_steps", 1)
+        if self.final_map not in ("decoder", "reconstruct"):
+            raise unknown_choice("final_map", self.final_map, ("decoder", "reconstruct"))
+        within(self, "grid_order", -1, 3)  # order 3: 294,912 candidate poses; -1 turns the grid off
+        at_least(self, "encode_resolution", 0)
+        at_least(self, "decode_march_epochs", 0)
+        if not self.encoder_channels or min(self.encoder_channels) < 1:
+            raise OptionError("encoder_channels", self.encoder_channels, "expected positive filter counts")
+        if any(s <= 0 for s in self.pyramid_sigmas):
+            raise OptionError("pyramid_sigmas", self.pyramid_sigmas, "expected positive blurs in pixels")
 
 
 class ImageModel:
@@ -164,6 +185,51 @@ class ImageModel:
         return err.sum((-2, -1)) / (self.n_mask * self.n * self.n)
 
 
+@dataclass
+class CryoSpinState:
+    """A cryospin run's state between epochs, updated in place by the stages.
+
+    parts: the prepared particles. model: the image comparison. volume / encoder and their optimisers.
+    poses ``(N, 3, 3)`` RELION ``A`` and shifts ``(N, 2)`` pixels per particle; pose_adam / shift_adam: their
+    per-particle Adam moments (stage 2). head_of ``(N,)``: the winning head of each particle (-1: the grid).
+    grid: the fixed candidate poses of stage 1 (``None``: off).
+    """
+
+    parts: PreparedParticles
+    model: "ImageModel"
+    volume: HartleyVolume
+    encoder: MultiHeadPoseEncoder
+    vol_opt: torch.optim.Optimizer
+    enc_opt: torch.optim.Optimizer
+    poses: Tensor
+    shifts: Tensor
+    pose_adam: ParticleAdam
+    shift_adam: ParticleAdam
+    head_of: Tensor
+    grid: "CandidateGrid | None"
+
+    def checkpoint(self, epoch: int, encoding: bool) -> dict[str, Any]:
+        """What ``--resume`` needs after ``epoch`` (the encoder only while it still trains)."""
+        return {"epoch": epoch, "volume": self.volume.state_dict(), "vol_opt": self.vol_opt.state_dict(),
+                "encoder": self.encoder.state_dict() if encoding else None,
+                "enc_opt": self.enc_opt.state_dict() if encoding else None,
+                "poses": self.poses, "shifts": self.shifts, "pose_adam": self.pose_adam.state(),
+                "shift_adam": self.shift_adam.state(), "head_of": self.head_of}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take back a :meth:`checkpoint`."""
+        dev = self.poses.device
+        self.volume.load_state_dict(saved["volume"])
+        self.vol_opt.load_state_dict(saved["vol_opt"])
+        if saved.get("encoder") is not None:
+            self.encoder.load_state_dict(saved["encoder"])
+            self.enc_opt.load_state_dict(saved["enc_opt"])
+        self.poses, self.shifts = saved["poses"].to(dev), saved["shifts"].to(dev)
+        self.pose_adam = ParticleAdam.from_state(saved["pose_adam"], dev)
+        self.shift_adam = ParticleAdam.from_state(saved["shift_adam"], dev)
+        self.head_of = saved["head_of"].to(dev)
+
+
 @register_engine
 class CryoSpinEngine:
     """cryoSPIN: multi-head encoder (winner-takes-all) then per-particle pose optimisation, explicit Hartley decoder."""
@@ -180,12 +246,59 @@ class CryoSpinEngine:
     # ------------------------------------------------------------------------------------------- run
     def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction:
         cfg = config if isinstance(config, CryoSpinConfig) else CryoSpinConfig(**config.as_dict())
-        _check(cfg)
-        dev = self.device
-        parts = prepare_particles(data, cfg, dev)
-        n, n_part = parts.box, len(parts)
-        if n_part < 2:
+        cfg.validate()
+        parts = prepare_particles(data, cfg, self.device)
+        if len(parts) < 2:
             raise CryocliError("cryospin needs at least 2 particles", data.table.path)
+        st = self._new_state(parts, cfg)
+        start_epoch = 1
+        saved = reporter.resume_state()
+        if saved is not None:
+            st.restore(saved)
+            start_epoch = int(saved["epoch"]) + 1
+        n, n_part = parts.box, len(parts)
+        steps_per_epoch = len(_batches(torch.arange(n_part), cfg.batch_size))
+        reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(self.device)
+            encoding = epoch <= cfg.switch_epoch
+            st.model.set_radius(_encode_radius(cfg, n, parts.pixel_size))
+            if encoding:
+                metrics = self._encoding_epoch(st, order, cfg, reporter)
+            else:
+                if epoch == cfg.switch_epoch + 1 and not _switched(saved, cfg):
+                    # Eq. 6: every particle starts from its best head's pose under the current volume.
+                    self._assign_best_candidates(st, cfg)
+                    if cfg.encode_resolution > 0:
+                        # Shells never compared so far still hold the random start: clear them, so that the
+                        # first pose updates follow the fitted low-resolution volume, not that noise.
+                        st.volume.clear_beyond(st.model.r_max)
+                    for group in st.vol_opt.param_groups:
+                        group["lr"] = cfg.decoder_lr_decoding
+                st.model.set_radius(_decode_radius(cfg, n, parts.pixel_size, epoch))
+                metrics = self._decoding_epoch(st, order, cfg, reporter)
+            metrics["stage"] = "encode" if encoding else "decode"
+            reporter.end_epoch(epoch, metrics, volume=st.volume.to_map(), voxel_size=parts.pixel_size,
+                               rotations=st.poses, state=st.checkpoint(epoch, encoding), last=epoch == cfg.epochs)
+        if cfg.epochs <= cfg.switch_epoch:
+            # Poses from the encoder only (a run stopped before the switch).
+            self._assign_best_candidates(st, cfg)
+        final = st.volume.to_map() if cfg.final_map == "decoder" else self._reconstruct(parts, st.poses, st.shifts)
+        usage = torch.bincount(st.head_of[st.head_of >= 0], minlength=cfg.heads).cpu().numpy() / n_part
+        return Reconstruction(volume=final.detach().cpu().to(torch.float32), voxel_size=parts.pixel_size,
+                              rotations=st.poses.detach().cpu(),
+                              origins_angstrom=(st.shifts * parts.pixel_size).detach().cpu(),
+                              metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
+                              inverted=parts.inverted,
+                              method_summary={"head_usage": usage.round(4).tolist(),
+                                              "grid_share": round(float((st.head_of < 0).float().mean()), 4)})
+
+    def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
+        """Nothing beyond the configuration and the particles to check before a cryospin run."""
+
+    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig) -> "CryoSpinState":
+        """The random start: volume, encoder, optimisers, identity poses, zero origins."""
+        dev, n, n_part = self.device, parts.box, len(parts)
         model = ImageModel(n, parts.pixel_size, dev)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         volume = HartleyVolume(n, self._initial_amplitude(parts, model), cfg.mantissa_std, gen, dev)
@@ -193,74 +306,22 @@ class CryoSpinEngine:
             torch.manual_seed(cfg.seed)
             encoder = MultiHeadPoseEncoder(n, cfg.heads, cfg.encoder_channels, cfg.encoder_convs, cfg.head_hidden,
                                            cfg.pyramid_sigmas, cfg.shifts).to(dev)
-        vol_opt = torch.optim.Adam(volume.parameters(), lr=float(cfg.lr))
-        enc_opt = torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr)
-        poses = torch.eye(3, device=dev).repeat(n_part, 1, 1)
-        shifts = torch.zeros(n_part, 2, device=dev)
-        pose_adam = ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev)
-        shift_adam = ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev)
-        head_of = torch.zeros(n_part, dtype=torch.long, device=dev)
-        grid = CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None
-        start_epoch = 1
-        saved = reporter.resume_state()
-        if saved is not None:
-            volume.load_state_dict(saved["volume"])
-            vol_opt.load_state_dict(saved["vol_opt"])
-            if saved.get("encoder") is not None:
-                encoder.load_state_dict(saved["encoder"])
-                enc_opt.load_state_dict(saved["enc_opt"])
-            poses, shifts = saved["poses"].to(dev), saved["shifts"].to(dev)
-            pose_adam = ParticleAdam.from_state(saved["pose_adam"], dev)
-            shift_adam = ParticleAdam.from_state(saved["shift_adam"], dev)
-            head_of = saved["head_of"].to(dev)
-            start_epoch = int(saved["epoch"]) + 1
-        steps_per_epoch = len(_batches(torch.arange(n_part), cfg.batch_size))
-        reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(dev)
-            encoding = epoch <= cfg.switch_epoch
-            model.set_radius(_encode_radius(cfg, n, parts.pixel_size))
-            if encoding:
-                metrics = self._encoding_epoch(parts, model, volume, encoder, vol_opt, enc_opt, order, cfg, reporter,
-                                               poses, shifts, head_of, grid)
-            else:
-                if epoch == cfg.switch_epoch + 1 and not _switched(saved, cfg):
-                    # Eq. 6: every particle starts from its best head's pose under the current volume.
-                    self._assign_best_candidates(parts, model, volume, encoder, cfg, poses, shifts, head_of, grid)
-                    if cfg.encode_resolution > 0:
-                        # Shells never compared so far still hold the random start: clear them, so that the
-                        # first pose updates follow the fitted low-resolution volume, not that noise.
-                        volume.clear_beyond(model.r_max)
-                    for group in vol_opt.param_groups:
-                        group["lr"] = cfg.decoder_lr_decoding
-                model.set_radius(_decode_radius(cfg, n, parts.pixel_size, epoch))
-                metrics = self._decoding_epoch(parts, model, volume, vol_opt, order, cfg, reporter, poses, shifts,
-                                               pose_adam, shift_adam)
-            state = {"epoch": epoch, "volume": volume.state_dict(), "vol_opt": vol_opt.state_dict(),
-                     "encoder": encoder.state_dict() if epoch <= cfg.switch_epoch else None,
-                     "enc_opt": enc_opt.state_dict() if epoch <= cfg.switch_epoch else None,
-                     "poses": poses, "shifts": shifts, "pose_adam": pose_adam.state(),
-                     "shift_adam": shift_adam.state(), "head_of": head_of}
-            metrics["stage"] = "encode" if encoding else "decode"
-            reporter.end_epoch(epoch, metrics, volume=volume.to_map(), voxel_size=parts.pixel_size,
-                               rotations=poses, state=state, last=epoch == cfg.epochs)
-        if cfg.epochs <= cfg.switch_epoch:
-            # Poses from the encoder only (a run stopped before the switch).
-            self._assign_best_candidates(parts, model, volume, encoder, cfg, poses, shifts, head_of, grid)
-        final = volume.to_map() if cfg.final_map == "decoder" else self._reconstruct(parts, poses, shifts)
-        usage = torch.bincount(head_of[head_of >= 0], minlength=cfg.heads).cpu().numpy() / n_part
-        return Reconstruction(volume=final.detach().cpu().to(torch.float32), voxel_size=parts.pixel_size,
-                              rotations=poses.detach().cpu(), origins_angstrom=(shifts * parts.pixel_size).detach().cpu(),
-                              metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
-                              info={"inverted": parts.inverted, "box": n, "pixel_size": parts.pixel_size,
-                                    "head_usage": usage.round(4).tolist(),
-                                    "grid_share": round(float((head_of < 0).float().mean()), 4)})
+        return CryoSpinState(
+            parts=parts, model=model, volume=volume, encoder=encoder,
+            vol_opt=torch.optim.Adam(volume.parameters(), lr=float(cfg.lr or 0.05)),
+            enc_opt=torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr),
+            poses=torch.eye(3, device=dev).repeat(n_part, 1, 1), shifts=torch.zeros(n_part, 2, device=dev),
+            pose_adam=ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev),
+            shift_adam=ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev),
+            head_of=torch.zeros(n_part, dtype=torch.long, device=dev),
+            grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None)
 
     # ------------------------------------------------------------------------------------------- stages
-    def _encoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
-                        encoder: MultiHeadPoseEncoder, vol_opt: torch.optim.Optimizer, enc_opt: torch.optim.Optimizer,
-                        order: Tensor, cfg: CryoSpinConfig, reporter: Reporter, poses: Tensor, shifts: Tensor,
-                        head_of: Tensor, grid: CandidateGrid | None) -> dict[str, Any]:
+    def _encoding_epoch(self, st: "CryoSpinState", order: Tensor, cfg: CryoSpinConfig,
+                        reporter: Reporter) -> dict[str, Any]:
+        """Stage 1: one pass of encoder and decoder steps over the particles in ``order``."""
+        parts, model, volume, encoder, grid = st.parts, st.model, st.volume, st.encoder, st.grid
+        vol_opt, enc_opt, poses, shifts, head_of = st.vol_opt, st.enc_opt, st.poses, st.shifts, st.head_of
         encoder.train()
         total, count, grid_wins = 0.0, 0, 0
         for idx in _batches(order, cfg.batch_size):
@@ -297,10 +358,10 @@ class CryoSpinEngine:
         return {"loss": total / count, "head_usage_max": float(usage.max()), "grid_win_fraction": grid_wins / count}
 
     @torch.no_grad()
-    def _assign_best_candidates(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
-                                encoder: MultiHeadPoseEncoder, cfg: CryoSpinConfig, poses: Tensor, shifts: Tensor,
-                                head_of: Tensor, grid: CandidateGrid | None) -> None:
+    def _assign_best_candidates(self, st: "CryoSpinState", cfg: CryoSpinConfig) -> None:
         """Eq. 6: every particle takes its best candidate (heads, and the grid when on) under the current volume."""
+        parts, model, volume, encoder, grid = st.parts, st.model, st.volume, st.encoder, st.grid
+        poses, shifts, head_of = st.poses, st.shifts, st.head_of
         encoder.eval()
         n_part = len(parts)
         hartley = volume.hartley()
@@ -318,10 +379,11 @@ class CryoSpinEngine:
                                                  shift, winner)
             poses[idx], shifts[idx], head_of[idx] = pose, shift, winner
 
-    def _decoding_epoch(self, parts: PreparedParticles, model: ImageModel, volume: HartleyVolume,
-                        vol_opt: torch.optim.Optimizer, order: Tensor, cfg: CryoSpinConfig, reporter: Reporter,
-                        poses: Tensor, shifts: Tensor, pose_adam: ParticleAdam, shift_adam: ParticleAdam
-                        ) -> dict[str, Any]:
+    def _decoding_epoch(self, st: "CryoSpinState", order: Tensor, cfg: CryoSpinConfig,
+                        reporter: Reporter) -> dict[str, Any]:
+        """Stage 2: per-particle pose (and origin) steps then decoder steps, over the particles in ``order``."""
+        parts, model, volume, vol_opt = st.parts, st.model, st.volume, st.vol_opt
+        poses, shifts, pose_adam, shift_adam = st.poses, st.shifts, st.pose_adam, st.shift_adam
         total, count, moved = 0.0, 0, 0.0
         for idx in _batches(order, cfg.batch_size):
             images = parts.images[idx]
@@ -483,24 +545,3 @@ def _angles_deg(a: Tensor, b: Tensor) -> Tensor:
 def _switched(saved: dict[str, Any] | None, cfg: CryoSpinConfig) -> bool:
     """Whether a resumed state was saved after the switch (its poses already come from the best heads)."""
     return saved is not None and int(saved["epoch"]) > cfg.switch_epoch
-
-
-def _check(cfg: CryoSpinConfig) -> None:
-    if cfg.epochs < 1:
-        raise CryocliError(f"--epochs {cfg.epochs}: must be at least 1")
-    if cfg.batch_size < 1:
-        raise CryocliError(f"--batch-size {cfg.batch_size}: must be at least 1")
-    if cfg.heads < 1:
-        raise CryocliError(f"--heads {cfg.heads}: must be at least 1")
-    if cfg.switch_epoch < 0:
-        raise CryocliError(f"--switch-epoch {cfg.switch_epoch}: must be 0 or more")
-    if cfg.final_map not in ("decoder", "reconstruct"):
-        raise CryocliError(f"--final-map {cfg.final_map}: expected decoder or reconstruct")
-    if cfg.grid_order > 3:
-        raise CryocliError(f"--grid-order {cfg.grid_order}: at most 3 (294,912 candidate poses); -1 turns the grid off")
-    if cfg.encode_resolution < 0:
-        raise CryocliError(f"--encode-resolution {cfg.encode_resolution}: must be 0 (all frequencies) or positive")
-    if cfg.decode_march_epochs < 0:
-        raise CryocliError(f"--decode-march-epochs {cfg.decode_march_epochs}: must be 0 or more")
-    if cfg.lr is None or cfg.lr <= 0:
-        raise CryocliError("--lr must be positive")

@@ -19,6 +19,7 @@ therefore take their gold-standard FSC from trilinear accumulators kept alongsid
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -31,9 +32,47 @@ from cryocli.imaging.projector import (default_r_max, fourier_grid_size, half_pl
 DEFAULT_BANDWIDTH = 2.0
 
 
+@runtime_checkable
+class BackProjectorLike(Protocol):
+    """What the M-step asks of a backprojector, implemented by the trilinear
+    :class:`cryocli.imaging.projector.BackProjector` (RELION's) and :class:`GaussianKernelBackProjector`.
+
+    Both accumulate ``data = sum K * value`` and ``weight = sum K * weight`` (``K`` the interpolation kernel)
+    on the centred padded Fourier grid ``(G, G, G)``, ``G = grid_size``, of a box ``n`` with padding ``pad``
+    and Fourier radius ``r_max`` (pixels); pixels with weight <= 0 are skipped, data included.
+    """
+
+    n: int
+    pad: float
+    r_max: int
+    grid_size: int
+    dtype: torch.dtype
+
+    def insert(self, slices: Tensor, weights: Tensor | None, rotations: Tensor, skip_redundant: bool = True) -> None:
+        """Slices ``(B, n, n // 2 + 1)`` complex with weights (same shape, None: 1) at rotations ``(B, 3, 3)``."""
+
+    def insert_pixels(self, values: Tensor, weights: Tensor | None, rotations: Tensor, kx: Tensor,
+                      ky: Tensor) -> None:
+        """Pixels ``(kx, ky)`` ``(M,)`` of ``B`` slices: values ``(B, M)`` complex, weights ``(B, M)`` (None: 1)."""
+
+    def symmetrised(self) -> tuple[Tensor, Tensor]:
+        """Hermitian-symmetrised ``(data (G, G, G) complex, weight (G, G, G))``."""
+
+    @property
+    def data(self) -> Tensor:
+        """Accumulated data ``(G, G, G)`` complex."""
+
+    @property
+    def weight(self) -> Tensor:
+        """Accumulated weights ``(G, G, G)``."""
+
+    @property
+    def accumulators(self) -> Tensor:
+        """The raw ``(3, G, G, G)`` accumulator (Re data, Im data, weight), e.g. for ``all_reduce`` in place."""
+
+
 class GaussianKernelBackProjector:
-    """Same interface as :class:`cryocli.imaging.projector.BackProjector` (``insert``, ``symmetrised``,
-    ``data``, ``weight``, ``accumulators``), with the Gaussian kernel.
+    """A :class:`BackProjectorLike` with the Gaussian kernel instead of the trilinear one.
 
     n: box (pixels); pad: padding (2); r_max: Fourier radius in pixels (``n // 2``); bandwidth: ``h``.
     """

@@ -14,28 +14,15 @@ import torch
 from torch import Tensor
 
 from cryocli.analysis.fsc import fsc_curve
+from cryocli.engines.common.kernel_backprojection import BackProjectorLike
 from cryocli.engines.common.pose_search import PoseSearchResult, SearchPixels, merge_samples
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.imaging.filters import lowpass_weights
 from cryocli.imaging.fourier import radius2_3d, radius_3d
-from cryocli.imaging.projector import (grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry,
-                                       scatter_slices)
+from cryocli.imaging.projector import grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry
 
 
-def insert_pixels(backprojector, values: Tensor, weights: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor) -> None:
-    """Insert pixels ``(kx, ky)`` ``(M,)`` of ``U`` slices (values ``(U, M)`` complex, weights ``(U, M)``) at
-    rotations ``(U, 3, 3)`` into a :class:`BackProjector` (trilinear) or Gaussian-kernel backprojector."""
-    if hasattr(backprojector, "insert_pixels"):
-        backprojector.insert_pixels(values, weights, rotations, kx, ky)
-        return
-    dt = backprojector.dtype
-    valid = (weights > 0).to(dt)
-    packed = torch.stack([values.real.to(dt) * valid, values.imag.to(dt) * valid, weights.to(dt) * valid])
-    backprojector.accumulators.add_(scatter_slices(packed, rotations.to(dt), kx.to(dt), ky.to(dt),
-                                                   backprojector.scale, backprojector.grid_size))
-
-
-def backproject_samples(backprojectors: list, images_ft: Tensor, ctf: Tensor | None, inv_sigma2: Tensor,
+def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tensor, ctf: Tensor | None, inv_sigma2: Tensor,
                         result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
     """Insert every significant sample of a batch with its posterior weight into each backprojector.
 
@@ -63,7 +50,7 @@ def backproject_samples(backprojectors: list, images_ft: Tensor, ctf: Tensor | N
     for op in ops:
         posed = rot if op is None else rotations_with_symmetry(rot, op[None].to(rot))
         for backprojector in backprojectors:
-            insert_pixels(backprojector, data, weights, posed, kx, ky)
+            backprojector.insert_pixels(data, weights, posed, kx, ky)
 
 
 def padded_shells(grid_size: int, n: int, pad: float, device: torch.device) -> Tensor:

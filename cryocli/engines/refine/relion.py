@@ -38,7 +38,7 @@ Angstrom for resolutions, diameters and origins; pixels for offsets (of the data
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,13 +46,16 @@ import torch
 from torch import Tensor
 
 from cryocli.analysis.fsc import threshold_crossing
-from cryocli.engines.base import EngineConfig, PreparedParticles, Reconstruction, prepare_particles, register_engine
+from cryocli.engines.particles import PreparedParticles, prepare_particles
+from cryocli.engines.progress import Reporter
+from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
+from cryocli.engines.result import ModelIteration, Reconstruction
 from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
 from cryocli.engines.refine.maps import (backproject_samples, fsc_to_ssnr, half_map_fsc, join_low_resolution,
                                          map_reconstruct, shell_tau2, unregularised_map)
-from cryocli.errors import CryocliError
+from cryocli.errors import CryocliError, OptionError
 from cryocli.geometry.rotations import geodesic_distance
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.geometry.symmetry import symmetry_operators
@@ -104,6 +107,52 @@ class RefineConfig(EngineConfig):
     incr_size: int = 10
     pose_estimate: str = "mean"
     accuracy_particles: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        from cryocli.geometry.symmetry import parse_symmetry
+
+        if self.ref is None:
+            raise OptionError("ref", None, "a reference map is required")
+        positive(self, "ini_lowpass")
+        positive(self, "tau2_fudge")
+        within(self, "healpix_order", 0, MAX_ORDER - 1)
+        positive(self, "offset_step")
+        at_least(self, "offset_range", 0)
+        if self.offset_range > 0 and self.offset_step > self.offset_range:
+            raise OptionError("offset_step", self.offset_step, f"larger than the offset range {self.offset_range:g}")
+        if self.particle_diameter is not None:
+            positive(self, "particle_diameter")
+        positive(self, "low_resol_join_halves")
+        if self.kernel not in ("trilinear", "gaussian"):
+            raise unknown_choice("kernel", self.kernel, ("trilinear", "gaussian"))
+        if self.pose_estimate not in ("mean", "best"):
+            raise unknown_choice("pose_estimate", self.pose_estimate, ("mean", "best"))
+        within(self, "fraction", 1e-6, 1.0)
+        at_least(self, "max_significant", 1)
+        at_least(self, "incr_size", 0)
+        at_least(self, "accuracy_particles", 1)
+        try:
+            parse_symmetry(self.sym)
+        except CryocliError as exc:
+            raise OptionError("sym", self.sym, exc.message) from None
+
+
+@dataclass
+class MStepState:
+    """What a method's M-step carries from one iteration to the next (nothing for RELION's MAP step).
+
+    metrics: per-iteration figures of the M-step (they join the iteration's metrics row).
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_state(self) -> dict[str, Any]:
+        """For the checkpoint."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`as_state` from a checkpoint (``--resume``)."""
 
 
 def symmetric_distance(a: Tensor, b: Tensor, sym_ops: Tensor | None) -> Tensor:
@@ -236,28 +285,28 @@ class RelionRefineEngine:
         n = volume.shape[-1]
         return volume * kernel_gridding_correction(n, trilinear=True, device=volume.device)
 
-    def begin_m_step(self, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int, cfg: RefineConfig,
-                     info: dict[str, Any]) -> None:
+    def new_m_step_state(self) -> MStepState:
+        """The M-step's state at the start of a run."""
+        return MStepState()
+
+    def begin_m_step(self, state: MStepState, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int,
+                     cfg: RefineConfig) -> None:
         """Hook called once per iteration before the halves are reconstructed (nothing for RELION)."""
+        state.metrics = {}
 
-    def m_step_state(self) -> dict[str, Any]:
-        """What the M-step carries from one iteration to the next, for the checkpoint (nothing for RELION)."""
-        return {}
-
-    def restore_m_step_state(self, state: dict[str, Any]) -> None:
-        """Take back :meth:`m_step_state` from a checkpoint (``--resume``)."""
-
-    def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
-                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False,
+    def reconstruct_half(self, state: MStepState, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray,
+                         previous: Tensor, r_max: int, cfg: RefineConfig, joined: bool = False,
                          half: int = 0) -> Tensor:
         """RELION's MAP reconstruction of one half (or, ``joined``, of the summed halves)."""
         ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge, joined)
         return self.gridding_fix(map_reconstruct(data, weight, n, 2, ssnr, r_max), cfg)
 
     # ------------------------------------------------------------------------------------------ run
-    def run(self, data: ParticleStack, config: EngineConfig, reporter: Any) -> Reconstruction:
+    def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction:
         cfg = config if isinstance(config, RefineConfig) else RefineConfig(**config.as_dict())
+        cfg.validate()
         ctx = self._setup(data, cfg)
+        m_state = self.new_m_step_state()
         dev, n, apix = self.device, ctx.n, ctx.apix
         saved = reporter.resume_state()
         if saved is None:
@@ -269,13 +318,15 @@ class RelionRefineEngine:
             sigma2 = initial_sigma2(ctx.parts.images, ctx.groups, ctx.n_groups)
             scale_px = data.box / n  # offsets are given in pixels of the data
             sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
-            start, fsc, history, final_pass = 1, np.zeros(n // 2 + 1), [], False
+            start, fsc, final_pass = 1, np.zeros(n // 2 + 1), False
+            history: list[ModelIteration] = []
         else:
             refs = [saved["refs"][0].to(dev), saved["refs"][1].to(dev)]
             rot, origins, sigma2 = saved["rot"].to(dev), saved["origins"].to(dev), saved["sigma2"].to(dev)
-            sampling, fsc, history = Sampling(**saved["sampling"]), np.asarray(saved["fsc"]), saved["history"]
+            sampling, fsc = Sampling(**saved["sampling"]), np.asarray(saved["fsc"])
+            history = [ModelIteration.from_state(h) for h in saved["history"]]
             start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
-            self.restore_m_step_state(saved.get("m_step", {}))
+            m_state.restore(saved.get("m_step", {}))
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
         r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
@@ -291,9 +342,8 @@ class RelionRefineEngine:
             sigma2 = e.noise.sigma2(sigma2)
             fsc = self._gold_standard_fsc(e.trilinear, n, r_max)
             res = threshold_crossing(fsc, n, apix, 0.143).resolution
-            info: dict[str, Any] = {}
-            self.begin_m_step(accumulators, n, r_max, cfg, info)
-            maps = [self.reconstruct_half(d, w, n, fsc, refs[i], r_max, cfg, info, half=i + 1)
+            self.begin_m_step(m_state, accumulators, n, r_max, cfg)
+            maps = [self.reconstruct_half(m_state, d, w, n, fsc, refs[i], r_max, cfg, half=i + 1)
                     for i, (d, w) in enumerate(accumulators)]
             refs = list(join_low_resolution(maps[0], maps[1], apix, cfg.low_resol_join_halves))
             fine_step = self._fine_step(ctx.grid, sampling.level)
@@ -303,17 +353,19 @@ class RelionRefineEngine:
                        "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": e.acc_rot,
                        "acc_trans_px": e.acc_trans, "max_prob_mean": float(ctx.stats["max_prob"].mean()),
                        "n_significant_mean": float(ctx.stats["n_sig"].mean()), "slices_projected": e.projected,
-                       **info, "final_pass": final_pass}
+                       **m_state.metrics, "final_pass": final_pass}
             converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
                                                       fine_step, ctx.max_level, cfg.local_from_level)
             ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge)
             tau2 = np.mean([shell_tau2(w, n, 2, ssnr, r_max) for _, w in accumulators], axis=0)
-            history.append({"iteration": it, "fsc": fsc.tolist(), "sigma2": sigma2.cpu().tolist(),
-                            "ssnr": ssnr.tolist(), "tau2": tau2.tolist(), **metrics})
+            history.append(ModelIteration(
+                iteration=it, resolution_A=res, r_max_px=r_max, rot_change_deg=change_deg,
+                origin_change_px=change_px, healpix_order=cfg.healpix_order + sampling.level + 1, fsc=fsc.copy(),
+                ssnr=ssnr, tau2=tau2, sigma2=sigma2.cpu().numpy().astype(np.float64)))
             state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
-                     "history": history, "iteration": it, "final_pass": converged and not final_pass,
-                     "m_step": self.m_step_state()}
+                     "history": [h.as_state() for h in history], "iteration": it,
+                     "final_pass": converged and not final_pass, "m_step": m_state.as_state()}
             reporter.step(1, res=round(res, 2), level=metrics["level"])
             reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
                                state=state, last=final_pass or (not converged and it >= cfg.epochs))
@@ -322,17 +374,11 @@ class RelionRefineEngine:
             final_pass = converged
             it += 1
         if not accumulators:
-            raise CryocliError("--resume: the run has no iteration left to finish; raise --epochs")
-        return self._finish(ctx, accumulators, refs, rot, origins, fsc, r_max, converged, history, reporter)
+            raise OptionError("epochs", cfg.epochs, "the resumed run has no iteration left to run; raise it")
+        return self._finish(ctx, m_state, accumulators, refs, rot, origins, fsc, r_max, converged, history, reporter)
 
     def _setup(self, data: ParticleStack, cfg: RefineConfig) -> "RunContext":
         """Check the options and prepare what every iteration reads."""
-        if cfg.ref is None:
-            raise CryocliError("--ref: a reference map is required")
-        if cfg.kernel not in ("trilinear", "gaussian"):
-            raise CryocliError(f"--kernel {cfg.kernel}: choose trilinear or gaussian")
-        if cfg.pose_estimate not in ("mean", "best"):
-            raise CryocliError(f"pose_estimate {cfg.pose_estimate}: choose mean or best")
         torch.manual_seed(cfg.seed)
         dev = self.device
         subset = data.ensure_half_sets(cfg.seed).numpy()
@@ -388,35 +434,52 @@ class RelionRefineEngine:
         fsc[r_max + 1:] = 0.0
         return fsc
 
-    def _finish(self, ctx: "RunContext", accumulators: list[tuple[Tensor, Tensor]], refs: list[Tensor], rot: Tensor,
-                origins: Tensor, fsc: np.ndarray, r_max: int, converged: bool, history: list[dict[str, Any]],
-                reporter: Any) -> Reconstruction:
+    def _finish(self, ctx: "RunContext", m_state: MStepState, accumulators: list[tuple[Tensor, Tensor]],
+                refs: list[Tensor], rot: Tensor, origins: Tensor, fsc: np.ndarray, r_max: int, converged: bool,
+                history: list[ModelIteration], reporter: Reporter) -> Reconstruction:
         """The joined map from both halves' accumulators, and the result."""
         n, apix = ctx.n, ctx.apix
-        info: dict[str, Any] = {}
-        final = self.reconstruct_half(accumulators[0][0] + accumulators[1][0], accumulators[0][1] + accumulators[1][1],
-                                      n, fsc, 0.5 * (refs[0] + refs[1]), r_max, ctx.cfg, info, joined=True)
+        final = self.reconstruct_half(m_state, accumulators[0][0] + accumulators[1][0],
+                                      accumulators[0][1] + accumulators[1][1], n, fsc, 0.5 * (refs[0] + refs[1]),
+                                      r_max, ctx.cfg, joined=True)
         halfmaps = threshold_crossing(half_map_fsc(refs[0], refs[1]), n, apix, 0.143).resolution
         columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
                    "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),
                    "rlnLogLikeliContribution": ctx.stats["loglik"].cpu().numpy()}
         return Reconstruction(
             volume=final.cpu(), voxel_size=apix, rotations=rot.cpu(), origins_angstrom=origins.cpu(),
-            half_volumes=(refs[0].cpu(), refs[1].cpu()), metrics=list(reporter.history),
-            info={"gold_standard_fsc": fsc.tolist(), "converged": converged, "iterations": len(history),
-                  "inverted": ctx.parts.inverted, "particle_columns": columns, "model_history": history,
-                  "resolution_A": threshold_crossing(fsc, n, apix, 0.143).resolution,
-                  "halfmaps_resolution_A": halfmaps, **info})
+            half_volumes=(refs[0].cpu(), refs[1].cpu()), particle_columns=columns,
+            metrics=[r for r in reporter.history if r.get("run") == reporter.run_name], model_history=history,
+            gold_standard_fsc=fsc.copy(), resolution_A=threshold_crossing(fsc, n, apix, 0.143).resolution,
+            halfmaps_resolution_A=halfmaps, converged=converged, inverted=ctx.parts.inverted,
+            method_summary=dict(m_state.metrics))
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _reference(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
+    def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
+        """Refuse, before any work, a reference that cannot start this run: unreadable, empty or not finite, or
+        covering another field of view than the particles (its pixel size times its box)."""
+        assert isinstance(config, RefineConfig)
+        self._reference_map(config, data.box, data.pixel_size)
+
+    def _reference_map(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
+        """The reference as given ``(m, m, m)`` (CPU), checked against particles of box ``n`` at ``apix`` A."""
         ref_map = read_map(cfg.ref)
         vol = torch.as_tensor(np.array(ref_map.data, dtype=np.float32))
+        side_ref, side_data = vol.shape[-1] * ref_map.voxel_size, n * apix
+        if abs(side_ref - side_data) > 0.01 * side_data:
+            raise CryocliError(f"the reference covers {side_ref:.1f} A ({vol.shape[-1]} px at "
+                               f"{ref_map.voxel_size:.4g} A/px) but the particles {side_data:.1f} A ({n} px at "
+                               f"{apix:.4g} A/px)", cfg.ref)
+        if not bool(torch.isfinite(vol).all()):
+            raise CryocliError("the reference map has NaN or infinite values", cfg.ref)
+        if float(vol.std()) == 0.0:
+            raise CryocliError("the reference map is empty (constant)", cfg.ref)
+        return vol
+
+    def _reference(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
+        """The starting reference on the run's grid (box ``n`` at ``apix`` A), low-passed to ``ini_lowpass``."""
+        vol = self._reference_map(cfg, n, apix)
         if vol.shape[-1] != n:
-            side_ref, side_data = vol.shape[-1] * ref_map.voxel_size, n * apix
-            if abs(side_ref - side_data) > 0.01 * side_data:
-                raise CryocliError(f"the reference covers {side_ref:.1f} A but the particles {side_data:.1f} A",
-                                   cfg.ref)
             vol = fourier_resample_volume(vol, n)
         vol = lowpass_filter(vol, apix, cfg.ini_lowpass).to(torch.float32)
         return vol.to(self.device)

@@ -42,17 +42,18 @@ alpha, beta, gamma, mu and the held-out scores) are logged in the metrics. The G
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.engines.base import EngineConfig, register_engine
+from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine
 from cryocli.engines.common.kernel_backprojection import kernel_envelope
 from cryocli.engines.refine.maps import fsc_to_ssnr, map_reconstruct
-from cryocli.engines.refine.relion import RefineConfig, RelionRefineEngine
+from cryocli.engines.refine.relion import MStepState, RefineConfig, RelionRefineEngine
+from cryocli.errors import OptionError
 from cryocli.imaging.fourier import radius_3d
 from cryocli.imaging.projector import grid_radius, padded_box
 
@@ -87,6 +88,41 @@ class SparseTVConfig(RefineConfig):
     tv_iters: int = 30
     tv_lr: float = 1.0
     beta_search: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("eps", "eps_prime", "alpha", "beta", "gamma"):
+            if getattr(self, name) is not None:
+                at_least(self, name, 0)
+        if self.eps is not None and self.eps == 0:
+            raise OptionError("eps", self.eps, "must be positive (the density level of the molecule)")
+        for name in ("alpha_scale", "beta_scale", "gamma_scale"):
+            at_least(self, name, 0)
+        at_least(self, "tv_iters", 1)
+        positive(self, "tv_lr")
+        if self.tv_lr > 2:
+            raise OptionError("tv_lr", self.tv_lr, "must be at most 2 (a step beyond 2 / Lipschitz diverges)")
+
+
+@dataclass
+class SparseTVState(MStepState):
+    """What sparse-tv's M-step carries between iterations and between the two halves of one iteration.
+
+    problems: this iteration's normal equations of each half (each half's beta is scored on the other's).
+    beta_scale: the beta scale each half kept (``{1: s1, 2: s2}``), the centre of its next search.
+    solved: whether a previous sparse-tv map exists (the first M-step starts from the MAP map instead).
+    """
+
+    problems: list[NormalEquations] = field(default_factory=list)
+    beta_scale: dict[int, float] = field(default_factory=dict)
+    solved: bool = False
+
+    def as_state(self) -> dict[str, Any]:
+        return {"beta_scale": dict(self.beta_scale), "solved": self.solved}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.beta_scale = {int(k): float(v) for k, v in state.get("beta_scale", {}).items()}
+        self.solved = bool(state.get("solved", False))
 
 
 # ------------------------------------------------------------------------------------------------ operators
@@ -278,51 +314,44 @@ class SparseTVRefineEngine(RelionRefineEngine):
                               "solved in real space by proximal gradient with Gaussian-kernel backprojection.")
     config_class: ClassVar[type[EngineConfig]] = SparseTVConfig
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        super().__init__(device)
-        self._problems: list[NormalEquations] = []
-        self._beta_scale: dict[int, float] = {}
-        self._solved = False
-
-    def m_step_state(self) -> dict[str, Any]:
-        """The beta scale each half kept and whether a previous map exists (so a resumed run searches beta
-        around the kept scale, as the uninterrupted run would)."""
-        return {"beta_scale": dict(self._beta_scale), "solved": self._solved}
-
-    def restore_m_step_state(self, state: dict[str, Any]) -> None:
-        self._beta_scale = {int(k): float(v) for k, v in state.get("beta_scale", {}).items()}
-        self._solved = bool(state.get("solved", False))
+    def new_m_step_state(self) -> SparseTVState:
+        """A run's M-step state (the checkpoint keeps each half's beta scale and whether a previous map exists,
+        so a resumed run searches beta around the kept scale, as the uninterrupted run would)."""
+        return SparseTVState()
 
     def _envelope(self, n: int, cfg: RefineConfig, device: torch.device) -> Tensor:
         if cfg.kernel == "gaussian":
             return kernel_envelope(n, 2, device=device)
         return torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, 2)) ** 2
 
-    def begin_m_step(self, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int, cfg: RefineConfig,
-                     info: dict[str, Any]) -> None:
+    def begin_m_step(self, state: MStepState, accumulators: list[tuple[Tensor, Tensor]], n: int, r_max: int,
+                     cfg: RefineConfig) -> None:
         """Both halves' normal equations, so that each half's beta can be scored on the other's data."""
+        assert isinstance(state, SparseTVState)
+        state.metrics = {}
         env = self._envelope(n, cfg, accumulators[0][0].device)
-        self._problems = [NormalEquations(d, w, n, 2, env, r_max) for d, w in accumulators]
+        state.problems = [NormalEquations(d, w, n, 2, env, r_max) for d, w in accumulators]
 
-    def reconstruct_half(self, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray, previous: Tensor,
-                         r_max: int, cfg: RefineConfig, info: dict[str, Any], joined: bool = False,
+    def reconstruct_half(self, state: MStepState, data: Tensor, weight: Tensor, n: int, fsc: np.ndarray,
+                         previous: Tensor, r_max: int, cfg: RefineConfig, joined: bool = False,
                          half: int = 0) -> Tensor:
         """Eq. 22 for one half (or the joined halves), started from this iteration's MAP reconstruction."""
-        assert isinstance(cfg, SparseTVConfig)
+        assert isinstance(cfg, SparseTVConfig) and isinstance(state, SparseTVState)
+        info = state.metrics
         start = self.gridding_fix(map_reconstruct(data, weight, n, 2, fsc_to_ssnr(fsc, cfg.tau2_fudge, joined),
                                                   r_max), cfg)
         # The first M-step's previous map is the initial reference on an arbitrary grey scale.
-        prior = previous if self._solved else start
-        if joined or not self._problems:
+        prior = previous if state.solved else start
+        if joined or not state.problems:
             problem = NormalEquations(data, weight, n, 2, self._envelope(n, cfg, data.device), r_max)
         else:
-            problem = self._problems[half - 1]
+            problem = state.problems[half - 1]
         tag = "join" if joined else f"h{half}"
-        searching = cfg.beta is None and cfg.beta_search and not joined and len(self._problems) == 2
+        searching = cfg.beta is None and cfg.beta_search and not joined and len(state.problems) == 2
         if joined:
-            scales = [float(np.mean(list(self._beta_scale.values()))) if self._beta_scale else cfg.beta_scale]
+            scales = [float(np.mean(list(state.beta_scale.values()))) if state.beta_scale else cfg.beta_scale]
         else:
-            centre = self._beta_scale.get(half)
+            centre = state.beta_scale.get(half)
             if not searching:
                 scales = [cfg.beta_scale if centre is None else centre]
             else:
@@ -331,7 +360,7 @@ class SparseTVRefineEngine(RelionRefineEngine):
         for scale in scales:
             params = scaled_parameters(problem, prior, cfg, scale)
             x = solve_sparse_tv(problem, prior, params, cfg.tv_iters, start=start)
-            score = self._problems[2 - half].value(x) if searching else 0.0
+            score = state.problems[2 - half].value(x) if searching else 0.0
             if searching:
                 info[f"heldout_{tag}_b{params.beta_scale:.3g}"] = score
             if best is None or score < best[0]:
@@ -339,10 +368,10 @@ class SparseTVRefineEngine(RelionRefineEngine):
         assert best is not None
         _, x, params = best
         if not joined:
-            self._beta_scale[half] = params.beta_scale
+            state.beta_scale[half] = params.beta_scale
         info.update({f"eps_{tag}": params.eps, f"eps_prime_{tag}": params.eps_prime, f"alpha_{tag}": params.alpha,
                      f"beta_{tag}": params.beta, f"beta_scale_{tag}": params.beta_scale,
                      f"gamma_{tag}": params.gamma, f"mu_{tag}": params.mu})
         if half == 2 or joined:
-            self._solved = True
+            state.solved = True
         return x.to(torch.float32)

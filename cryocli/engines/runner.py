@@ -1,0 +1,160 @@
+"""One engine run from a STAR file into a run directory: what ``abinitio`` and ``refine`` share.
+
+:func:`run_to_directory` reads the particles (and the ground truth), refusing bad input before any work,
+opens the run directory (:class:`~cryocli.io.run_directory.RunDirectory`: locked, staged, cleaned), runs the
+engine once or on two half sets (:func:`~cryocli.engines.halves.run_engine`) under a
+:class:`~cryocli.engines.progress.Reporter`, has the run directory write every output, and returns the
+result with its summary. A failed run leaves the directory as it was; an interrupted one keeps its
+checkpoint for ``resume`` (the interrupt goes on; ``on_interrupt`` learns where the checkpoint stayed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from cryocli.analysis.ground_truth import GroundTruth
+from cryocli.engines.halves import run_engine, select_rows
+from cryocli.engines.progress import Reporter
+from cryocli.engines.protocol import Engine, EngineConfig
+from cryocli.engines.result import Reconstruction
+from cryocli.errors import CryocliError, OptionError
+from cryocli.io.dataset import ParticleStack
+from cryocli.io.mrc import read_map
+from cryocli.io.run_directory import RunDirectory
+from cryocli.io.star import ParticleTable, read_star
+
+
+@dataclass
+class RunRequest:
+    """Where a run reads and writes, and how.
+
+    particles: the STAR file. out: the run directory. command: what runs (``abinitio --method cryospin``),
+    for file labels and the lock. datadir: an extra folder to find stacks in. force: replace an existing run
+    (only once the new one succeeds). resume: continue the run in ``out``. ground_truth: a known map to score
+    against. score_every: score the map every this many epochs. halves: two independent half runs.
+    """
+
+    particles: Path
+    out: Path
+    command: str
+    datadir: Path | None = None
+    force: bool = False
+    resume: bool = False
+    ground_truth: Path | None = None
+    score_every: int = 1000
+    halves: bool = False
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: its result, the scores against the truth (or ``None``), its files and summary."""
+
+    result: Reconstruction
+    scores: dict[str, Any] | None
+    files: dict[str, str]
+    summary: dict[str, Any]
+
+
+def open_particles(request: RunRequest) -> tuple[ParticleTable, ParticleStack]:
+    """The particle table and its stacks; every stack must exist (checked before any work)."""
+    if request.datadir is not None and not Path(request.datadir).is_dir():
+        raise CryocliError("the data folder does not exist", request.datadir)
+    table = read_star(request.particles, require_images=True)
+    return table, ParticleStack(table, request.datadir)
+
+
+def load_ground_truth(path: Path, stack: ParticleStack, score_every: int) -> GroundTruth:
+    """The ground truth of a run on ``stack``, checked against it before any work."""
+    gt = read_map(path)
+    truth = GroundTruth(torch.as_tensor(np.array(gt.data)), gt.voxel_size, stack.rotations, every=score_every)
+    try:
+        truth.check_matches(len(stack), stack.box, stack.pixel_size)
+    except CryocliError as exc:
+        raise CryocliError(exc.message, path) from None
+    return truth
+
+
+def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, console: Console | None,
+                     device: torch.device, on_interrupt: Callable[[Path | None], None] | None = None) -> RunOutcome:
+    """Run ``engine`` on ``request.particles`` and write map, STAR, metrics and figures to ``request.out``.
+
+    Bad input (particles, ground truth, run directory) is refused before the run directory is touched.
+    If the run fails, what it made is removed (the previous run, with ``force``, stays as it was); if it is
+    interrupted (``KeyboardInterrupt``) after its first checkpoint, the checkpoint stays for ``resume``, and
+    ``on_interrupt`` is called with the folder holding it (``None``: nothing was kept).
+    """
+    table, stack = open_particles(request)
+    if config.use_ctf:
+        if not table.has_ctf:
+            raise OptionError("use_ctf", True, "the particles have no CTF parameters (rlnDefocusU is missing)",
+                              request.particles)
+        table.ctf_params(require=True)
+    truth = load_ground_truth(request.ground_truth, stack, request.score_every) if request.ground_truth else None
+    if len(select_rows(stack, config.max_particles)) < 2:
+        raise CryocliError("a run needs at least 2 particles", request.particles)
+    engine.check_inputs(stack, config)
+    run_dir = RunDirectory(request.out, force=request.force, resume=request.resume, command=request.command)
+    run_dir.open()
+    keep = False
+    reporter: Reporter | None = None
+    try:
+        meta = {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles)}
+        reporter = Reporter(console=console, files=run_dir, ground_truth=truth, resume=request.resume, meta=meta)
+        reporter.event("start", method=engine.name, config=config.as_dict(), particles=str(request.particles),
+                       device=str(device))
+        t0 = time.perf_counter()
+        result = run_engine(engine, stack, config, reporter, halves=request.halves)
+        reporter.close()
+        scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
+        files = run_dir.write_result(result, table, request.command, scores, datadir=request.datadir)
+        summary = run_summary(engine.name, request, result, scores, truth, time.perf_counter() - t0)
+        reporter.event("finish", **summary)
+        run_dir.commit()
+        summary["files"] = files
+        return RunOutcome(result, scores, files, summary)
+    except KeyboardInterrupt:
+        keep = reporter is not None and reporter.checkpointed
+        if on_interrupt is not None:
+            on_interrupt(run_dir.work if keep else None)
+        raise
+    finally:
+        if reporter is not None:
+            reporter.close()
+        run_dir.close(keep=keep)
+
+
+def run_summary(method: str, request: RunRequest, result: Reconstruction, scores: dict[str, Any] | None,
+                truth: GroundTruth | None, elapsed_s: float) -> dict[str, Any]:
+    """The summary a run prints and logs: sizes, iterations, resolutions (gold standard, against the truth),
+    pose errors against the truth, and the method's own figures."""
+    s: dict[str, Any] = {"method": method, "out": str(request.out), "particles": int(result.rotations.shape[0]),
+                         "box": result.box, "pixel_size": result.voxel_size, "iterations": result.iterations,
+                         "converged": result.converged, "inverted": result.inverted,
+                         "seconds": round(elapsed_s, 2)}
+    if result.metrics and "loss" in result.metrics[-1]:
+        s["final_loss"] = result.metrics[-1]["loss"]
+    if result.resolution_A is not None:
+        s["gold_standard_resolution_A"] = result.resolution_A
+    if result.halfmaps_resolution_A is not None:
+        s["halfmaps_resolution_A"] = result.halfmaps_resolution_A
+    if result.gold_standard_fsc is not None:
+        s["fsc"] = np.asarray(result.gold_standard_fsc).round(4).tolist()
+    if result.half_alignment is not None:
+        s["half_alignment_score"] = result.half_alignment.score
+        s["half_alignment_flipped"] = result.half_alignment.flipped
+    s.update(result.method_summary)
+    if scores is not None:
+        s["res_vs_truth_fsc05_A"] = scores["res_fsc05"]
+        s["res_vs_truth_fsc0143_A"] = scores["res_fsc0143"]
+        s["fsc_vs_truth"] = np.asarray(scores["fsc"]).round(4).tolist()
+        if truth is not None and truth.rotations is not None and result.particle_rows is not None:
+            s.update({f"final_{k}": v for k, v in truth.score_poses(result.rotations, result.particle_rows).items()})
+    return s

@@ -7,18 +7,47 @@ The CLI layer only parses, validates and calls the library. Errors from the libr
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
-from contextlib import contextmanager
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cryocli.errors import CryocliError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT): 128 + 2
+EXIT_TERMINATED = 143    # SIGTERM: 128 + 15
+
+# The sentence after "cryocli: interrupted; " when a run is stopped. A command that keeps something useful
+# (a run directory with checkpoints) says so with set_interrupt_hint(); the root app resets it for every run.
+DEFAULT_INTERRUPT_HINT = "partial results were not written"
+INTERRUPT_HINT = DEFAULT_INTERRUPT_HINT
+
+
+def set_interrupt_hint(text: str | None) -> None:
+    """What the interrupt line says after ``cryocli: interrupted;`` (None: the default, "partial results were
+    not written"). E.g. ``set_interrupt_hint(f"checkpoints kept in {out}; run again with --resume to continue")``."""
+    global INTERRUPT_HINT
+    INTERRUPT_HINT = text or DEFAULT_INTERRUPT_HINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the SIGTERM handler of the root app, so that ``finally`` blocks and ``except KeyboardInterrupt``
+    clean-up code run as for Ctrl-C; ``exit_code`` is 143 (SIGTERM) or 130 (SIGINT)."""
+
+    def __init__(self, exit_code: int = EXIT_INTERRUPTED, signal_name: str = "SIGINT") -> None:
+        super().__init__(signal_name)
+        self.exit_code = exit_code
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -48,8 +77,15 @@ def err_console() -> Console:
 def fail(message: str, path: str | Path | None = None) -> "typer.Exit":
     """Print one error line and return the exit to raise (code 2)."""
     text = CryocliError(message, path).line()
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]cryocli: error:[/] {text}", markup=True)
+    error_line(text)
     return typer.Exit(code=EXIT_BAD_INPUT)
+
+
+def error_line(text: str, prefix: str = "cryocli: error:") -> None:
+    """Print ``prefix text`` as one line on stderr (the text is never read as rich markup)."""
+    text = " ".join(str(text).split())
+    console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    console.print(f"[bold red]{prefix}[/] {escape(text)}", markup=True)
 
 
 @contextmanager
@@ -87,16 +123,21 @@ def resolve_device(spec: str | None = None):
     """``auto`` -> CUDA when present, else CPU; ``cpu``; ``cuda`` or ``cuda:N``. Returns a torch.device."""
     import torch
 
-    spec = (spec or STATE.device or "auto").lower()
+    spec = (spec or STATE.device or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CryocliError(f"--device {spec}: CUDA is not available on this machine")
-        return torch.device(spec)
     if spec == "cpu":
         return torch.device("cpu")
-    raise CryocliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if match is None:
+        raise CryocliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise CryocliError(f"--device {spec}: CUDA is not available on this machine")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise CryocliError(f"--device {spec}: this machine has {count} CUDA device(s), numbered from 0")
+    return torch.device("cuda", index)
 
 
 def check_new_output(path: Path, force: bool) -> None:
@@ -105,6 +146,119 @@ def check_new_output(path: Path, force: bool) -> None:
         if path.is_dir() and not any(path.iterdir()):
             return
         raise CryocliError("output exists; pass --force to overwrite it", path)
+
+
+def check_writable_output(path: Path, is_dir: bool, force: bool) -> None:
+    """Refuse, before any work, an output that cannot be written; one :class:`CryocliError` naming the path.
+
+    ``is_dir``: the output is a folder (``simulate -o``, a run directory) rather than a file. Refused: an existing
+    output without ``force`` (an empty folder is fine), an existing output of the wrong type (a file where a
+    folder is wanted and the reverse), a path under a regular file, and a folder where nothing can be created
+    (read-only, or a missing parent that cannot be created). Writability is tested with ``os.access`` and by
+    creating and removing a probe file, so it also holds for root on read-only file systems. Creates nothing
+    that stays.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CryocliError("output is a broken symbolic link", path)
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise CryocliError("output exists and is not a folder", path)
+        if not is_dir and path.is_dir():
+            raise CryocliError("output exists and is a folder, not a file", path)
+        if not is_dir and not path.is_file():
+            raise CryocliError("output exists and is not a regular file", path)
+        check_new_output(path, force)
+    parent = Path(os.path.abspath(path)).parent
+    anchor = parent
+    while not anchor.exists():
+        if anchor.is_symlink():
+            raise CryocliError(f"cannot create the output: {anchor} is a broken symbolic link", path)
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise CryocliError(f"cannot create the output: {anchor} is not a folder", path)
+    _probe_writable(anchor, path, created=anchor != parent)
+    if path.is_dir():
+        _probe_writable(path, path, created=False)
+
+
+def _probe_writable(folder: Path, output: Path, created: bool) -> None:
+    what = f"cannot create the output's folder in {folder}" if created else f"cannot write in {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CryocliError(f"{what} (permission denied)", output)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cryocli-probe.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CryocliError(f"{what} ({exc.strerror or exc})", output) from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+@contextmanager
+def claim_outputs(paths: Sequence[Path], is_dir: bool, force: bool, command: str) -> Iterator[None]:
+    """Check the outputs can be written, hold their locks and clear what killed runs left, for a ``with`` block.
+
+    Every path gets :func:`check_writable_output` first (nothing is created when one fails), then its lock
+    (:func:`cryocli.io.locks.output_lock`; a second run on the same output is refused with one line naming the
+    holder) and :func:`cryocli.io.locks.remove_stale_temporaries`; the checks are repeated under the locks (a
+    run that held them may have written the output meanwhile).
+    """
+    from cryocli.io.locks import output_lock, remove_stale_temporaries
+
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        check_writable_output(p, is_dir, force)
+    with ExitStack() as stack:
+        for p in paths:
+            stack.enter_context(output_lock(p, command))
+            full = Path(os.path.abspath(p))
+            remove_stale_temporaries(full.parent, full.name)
+        for p in paths:
+            check_new_output(p, force)
+        yield
+
+
+def check_datadir(datadir: Path | None, option: str = "--datadir") -> None:
+    """``--datadir`` must be an existing folder when given."""
+    if datadir is None:
+        return
+    if not datadir.exists():
+        raise CryocliError(f"{option}: folder not found", datadir)
+    if not datadir.is_dir():
+        raise CryocliError(f"{option}: not a folder", datadir)
+
+
+def check_number(option: str, value: float | None, *, gt: float | None = None, ge: float | None = None,
+                 lt: float | None = None, le: float | None = None, why: str = "") -> None:
+    """Refuse a non-finite ``value`` of ``option``, or one outside the given bounds (None: not given, fine).
+
+    ``check_number("--voltage", v, gt=0)`` -> "--voltage 0: must be greater than 0 (kV)" with ``why="kV"``.
+    """
+    if value is None:
+        return
+    shown = f"{option} {value:g}"
+    tail = f" ({why})" if why else ""
+    if not math.isfinite(value):
+        raise CryocliError(f"{shown}: must be a finite number{tail}")
+    for bound, ok, words in ((gt, lambda b: value > b, "greater than"), (ge, lambda b: value >= b, "at least"),
+                             (lt, lambda b: value < b, "less than"), (le, lambda b: value <= b, "at most")):
+        if bound is not None and not ok(bound):
+            raise CryocliError(f"{shown}: must be {words} {bound:g}{tail}")
+
+
+def check_finite_output(data: Any, what: str, cause: str) -> None:
+    """Refuse to write an array that holds NaN or Inf, or only zeros: ``what`` names the output, ``cause`` the
+    options or inputs that lead there (one line, exit 2)."""
+    import numpy as np
+
+    arr = np.asarray(data)
+    if not np.isfinite(arr).all():
+        raise CryocliError(f"{what} would contain NaN or Inf values; not written (check {cause})")
+    if not np.any(arr):
+        raise CryocliError(f"{what} would be all zero; not written (check {cause})")
 
 
 @contextmanager
@@ -141,6 +295,8 @@ def parse_range(text: str, option: str) -> tuple[float, float]:
         values = [float(p) for p in parts]
     except ValueError:
         raise CryocliError(f"{option} {text}: expected a number or a range LOW:HIGH") from None
+    if not all(math.isfinite(v) for v in values):
+        raise CryocliError(f"{option} {text}: expected finite numbers")
     if len(values) == 1:
         return values[0], values[0]
     if len(values) != 2 or values[0] > values[1]:

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from cryocli.cli.common import STATE, check_new_output, emit_json, err_console, guarded, out_console, resolve_device
+from cryocli.cli.common import (STATE, check_finite_output, check_number, claim_outputs, emit_json, err_console, guarded,
+                                out_console, resolve_device)
 from cryocli.cli.fsc import load_mask, load_pair
 from cryocli.errors import CryocliError
 
@@ -46,7 +47,6 @@ def postprocess(
                                     "further than the corrected one."),
     angpix: Optional[float] = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
     force: bool = typer.Option(False, "--force", help="Write into an existing, non-empty output folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     """Postprocess two half maps as relion_postprocess: masked FSC corrected by phase randomisation,
     FSC weighting, optional MTF correction, B-factor sharpening (Guinier fit or given), low-pass.
@@ -54,7 +54,6 @@ def postprocess(
     Writes postprocess.mrc, postprocess_masked.mrc, postprocess.star (RELION's data_general, data_fsc,
     data_guinier), fsc.png, guinier.png, and mask.mrc with --auto-mask. The phase randomisation uses
     the global --seed as RELION's --random_seed (default 0 in both gives the same numbers)."""
-    STATE.json = STATE.json or json_out
     with guarded():
         if mask is not None and auto_mask:
             raise CryocliError("give either --mask or --auto-mask, not both")
@@ -77,9 +76,8 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
 
     from cryocli.analysis.postprocess import postprocess as run, read_mtf
 
-    check_new_output(out_dir, force)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CryocliError("output exists and is not a folder", out_dir)
+    _check_values(ini_threshold, extend, soft_edge, mask_lowpass, bfactor, autob_lowres, autob_highres, mtf_angpix,
+                  low_pass, angpix)
     if not 0 <= STATE.seed < 2**31:
         raise CryocliError(f"--seed {STATE.seed}: the phase randomisation needs a seed in [0, 2^31)")
     if not 0 < randomize_at_fsc < 1:
@@ -87,29 +85,39 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
     if autob_lowres <= 0 or autob_highres < 0 or (autob_highres and autob_highres >= autob_lowres):
         raise CryocliError(f"Guinier fit range --autob-lowres {autob_lowres} A to --autob-highres {autob_highres} A "
                            "is empty")
-    a, b, voxel = load_pair(half1, half2, angpix)
-    mtf = read_mtf(mtf_path) if mtf_path is not None else None
-    if mask_path is not None:
-        mask = load_mask(mask_path, a.shape)
-    elif auto_mask:
-        mask = _make_auto_mask(a, b, voxel, ini_threshold, extend, soft_edge, mask_lowpass)
-    else:
-        mask = None
+    device = resolve_device()
+    with claim_outputs([out_dir], is_dir=True, force=force, command="postprocess"):
+        a, b, voxel = load_pair(half1, half2, angpix)
+        for path, data in ((half1, a), (half2, b)):
+            if not np.any(data):
+                raise CryocliError("the half map is all zero", path)
+        mtf = read_mtf(mtf_path) if mtf_path is not None else None
+        if mask_path is not None:
+            mask = load_mask(mask_path, a.shape)
+        elif auto_mask:
+            mask = _make_auto_mask(a, b, voxel, ini_threshold, extend, soft_edge, mask_lowpass)
+        else:
+            mask = None
 
-    result = run(a, b, voxel, mask, bfactor=bfactor, autob_lowres=autob_lowres, autob_highres=autob_highres, mtf=mtf,
-                 mtf_angpix=mtf_angpix, low_pass=low_pass, randomize_below=randomize_at_fsc, force_mask=force_mask,
-                 seed=STATE.seed, device=resolve_device())
-    for w in result.warnings:
-        err_console().print(f"[yellow]warning:[/] {w}")
+        result = run(a, b, voxel, mask, bfactor=bfactor, autob_lowres=autob_lowres, autob_highres=autob_highres,
+                     mtf=mtf, mtf_angpix=mtf_angpix, low_pass=low_pass, randomize_below=randomize_at_fsc,
+                     force_mask=force_mask, seed=STATE.seed, device=device)
+        for w in result.warnings:
+            err_console().print(f"[yellow]warning:[/] {w}")
 
-    names = {"map": out_dir / "postprocess.mrc", "map_masked": out_dir / "postprocess_masked.mrc",
-             "star": out_dir / "postprocess.star", "fsc_plot": out_dir / "fsc.png", "guinier_plot": out_dir / "guinier.png"}
-    if auto_mask:
-        names["mask"] = out_dir / "mask.mrc"
-    if mask is None:
-        del names["map_masked"]
-    mask_name = str(names["mask"]) if auto_mask else (str(mask_path) if mask_path else None)
-    _write_outputs(out_dir, names, result, mask if auto_mask else None, str(half1), str(half2), mask_name)
+        names = {"map": out_dir / "postprocess.mrc", "map_masked": out_dir / "postprocess_masked.mrc",
+                 "star": out_dir / "postprocess.star", "fsc_plot": out_dir / "fsc.png",
+                 "guinier_plot": out_dir / "guinier.png"}
+        if auto_mask:
+            names["mask"] = out_dir / "mask.mrc"
+        if mask is None:
+            del names["map_masked"]
+        cause = _cause(result, bfactor, low_pass, mtf_path, half1, half2)
+        check_finite_output(result.map, "postprocess.mrc", cause)
+        if result.map_masked is not None:
+            check_finite_output(result.map_masked, "postprocess_masked.mrc", cause)
+        mask_name = str(names["mask"]) if auto_mask else (str(mask_path) if mask_path else None)
+        _write_outputs(out_dir, names, result, mask if auto_mask else None, str(half1), str(half2), mask_name)
 
     fit = result.guinier_fit
     return {
@@ -127,6 +135,38 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
                 "unmasked": [float(x) for x in result.fsc_unmasked]},
         "warnings": result.warnings, "outputs": {k: str(v) for k, v in names.items()},
     }
+
+
+def _check_values(ini_threshold: float | None, extend: float, soft_edge: float, mask_lowpass: float,
+                  bfactor: float | None, autob_lowres: float, autob_highres: float, mtf_angpix: float | None,
+                  low_pass: float, angpix: float | None) -> None:
+    """Refuse values that make no sense, before any work (one line, exit 2)."""
+    check_number("--ini-threshold", ini_threshold)
+    check_number("--extend", extend, ge=0, why="voxels")
+    check_number("--soft-edge", soft_edge, ge=0, why="voxels")
+    check_number("--mask-lowpass", mask_lowpass, ge=0, why="Angstrom; 0 for none")
+    check_number("--bfactor", bfactor, why="A^2")
+    check_number("--autob-lowres", autob_lowres, gt=0, why="Angstrom")
+    check_number("--autob-highres", autob_highres, ge=0, why="Angstrom; 0 for Nyquist")
+    check_number("--mtf-angpix", mtf_angpix, gt=0, why="Angstrom per pixel")
+    check_number("--low-pass", low_pass, why="Angstrom; negative: the final resolution, 0: none")
+    check_number("--angpix", angpix, gt=0, why="Angstrom per voxel")
+
+
+def _cause(result: Any, bfactor: float | None, low_pass: float, mtf_path: Path | None, half1: Path,
+           half2: Path) -> str:
+    """Which option or input to blame when the postprocessed map is not finite or is empty."""
+    causes = []
+    if bfactor is not None:
+        causes.append(f"--bfactor {bfactor:g}")
+    elif result.bfactor:
+        causes.append(f"the fitted B-factor {result.bfactor:.4g} A^2 (give --bfactor or change --autob-lowres)")
+    if low_pass > 0:
+        causes.append(f"--low-pass {low_pass:g}")
+    if mtf_path is not None:
+        causes.append(f"--mtf {mtf_path}")
+    causes.append(f"the half maps {half1} and {half2}")
+    return ", ".join(causes)
 
 
 def _make_auto_mask(a: Any, b: Any, voxel: float, threshold: float | None, extend: float, soft_edge: float,
@@ -150,7 +190,7 @@ def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask
                    mask_name: str | None) -> None:
     """Build every file in a temporary folder next to ``out_dir``, then move them in."""
     from cryocli.analysis.fsc import shell_frequency
-    from cryocli.io.paths import atomic_write_text
+    from cryocli.io.paths import atomic_write_text, default_file_mode
     from cryocli.analysis.postprocess import postprocess_star_text
     from cryocli.io.mrc import write_map
     from cryocli.plots import plot_fsc, plot_guinier
@@ -186,7 +226,9 @@ def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask
                      fit=(fit.slope, fit.intercept) if fit else None,
                      fit_range=_fit_range(result) if fit else None, title=f"Guinier plot, B = {result.bfactor:.0f} Å²")
         out_dir.mkdir(parents=True, exist_ok=True)
+        mode = default_file_mode()
         for key, src in staged.items():
+            os.chmod(src, mode)  # the plots are written through a private temporary; give them the umask's bits
             os.replace(src, names[key])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

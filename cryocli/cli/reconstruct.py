@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 import typer
 
-from cryocli.cli.common import check_new_output, emit_json, guarded, out_console, progress_bar, resolve_device
+from cryocli.cli.common import (check_datadir, check_finite_output, check_number, claim_outputs, emit_json, guarded,
+                                out_console, progress_bar, resolve_device)
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
 from cryocli.errors import CryocliError
 
@@ -27,8 +28,8 @@ def reconstruct(
                                          "rlnRandomSubset (1 or 2)."),
     halves: bool = typer.Option(False, "--halves", help="Also reconstruct both half sets (OUT_half1.mrc, "
                                 "OUT_half2.mrc) and print their FSC. Half sets are made when rlnRandomSubset is absent."),
-    maxres: Optional[float] = typer.Option(None, "--maxres", min=0.0, help="Ignore frequencies beyond this "
-                                           "resolution in Angstrom."),
+    maxres: Optional[float] = typer.Option(None, "--maxres", help="Ignore frequencies beyond this "
+                                           "resolution in Angstrom (positive)."),
     sym: str = typer.Option("C1", "--sym", help="Point group with RELION's axes: C1, Cn, Dn, T, O, I (= I2), I1-I4."),
     datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Particles per batch on the device."),
@@ -51,33 +52,37 @@ def reconstruct(
     with guarded():
         if out.suffix.lower() not in (".mrc", ".map"):
             raise CryocliError("output map must end in .mrc or .map", out)
-        for path in outputs:
-            check_new_output(path, force)
+        check_number("--maxres", maxres, gt=0, why="Angstrom")
+        if halves and subset is not None:
+            raise CryocliError("--halves reconstructs both half sets and their union; drop --subset")
+        check_datadir(datadir)
         device = resolve_device()
         ops = symmetry_operators(sym)
         sym_ops = None if ops.shape[0] == 1 else ops.float()
-        stack = ParticleStack(read_star(particles, require_images=True), datadir=datadir)
-        if halves or subset is not None:
-            if stack.random_subset is None:
-                stack.ensure_half_sets(seed=0)
-        subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
-        if halves and subset is not None:
-            raise CryocliError("--halves reconstructs both half sets and their union; drop --subset")
-        selected = np.arange(len(stack)) if subset is None else np.nonzero(subsets == subset)[0]
-        if selected.size == 0:
-            raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
-        if halves:
-            h1, h2 = half_map_paths(out)
-            sets, paths = [np.nonzero(subsets == 1)[0], np.nonzero(subsets == 2)[0]], [h1, h2, out]
-        else:
-            sets, paths = [selected], [out]
-        with progress_bar(len(selected), "reconstruct") as advance:
-            volumes = reconstruct_sets(stack, sets, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device,
-                                       batch_size=batch_size, progress=advance,
-                                       gridding_iterations=gridding_iterations, with_union=halves)
-        maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes)}
-        for path, volume in maps.items():
-            write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
+        with claim_outputs(outputs, is_dir=False, force=force, command=f"reconstruct {particles.name}"):
+            stack = ParticleStack(read_star(particles, require_images=True), datadir=datadir)
+            if halves or subset is not None:
+                if stack.random_subset is None:
+                    stack.ensure_half_sets(seed=0)
+            subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
+            selected = np.arange(len(stack)) if subset is None else np.nonzero(subsets == subset)[0]
+            if selected.size == 0:
+                raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
+            if halves:
+                h1, h2 = half_map_paths(out)
+                sets, paths = [np.nonzero(subsets == 1)[0], np.nonzero(subsets == 2)[0]], [h1, h2, out]
+            else:
+                sets, paths = [selected], [out]
+            with progress_bar(len(selected), "reconstruct") as advance:
+                volumes = reconstruct_sets(stack, sets, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device,
+                                           batch_size=batch_size, progress=advance,
+                                           gridding_iterations=gridding_iterations, with_union=halves)
+            maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes)}
+            cause = f"the particles, poses and CTF parameters in {particles}" + (", --maxres" if maxres else "")
+            for path, volume in maps.items():
+                check_finite_output(volume, f"the map {path}", cause)
+            for path, volume in maps.items():
+                write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
     con = out_console()
     summary = {"command": "reconstruct", "particles": int(selected.size), "box": stack.box,
                "pixel_size": stack.pixel_size, "sym": sym.upper(), "maps": [str(p) for p in maps]}

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from cryocli.cli.common import (STATE, check_new_output, emit_json, guarded, out_console, parse_range,
-                                progress_bar, resolve_device)
+from cryocli.cli.common import (STATE, check_number, claim_outputs, emit_json, guarded,
+                                out_console, parse_range, progress_bar, resolve_device)
 from cryocli.errors import CryocliError
 
 
@@ -20,18 +20,19 @@ def simulate(
     n_particles: int = typer.Option(10000, "--n-particles", "-n", min=1, help="Number of particles."),
     box: Optional[int] = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
                                       "--poses-from STAR file's]."),
-    apix: Optional[float] = typer.Option(None, "--apix", min=0.01, help="Pixel size in Angstrom [default: 0.8, "
+    apix: Optional[float] = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: 0.8, "
                                          "or the --poses-from STAR file's]."),
     snr: str = typer.Option("0.1", "--snr", help="Signal-to-noise ratio, linear (0.1), in decibels (-10dB) or "
                             "inf (no noise). SNR = variance of the clean CTF-modulated projection over the whole "
                             "box / noise variance, averaged over the dataset."),
-    defocus: str = typer.Option("15000:20000", "--defocus", help="Mean defocus range in Angstrom (uniform)."),
+    defocus: str = typer.Option("15000:20000", "--defocus", help="Mean defocus range in Angstrom (uniform); "
+                                "positive is underfocus, as in RELION."),
     astigmatism: str = typer.Option("100:500", "--astigmatism", help="DefocusU - DefocusV range in Angstrom "
                                     "(uniform); U = d + a/2, V = d - a/2."),
     astig_angle: str = typer.Option("0.2:1.4", "--astig-angle", help="Astigmatism angle range in radians "
                                     "(uniform); written as rlnDefocusAngle in degrees."),
-    voltage: float = typer.Option(300.0, "--voltage", help="Acceleration voltage in kV."),
-    cs: float = typer.Option(2.7, "--cs", help="Spherical aberration in mm."),
+    voltage: float = typer.Option(300.0, "--voltage", help="Acceleration voltage in kV (positive)."),
+    cs: float = typer.Option(2.7, "--cs", help="Spherical aberration in mm (0 or more)."),
     amp_contrast: float = typer.Option(0.07, "--amp-contrast", min=0.0, max=0.99, help="Amplitude contrast Q0."),
     bfactor: float = typer.Option(0.0, "--bfactor", help="CTF B-factor envelope in A^2 (rlnCtfBfactor)."),
     shift_sigma: float = typer.Option(0.0, "--shift-sigma", min=0.0, help="Standard deviation of the in-plane "
@@ -49,7 +50,6 @@ def simulate(
                                 "images have relion_project's sign: protein bright at low frequency, as RELION "
                                 "particles extracted with --invert_contrast."),
     stack_size: int = typer.Option(1000, "--stack-size", min=1, help="Particles per .mrcs file."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: the global --seed]."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output directory."),
 ) -> None:
     """Simulate particle images of an atomic model or a map, with RELION's image formation (projection,
@@ -59,43 +59,86 @@ def simulate(
     electron form factors. Files without an element column (CHARMM style) get their elements inferred
     from the atom names (CA is carbon unless it is a calcium ion)."""
     from cryocli.imaging.noise import parse_snr
-    from cryocli.imaging.simulate import SimulationConfig, draw_geometry, geometry_from_star, simulate_dataset
-    from cryocli.io.volumes import load_volume
 
     with guarded():
-        check_new_output(out, force)
+        _check_values(n_particles, apix, defocus, astigmatism, astig_angle, voltage, cs, amp_contrast, bfactor,
+                      shift_sigma, resolution, views, no_ctf)
+        snr_value = parse_snr(snr)
         device = resolve_device()
-        geometry = None
-        if poses_from is not None:
-            geometry = geometry_from_star(poses_from, use_ctf=not no_ctf)
-            source = geometry.source
-            if box is None:
-                box = int(source.box_size) if source.box_size else None
-                if box is None:
-                    raise CryocliError("no rlnImageSize in the optics table: pass --box", poses_from)
-            if apix is None:
-                apix = float(source.pixel_size[0])
-            n_particles = len(geometry)
-        config = SimulationConfig(
-            n_particles=n_particles, box=box or 128, apix=apix or 0.8, snr=parse_snr(snr),
-            defocus=parse_range(defocus, "--defocus"), astigmatism=parse_range(astigmatism, "--astigmatism"),
-            astig_angle=parse_range(astig_angle, "--astig-angle"), voltage=voltage, cs=cs,
-            amp_contrast=amp_contrast, bfactor=bfactor, shift_sigma=shift_sigma, views=views, ctf=not no_ctf,
-            invert=invert, seed=STATE.seed if seed is None else seed, stack_size=stack_size)
-        if geometry is None:
-            geometry = draw_geometry(config)
-        volume, source_info = load_volume(model, config.box, config.apix, resolution=resolution,
-                                          center=not no_center)
-        with progress_bar(len(geometry), "simulate") as advance:
-            summary = simulate_dataset(volume, geometry, config, out, device=device, progress=advance,
-                                       extra_info={"model": str(model), "poses_from": str(poses_from or ""),
-                                                   **source_info})
+        with claim_outputs([out], is_dir=True, force=force, command="simulate"):
+            summary, config = _simulate(model, out, device, n_particles, box, apix, snr_value, defocus, astigmatism,
+                                        astig_angle, voltage, cs, amp_contrast, bfactor, shift_sigma, views, no_ctf,
+                                        resolution, no_center, poses_from, invert, stack_size)
     con = out_console()
     achieved = summary["snr_achieved"]
     snr_text = "no noise" if achieved == "inf" else f"SNR {achieved:.4g} ({10 * math.log10(achieved):.2f} dB)"
     con.print(f"wrote {summary['n_particles']} particles of {config.box} px at {config.apix:g} A/px to "
               f"{out}/particles.star ({snr_text})")
     emit_json({"command": "simulate", "out": str(out), **summary})
+
+
+def _check_values(n_particles: int, apix: float | None, defocus: str, astigmatism: str, astig_angle: str,
+                  voltage: float, cs: float, amp_contrast: float, bfactor: float, shift_sigma: float,
+                  resolution: float | None, views: str, no_ctf: bool) -> None:
+    """Refuse values the physics does not allow, before any work (one line, exit 2)."""
+    check_number("--apix", apix, gt=0, why="Angstrom per pixel")
+    check_number("--resolution", resolution, gt=0, why="Angstrom")
+    check_number("--shift-sigma", shift_sigma, ge=0, why="Angstrom")
+    check_number("--voltage", voltage, gt=0, why="kV")
+    check_number("--cs", cs, ge=0, why="mm")
+    check_number("--amp-contrast", amp_contrast, ge=0, lt=1)
+    check_number("--bfactor", bfactor)
+    if views not in ("uniform", "belt"):
+        raise CryocliError(f"--views {views}: expected uniform or belt")
+    low, _ = parse_range(defocus, "--defocus")
+    if low < 0 and not no_ctf:
+        raise CryocliError(f"--defocus {defocus}: the mean defocus must not be negative (RELION's defocus is "
+                           "positive for underfocus)")
+    parse_range(astigmatism, "--astigmatism")
+    parse_range(astig_angle, "--astig-angle")
+
+
+def _simulate(model: Path, out: Path, device, n_particles: int, box: int | None, apix: float | None, snr: float,
+              defocus: str, astigmatism: str, astig_angle: str, voltage: float, cs: float, amp_contrast: float,
+              bfactor: float, shift_sigma: float, views: str, no_ctf: bool, resolution: float | None,
+              no_center: bool, poses_from: Path | None, invert: bool, stack_size: int):
+    """Draw or read the geometry, build the volume and write the dataset; returns (summary, config)."""
+    import numpy as np
+
+    from cryocli.imaging.simulate import SimulationConfig, draw_geometry, geometry_from_star, simulate_dataset
+    from cryocli.io.volumes import load_volume
+
+    geometry = None
+    if poses_from is not None:
+        geometry = geometry_from_star(poses_from, use_ctf=not no_ctf)
+        source = geometry.source
+        if box is None:
+            box = int(source.box_size) if source.box_size else None
+            if box is None:
+                raise CryocliError("no rlnImageSize in the optics table: pass --box", poses_from)
+        if apix is None:
+            apix = float(source.pixel_size[0])
+            check_number("the pixel size of --poses-from", apix, gt=0, why="Angstrom; pass --apix")
+        n_particles = len(geometry)
+    config = SimulationConfig(
+        n_particles=n_particles, box=box or 128, apix=apix or 0.8, snr=snr,
+        defocus=parse_range(defocus, "--defocus"), astigmatism=parse_range(astigmatism, "--astigmatism"),
+        astig_angle=parse_range(astig_angle, "--astig-angle"), voltage=voltage, cs=cs,
+        amp_contrast=amp_contrast, bfactor=bfactor, shift_sigma=shift_sigma, views=views, ctf=not no_ctf,
+        invert=invert, seed=STATE.seed, stack_size=stack_size)
+    if geometry is None:
+        geometry = draw_geometry(config)
+    volume, source_info = load_volume(model, config.box, config.apix, resolution=resolution,
+                                      center=not no_center)
+    if not np.isfinite(volume).all():
+        raise CryocliError("the map holds NaN or Inf values", model)
+    if not np.any(volume):
+        raise CryocliError(f"the map is empty (all zero in the {config.box} px box at {config.apix:g} A/px)", model)
+    with progress_bar(len(geometry), "simulate") as advance:
+        summary = simulate_dataset(volume, geometry, config, out, device=device, progress=advance,
+                                   extra_info={"model": str(model), "poses_from": str(poses_from or ""),
+                                               **source_info})
+    return summary, config
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
-from cryocli.cli.common import STATE, check_new_output, emit_json, err_console, guarded, out_console, resolve_device
+from cryocli.cli.common import (STATE, check_finite_output, check_number, claim_outputs, emit_json, err_console,
+                                guarded, out_console, resolve_device)
 from cryocli.errors import CryocliError
 
 DEFAULT_THRESHOLDS = (0.143, 0.5)
@@ -17,8 +19,7 @@ DEFAULT_THRESHOLDS = (0.143, 0.5)
 def _voxel_size(v1: float, v2: float, angpix: float | None, p1: Path, p2: Path) -> float:
     """The voxel size to use (A): --angpix, else the headers, which must agree within 0.5%."""
     if angpix is not None:
-        if angpix <= 0:
-            raise CryocliError(f"--angpix {angpix}: must be positive (Angstrom per voxel)")
+        check_number("--angpix", angpix, gt=0, why="Angstrom per voxel")
         return angpix
     if v1 <= 0 or v2 <= 0:
         raise CryocliError(f"header voxel size is {v1:g} A ({p1}) and {v2:g} A ({p2}); give --angpix")
@@ -77,11 +78,9 @@ def fsc(
                                                "MAP1 (MRC)."),
     angpix: Optional[float] = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     """Fourier shell correlation between two maps, in RELION's shells (1/A), with the resolution where it
     crosses 0.143 and 0.5 (interpolated between the last shell above and the first below)."""
-    STATE.json = STATE.json or json_out
     with guarded():
         result = run_fsc(map1, map2, mask, align, not no_flip, thresholds or [], plot, output, aligned_out, angpix,
                          force)
@@ -103,53 +102,59 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
     for t in extra:
         if not -1.0 < t < 1.0:
             raise CryocliError(f"--threshold {t}: must lie between -1 and 1")
+    check_number("--angpix", angpix, gt=0, why="Angstrom per voxel")
     if aligned_out is not None and not align:
         raise CryocliError("--aligned-map needs --align")
     outputs = [p for p in (plot, output, aligned_out) if p is not None]
-    for p in outputs:
-        check_new_output(p, force)
-    a, b, voxel = load_pair(map1, map2, angpix)
-    m = load_mask(mask, a.shape) if mask is not None else None
-    n = a.shape[-1]
+    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
+        raise CryocliError("--plot, --output and --aligned-map must name different files")
+    with claim_outputs(outputs, is_dir=False, force=force, command="fsc"):
+        a, b, voxel = load_pair(map1, map2, angpix)
+        m = load_mask(mask, a.shape) if mask is not None else None
+        n = a.shape[-1]
 
-    summary: dict[str, Any] = {"map1": str(map1), "map2": str(map2), "box": n, "voxel_size": voxel,
-                               "mask": str(mask) if mask else None}
-    if align:
-        from cryocli.analysis.align import align_maps
+        summary: dict[str, Any] = {"map1": str(map1), "map2": str(map2), "box": n, "voxel_size": voxel,
+                                   "mask": str(mask) if mask else None}
+        if align:
+            from cryocli.analysis.align import align_maps
 
-        err_console().print("aligning MAP2 onto MAP1 (rotation, shift, hand) ...")
-        al = align_maps(a, b, voxel, allow_flip=allow_flip, device=resolve_device())
-        b = aligned = al.aligned_map
-        summary["alignment"] = _alignment_summary(al)
-    if m is not None:
-        a, b = a * m, b * m
-    curve = fsc_curve(a, b)
-    freq = shell_frequency(n, voxel)
-    levels = list(dict.fromkeys([*DEFAULT_THRESHOLDS, *extra]))
-    crossings = [threshold_crossing(curve, n, voxel, t) for t in levels]
-    summary["resolution"] = [{"threshold": c.threshold, "resolution_A": c.resolution, "frequency_per_A": c.frequency,
-                              "reached": c.reached} for c in crossings]
-    summary["curve"] = {"shell": list(range(len(curve))), "frequency_per_A": freq.tolist(),
-                        "fsc": [float(x) for x in curve]}
+            err_console().print("aligning MAP2 onto MAP1 (rotation, shift, hand) ...")
+            al = align_maps(a, b, voxel, allow_flip=allow_flip, device=resolve_device())
+            b = aligned = al.aligned_map
+            summary["alignment"] = _alignment_summary(al)
+        if m is not None:
+            a, b = a * m, b * m
+        curve = fsc_curve(a, b)
+        freq = shell_frequency(n, voxel)
+        levels = list(dict.fromkeys([*DEFAULT_THRESHOLDS, *extra]))
+        crossings = [threshold_crossing(curve, n, voxel, t) for t in levels]
+        summary["resolution"] = [{"threshold": c.threshold, "resolution_A": c.resolution,
+                                  "frequency_per_A": c.frequency, "reached": c.reached} for c in crossings]
+        summary["curve"] = {"shell": list(range(len(curve))), "frequency_per_A": freq.tolist(),
+                            "fsc": [float(x) for x in curve]}
 
-    written = {}
-    if output is not None:
-        atomic_write_text(output, fsc_star_text(curve, n, voxel, command="fsc"))
-        written["star"] = str(output)
-    if plot is not None:
-        from cryocli.plots import plot_fsc
+        written = {}
+        if output is not None:
+            atomic_write_text(output, fsc_star_text(curve, n, voxel, command="fsc"))
+            written["star"] = str(output)
+        if plot is not None:
+            from cryocli.plots import plot_fsc
 
-        label = "FSC (aligned)" if align else "FSC"
-        plot_fsc(plot, {label: (freq, curve)}, thresholds=levels, title=f"{map1.name} vs {map2.name}",
-                 resolutions={f"{c.threshold:g}": c.resolution for c in crossings if c.reached})
-        written["plot"] = str(plot)
-    if aligned_out is not None:
-        from cryocli.io.mrc import write_map
+            label = "FSC (aligned)" if align else "FSC"
+            plot_fsc(plot, {label: (freq, curve)}, thresholds=levels, title=f"{map1.name} vs {map2.name}",
+                     resolutions={f"{c.threshold:g}": c.resolution for c in crossings if c.reached})
+            from cryocli.io.paths import default_file_mode
 
-        write_map(aligned_out, np.asarray(aligned), voxel, command="fsc --align")
-        written["aligned_map"] = str(aligned_out)
-    summary["outputs"] = written
-    return summary
+            os.chmod(plot, default_file_mode())  # written through a private temporary: give it the umask's bits
+            written["plot"] = str(plot)
+        if aligned_out is not None:
+            from cryocli.io.mrc import write_map
+
+            check_finite_output(aligned, "the aligned map", f"{map2} and --align")
+            write_map(aligned_out, np.asarray(aligned), voxel, command="fsc --align")
+            written["aligned_map"] = str(aligned_out)
+        summary["outputs"] = written
+        return summary
 
 
 def _print(s: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ from cryocli.analysis.fsc import fsc_curve
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams, compute_ctf
 from cryocli.imaging.fourier import image_to_rfft, rfft_to_image
-from cryocli.imaging.projector import Projector
+from cryocli.imaging.projector import BackProjector, Projector, half_plane_pixels
+from cryocli.engines.common.kernel_backprojection import BackProjectorLike, GaussianKernelBackProjector
 from cryocli.engines.common.reconstruct import DirectFourierReconstructor, reconstruct, soft_mask_outside_map
 from cryocli.io.mrc import read_map
 from tests.conftest import RELION_SET, need
@@ -241,3 +242,21 @@ def test_reconstructor_rejects_wrong_box():
     rec = DirectFourierReconstructor(16, 1.0)
     with pytest.raises(ValueError):
         rec.add(torch.zeros(2, 18, 18), torch.eye(3).expand(2, 3, 3))
+
+
+@pytest.mark.parametrize("cls", [BackProjector, GaussianKernelBackProjector])
+def test_backprojectors_share_one_interface(cls):
+    """Both backprojectors are BackProjectorLike, and inserting pixels is inserting the slices they come from."""
+    n = 12
+    gen = torch.Generator().manual_seed(0)
+    rot = torch.as_tensor(Rotation.random(3, random_state=1).as_matrix(), dtype=torch.float64)
+    slices = torch.complex(torch.randn(3, n, n // 2 + 1, generator=gen, dtype=torch.float64),
+                           torch.randn(3, n, n // 2 + 1, generator=gen, dtype=torch.float64))
+    weights = torch.rand(3, n, n // 2 + 1, generator=gen, dtype=torch.float64) - 0.2
+    whole, pixels = cls(n, dtype=torch.float64), cls(n, dtype=torch.float64)
+    assert isinstance(whole, BackProjectorLike)
+    whole.insert(slices, weights, rot)
+    pix, kx, ky = half_plane_pixels(n, n // 2, skip_redundant=True, dtype=torch.float64)
+    pixels.insert_pixels(slices.reshape(3, -1)[:, pix], weights.reshape(3, -1)[:, pix], rot, kx, ky)
+    assert torch.allclose(whole.accumulators, pixels.accumulators, rtol=0, atol=1e-12)
+    assert float(whole.weight.abs().sum()) > 0

@@ -364,14 +364,21 @@ class BackProjector:
         pix, kx, ky = half_plane_pixels(self.n, self.r_max, skip_redundant, device=dev, dtype=self.dtype)
         b = slices.shape[0]
         picked = slices.to(dev).reshape(b, -1)[:, pix]
-        if weights is None:
-            w = torch.ones((b, pix.shape[0]), dtype=self.dtype, device=dev)
-        else:
-            w = weights.to(device=dev, dtype=self.dtype).reshape(b, -1)[:, pix]
-        valid = (w > 0).to(self.dtype)
-        packed = torch.stack([picked.real.to(self.dtype) * valid, picked.imag.to(self.dtype) * valid, w * valid])
-        self._acc += scatter_slices(packed, rotations.to(device=dev, dtype=self.dtype), kx, ky, self.scale,
-                                    self.grid_size, chunk_points)
+        w = None if weights is None else weights.to(device=dev, dtype=self.dtype).reshape(b, -1)[:, pix]
+        self.insert_pixels(picked, w, rotations, kx, ky, chunk_points)
+
+    def insert_pixels(self, values: Tensor, weights: Tensor | None, rotations: Tensor, kx: Tensor, ky: Tensor,
+                      chunk_points: int = DEFAULT_CHUNK_POINTS) -> None:
+        """Insert the pixels ``(kx, ky)`` ``(M,)`` (Fourier pixels) of ``B`` slices: values ``(B, M)`` complex,
+        weights ``(B, M)`` (None: 1), rotations ``(B, 3, 3)``; pixels with weight <= 0 are skipped, data included."""
+        _check_rotations(rotations)
+        dev, dt = self.device, self.dtype
+        w = torch.ones(values.shape, dtype=dt, device=dev) if weights is None else weights.to(device=dev, dtype=dt)
+        valid = (w > 0).to(dt)
+        values = values.to(dev)
+        packed = torch.stack([values.real.to(dt) * valid, values.imag.to(dt) * valid, w * valid])
+        self._acc += scatter_slices(packed, rotations.to(device=dev, dtype=dt), kx.to(device=dev, dtype=dt),
+                                    ky.to(device=dev, dtype=dt), self.scale, self.grid_size, chunk_points)
 
     @property
     def data(self) -> Tensor:
@@ -392,10 +399,6 @@ class BackProjector:
         data, weight = self.data, self.weight
         dims = (0, 1, 2)
         return data + torch.flip(data, dims).conj(), weight + torch.flip(weight, dims)
-
-    def reset(self) -> None:
-        """Zero the accumulators."""
-        self._acc.zero_()
 
     def merge(self, other: "BackProjector") -> None:
         """Add another backprojector's accumulators (same grid), e.g. from another device."""

@@ -1,8 +1,9 @@
 """M-step pieces shared by the refine methods: weighted backprojection of significant samples, RELION's
 MAP reconstruction with tau^2 from the gold-standard FSC, and the low-resolution join of the halves.
 
-Accumulators live on the 2x padded Fourier grid of :class:`cryocli.imaging.projector.BackProjector`
-(or the Gaussian-kernel variant): ``data = sum_i sum_s w_is CTF_i X_i e_s / sigma^2`` and
+Accumulators live on the 2x padded Fourier grid of a
+:class:`~cryocli.engines.common.kernel_backprojection.BackProjectorLike` (RELION's trilinear
+:class:`cryocli.imaging.projector.BackProjector` or the Gaussian-kernel one): ``data = sum_i sum_s w_is CTF_i X_i e_s / sigma^2`` and
 ``weight = sum w_is CTF_i^2 / sigma^2`` (posterior weights ``w``, noise spectrum ``sigma^2`` per pixel).
 Maps are ``(n, n, n)`` ``[z, y, x]``; resolutions in Angstrom; shells in Fourier pixels of the box ``n``.
 """
@@ -22,8 +23,8 @@ from cryocli.imaging.fourier import radius2_3d, radius_3d
 from cryocli.imaging.projector import grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry
 
 
-def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tensor, ctf: Tensor | None, inv_sigma2: Tensor,
-                        result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
+def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tensor, ctf: Tensor | None,
+                        inv_sigma2: Tensor, result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
     """Insert every significant sample of a batch with its posterior weight into each backprojector.
 
     images_ft ``(B, n, n // 2 + 1)`` centred on the search centre; ctf and inv_sigma2 the same shape;

@@ -1,0 +1,373 @@
+"""`cryocli info` on every kind of RELION STAR file, checked against the real files read independently here
+(a plain text parse, no cryocli code), plus the image-index check of particle files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cryocli.cli.app import app
+from cryocli.io.summary import STAR_KINDS, summarize
+from tests.conftest import ASPIRE, CRYODRGN, DATA, EXTERNAL, REPO, RELION_SET, STARFILE_DATA, need
+
+runner = CliRunner()
+
+ALL_STAR_FILES = sorted(DATA.rglob("*.star"))
+# Genuinely broken files: one error line, exit 2 (sample.star has a ragged loop row and two loops in a block).
+BROKEN = {"external/ASPIRE-Python/tests/saved_test_data/sample.star"}
+EXPECTED_KIND = {
+    "relion/set_3j9g/postprocess/postprocess.star": "postprocess",
+    "relion/set_3j9g/postprocess_lowres20/postprocess.star": "postprocess",
+    "external/starfile/tests/data/postprocess.star": "postprocess",
+    "relion/set_3j9g/refine/run_model.star": "model",
+    "external/ASPIRE-Python/tests/saved_test_data/sample_data_model.star": "model",
+    "relion/set_3j9g/refine/run_optimiser.star": "optimiser",
+    "external/starfile/tests/data/relion_tutorial/run_it025_optimiser_2D.star": "optimiser",
+    "external/starfile/tests/data/relion_tutorial/run_it025_optimiser_3D.star": "optimiser",
+    "relion/set_3j9g/refine/run_sampling.star": "sampling",
+    "external/starfile/tests/data/relion_tutorial/run_it025_sampling_2D.star": "sampling",
+    "external/starfile/tests/data/relion_tutorial/run_it025_sampling_3D.star": "sampling",
+    "external/relion/data/mtf_k2_300kV.star": "mtf",
+    "external/relion/data/mtf_falcon4EC_300kV.star": "mtf",
+    "external/starfile/tests/data/default_pipeline.star": "star",
+    "external/starfile/tests/data/empty_loop.star": "star",
+    "external/starfile/tests/data/basic_double_quote.star": "star",
+    "external/starfile/tests/data/basic_single_quote.star": "star",
+    "external/starfile/tests/data/loop_double_quote.star": "star",
+    "external/starfile/tests/data/loop_single_quote.star": "star",
+    "external/starfile/tests/data/two_basic_blocks.star": "star",
+    "external/starfile/tests/data/two_single_line_loop_blocks.star": "star",
+    "relion/set_3j9g/noisy/noisy.star": "particles",
+    "relion/set_3j9g/refine/run_data.star": "particles",
+    "relion/set_3j9g/particles_truth.star": "particles",
+    "external/cryodrgn/tests/data/relion31.star": "particles",
+    "external/ASPIRE-Python/tests/saved_test_data/sample_particles_relion30.star": "particles",
+}
+SET_PARTICLE_FILES = ("clean/clean.star", "noisy/noisy.star", "refine/refine_input.star", "refine/run_data.star")
+
+
+# ----- independent plain-text reading of the reference files ------------------------------------------------
+def _blocks(path: Path) -> dict[str, dict]:
+    """Every block as ``{"list": {label: text}}`` or ``{"labels": [...], "rows": [[text, ...], ...]}``."""
+    blocks: dict[str, dict] = {}
+    current: dict | None = None
+    for line in path.read_text().splitlines():
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        if word.startswith("data_"):
+            current = blocks.setdefault(word[5:], {"list": {}, "labels": [], "rows": []})
+            current["loop"] = False
+        elif word.startswith("loop_"):
+            current["loop"] = True
+        elif word.startswith("_") and current["loop"]:
+            current["labels"].append(word.split()[0][1:])
+        elif word.startswith("_"):
+            label, value = word.split(None, 1)
+            current["list"][label[1:]] = value.strip()
+        else:
+            current["rows"].append(word.split())
+    return blocks
+
+
+def _column(block: dict, label: str) -> list[str]:
+    i = block["labels"].index(label)
+    return [row[i] for row in block["rows"]]
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(DATA).as_posix()
+
+
+def _info_json(*args: str) -> dict:
+    res = runner.invoke(app, ["info", "--json", *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def _info_text(*args: str) -> str:
+    res = runner.invoke(app, ["info", *args], catch_exceptions=False, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+# ----- every STAR file in shared/data ------------------------------------------------------------------------
+def test_the_reference_files_are_there() -> None:
+    assert len(ALL_STAR_FILES) >= 40, ALL_STAR_FILES
+    for rel in {*EXPECTED_KIND, *BROKEN}:
+        need(DATA / rel)
+
+
+@pytest.mark.parametrize("path", ALL_STAR_FILES, ids=_rel)
+def test_info_answers_on_every_real_star_file(path: Path) -> None:
+    """Exit 0 with a known kind (the expected one where this test knows it), in JSON and as tables; for a
+    genuinely broken file, exit 2 and one error line. catch_exceptions=False: any other exception fails."""
+    args = ["info", "--json", str(path)]
+    res = runner.invoke(app, args, catch_exceptions=False)
+    if _rel(path) in BROKEN:
+        assert res.exit_code == 2, res.output
+        assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert res.stderr.startswith("cryocli: error:") and "Traceback" not in res.stderr
+        return
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["file"] == str(path) and summary["type"] == "star"
+    assert summary["kind"] == EXPECTED_KIND.get(_rel(path), summary["kind"]) and summary["kind"] in STAR_KINDS
+    text = runner.invoke(app, ["info", str(path)], catch_exceptions=False, env={"COLUMNS": "200"})
+    assert text.exit_code == 0 and str(path) in text.stdout.replace("\n", ""), text.output
+
+
+def test_a_broken_file_gives_one_line_and_exit_2_from_the_real_command() -> None:
+    bad = need(ASPIRE / "sample.star")
+    res = subprocess.run([sys.executable, "-m", "cryocli", "info", str(bad)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "COLUMNS": "300"}, timeout=120)
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr.strip().splitlines() == [
+        f"cryocli: error: {bad}: not a readable STAR file (line 20 of data_planetary has 5 values for 4 columns)"]
+
+
+def test_the_kind_comes_from_the_blocks_not_the_file_name(tmp_path: Path) -> None:
+    shutil.copy(need(RELION_SET / "postprocess" / "postprocess.star"), tmp_path / "run_data.star")
+    shutil.copy(need(RELION_SET / "particles_truth.star"), tmp_path / "postprocess.star")
+    shutil.copy(need(RELION_SET / "refine" / "run_optimiser.star"), tmp_path / "run_model.star")
+    assert summarize(tmp_path / "run_data.star")["kind"] == "postprocess"
+    assert summarize(tmp_path / "postprocess.star")["kind"] == "particles"
+    assert summarize(tmp_path / "run_model.star")["kind"] == "optimiser"
+
+
+# ----- postprocess -------------------------------------------------------------------------------------------
+POSTPROCESS_FILES = [RELION_SET / "postprocess" / "postprocess.star",
+                     RELION_SET / "postprocess_lowres20" / "postprocess.star",
+                     STARFILE_DATA / "postprocess.star"]
+
+
+@pytest.mark.parametrize("path", POSTPROCESS_FILES, ids=_rel)
+def test_postprocess_figures_are_the_files_values(path: Path) -> None:
+    blocks = _blocks(need(path))
+    general, fsc = blocks["general"]["list"], blocks["fsc"]
+    s = _info_json(str(path))
+    assert s["kind"] == "postprocess"
+    assert s["final_resolution_A"] == float(general["rlnFinalResolution"])
+    assert s["bfactor_A2"] == float(general["rlnBfactorUsedForSharpening"])
+    assert s["mask"] == general["rlnMaskName"]
+    assert s["randomise_from_A"] == float(general["rlnRandomiseFrom"])
+    assert s["half_maps"] == [general["rlnUnfilteredMapHalf1"], general["rlnUnfilteredMapHalf2"]]
+    assert s["fsc"]["shells"] == len(fsc["rows"])
+    # RELION reports as final resolution the last shell before the corrected FSC drops below 0.143
+    assert s["fsc"]["resolution_0143_A"] == s["final_resolution_A"]
+    angstrom = _column(fsc, "rlnAngstromResolution")
+    corrected = _column(fsc, "rlnFourierShellCorrelationCorrected")
+    shell = s["fsc"]["shell_0143"]
+    assert float(corrected[shell]) >= 0.143 > float(corrected[shell + 1])
+    assert all(float(c) >= 0.143 for c in corrected[1:shell + 1])
+    for row in s["fsc"]["glance"]:
+        assert row["resolution_A"] == float(angstrom[row["shell"]])
+        assert row["corrected"] == float(corrected[row["shell"]])
+        assert row["unmasked"] == float(_column(fsc, "rlnFourierShellCorrelationUnmaskedMaps")[row["shell"]])
+
+
+def test_postprocess_values_in_the_file_match_the_set_readme() -> None:
+    """The set's README quotes the same run: 9.083871 A, B = -1542.99162 A^2 (and -300.57973 with lowres 20)."""
+    main = summarize(RELION_SET / "postprocess" / "postprocess.star")
+    low = summarize(RELION_SET / "postprocess_lowres20" / "postprocess.star")
+    assert (main["final_resolution_A"], main["bfactor_A2"]) == (9.083871, -1542.99162)
+    assert (low["final_resolution_A"], low["bfactor_A2"]) == (9.083871, -300.57973)
+    assert main["guinier_fit"] == {"slope": -385.74791, "intercept": -11.02976, "correlation": 0.723618}
+
+
+def test_postprocess_table_shows_the_exact_values() -> None:
+    out = _info_text(str(RELION_SET / "postprocess" / "postprocess.star"))
+    assert "RELION postprocess" in out
+    for text in ("9.083871 A", "-1542.99162 A^2", "mask.mrc", "21.661539 A", "0.143 at 9.083871 A (shell 31)"):
+        assert text in out, out
+
+
+# ----- model -------------------------------------------------------------------------------------------------
+MODEL_FILES = [RELION_SET / "refine" / "run_model.star", ASPIRE / "sample_data_model.star"]
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=_rel)
+def test_model_figures_are_the_files_values(path: Path) -> None:
+    blocks = _blocks(need(path))
+    general, classes, groups = (blocks["model_general"]["list"], blocks["model_classes"],
+                                blocks["model_groups"])
+    s = _info_json(str(path))
+    assert s["kind"] == "model"
+    assert s["resolution_A"] == float(general["rlnCurrentResolution"])
+    assert s["pixel_size"] == float(general["rlnPixelSize"])
+    assert s["box"] == int(general["rlnOriginalImageSize"])
+    assert s["classes"] == int(general["rlnNrClasses"]) == len(s["class_table"]) == len(classes["rows"])
+    assert s["groups"] == int(general["rlnNrGroups"]) == len(s["group_table"])
+    for row, distribution, accuracy in zip(s["class_table"], _column(classes, "rlnClassDistribution"),
+                                           _column(classes, "rlnAccuracyRotations")):
+        assert row["distribution"] == float(distribution) and row["accuracy_rotations_deg"] == float(accuracy)
+    assert [g["particles"] for g in s["group_table"]] == [int(v) for v in _column(groups, "rlnGroupNrParticles")]
+
+
+def test_run_model_of_the_set() -> None:
+    """README: the auto-refine ended at 11.7333 A; 4.4 A/px, box 64, one class, one optics group."""
+    s = summarize(RELION_SET / "refine" / "run_model.star")
+    assert s["resolution_A"] == 11.733334 and s["pixel_size"] == 4.4 and s["box"] == 64
+    assert s["optics_groups"] == 1 and s["sigma_offsets_A"] == 8.746602
+    assert s["class_table"][0]["estimated_resolution_A"] == 11.733334
+    out = _info_text(str(RELION_SET / "refine" / "run_model.star"))
+    assert "RELION model" in out and "11.733334 A" in out and "refine/run_class001.mrc" in out
+
+
+# ----- optimiser and sampling --------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [RELION_SET / "refine" / "run_optimiser.star",
+                                  STARFILE_DATA / "relion_tutorial" / "run_it025_optimiser_2D.star"], ids=_rel)
+def test_optimiser_figures_are_the_files_values(path: Path) -> None:
+    general = _blocks(need(path))["optimiser_general"]["list"]
+    s = _info_json(str(path))
+    assert s["kind"] == "optimiser"
+    assert s["iteration"] == int(general["rlnCurrentIteration"])
+    assert s["iterations"] == int(general["rlnNumberOfIterations"])
+    assert s["particle_diameter_A"] == float(general["rlnParticleDiameter"])
+    assert s["auto_refine"] is (general["rlnDoAutoRefine"] == "1")
+    assert s["best_resolution_A"] == pytest.approx(1 / float(general["rlnBestResolutionThusFar"]), abs=1e-4)
+    assert s["command"].startswith("--o ") and s["output_root"] == general["rlnOutputRootName"]
+
+
+def test_final_auto_refine_optimiser_of_the_set() -> None:
+    s = summarize(RELION_SET / "refine" / "run_optimiser.star")
+    assert s["iteration"] == -1 and s["has_converged"] is True and s["auto_refine"] is True
+    assert s["particle_diameter_A"] == 280.0 and "--particle_diameter 280" in s["command"]
+    assert "iteration -1" in _info_text(str(RELION_SET / "refine" / "run_optimiser.star"))
+
+
+@pytest.mark.parametrize("path", [RELION_SET / "refine" / "run_sampling.star",
+                                  STARFILE_DATA / "relion_tutorial" / "run_it025_sampling_3D.star",
+                                  STARFILE_DATA / "relion_tutorial" / "run_it025_sampling_2D.star"], ids=_rel)
+def test_sampling_figures_are_the_files_values(path: Path) -> None:
+    blocks = _blocks(need(path))
+    general = blocks["sampling_general"]["list"]
+    s = _info_json(str(path))
+    assert s["kind"] == "sampling"
+    assert s["psi_step_deg"] == float(general["rlnPsiStep"])
+    assert s["offset_range"] == float(general["rlnOffsetRange"]) and s["offset_unit"] == "A"
+    assert s["offset_step"] == float(general["rlnOffsetStep"])
+    assert s["directions"] == len(blocks.get("sampling_directions", {"rows": []})["rows"])
+    if "rlnHealpixOrder" in general:
+        assert s["healpix_order"] == int(general["rlnHealpixOrder"]) and s["is_3d"] is True
+        # RELION samples psi as finely as the HEALPix directions: both are 360 / (6 * 2^order) degrees
+        assert s["angular_sampling_deg"] == pytest.approx(float(general["rlnPsiStep"]))
+    else:
+        assert s["healpix_order"] is None and s["is_3d"] is False
+
+
+def test_sampling_of_the_set_offsets_in_angstrom() -> None:
+    """--offset_range 5 --offset_step 2 at 4.4 A/px: the file starts from 22 A and 8.8 A; final order 6."""
+    s = summarize(RELION_SET / "refine" / "run_sampling.star")
+    assert s["healpix_order"] == 6 and s["healpix_order_original"] == 2 and s["directions"] == 49152
+    assert (s["offset_range_original"], s["offset_step_original"]) == (22.0, 8.8)
+
+
+# ----- MTF ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [EXTERNAL / "relion" / "data" / "mtf_k2_300kV.star",
+                                  EXTERNAL / "relion" / "data" / "mtf_falcon4EC_300kV.star"], ids=_rel)
+def test_mtf_figures_are_the_files_values(path: Path) -> None:
+    (block,) = _blocks(need(path)).values()
+    freq = [float(v) for v in _column(block, "rlnResolutionInversePixel")]
+    mtf = [float(v) for v in _column(block, "rlnMtfValue")]
+    s = _info_json(str(path))
+    assert s["kind"] == "mtf" and s["points"] == len(freq)
+    assert s["frequency_range"] == [min(freq), max(freq)] and s["mtf_range"] == [min(mtf), max(mtf)]
+    for at in s["mtf_at"]:
+        if at["frequency"] in freq:  # a tabulated frequency: the file's value itself
+            assert at["mtf"] == pytest.approx(mtf[freq.index(at["frequency"])], abs=1e-12)
+        elif at["frequency"] > max(freq):
+            assert at["mtf"] is None
+
+
+def test_mtf_k2_at_nyquist_and_falcon_stops_short() -> None:
+    k2 = summarize(EXTERNAL / "relion" / "data" / "mtf_k2_300kV.star")
+    assert k2["mtf_at"][-1] == {"nyquist_fraction": 1.0, "frequency": 0.5, "mtf": 0.388115}
+    falcon = summarize(EXTERNAL / "relion" / "data" / "mtf_falcon4EC_300kV.star")
+    assert falcon["block"] == "" and falcon["points"] == 64 and falcon["mtf_at"][-1]["mtf"] is None
+
+
+# ----- any other STAR file -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["default_pipeline.star", "empty_loop.star", "two_basic_blocks.star",
+                                  "loop_double_quote.star"])
+def test_other_star_files_list_their_blocks(name: str) -> None:
+    path = need(STARFILE_DATA / name)
+    expected = _blocks(path)
+    s = _info_json(str(path))
+    assert s["kind"] == "star"
+    got = {b["name"]: b for b in s["blocks"]}
+    assert list(got) == list(expected)
+    for block_name, block in expected.items():
+        b = got[block_name]
+        if block["loop"]:
+            assert (b["type"], b["rows"], b["columns"]) == ("loop", len(block["rows"]), len(block["labels"]))
+            assert b["labels"] == block["labels"]
+        else:
+            assert (b["type"], b["rows"], b["columns"]) == ("list", 1, len(block["list"]))
+    out = _info_text(str(path))
+    assert all(f"data_{n}" in out for n in expected)
+
+
+# ----- particles and their image indices ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", SET_PARTICLE_FILES)
+def test_particles_of_the_set_all_within_their_stack(name: str) -> None:
+    s = _info_json(str(need(RELION_SET / name)))
+    assert s["kind"] == "particles" and s["type"] == "star" and s["particles"] == 600
+    assert s["all_stacks_exist"] and s["stack_boxes"] == [64]
+    assert (s["images_checked"], s["images_out_of_range"], s["out_of_range_examples"]) == (600, 0, [])
+
+
+def _relion31_with_index(tmp_path: Path, last: int) -> Path:
+    """relion31.star whose fifth particle points at image ``last`` of relion31.mrcs (which holds 5 images)."""
+    text = need(CRYODRGN / "relion31.star").read_text()
+    assert text.count("000005@relion31.mrcs") == 1
+    star = tmp_path / "particles.star"
+    star.write_text(text.replace("000005@relion31.mrcs", f"{last:06d}@relion31.mrcs"))
+    return star
+
+
+def test_last_image_of_a_stack_is_in_range(tmp_path: Path) -> None:
+    s = _info_json(str(_relion31_with_index(tmp_path, 5)), "--datadir", str(CRYODRGN))
+    assert (s["images_checked"], s["images_out_of_range"]) == (5, 0)
+
+
+@pytest.mark.parametrize("index", [6, 1000])
+def test_image_index_past_the_end_of_its_stack_is_an_error_line(tmp_path: Path, index: int) -> None:
+    star = _relion31_with_index(tmp_path, index)
+    s = _info_json(str(star), "--datadir", str(CRYODRGN))
+    assert (s["images_checked"], s["images_out_of_range"]) == (5, 1)
+    assert s["out_of_range_examples"] == [{"particle": 5, "image_name": f"{index:06d}@relion31.mrcs",
+                                           "index": index, "stack_images": 5}]
+    out = _info_text(str(star), "--datadir", str(CRYODRGN))
+    assert f"error: 1 of 5 image indices are past the end of their stack: particle 5 {index:06d}@relion31.mrcs " \
+           "(stack holds 5)" in out
+
+
+def test_missing_and_unreadable_stacks_are_reported_not_checked(tmp_path: Path) -> None:
+    text = need(CRYODRGN / "relion31.star").read_text()
+    (tmp_path / "broken.mrcs").write_bytes(b"not an MRC file")
+    star = tmp_path / "particles.star"
+    star.write_text(text.replace("000005@relion31.mrcs", "000001@broken.mrcs")
+                    .replace("000004@relion31.mrcs", "000001@absent.mrcs"))
+    s = _info_json(str(star), "--datadir", str(CRYODRGN))
+    assert s["stacks_missing"] == ["absent.mrcs"] and list(s["stacks_unreadable"]) == ["broken.mrcs"]
+    assert (s["images_checked"], s["images_out_of_range"]) == (3, 0)
+    out = _info_text(str(star), "--datadir", str(CRYODRGN))
+    assert "error: stack broken.mrcs cannot be read" in out and "2 particles in missing or unreadable" in out
+
+
+def test_particle_file_without_found_stacks_says_so() -> None:
+    out = _info_text(str(need(CRYODRGN / "relion5.star")))
+    assert "2 missing" in out and "not checked (all 17 particles" in out
+
+
+def test_mrc_files_unchanged() -> None:
+    s = _info_json(str(need(RELION_SET / "map.mrc")))
+    assert s["type"] == "map" and s["shape_xyz"] == [64, 64, 64] and s["voxel_size"] == pytest.approx(4.4)

@@ -11,8 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cryocli.cli.app import app
-from cryocli.imaging.fourier import image_to_rfft
-from cryocli.imaging.projector import nyquist_mask
+from cryocli.imaging.fourier import image_to_rfft, rfft_radius
 from cryocli.io.star import read_star
 from tests.conftest import MODELS, RELION_SET, need
 
@@ -26,7 +25,7 @@ def _run(*args: str):
 
 def _fourier_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image correlation of two stacks inside the Nyquist circle."""
-    m = nyquist_mask(a.shape[-1])
+    m = rfft_radius(a.shape[-1], dtype=torch.float64) <= a.shape[-1] // 2
     fa = image_to_rfft(torch.from_numpy(a.astype(np.float64)))[:, m]
     fb = image_to_rfft(torch.from_numpy(b.astype(np.float64)))[:, m]
     num = (fa * fb.conj()).real.sum(1)

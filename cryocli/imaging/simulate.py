@@ -35,6 +35,7 @@ from cryocli.imaging.fourier import rfft_to_image
 from cryocli.imaging.noise import noise_sigma_for_snr, signal_variances
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.shifts import shift_from_center
+from cryocli.io.locks import default_dir_mode
 from cryocli.io.mrc import write_map, write_stack
 from cryocli.io.paths import relion_image_path
 from cryocli.io.star import ParticleTable, read_star, write_star
@@ -287,6 +288,10 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
     n, box = len(geometry), config.box
     if volume.shape != (box, box, box):
         raise CryocliError(f"map box {volume.shape} does not match --box {box}")
+    if not np.isfinite(volume).all():
+        raise CryocliError("the map holds NaN or Inf values")
+    if not np.any(volume):
+        raise CryocliError("the map is empty (all zero)")
     projector = Projector(torch.as_tensor(volume, dtype=torch.float32, device=device), pad=2)
     sigma = noise_sigma(projector, geometry, config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed + 2)
@@ -314,6 +319,7 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
                 images[idx - first] = (sign * clean).cpu().numpy()
                 if progress:
                     progress(len(idx))
+            _check_images(images, config, stack_name)
             write_stack(tmp / stack_name, images, config.apix, command="simulate")
             names += stack_image_names(out_dir / stack_name, last - first)
         write_star(particles_table(geometry, config, names), tmp / "particles.star")
@@ -331,6 +337,7 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
             **(extra_info or {}),
         }
         (tmp / "simulate.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes the folder private; give it the umask's permissions
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,8 +356,23 @@ def _json_default(obj):
     return str(obj)
 
 
+def _check_images(images: np.ndarray, config: SimulationConfig, stack_name: str) -> None:
+    """Refuse to write a stack with NaN/Inf values or only zeros, naming the options that lead there."""
+    if not np.isfinite(images).all():
+        raise CryocliError(f"simulated images of {stack_name} hold NaN or Inf values; nothing written (check "
+                           f"--voltage {config.voltage:g}, --cs {config.cs:g}, --defocus, --bfactor {config.bfactor:g}, "
+                           f"--apix {config.apix:g})")
+    if not np.any(images):
+        raise CryocliError(f"simulated images of {stack_name} are all zero; nothing written (check the map, "
+                           "--bfactor and --apix)")
+
+
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by the finished temporary folder (the caller checked --force)."""
+    """Replace ``out_dir`` by the finished temporary folder (the caller checked --force).
+
+    The backup of a replaced folder is ``.{name}.old`` beside it, a name that
+    :func:`cryocli.io.locks.remove_stale_temporaries` removes if a killed run left it.
+    """
     if out_dir.exists():
         backup = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(backup, ignore_errors=True)

@@ -145,17 +145,6 @@ def test_children_lie_in_their_parent_cell(level):
     assert d.max() <= 2 * math.acos(math.cos(a / 2) * math.cos(grid.psi_step(level) / 8))
 
 
-def test_descendants_stay_within_subtree_radius():
-    grid = SO3Grid(dtype=torch.float64)
-    ids = torch.arange(grid.n_cells(0))
-    desc = ids[:, None]
-    for level in range(3):
-        desc = grid.children(level, desc.flatten()).reshape(len(ids), -1)
-        d = geodesic_distance(grid.rotations(level + 1, desc), grid.rotations(0, ids)[:, None])
-        assert d.max() <= grid.subtree_radius(0)
-    assert grid.subtree_radius(1) < grid.subtree_radius(0) / 1.8
-
-
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_grid_covers_so3(level):
     grid = SO3Grid(dtype=torch.float64)

@@ -275,20 +275,6 @@ class SO3Grid:
         """
         return _compose_angles(healpix_max_pixrad(self.order(level)), self.psi_step(level) / 2)
 
-    def subtree_radius(self, level: int) -> float:
-        """Bound (radians) on the distance from a cell at ``level`` to any of its descendants, at any depth.
-
-        A child's direction lies inside its parent's pixel (angle <= ``healpix_max_pixrad``) and its psi is
-        the parent's transported psi +- ``step / 4``, so each generation moves at most
-        ``w(max_pixrad, step / 4)`` (see :meth:`covering_radius`); the sum over generations converges
-        (terms about halve), and the orders past HEALPix's last (29) are bounded by twice the last term.
-        """
-        total = term = 0.0
-        for order in range(self.order(level), 30):
-            term = _compose_angles(healpix_max_pixrad(order), 2 * math.pi / (6 * 2**order) / 4)
-            total += term
-        return total + 2 * term
-
     # ------------------------------------------------------------------------------------- cell geometry
 
     def _all(self, level: int) -> Tensor:

@@ -272,13 +272,12 @@ class PoseSearchResult:
     rotations ``(B, 3, 3)`` and shifts ``(B, 2)`` (pixels, relative to the search centre): the most probable
     fine sample. mean_rotations ``(B, 3, 3)`` and mean_shifts ``(B, 2)``: the posterior mean around it (see
     the module docstring). sample_rotations ``(B, S, 3, 3)``, sample_shifts ``(B, S, 2)``, sample_ids
-    ``(B, S)`` (SO3Grid ids at ``level + 1``), sample_weights ``(B, S)`` (posterior weights, 0 in padded
-    slots, each row sums to 1) and sample_scales ``(B, S)``: the significant fine samples for the M-step.
+    ``(B, S)`` (SO3Grid ids at ``level + 1``) and sample_weights ``(B, S)`` (posterior weights, 0 in padded
+    slots, each row sums to 1): the significant fine samples for the M-step.
     best_scale ``(B,)``: the intensity scale at the best pose (1 unless ``profile_scale``). max_prob
     ``(B,)``: the largest fine posterior weight (rlnMaxValueProbDistribution). n_significant ``(B,)``:
     coarse samples kept (rlnNrOfSignificantSamples). log_likelihood ``(B,)``: log of the coarse marginal
     likelihood under the search's prior, without the Gaussian normalisation constant
-    (rlnLogLikeliContribution). fine_ids ``(B,)``: SO3Grid cell id at ``level + 1`` of the best rotation.
     best_projection ``(B, M)``: the reference's slice at the best rotation on the fine search pixels.
     """
 
@@ -290,12 +289,10 @@ class PoseSearchResult:
     sample_shifts: Tensor
     sample_ids: Tensor
     sample_weights: Tensor
-    sample_scales: Tensor
     best_scale: Tensor
     max_prob: Tensor
     n_significant: Tensor
     log_likelihood: Tensor
-    fine_ids: Tensor
     best_projection: Tensor
 
 
@@ -337,11 +334,6 @@ class PoseSearcher:
         # Phase ramps of the shift grid (T, Mc) and of every oversampled shift (T, S, M), made once.
         self._coarse_ramp = self.pixels.ramp_parts(self.shifts)
         self._fine_ramp = self.fine_pixels.ramp_parts(self.shifts[:, None, :] + self.sub[None])
-
-    def global_projections(self) -> Tensor:
-        """Slices at every cell of the coarse level ``(R, M)`` complex (computed once, reused by every batch)."""
-        re, im, _ = self.coarse_cache.get(torch.arange(self.grid.n_cells(self.level), device=self.device))
-        return torch.complex(re, im)
 
     def _log_prior(self, rotations: Tensor, centres: Tensor) -> Tensor:
         """RELION's local-search prior ``-d^2 / (2 sigma^2)`` of rotations ``(B, ..., 3, 3)`` around ``(B, 3, 3)``."""
@@ -455,16 +447,15 @@ class PoseSearcher:
         bidx = torch.arange(b, device=idx.device)[:, None]
         sample_rot = rot[bidx, kk, ii]
         sample_shift = shifts[bidx, kk, jj]
-        sample_scale = scale.reshape(b, -1).gather(1, idx)
+        best_scale = scale.reshape(b, -1).gather(1, idx[:, :1])[:, 0]
         prob = torch.softmax(flat, 1)
         mean_rot, mean_shift = self._local_mean(prob.reshape(b, k, n_sub, 8), rot, shifts, sample_rot[:, 0])
         b0, k0, i0 = bidx[:, 0], kk[:, 0], ii[:, 0]
         best_projection = torch.complex(proj[0][b0, k0, i0], proj[1][b0, k0, i0])
         return {"rotations": sample_rot[:, 0], "shifts": sample_shift[:, 0], "mean_rotations": mean_rot,
                 "mean_shifts": mean_shift, "sample_rotations": sample_rot, "sample_shifts": sample_shift,
-                "sample_ids": children[bidx, kk, ii], "sample_weights": weights, "sample_scales": sample_scale,
-                "best_scale": sample_scale[:, 0], "max_prob": prob.gather(1, idx[:, :1])[:, 0],
-                "fine_ids": children[bidx, kk, ii][:, 0], "best_projection": best_projection}
+                "sample_ids": children[bidx, kk, ii], "sample_weights": weights, "best_scale": best_scale,
+                "max_prob": prob.gather(1, idx[:, :1])[:, 0], "best_projection": best_projection}
 
     def _local_mean(self, prob: Tensor, rot: Tensor, shifts: Tensor, best: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean rotation and shift over the fine samples within one coarse step of ``best``.

@@ -49,7 +49,6 @@ from cryocli.imaging.shifts import shift_to_center
 #: (reproduced here: set_3j9g's rec.mrc matches the skip path, correlation 0.99964 against 0.979 for
 #: 10 iterations). With ``--dont_skip_gridding`` it runs ``--iter 10`` iterations.
 DEFAULT_GRIDDING_ITERATIONS = 0
-RELION_GRIDDING_ITERATIONS = 10
 #: RELION's blob for the gridding iterations: radius 1.9 (x 2 padded voxels, fixed since RELION 3),
 #: alpha 15, order 0, tabulated with 10000 entries over [0, 0.5).
 BLOB_RADIUS = 1.9 * 2.0

@@ -1,0 +1,224 @@
+"""The run directory's guarantees (abinitio and refine): nothing lost, one writer, no stale temporaries,
+umask permissions, the same bytes for the same seed, bad values refused before any work, interrupts."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cryocli.cli.app import app
+from cryocli.engines.protocol import EngineConfig
+from cryocli.engines.result import Reconstruction
+from cryocli.engines.runner import RunRequest, run_to_directory
+from cryocli.errors import CryocliError
+from cryocli.io.locks import output_lock
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
+runner = CliRunner()
+# Sizes only: every other option is the shipped default, except cryospin's encoder (the default VGG widths
+# cost ~20 s per epoch on 200 particles of 24 px here).
+ABINITIO = ["--epochs", "2", "--switch-epoch", "1", "--encoder-channels", "8,16"]
+REFINE = ["--max-iter", "2"]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rundir") / "sim"
+    r = runner.invoke(app, ["--quiet", "simulate", str(MODEL), "-o", str(out), "-n", "160", "--box", "24",
+                            "--apix", "4", "--snr", "1", "--seed", "2"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _abinitio(sim: Path, out: Path, *extra: str) -> Any:
+    return runner.invoke(app, ["--quiet", "abinitio", str(sim / "particles.star"), "-o", str(out), *ABINITIO, *extra])
+
+
+def _refine(sim: Path, out: Path, *extra: str) -> Any:
+    return runner.invoke(app, ["--quiet", "refine", str(sim / "particles.star"), "--ref",
+                               str(sim / "ground_truth.mrc"), "-o", str(out), *REFINE, *extra])
+
+
+def _same_files(a: Path, b: Path, skip: tuple[str, ...] = ("log.jsonl",)) -> list[str]:
+    """Names of the files that differ between two run directories (the log carries times by design)."""
+    names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
+    return [n for n in names if n not in skip and not filecmp.cmp(a / n, b / n, shallow=False)]
+
+
+def test_same_seed_gives_the_same_bytes_for_abinitio_and_refine(sim, tmp_path):
+    for run in (_abinitio, _refine):
+        a, b = tmp_path / f"{run.__name__}_a", tmp_path / f"{run.__name__}_b"
+        for out in (a, b):
+            r = run(sim, out)
+            assert r.exit_code == 0, r.output
+        assert {p.name for p in a.iterdir()} >= {"map.mrc", "particles.star", "metrics.csv", "checkpoint.pt"}
+        assert _same_files(a, b) == []
+    assert (tmp_path / "_refine_a" / "model.star").is_file()
+
+
+def test_failed_force_run_leaves_the_previous_run_byte_identical(sim, tmp_path):
+    out = tmp_path / "run"
+    assert _refine(sim, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "empty.mrc"
+    from cryocli.io.mrc import write_map
+
+    write_map(empty, np.zeros((24, 24, 24), np.float32), 4.0)
+    r = runner.invoke(app, ["refine", str(sim / "particles.star"), "--ref", str(empty), "-o", str(out), "--force",
+                            *REFINE])
+    assert r.exit_code == 2 and "empty" in r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.mrc", "run"]  # no staging, no lock left
+
+
+def test_force_replaces_only_when_the_new_run_succeeds(sim, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert _abinitio(sim, out).exit_code == 2  # not empty, no --force
+    assert _abinitio(sim, out, "--force").exit_code == 0
+    assert not (out / "old.txt").exists() and (out / "map.mrc").is_file()
+
+
+def test_bad_values_are_refused_before_anything_is_written(sim, tmp_path):
+    cases = [(_abinitio, ["--lr", "nan"], "--lr nan"), (_refine, ["--ini-lowpass", "0"], "--ini-lowpass 0"),
+             (_refine, ["--tau2-fudge", "-1"], "--tau2-fudge -1"), (_refine, ["--offset-step", "-1"], "--offset-step"),
+             (_refine, ["--method", "sparse-tv", "--beta", "nan"], "--beta nan"),
+             (_refine, ["--method", "sparse-tv", "--tv-lr", "-1"], "--tv-lr -1"),
+             (_refine, ["--particle-diameter", "0"], "--particle-diameter 0"),
+             (_abinitio, ["--datadir", str(tmp_path / "nowhere")], "does not exist")]
+    for i, (run, extra, expected) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        r = run(sim, out, *extra)
+        assert r.exit_code == 2, (extra, r.output)
+        assert expected in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not out.exists(), extra
+    # A rerun after a refused one is not blocked by anything it left.
+    assert _abinitio(sim, tmp_path / "out0").exit_code == 0
+
+
+def test_particles_without_ctf_need_no_ctf(sim, tmp_path):
+    from cryocli.io.star import read_star, write_star
+
+    table = read_star(sim / "particles.star")
+    nodefocus = table.particles.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"])
+    from dataclasses import replace
+
+    star = tmp_path / "noctf.star"
+    write_star(replace(table, particles=nodefocus), star)
+    r = runner.invoke(app, ["abinitio", str(star), "-o", str(tmp_path / "a"), *ABINITIO])
+    assert r.exit_code == 2 and "--no-ctf" in r.output and not (tmp_path / "a").exists()
+    r = runner.invoke(app, ["--quiet", "abinitio", str(star), "-o", str(tmp_path / "a"), *ABINITIO, "--no-ctf"])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(sim, tmp_path):
+    out = tmp_path / "run"
+    with output_lock(out, "abinitio --method cryospin"):
+        from cryocli.io import locks
+
+        holder = locks.read_lock(locks.lock_path(out))
+        assert holder is not None
+        # Pretend the holder is another live process on this host: PID 1 is always running.
+        locks.lock_path(out).write_text(locks.lock_path(out).read_text().replace(f'"pid": {holder.pid}', '"pid": 1'))
+        r = _abinitio(sim, out)
+        assert r.exit_code == 2 and "in use by cryocli abinitio" in r.output, r.output
+        r = _abinitio(sim, out, "--resume")
+        assert r.exit_code == 2
+        locks.lock_path(out).unlink()
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(sim, tmp_path):
+    out = tmp_path / "run"
+    assert _abinitio(sim, out).exit_code == 0
+    stale = [out / ".map.mrc.a1b2c3.tmp", out / ".checkpoint.pt.x9y8.tmp", tmp_path / ".run.k3j4h5"]
+    stale[0].write_bytes(b"x")
+    stale[1].write_bytes(b"x")
+    stale[2].mkdir()
+    r = _abinitio(sim, out, "--resume", "--epochs", "3")
+    assert r.exit_code == 0, r.output
+    assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(sim, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "deep" / "run"
+        assert _refine(sim, out).exit_code == 0
+    finally:
+        os.umask(old)
+    for p in [out, *out.iterdir()]:
+        mode = p.stat().st_mode & 0o777
+        expected = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert mode == expected, (p.name, oct(mode), oct(expected))
+
+
+@dataclass
+class _StopConfig(EngineConfig):
+    stop_after: int = 1
+    error: str = "interrupt"
+
+
+class _StoppingEngine:
+    """A test engine that checkpoints ``stop_after`` epochs and then fails or is interrupted."""
+
+    name: ClassVar[str] = "stopping"
+    kind: ClassVar[str] = "abinitio"
+    summary: ClassVar[str] = "test"
+    config_class: ClassVar[type[EngineConfig]] = _StopConfig
+
+    def check_inputs(self, data: Any, config: EngineConfig) -> None:
+        pass
+
+    def run(self, data: Any, config: EngineConfig, reporter: Any) -> Reconstruction:
+        assert isinstance(config, _StopConfig)
+        for epoch in range(1, config.stop_after + 1):
+            reporter.end_epoch(epoch, {"loss": 1.0}, state={"epoch": epoch})
+        if config.error == "interrupt":
+            raise KeyboardInterrupt
+        raise CryocliError("the engine found bad input")
+
+
+@pytest.mark.parametrize("stop_after, error, kept", [(0, "interrupt", False), (2, "interrupt", True),
+                                                     (0, "bad input", False), (2, "bad input", False)])
+def test_a_stopped_run_keeps_only_a_checkpoint_worth_resuming(sim, tmp_path, stop_after, error, kept):
+    out = tmp_path / "run"
+    request = RunRequest(particles=sim / "particles.star", out=out, command="abinitio --method stopping")
+    told: list[Path | None] = []
+    with pytest.raises(KeyboardInterrupt if error == "interrupt" else CryocliError):
+        run_to_directory(_StoppingEngine(), _StopConfig(stop_after=stop_after, error=error), request, None,
+                         torch.device("cpu"), on_interrupt=told.append)
+    assert out.exists() == kept
+    if kept:
+        assert (out / "checkpoint.pt").is_file() and told == [out]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if kept else [])
+
+
+def test_interrupt_says_what_was_kept(sim, tmp_path, monkeypatch):
+    from cryocli.engines.abinitio.cryospin import CryoSpinEngine
+
+    calls = {"n": 0}
+    original = CryoSpinEngine._decoding_epoch
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", interrupted)
+    out = tmp_path / "run"
+    r = _abinitio(sim, out)
+    assert r.exit_code == 130 and calls["n"] == 1
+    assert "interrupted" in r.output and "--resume" in r.output and str(out) in r.output
+    monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", original)
+    r = _abinitio(sim, out, "--resume")
+    assert r.exit_code == 0, r.output

@@ -53,7 +53,8 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
         truth_map = read_map(out / "ground_truth.mrc")
         truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, stack.rotations, every=10**9)
         config = CryoSpinConfig(epochs=args.epochs, switch_epoch=args.switch_epoch, batch_size=args.batch_size,
-                                encoder_channels=tuple(args.encoder_channels), encoder_lr=args.encoder_lr,
+                                encoder_channels=tuple(args.encoder_channels) if args.encoder_channels else None,
+                                encoder_lr=args.encoder_lr,
                                 seed=args.seed)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -90,8 +91,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--switch-epoch", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--encoder-channels", type=lambda s: [int(v) for v in s.split(",")], default=[64, 128, 256, 512])
-    p.add_argument("--encoder-lr", type=float, default=1e-4)
+    p.add_argument("--encoder-channels", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="default: cryospin's (scaled with box and device)")
+    p.add_argument("--encoder-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -17,7 +17,7 @@ $CRYOCLI info "$OUT/sim/particles.star"
 
 echo "== abinitio --method cryospin from a random start (20 epochs, auto-decoding after 7)"
 $CRYOCLI abinitio "$OUT/sim/particles.star" --method cryospin -o "$OUT/abinitio" \
-    --encoder-channels 16,32,64 --encoder-lr 1e-3 --ground-truth "$OUT/sim/ground_truth.mrc" --score-every 100
+    --ground-truth "$OUT/sim/ground_truth.mrc" --score-every 100
 
 echo "== FSC of the ab initio map against the ground truth, after alignment"
 $CRYOCLI fsc "$OUT/sim/ground_truth.mrc" "$OUT/abinitio/map.mrc" --align --plot "$OUT/fsc_vs_truth.png" \

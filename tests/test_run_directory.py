@@ -24,9 +24,8 @@ from cryocli.io.locks import output_lock
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
 runner = CliRunner()
-# Sizes only: every other option is the shipped default, except cryospin's encoder (the default VGG widths
-# cost ~20 s per epoch on 200 particles of 24 px here).
-ABINITIO = ["--epochs", "2", "--switch-epoch", "1", "--encoder-channels", "8,16"]
+# Sizes only: every other option is the shipped default.
+ABINITIO = ["--epochs", "2", "--switch-epoch", "1"]
 REFINE = ["--max-iter", "2"]
 
 

@@ -71,9 +71,10 @@ def abinitio(
     pose_lr: Optional[float] = typer.Option(None, "--pose-lr", help="cryospin: Adam learning rate of the "
                                             "per-particle axis-angle poses, radians [default: 0.05]."),
     encoder_lr: Optional[float] = typer.Option(None, "--encoder-lr", help="cryospin: encoder learning rate "
-                                               "[default: 1e-4]."),
+                                               "[default: 1e-4 with the paper's encoder, 1e-3 with the slim one]."),
     encoder_channels: Optional[str] = typer.Option(None, "--encoder-channels", help="cryospin: filters of the VGG "
-                                                   "blocks, comma-separated [default: 64,128,256,512]."),
+                                                   "blocks, comma-separated [default: the paper's 64,128,256,512 on "
+                                                   "CUDA at box >= 64 px; 16,32,64 on the CPU or smaller boxes]."),
     pyramid: Optional[str] = typer.Option(None, "--pyramid", help="cryospin: Gaussian blurs (pixels) stacked with "
                                           "the image as encoder input, comma-separated, or none [default: 1,2,4]."),
     grid_order: Optional[int] = typer.Option(None, "--grid-order", min=-1, help="cryospin: HEALPix order of the "

@@ -75,10 +75,12 @@ class CryoSpinConfig(EngineConfig):
 
     heads: pose heads M (7; the paper uses 15 on real data). switch_epoch: last auto-encoding epoch (7 of
     20). lr: decoder learning rate in stage 1 (0.05). decoder_lr_decoding: decoder learning rate in
-    stage 2 (0.02). encoder_lr: 1e-4. pose_lr: per-particle Adam learning rate in stage 2 (0.05 rad).
+    stage 2 (0.02). encoder_lr: None: 1e-4 with the paper's encoder, 1e-3 with the slim one
+    (:func:`default_encoder`). pose_lr: per-particle Adam learning rate in stage 2 (0.05 rad).
     shift_lr: the same for origins in stage 2 (pixels). pose_steps / volume_steps: 5 / 1 per batch.
     shifts: predict and refine in-plane origins (the paper's real-data setting). encoder_channels /
-    encoder_convs: VGG16's blocks (64, 128, 256, 512 filters; 2, 2, 3, 3 convolutions; as many blocks as
+    encoder_convs: filters and convolutions per VGG block (None: VGG16's 64, 128, 256, 512 on CUDA at
+    box >= 64, otherwise 16, 32, 64 (:func:`default_encoder`); 2, 2, 3, 3 convolutions; as many blocks as
     the box allows). head_hidden: widths of each head's hidden layers. pyramid_sigmas: Gaussian blurs
     (pixels) stacked with the image as encoder input channels. mantissa_std: standard deviation of the
     random initial mantissa. final_map: "decoder" or "reconstruct". grid_order: HEALPix order of the fixed
@@ -95,13 +97,13 @@ class CryoSpinConfig(EngineConfig):
     heads: int = 7
     switch_epoch: int = 7
     decoder_lr_decoding: float = 0.02
-    encoder_lr: float = 1e-4
+    encoder_lr: float | None = None
     pose_lr: float = 0.05
     shift_lr: float = 0.05
     pose_steps: int = 5
     volume_steps: int = 1
     shifts: bool = False
-    encoder_channels: tuple[int, ...] = (64, 128, 256, 512)
+    encoder_channels: tuple[int, ...] | None = None
     encoder_convs: tuple[int, ...] = (2, 2, 3, 3)
     head_hidden: tuple[int, ...] = (256, 256)
     pyramid_sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -116,8 +118,10 @@ class CryoSpinConfig(EngineConfig):
         at_least(self, "heads", 1)
         at_least(self, "switch_epoch", 0)
         positive(self, "lr")
-        for name in ("decoder_lr_decoding", "encoder_lr", "pose_lr", "shift_lr", "mantissa_std"):
+        for name in ("decoder_lr_decoding", "pose_lr", "shift_lr", "mantissa_std"):
             positive(self, name)
+        if self.encoder_lr is not None:
+            positive(self, "encoder_lr")
         at_least(self, "pose_steps", 0)
         at_least(self, "volume_steps", 1)
         if self.final_map not in ("decoder", "reconstruct"):
@@ -125,7 +129,7 @@ class CryoSpinConfig(EngineConfig):
         within(self, "grid_order", -1, 3)  # order 3: 294,912 candidate poses; -1 turns the grid off
         at_least(self, "encode_resolution", 0)
         at_least(self, "decode_march_epochs", 0)
-        if not self.encoder_channels or min(self.encoder_channels) < 1:
+        if self.encoder_channels is not None and (not self.encoder_channels or min(self.encoder_channels) < 1):
             raise OptionError("encoder_channels", self.encoder_channels, "expected positive filter counts")
         if any(s <= 0 for s in self.pyramid_sigmas):
             raise OptionError("pyramid_sigmas", self.pyramid_sigmas, "expected positive blurs in pixels")
@@ -185,6 +189,26 @@ class ImageModel:
         return err.sum((-2, -1)) / (self.n_mask * self.n * self.n)
 
 
+#: VGG16's filters per block, the paper's encoder.
+PAPER_CHANNELS = (64, 128, 256, 512)
+#: A quarter of the first three: the encoder a CPU or a small box trains in minutes (the demo's and the
+#: done-means test's measured setting).
+SLIM_CHANNELS = (16, 32, 64)
+#: Smallest box at which a CUDA run keeps the paper's encoder.
+PAPER_ENCODER_MIN_BOX = 64
+
+
+def default_encoder(box: int, device: torch.device) -> tuple[tuple[int, ...], float]:
+    """The encoder's filters per VGG block and its learning rate when not given: the paper's network
+    (VGG16 widths, Adam 1e-4) on a CUDA device at ``box >= 64`` pixels; otherwise a quarter of the widths
+    with Adam 1e-3, and three blocks (the slim network learns in the few epochs a CPU run affords: on 4,000 particles of 48 px
+    the paper's network took 666 s for 20 epochs on 2 cores, with its encoding epochs 12x slower than the
+    decoding ones, and found the same poses; see the README's cryospin section)."""
+    if device.type == "cuda" and box >= PAPER_ENCODER_MIN_BOX:
+        return PAPER_CHANNELS, 1e-4
+    return SLIM_CHANNELS, 1e-3
+
+
 @dataclass
 class CryoSpinState:
     """A cryospin run's state between epochs, updated in place by the stages.
@@ -207,6 +231,7 @@ class CryoSpinState:
     shift_adam: ParticleAdam
     head_of: Tensor
     grid: "CandidateGrid | None"
+    encoder_channels: tuple[int, ...]
 
     def checkpoint(self, epoch: int, encoding: bool) -> dict[str, Any]:
         """What ``--resume`` needs after ``epoch`` (the encoder only while it still trains)."""
@@ -290,7 +315,9 @@ class CryoSpinEngine:
                               origins_angstrom=(st.shifts * parts.pixel_size).detach().cpu(),
                               metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
                               inverted=parts.inverted,
-                              method_summary={"head_usage": usage.round(4).tolist(),
+                              method_summary={"encoder_channels": list(st.encoder_channels),
+                                              "encoder_lr": st.enc_opt.param_groups[0]["lr"],
+                                              "head_usage": usage.round(4).tolist(),
                                               "grid_share": round(float((st.head_of < 0).float().mean()), 4)})
 
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
@@ -302,19 +329,22 @@ class CryoSpinEngine:
         model = ImageModel(n, parts.pixel_size, dev)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         volume = HartleyVolume(n, self._initial_amplitude(parts, model), cfg.mantissa_std, gen, dev)
+        channels, encoder_lr = default_encoder(n, dev)
+        channels = cfg.encoder_channels or channels
+        encoder_lr = cfg.encoder_lr or encoder_lr
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            encoder = MultiHeadPoseEncoder(n, cfg.heads, cfg.encoder_channels, cfg.encoder_convs, cfg.head_hidden,
+            encoder = MultiHeadPoseEncoder(n, cfg.heads, channels, cfg.encoder_convs, cfg.head_hidden,
                                            cfg.pyramid_sigmas, cfg.shifts).to(dev)
         return CryoSpinState(
             parts=parts, model=model, volume=volume, encoder=encoder,
             vol_opt=torch.optim.Adam(volume.parameters(), lr=float(cfg.lr or 0.05)),
-            enc_opt=torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr),
+            enc_opt=torch.optim.Adam(encoder.parameters(), lr=encoder_lr),
             poses=torch.eye(3, device=dev).repeat(n_part, 1, 1), shifts=torch.zeros(n_part, 2, device=dev),
             pose_adam=ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev),
             shift_adam=ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev),
             head_of=torch.zeros(n_part, dtype=torch.long, device=dev),
-            grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None)
+            grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None, encoder_channels=channels)
 
     # ------------------------------------------------------------------------------------------- stages
     def _encoding_epoch(self, st: "CryoSpinState", order: Tensor, cfg: CryoSpinConfig,

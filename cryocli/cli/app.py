@@ -131,7 +131,7 @@ class CryocliGroup(TyperGroup):
         except click.exceptions.ClickException as exc:
             error_line(exc.format_message())
             return EXIT_BAD_INPUT
-        except click.exceptions.Abort:  # EOF on a prompt
+        except typer.Abort:  # EOF on a prompt
             error_line("aborted")
             return 1
         except KeyboardInterrupt as exc:  # outside a command (while parsing)

@@ -1,8 +1,8 @@
 """Score and time `abinitio --method cryospin` on standard simulated 4AKE datasets; print a table.
 
     python benchmarks/abinitio.py [--cases 64:10000 128:50000] [--device cpu|cuda] [--snr 0.1]
-                                  [--epochs 20] [--switch-epoch 7] [--encoder-channels 64,128,256,512]
-                                  [--encoder-lr 1e-4] [--batch-size 64]
+                                  [--epochs 20] [--switch-epoch 7] [--grid-orders 2 -1]
+                                  [--encoder-channels 64,128,256,512] [--encoder-lr 1e-4] [--batch-size 64]
 
 Default cases: 64 px with 10,000 particles on the CPU, plus 128 px with 50,000 particles when CUDA is
 present. The pixel size scales with the box so the field of view is fixed (115.2 A). Each case runs
@@ -11,7 +11,10 @@ is its own. Columns: resolution at FSC 0.5 of the map against the ground truth a
 (rotation, shift, hand), mean and median rotation error after the best global rotation (hand flip
 allowed), mean seconds per epoch of each stage (auto-encoding / auto-decoding), total engine time,
 peak memory, and the share of particles whose starting pose at the switch came from the candidate grid
-rather than an encoder head. The engine runs with the given settings; defaults are the paper's.
+rather than an encoder head. Every case runs twice by default: with cryocli's candidate grid (grid order 2,
+the default) and without it (grid order -1, the paper's heads alone), and the shares of particles won by the
+grid and by the most used head are printed per auto-encoding epoch, so that one sees which part finds the
+poses at which scale. The engine runs with the given settings; defaults are cryospin's.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
         truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, stack.rotations, every=10**9)
         config = CryoSpinConfig(epochs=args.epochs, switch_epoch=args.switch_epoch, batch_size=args.batch_size,
                                 encoder_channels=tuple(args.encoder_channels) if args.encoder_channels else None,
-                                encoder_lr=args.encoder_lr,
+                                encoder_lr=args.encoder_lr, grid_order=args.grid_order,
                                 seed=args.seed)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -73,13 +76,14 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     enc = enc[1:] or enc  # the first epoch also reads and prepares the particles
     dec = [t for t, s in zip(per_epoch, stages) if s == "decode"]
     peak = peak_memory_mb(dev)
-    return {"box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
+    return {"grid_order": args.grid_order, "box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
             "res_fsc05_A": scores["res_fsc05"], "nyquist_A": 2 * apix, "rot_err_mean": poses["rot_err_mean"],
             "rot_err_median": poses["rot_err_median"], "s_per_epoch_encode": float(np.mean(enc)) if enc else float("nan"),
             "s_per_epoch_decode": float(np.mean(dec)) if dec else float("nan"), "total_s": total,
             "peak_memory_GB": peak * 2**20 / 1e9,
             "grid_share": result.method_summary.get("grid_share"),
-            "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median", "grid_win_fraction")}
+            "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median", "grid_win_fraction",
+                                                 "head_usage_max")}
                         for row in reporter.history]}
 
 
@@ -95,6 +99,9 @@ def main() -> None:
                    help="default: cryospin's (scaled with box and device)")
     p.add_argument("--encoder-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-orders", type=int, nargs="+", default=[2, -1],
+                   help="cryospin --grid-order values to compare (-1: the paper's heads alone)")
+    p.add_argument("--grid-order", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -102,25 +109,35 @@ def main() -> None:
         print(json.dumps(run_case(box, particles, args)))
         return
     cases = args.cases or (["64:10000", "128:50000"] if args.device.startswith("cuda") else ["64:10000"])
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--cases")]
-    if "--cases" in sys.argv:
-        i = sys.argv.index("--cases")
-        j = i + 1
-        while j < len(sys.argv) and not sys.argv[j].startswith("--"):
-            j += 1
-        passthrough = sys.argv[1:i] + sys.argv[j:]
-    rows = [run_isolated([__file__, *passthrough, "--one", case]) for case in cases]
-    print_table(rows, [("box", "box", "d"), ("particles", "particles", "d"), ("A/px", "apix", ".2f"),
+    passthrough = _without(_without(sys.argv[1:], "--cases"), "--grid-orders")
+    rows = [run_isolated([__file__, *passthrough, "--grid-order", str(order), "--one", case])
+            for case in cases for order in args.grid_orders]
+    print_table(rows, [("grid", "grid_order", "d"), ("box", "box", "d"), ("particles", "particles", "d"), ("A/px", "apix", ".2f"),
                        ("FSC0.5 A", "res_fsc05_A", ".2f"), ("Nyq A", "nyquist_A", ".2f"),
                        ("rot mean", "rot_err_mean", ".2f"), ("rot med", "rot_err_median", ".2f"),
                        ("s/ep enc", "s_per_epoch_encode", ".2f"), ("s/ep dec", "s_per_epoch_decode", ".2f"),
                        ("total s", "total_s", ".1f"), ("peak GB", "peak_memory_GB", ".2f"), ("grid share", "grid_share", ".3f"),
                        ("device", "device", "")])
     for r in rows:
+        tag = f"({r['box']} px, grid order {r['grid_order']})"
         trace = ", ".join(f"{h['epoch']}:{h['rot_err_median']:.1f}" for h in r["history"])
-        print(f"median rotation error by epoch ({r['box']} px): {trace}")
-        wins = ", ".join(f"{h['epoch']}:{h['grid_win_fraction']:.3f}" for h in r["history"] if h.get("grid_win_fraction") is not None)
-        print(f"share of particles won by the candidate grid, auto-encoding epochs ({r['box']} px): {wins}")
+        print(f"median rotation error by epoch {tag}: {trace}")
+        encoding = [h for h in r["history"] if h.get("grid_win_fraction") is not None]
+        wins = ", ".join(f"{h['epoch']}:{h['grid_win_fraction']:.3f}" for h in encoding)
+        print(f"share of particles won by the candidate grid, auto-encoding epochs {tag}: {wins}")
+        heads = ", ".join(f"{h['epoch']}:{h['head_usage_max']:.3f}" for h in encoding)
+        print(f"share won by the most used encoder head, auto-encoding epochs {tag}: {heads}")
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and the values that follow it."""
+    if option not in argv:
+        return argv
+    i = argv.index(option)
+    j = i + 1
+    while j < len(argv) and not (argv[j].startswith("--") or (argv[j].startswith("-") and not argv[j][1:2].isdigit())):
+        j += 1
+    return argv[:i] + argv[j:]
 
 
 if __name__ == "__main__":

@@ -14,10 +14,17 @@ import torch
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams, compute_ctf, ctf_at
 from cryocli.imaging.fourier import image_to_rfft
-from cryocli.imaging.projector import Projector, nyquist_mask
+from cryocli.imaging.projector import Projector
 from cryocli.imaging.shifts import shift_from_center
 from cryocli.io.mrc import read_map
 from tests.conftest import RELION_SET, need
+
+
+def _disc(n: int, r_max: float) -> torch.Tensor:
+    """Boolean ``(n, n // 2 + 1)``: half-transform pixels with ``|k| <= r_max`` Fourier pixels."""
+    ky = torch.fft.fftfreq(n, d=1.0 / n)
+    kx = torch.fft.rfftfreq(n, d=1.0 / n)
+    return (ky[:, None] ** 2 + kx[None, :] ** 2) <= r_max * r_max
 
 
 def relion_ctf_scalar(kx: float, ky: float, du: float, dv: float, angle_deg: float, kv: float, cs_mm: float,
@@ -107,7 +114,7 @@ def _ctf_error(clean_set, ctf: CTFParams) -> torch.Tensor:
     n = data.shape[-2]
     ratio = (data / pure).real
     amp = pure.abs()
-    usable = (amp > 1e-3 * amp.amax(dim=(1, 2), keepdim=True)) & nyquist_mask(n, 0.95 * n / 2)
+    usable = (amp > 1e-3 * amp.amax(dim=(1, 2), keepdim=True)) & _disc(n, 0.95 * n / 2)
     model = compute_ctf(ctf, n, apix, dtype=torch.float64)
     return torch.where(usable, (ratio - model).abs(), torch.zeros_like(model)).amax(dim=(1, 2))
 
@@ -134,7 +141,7 @@ def test_clean_image_correlation_drops_for_wrong_ctf(clean_set):
     """Fourier correlation (Nyquist/2 .. Nyquist) per image: exact CTF > 0.99999; wrong CTFs lose correlation."""
     pure, data, ctf, apix = clean_set
     n = data.shape[-2]
-    band = nyquist_mask(n, n / 2 - 0.5) & ~nyquist_mask(n, n / 4)
+    band = _disc(n, n / 2 - 0.5) & ~_disc(n, n / 4)
 
     def corr(c: CTFParams) -> torch.Tensor:
         a = (pure * compute_ctf(c, n, apix, dtype=torch.float64))[:, band]

@@ -422,23 +422,3 @@ def rotations_with_symmetry(rotations: Tensor, sym_ops: Tensor | None) -> Tensor
         return rotations
     ops = sym_ops.to(device=rotations.device, dtype=rotations.dtype)
     return (rotations[None] @ ops[:, None]).reshape(-1, 3, 3)
-
-
-def nyquist_mask(n: int, r_max: float | None = None, device: torch.device | str | None = None) -> Tensor:
-    """Boolean ``(n, n // 2 + 1)``: half-transform pixels with ``|k| <= r_max`` (default ``n // 2``) pixels.
-
-    Deprecated, kept only for ``tests/test_ctf.py``: use ``rfft_radius(n, dtype=torch.float64) <= r_max``.
-    """
-    r_max = default_r_max(n) if r_max is None else r_max
-    ky = torch.fft.fftfreq(n, d=1.0 / n, device=device)
-    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=device)
-    return (ky[:, None] ** 2 + kx[None, :] ** 2) <= r_max * r_max
-
-
-__all__ = [
-    "BackProjector", "Projector", "backproject_slices_ft", "default_r_max", "embed_spectrum",
-    "fourier_grid_size", "fourier_volume", "full_plane_pixels", "grid_radius", "gridding_correct",
-    "half_plane_pixels", "padded_box", "project_volume_ft", "rotations_with_symmetry",
-    "sample_grid", "sample_slices", "scatter_grid", "scatter_slices", "slice_coordinates",
-]
-

@@ -50,7 +50,8 @@ from cryocli.engines.particles import PreparedParticles, prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import ModelIteration, Reconstruction
-from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
+from cryocli.engines.common.kernel_backprojection import (BackProjectorLike, GaussianKernelBackProjector,
+                                                          kernel_gridding_correction)
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
 from cryocli.engines.refine.maps import (backproject_samples, fsc_to_ssnr, half_map_fsc, join_low_resolution,
@@ -270,10 +271,10 @@ class RelionRefineEngine:
         self.device = torch.device(device)
 
     # ------------------------------------------------------------------------------------------ M-step hooks
-    def new_backprojectors(self, n: int, cfg: RefineConfig) -> list[Any]:
+    def new_backprojectors(self, n: int, cfg: RefineConfig) -> list[BackProjectorLike]:
         """The trilinear backprojector (RELION's, whose unregularised halves give the gold-standard FSC),
         and the Gaussian-kernel one when ``--kernel gaussian`` makes the maps."""
-        bps: list[Any] = [BackProjector(n, device=self.device)]
+        bps: list[BackProjectorLike] = [BackProjector(n, device=self.device)]
         if cfg.kernel == "gaussian":
             bps.append(GaussianKernelBackProjector(n, device=self.device))
         return bps
@@ -511,7 +512,7 @@ class RelionRefineEngine:
         return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
 
     def _estep_batch(self, idx: Tensor, ctx: "RunContext", sigma2: Tensor, rot: Tensor, origins: Tensor,
-                     out: "EStepOutcome", searcher: PoseSearcher, sampling: Sampling, bps: list[Any],
+                     out: "EStepOutcome", searcher: PoseSearcher, sampling: Sampling, bps: list[BackProjectorLike],
                      r_max: int) -> None:
         """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
         the pixels the search compared)."""

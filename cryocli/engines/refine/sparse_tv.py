@@ -54,7 +54,7 @@ from cryocli.engines.common.kernel_backprojection import kernel_envelope
 from cryocli.engines.refine.maps import fsc_to_ssnr, map_reconstruct
 from cryocli.engines.refine.relion import MStepState, RefineConfig, RelionRefineEngine
 from cryocli.errors import OptionError
-from cryocli.imaging.fourier import radius_3d
+from cryocli.imaging.fourier import radius2_3d, radius_3d
 from cryocli.imaging.projector import grid_radius, padded_box
 
 #: Beta scales tried in a half's first M-step (multiples of rms(A^H b) eps'), the paper's range included.
@@ -136,8 +136,7 @@ def grid_to_padded(spectrum: Tensor, padded: int, radius: int) -> Tensor:
     src = (k + g // 2).clamp(0, g - 1)
     ok = (k + g // 2 >= 0) & (k + g // 2 < g)
     out = spectrum[src][:, src][:, :, src]
-    kk = k.to(torch.float64)
-    r2 = kk[:, None, None] ** 2 + kk[None, :, None] ** 2 + kk[None, None, :] ** 2
+    r2 = radius2_3d(padded, spectrum.device, torch.float64)
     keep = ok[:, None, None] & ok[None, :, None] & ok[None, None, :] & (r2 <= radius * radius)
     return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
 

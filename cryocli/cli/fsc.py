@@ -96,7 +96,8 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
     """Everything `cryocli fsc` does, returning the JSON summary; raises CryocliError on bad input."""
     import numpy as np
 
-    from cryocli.analysis.fsc import fsc_curve, fsc_star_text, shell_frequency, threshold_crossing
+    from cryocli.analysis.fsc import fsc_curve, shell_frequency, threshold_crossing
+    from cryocli.io.star import fsc_star_text
     from cryocli.io.paths import atomic_write_text
 
     for t in extra:

@@ -43,7 +43,7 @@ def test_bracketed_defaults_survive_rich_help_and_markup_stays_out_of_man_pages(
     result = CliRunner().invoke(app, ["refine", "--help"], env={"COLUMNS": "250", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
     assert "[default: 25]" in result.output
-    assert "[default: the global --seed]" in result.output
+    assert "[default: detect]" in result.output
     generate(tmp_path)
     page = (tmp_path / "man" / "cryocli-refine.1").read_text()
     assert "[default: 25]" in page and "[bold]" not in page and "\\[default" not in page

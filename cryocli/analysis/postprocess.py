@@ -25,13 +25,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.analysis.fsc import (GlibcRand, MaskedFsc, corrected_masked_fsc,
-                                  fsc_tensor, particle_fsc, relion_resolution_shell)
-from cryocli.io.star import format_star_list, format_star_loop, star_header
+from cryocli.analysis.fsc import (
+    GlibcRand,
+    MaskedFsc,
+    corrected_masked_fsc,
+    fsc_tensor,
+    particle_fsc,
+    relion_resolution_shell,
+)
 from cryocli.errors import CryocliError
-from cryocli.imaging.filters import (as_float64_tensor, bfactor_weights, lowpass_weights, map_spectrum,
-                                     spectrum_to_map)
+from cryocli.imaging.filters import as_float64_tensor, bfactor_weights, lowpass_weights, map_spectrum, spectrum_to_map
 from cryocli.imaging.fourier import rfftn_radius, rfftn_shells, shell_sum
+from cryocli.io.star import format_star_list, format_star_loop, star_header
 
 
 def fsc_weighting(fsc: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -40,53 +40,54 @@ def abinitio(
     method: str = typer.Option("cryospin", "--method", "-m", help="Reconstruction method (see above)."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory: map.mrc, particles.star, metrics.csv, "
                              "log.jsonl, checkpoint.pt, figures."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the particles "
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the particles "
                                          "[default: the method's, 20 for cryospin]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Particles per step [default: 64]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Main learning rate (cryospin: the decoder's, 0.05)."),
-    box: Optional[int] = typer.Option(None, "--box", min=8, help="Fourier-crop the particles to this box (pixels) "
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per step [default: 64]."),
+    lr: float | None = typer.Option(None, "--lr", help="Main learning rate (cryospin: the decoder's, 0.05)."),
+    box: int | None = typer.Option(None, "--box", min=8, help="Fourier-crop the particles to this box (pixels) "
                                       "on the fly; the map is written at that box and its pixel size."),
-    max_particles: Optional[int] = typer.Option(None, "--max-particles", min=1, help="Use only the first N particles."),
+    max_particles: int | None = typer.Option(None, "--max-particles", min=1, help="Use only the first N particles."),
     halves: bool = typer.Option(False, "--halves", help="Two independent runs on the rlnRandomSubset halves "
                                 "(drawn if absent), aligned to each other; writes half maps and the "
                                 "gold-standard FSC (fsc.star)."),
-    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="Known map: score each epoch by FSC "
+    ground_truth: Path | None = typer.Option(None, "--ground-truth", help="Known map: score each epoch by FSC "
                                                 "after alignment (and the poses against the STAR file's, when "
                                                 "it has any). A developer and benchmark aid."),
     score_every: int = typer.Option(1, "--score-every", min=1, help="With --ground-truth, align and score the "
                                     "map every N epochs (and at the last)."),
-    invert: Optional[bool] = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 (dark "
+    invert: bool | None = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 (dark "
                                           "protein) or keep them [default: detect from the mean image]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
                                 "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory (the old one stays until the new run succeeds)."),
-    datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
-    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="cryospin: pose heads of the encoder "
+    force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
+                               "(the old one stays until the new run succeeds)."),
+    datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    heads: int | None = typer.Option(None, "--heads", min=1, help="cryospin: pose heads of the encoder "
                                         "[default: 7; the paper uses 15 on real data]."),
-    switch_epoch: Optional[int] = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "
+    switch_epoch: int | None = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "
                                                "epoch before per-particle pose optimisation [default: 7]."),
     shifts: bool = typer.Option(False, "--shifts", help="cryospin: also estimate in-plane origins (the paper's "
                                 "real-data setting)."),
-    pose_lr: Optional[float] = typer.Option(None, "--pose-lr", help="cryospin: Adam learning rate of the "
+    pose_lr: float | None = typer.Option(None, "--pose-lr", help="cryospin: Adam learning rate of the "
                                             "per-particle axis-angle poses, radians [default: 0.05]."),
-    encoder_lr: Optional[float] = typer.Option(None, "--encoder-lr", help="cryospin: encoder learning rate "
+    encoder_lr: float | None = typer.Option(None, "--encoder-lr", help="cryospin: encoder learning rate "
                                                "[default: 1e-4 with the paper's encoder, 1e-3 with the slim one]."),
-    encoder_channels: Optional[str] = typer.Option(None, "--encoder-channels", help="cryospin: filters of the VGG "
+    encoder_channels: str | None = typer.Option(None, "--encoder-channels", help="cryospin: filters of the VGG "
                                                    "blocks, comma-separated [default: the paper's 64,128,256,512 on "
                                                    "CUDA at box >= 64 px; 16,32,64 on the CPU or smaller boxes]."),
-    pyramid: Optional[str] = typer.Option(None, "--pyramid", help="cryospin: Gaussian blurs (pixels) stacked with "
+    pyramid: str | None = typer.Option(None, "--pyramid", help="cryospin: Gaussian blurs (pixels) stacked with "
                                           "the image as encoder input, comma-separated, or none [default: 1,2,4]."),
-    grid_order: Optional[int] = typer.Option(None, "--grid-order", min=-1, help="cryospin: HEALPix order of the "
+    grid_order: int | None = typer.Option(None, "--grid-order", min=-1, help="cryospin: HEALPix order of the "
                                              "fixed candidate poses scored with the heads during auto-encoding "
                                              "(2: 4,608 poses, 15 deg); -1: the paper's heads alone [default: 2]."),
-    encode_resolution: Optional[float] = typer.Option(None, "--encode-resolution", help="cryospin: compare "
+    encode_resolution: float | None = typer.Option(None, "--encode-resolution", help="cryospin: compare "
                                                       "frequencies up to 1/this (A) during auto-encoding; 0: all "
                                                       "[default: 12]."),
-    decode_march_epochs: Optional[int] = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
+    decode_march_epochs: int | None = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
                                                       "auto-decoding epochs over which the compared band widens "
                                                       "to Nyquist [default: 6]."),
-    final_map: Optional[str] = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
+    final_map: str | None = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
                                             "reconstruct (direct Fourier reconstruction at the final poses) "
                                             "[default: decoder]."),
 ) -> None:

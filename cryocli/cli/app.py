@@ -21,7 +21,8 @@ import inspect
 import signal
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -197,7 +198,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     device: str = typer.Option("auto", "--device", help="Where engines run: auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed for everything that draws numbers (0 or more)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; errors only."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout instead of tables."),

@@ -12,10 +12,11 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -74,7 +75,7 @@ def err_console() -> Console:
     return Console(stderr=True, quiet=STATE.quiet or STATE.json, highlight=False)
 
 
-def fail(message: str, path: str | Path | None = None) -> "typer.Exit":
+def fail(message: str, path: str | Path | None = None) -> typer.Exit:
     """Print one error line and return the exit to raise (code 2)."""
     text = CryocliError(message, path).line()
     error_line(text)
@@ -267,8 +268,15 @@ def progress_bar(total: int, description: str, unit: str = "particles") -> Itera
 
     Silent under --quiet and --json (the callable still works, so library code needs no branches).
     """
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = err_console()
     if console.quiet:

@@ -13,8 +13,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryocli.cli.common import (STATE, check_writable_output, emit_json, err_console, guarded, out_console,
-                                resolve_device, set_interrupt_hint)
+from cryocli.cli.common import (
+    STATE,
+    check_writable_output,
+    emit_json,
+    err_console,
+    guarded,
+    out_console,
+    resolve_device,
+    set_interrupt_hint,
+)
 from cryocli.errors import CryocliError, OptionError
 
 

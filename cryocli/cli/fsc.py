@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from cryocli.cli.common import (STATE, check_finite_output, check_number, claim_outputs, emit_json, err_console,
-                                guarded, out_console, resolve_device)
+from cryocli.cli.common import (
+    STATE,
+    check_finite_output,
+    check_number,
+    claim_outputs,
+    emit_json,
+    err_console,
+    guarded,
+    out_console,
+    resolve_device,
+)
 from cryocli.errors import CryocliError
 
 DEFAULT_THRESHOLDS = (0.143, 0.5)
@@ -66,17 +75,17 @@ def _alignment_summary(al: Any) -> dict[str, Any]:
 def fsc(
     map1: Path = typer.Argument(..., help="Reference map (MRC)."),
     map2: Path = typer.Argument(..., help="Second map (MRC), same box as MAP1."),
-    mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask (MRC, values 0..1) applied to both maps."),
+    mask: Path | None = typer.Option(None, "--mask", "-m", help="Mask (MRC, values 0..1) applied to both maps."),
     align: bool = typer.Option(False, "--align", help="First align MAP2 onto MAP1: global rotation, translation and "
                                "hand-flip search, then local refinement."),
     no_flip: bool = typer.Option(False, "--no-flip", help="With --align, do not try the mirror image (hand flip)."),
-    thresholds: Optional[List[float]] = typer.Option(None, "--threshold", "-t", help="Extra FSC threshold to report "
+    thresholds: list[float] | None = typer.Option(None, "--threshold", "-t", help="Extra FSC threshold to report "
                                                      "(repeatable); 0.143 and 0.5 are always reported."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the FSC curve as a PNG (x: 1/A, top: A)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write RELION's data_fsc table (STAR)."),
-    aligned_out: Optional[Path] = typer.Option(None, "--aligned-map", help="With --align, write MAP2 aligned onto "
+    plot: Path | None = typer.Option(None, "--plot", help="Write the FSC curve as a PNG (x: 1/A, top: A)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write RELION's data_fsc table (STAR)."),
+    aligned_out: Path | None = typer.Option(None, "--aligned-map", help="With --align, write MAP2 aligned onto "
                                                "MAP1 (MRC)."),
-    angpix: Optional[float] = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
+    angpix: float | None = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Fourier shell correlation between two maps, in RELION's shells (1/A), with the resolution where it
@@ -97,8 +106,8 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
     import numpy as np
 
     from cryocli.analysis.fsc import fsc_curve, shell_frequency, threshold_crossing
-    from cryocli.io.star import fsc_star_text
     from cryocli.io.paths import atomic_write_text
+    from cryocli.io.star import fsc_star_text
 
     for t in extra:
         if not -1.0 < t < 1.0:

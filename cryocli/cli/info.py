@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -230,8 +231,8 @@ PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
 
 
 def info(
-    files: List[Path] = typer.Argument(..., help="STAR (.star) or MRC (.mrc, .mrcs, .map) files."),
-    datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    files: list[Path] = typer.Argument(..., help="STAR (.star) or MRC (.mrc, .mrcs, .map) files."),
+    datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (a list for several files)."),
 ) -> None:
     """What is in a file: particles, optics groups and columns of a STAR file; grid, voxel size and

@@ -6,13 +6,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from cryocli.cli.common import (STATE, check_finite_output, check_number, claim_outputs, emit_json, err_console, guarded,
-                                out_console, resolve_device)
+from cryocli.cli.common import (
+    STATE,
+    check_finite_output,
+    check_number,
+    claim_outputs,
+    emit_json,
+    err_console,
+    guarded,
+    out_console,
+    resolve_device,
+)
 from cryocli.cli.fsc import load_mask, load_pair
 from cryocli.errors import CryocliError
 
@@ -21,23 +30,23 @@ def postprocess(
     half1: Path = typer.Argument(..., help="First unfiltered half map (MRC)."),
     half2: Path = typer.Argument(..., help="Second unfiltered half map (MRC), same box and voxel size."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (created; must be empty unless --force)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Solvent mask (MRC, values 0..1)."),
+    mask: Path | None = typer.Option(None, "--mask", "-m", help="Solvent mask (MRC, values 0..1)."),
     auto_mask: bool = typer.Option(False, "--auto-mask", help="Make the mask from the average half map as "
                                    "relion_mask_create (low-pass, threshold, extend, soft edge); written as mask.mrc."),
-    ini_threshold: Optional[float] = typer.Option(None, "--ini-threshold", help="--auto-mask: density threshold in "
+    ini_threshold: float | None = typer.Option(None, "--ini-threshold", help="--auto-mask: density threshold in "
                                                   "map units (default: 10% of the low-passed average map's maximum)."),
     extend: float = typer.Option(3.0, "--extend", help="--auto-mask: extend the thresholded mask by this many voxels."),
     soft_edge: float = typer.Option(6.0, "--soft-edge", help="--auto-mask: raised-cosine edge width in voxels."),
     mask_lowpass: float = typer.Option(15.0, "--mask-lowpass", help="--auto-mask: low-pass (Angstrom) before "
                                        "thresholding; 0 for none."),
-    bfactor: Optional[float] = typer.Option(None, "--bfactor", help="B-factor in A^2 to apply (negative sharpens) "
+    bfactor: float | None = typer.Option(None, "--bfactor", help="B-factor in A^2 to apply (negative sharpens) "
                                             "instead of the automatic Guinier fit."),
     autob_lowres: float = typer.Option(10.0, "--autob-lowres", help="Lowest resolution (Angstrom) in the Guinier fit."),
     autob_highres: float = typer.Option(0.0, "--autob-highres", help="Highest resolution (Angstrom) in the Guinier "
                                         "fit; 0 fits to Nyquist, as RELION."),
-    mtf: Optional[Path] = typer.Option(None, "--mtf", help="Detector MTF (RELION STAR: rlnResolutionInversePixel, "
+    mtf: Path | None = typer.Option(None, "--mtf", help="Detector MTF (RELION STAR: rlnResolutionInversePixel, "
                                        "rlnMtfValue); the map is divided by it."),
-    mtf_angpix: Optional[float] = typer.Option(None, "--mtf-angpix", help="Pixel size (Angstrom) of the original "
+    mtf_angpix: float | None = typer.Option(None, "--mtf-angpix", help="Pixel size (Angstrom) of the original "
                                                "micrographs, for --mtf (default: the map's voxel size)."),
     low_pass: float = typer.Option(-1.0, "--low-pass", help="Low-pass filter resolution in Angstrom; negative "
                                    "(default): the final resolution; 0: no filter (RELION 5's default)."),
@@ -45,7 +54,7 @@ def postprocess(
                                            "where the unmasked FSC drops below this value."),
     force_mask: bool = typer.Option(False, "--force-mask", help="Use the mask even when the unmasked FSC reaches "
                                     "further than the corrected one."),
-    angpix: Optional[float] = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
+    angpix: float | None = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
     force: bool = typer.Option(False, "--force", help="Write into an existing, non-empty output folder."),
 ) -> None:
     """Postprocess two half maps as relion_postprocess: masked FSC corrected by phase randomisation,
@@ -74,7 +83,8 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
     """Everything `cryocli postprocess` does; returns the JSON summary. Files appear in ``out_dir`` only at the end."""
     import numpy as np
 
-    from cryocli.analysis.postprocess import postprocess as run, read_mtf
+    from cryocli.analysis.postprocess import postprocess as run
+    from cryocli.analysis.postprocess import read_mtf
 
     _check_values(ini_threshold, extend, soft_edge, mask_lowpass, bfactor, autob_lowres, autob_highres, mtf_angpix,
                   low_pass, angpix)
@@ -190,9 +200,9 @@ def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask
                    mask_name: str | None) -> None:
     """Build every file in a temporary folder next to ``out_dir``, then move them in."""
     from cryocli.analysis.fsc import shell_frequency
-    from cryocli.io.paths import atomic_write_text, default_file_mode
     from cryocli.analysis.postprocess import postprocess_star_text
     from cryocli.io.mrc import write_map
+    from cryocli.io.paths import atomic_write_text, default_file_mode
     from cryocli.plots import plot_fsc, plot_guinier
 
     parent = out_dir.resolve().parent

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
 
-from cryocli.cli.common import (check_datadir, check_finite_output, check_number, claim_outputs, emit_json, guarded,
-                                out_console, progress_bar, resolve_device)
+from cryocli.cli.common import (
+    check_datadir,
+    check_finite_output,
+    check_number,
+    claim_outputs,
+    emit_json,
+    guarded,
+    out_console,
+    progress_bar,
+    resolve_device,
+)
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
 from cryocli.errors import CryocliError
 
@@ -24,14 +32,14 @@ def reconstruct(
     out: Path = typer.Option(..., "-o", "--out", help="Output map (.mrc)."),
     ctf: bool = typer.Option(True, "--ctf/--no-ctf", help="Correct for the CTF (Wiener-like division by the summed "
                              "CTF^2, as relion_reconstruct --ctf)."),
-    subset: Optional[int] = typer.Option(None, "--subset", min=1, max=2, help="Only particles with this "
+    subset: int | None = typer.Option(None, "--subset", min=1, max=2, help="Only particles with this "
                                          "rlnRandomSubset (1 or 2)."),
     halves: bool = typer.Option(False, "--halves", help="Also reconstruct both half sets (OUT_half1.mrc, "
                                 "OUT_half2.mrc) and print their FSC. Half sets are made when rlnRandomSubset is absent."),
-    maxres: Optional[float] = typer.Option(None, "--maxres", help="Ignore frequencies beyond this "
+    maxres: float | None = typer.Option(None, "--maxres", help="Ignore frequencies beyond this "
                                            "resolution in Angstrom (positive)."),
     sym: str = typer.Option("C1", "--sym", help="Point group with RELION's axes: C1, Cn, Dn, T, O, I (= I2), I1-I4."),
-    datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Particles per batch on the device."),
     gridding_iterations: int = typer.Option(DEFAULT_GRIDDING_ITERATIONS, "--gridding-iterations", min=0,
                                             help="Iterations of RELION's density compensation (--use_gridding); 0 "
@@ -77,7 +85,7 @@ def reconstruct(
                 volumes = reconstruct_sets(stack, sets, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device,
                                            batch_size=batch_size, progress=advance,
                                            gridding_iterations=gridding_iterations, with_union=halves)
-            maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes)}
+            maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes, strict=False)}
             cause = f"the particles, poses and CTF parameters in {particles}" + (", --maxres" if maxres else "")
             for path, volume in maps.items():
                 check_finite_output(volume, f"the map {path}", cause)

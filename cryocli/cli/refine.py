@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -18,7 +18,7 @@ def refine(
     method: str = typer.Option("relion", "--method", "-m", help="relion or sparse-tv (see above)."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory: half1_unfil.mrc, half2_unfil.mrc, map.mrc, "
                              "particles.star, model.star, fsc.star, fsc.png, metrics.csv, log.jsonl, checkpoint.pt."),
-    max_iter: Optional[int] = typer.Option(None, "--max-iter", "--epochs", min=1, help="Most EM iterations before "
+    max_iter: int | None = typer.Option(None, "--max-iter", "--epochs", min=1, help="Most EM iterations before "
                                            "the final join [default: 25]."),
     ini_lowpass: float = typer.Option(40.0, "--ini-lowpass", help="Low-pass the reference to this resolution (A)."),
     tau2_fudge: float = typer.Option(1.0, "--tau2-fudge", help="RELION's regularisation fudge T (relion method)."),
@@ -27,34 +27,35 @@ def refine(
                                       "(2: 15 deg coarse, 7.5 deg after oversampling)."),
     offset_range: float = typer.Option(5.0, "--offset-range", help="Translational search range (pixels)."),
     offset_step: float = typer.Option(2.0, "--offset-step", help="Translational search step (pixels)."),
-    particle_diameter: Optional[float] = typer.Option(None, "--particle-diameter", help="Soft spherical mask "
+    particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Soft spherical mask "
                                                       "on the references (A) [default: 0.8 x box]."),
-    kernel: Optional[str] = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear or gaussian "
+    kernel: str | None = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear or gaussian "
                                          "[default: trilinear for relion, gaussian for sparse-tv]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Particles per E-step batch [64]."),
-    box: Optional[int] = typer.Option(None, "--box", min=8, help="Fourier-crop the particles (and reference) to "
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per E-step batch [64]."),
+    box: int | None = typer.Option(None, "--box", min=8, help="Fourier-crop the particles (and reference) to "
                                       "this box (pixels)."),
-    max_particles: Optional[int] = typer.Option(None, "--max-particles", min=2, help="Use only the first N particles."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="sparse-tv: density level of the molecule "
+    max_particles: int | None = typer.Option(None, "--max-particles", min=2, help="Use only the first N particles."),
+    eps: float | None = typer.Option(None, "--eps", help="sparse-tv: density level of the molecule "
                                         "[default: 99th percentile of the current map]."),
-    eps_prime: Optional[float] = typer.Option(None, "--eps-prime", help="sparse-tv: TV weight floor [eps/3]."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="sparse-tv: L1 weight [0.45 x rms|A^H D y| x eps]."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="sparse-tv: TV weight [chosen each iteration among "
+    eps_prime: float | None = typer.Option(None, "--eps-prime", help="sparse-tv: TV weight floor [eps/3]."),
+    alpha: float | None = typer.Option(None, "--alpha", help="sparse-tv: L1 weight [0.45 x rms|A^H D y| x eps]."),
+    beta: float | None = typer.Option(None, "--beta", help="sparse-tv: TV weight [chosen each iteration among "
                                          "multiples of rms|A^H D y| x eps' by the other half's held-out data]."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="sparse-tv: implicit-gradient weight "
+    gamma: float | None = typer.Option(None, "--gamma", help="sparse-tv: implicit-gradient weight "
                                           "[0.05 x mean N(n)]."),
-    tv_iters: Optional[int] = typer.Option(None, "--tv-iters", min=1, help="sparse-tv: proximal-gradient "
+    tv_iters: int | None = typer.Option(None, "--tv-iters", min=1, help="sparse-tv: proximal-gradient "
                                            "iterations per M-step [30]."),
-    tv_lr: Optional[float] = typer.Option(None, "--tv-lr", help="sparse-tv: step as a fraction of 1/Lipschitz [1]."),
-    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="Known map: score the final map by "
+    tv_lr: float | None = typer.Option(None, "--tv-lr", help="sparse-tv: step as a fraction of 1/Lipschitz [1]."),
+    ground_truth: Path | None = typer.Option(None, "--ground-truth", help="Known map: score the final map by "
                                                 "FSC after alignment (and poses against the STAR file's)."),
-    invert: Optional[bool] = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 "
+    invert: bool | None = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 "
                                           "[default: detect]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
                                 "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory (the old one stays until the new run succeeds)."),
-    datadir: Optional[Path] = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
+                               "(the old one stays until the new run succeeds)."),
+    datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
 ) -> None:
     """Gold-standard 3D refinement from an initial reference (the help text is built by _help)."""
     with guarded():

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from cryocli.cli.common import (STATE, check_number, claim_outputs, emit_json, guarded,
-                                out_console, parse_range, progress_bar, resolve_device)
+from cryocli.cli.common import (
+    STATE,
+    check_number,
+    claim_outputs,
+    emit_json,
+    guarded,
+    out_console,
+    parse_range,
+    progress_bar,
+    resolve_device,
+)
 from cryocli.errors import CryocliError
 
 
@@ -18,9 +26,9 @@ def simulate(
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (particles.star, Particles/, "
                              "ground_truth.mrc, simulate.json)."),
     n_particles: int = typer.Option(10000, "--n-particles", "-n", min=1, help="Number of particles."),
-    box: Optional[int] = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
+    box: int | None = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
                                       "--poses-from STAR file's]."),
-    apix: Optional[float] = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: 0.8, "
+    apix: float | None = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: 0.8, "
                                          "or the --poses-from STAR file's]."),
     snr: str = typer.Option("0.1", "--snr", help="Signal-to-noise ratio, linear (0.1), in decibels (-10dB) or "
                             "inf (no noise). SNR = variance of the clean CTF-modulated projection over the whole "
@@ -40,11 +48,11 @@ def simulate(
     views: str = typer.Option("uniform", "--views", help="uniform (Haar on SO(3)) or belt (tilt near 90 "
                               "degrees: the preferred-orientation case)."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="No CTF (and no CTF columns in the STAR file)."),
-    resolution: Optional[float] = typer.Option(None, "--resolution", help="Blur the atomic model's potential "
+    resolution: float | None = typer.Option(None, "--resolution", help="Blur the atomic model's potential "
                                                "to this resolution in Angstrom [default: 2 x apix]."),
     no_center: bool = typer.Option(False, "--no-center", help="Keep the model's coordinates instead of centring "
                                    "its centre of mass in the box."),
-    poses_from: Optional[Path] = typer.Option(None, "--poses-from", help="Take poses, shifts, CTF and optics "
+    poses_from: Path | None = typer.Option(None, "--poses-from", help="Take poses, shifts, CTF and optics "
                                               "from this STAR file instead of drawing them."),
     invert: bool = typer.Option(False, "--invert", help="Write dark protein (as on raw micrographs). By default "
                                 "images have relion_project's sign: protein bright at low frequency, as RELION "

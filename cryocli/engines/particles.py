@@ -25,8 +25,6 @@ from cryocli.imaging.fourier import fourier_crop_images, radius_2d, rfft_frequen
 from cryocli.io.dataset import ParticleStack
 
 
-
-
 @dataclass
 class PreparedParticles:
     """Particles ready for an engine.

@@ -96,11 +96,11 @@ class Engine(Protocol):
     summary: ClassVar[str]       # one line for ``--help``
     config_class: ClassVar[type[EngineConfig]]
 
-    def check_inputs(self, data: "ParticleStack", config: EngineConfig) -> None:
+    def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
         """Refuse, before any work, inputs beyond the particles that cannot start a run (e.g. a reference)."""
         ...
 
-    def run(self, data: "ParticleStack", config: EngineConfig, reporter: "Reporter") -> "Reconstruction": ...
+    def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction: ...
 
 
 _REGISTRY: dict[str, type] = {}

@@ -40,7 +40,7 @@ class ModelIteration:
                 for f in fields(self)}
 
     @staticmethod
-    def from_state(state: dict[str, Any]) -> "ModelIteration":
+    def from_state(state: dict[str, Any]) -> ModelIteration:
         return ModelIteration(**{k: np.asarray(v, dtype=np.float64) if k in _ARRAYS else v for k, v in state.items()})
 
 
@@ -112,7 +112,7 @@ class Reconstruction:
         return state
 
     @staticmethod
-    def from_state(state: dict[str, Any]) -> "Reconstruction":
+    def from_state(state: dict[str, Any]) -> Reconstruction:
         values = dict(state)
         values["model_history"] = [ModelIteration.from_state(m) for m in values.get("model_history", [])]
         if values.get("half_alignment") is not None:

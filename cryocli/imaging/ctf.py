@@ -40,17 +40,17 @@ class CTFParams:
     def __len__(self) -> int:
         return int(self.defocus_u.shape[0])
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "CTFParams":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> CTFParams:
         """The same parameters on another device (and optionally dtype)."""
         return replace(self, **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
 
-    def index(self, idx: Tensor | slice) -> "CTFParams":
+    def index(self, idx: Tensor | slice) -> CTFParams:
         """The parameters of a subset of particles."""
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     @staticmethod
     def build(defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast, phase_shift=0.0,
-              bfactor=0.0, scale=1.0, dtype: torch.dtype = torch.float64) -> "CTFParams":
+              bfactor=0.0, scale=1.0, dtype: torch.dtype = torch.float64) -> CTFParams:
         """Build from scalars or arrays, broadcasting every field to the number of particles."""
         values = dict(defocus_u=defocus_u, defocus_v=defocus_v, defocus_angle=defocus_angle, voltage=voltage,
                       cs=cs, amplitude_contrast=amplitude_contrast, phase_shift=phase_shift, bfactor=bfactor,

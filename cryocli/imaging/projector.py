@@ -400,7 +400,7 @@ class BackProjector:
         dims = (0, 1, 2)
         return data + torch.flip(data, dims).conj(), weight + torch.flip(weight, dims)
 
-    def merge(self, other: "BackProjector") -> None:
+    def merge(self, other: BackProjector) -> None:
         """Add another backprojector's accumulators (same grid), e.g. from another device."""
         if other.grid_size != self.grid_size:
             raise ValueError("backprojectors have different grids")

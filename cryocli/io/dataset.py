@@ -14,10 +14,11 @@ Units: pixel size and shifts in Angstrom, box in pixels, rotations are RELION ``
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -238,7 +239,7 @@ class ParticleStack:
         codes = self._file_code[idx]
         order = np.argsort(codes, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
-        for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+        for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=False):
             chosen = order[start:stop]
             code = int(codes[chosen[0]])
             block = stack_images(self._handle(code), self._local[idx[chosen]])
@@ -277,7 +278,7 @@ class ParticleStack:
         while self._handles:
             self._handles.popitem()[1].close()
 
-    def __enter__(self) -> "ParticleStack":
+    def __enter__(self) -> ParticleStack:
         return self
 
     def __exit__(self, *exc: object) -> None:

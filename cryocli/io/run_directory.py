@@ -77,7 +77,7 @@ class RunDirectory:
         check_writable_folder(self.path)
 
     # ----- life cycle --------------------------------------------------------------------------------
-    def open(self) -> "RunDirectory":
+    def open(self) -> RunDirectory:
         """Lock the directory, clear what a killed run left, and choose the folder the run works in."""
         self._stack.enter_context(output_lock(self.path, self.command))
         parent = self.path.parent

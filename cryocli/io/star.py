@@ -16,9 +16,10 @@ from __future__ import annotations
 import linecache
 import re
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,7 @@ class SourceStamp:
     size: int
 
     @staticmethod
-    def of(path: Path, block: str) -> "SourceStamp":
+    def of(path: Path, block: str) -> SourceStamp:
         """The stamp of ``path`` as it is now."""
         stat = path.stat()
         return SourceStamp(str(path), block, stat.st_mtime_ns, stat.st_size)
@@ -319,7 +320,7 @@ class ParticleTable:
 
     # ----- new tables ----------------------------------------------------------------------------------
     def with_poses(self, rot: Any, tilt: Any, psi: Any, origins_angstrom: Any,
-                   extra_columns: Mapping[str, Any] | None = None) -> "ParticleTable":
+                   extra_columns: Mapping[str, Any] | None = None) -> ParticleTable:
         """A copy with new poses in RELION 3.1 columns.
 
         ``rot``, ``tilt``, ``psi``: ``(N,)`` degrees; ``origins_angstrom``: ``(N, 2)`` ``[x, y]`` Angstrom.
@@ -345,7 +346,7 @@ class ParticleTable:
             particles[name] = values
         return replace(self, particles=particles)
 
-    def subset(self, mask_or_indices: Any) -> "ParticleTable":
+    def subset(self, mask_or_indices: Any) -> ParticleTable:
         """A copy with only the selected particles: a boolean mask ``(N,)`` or 0-based positions, in order."""
         selector = _as_numpy(mask_or_indices, None)
         if selector.dtype == bool:
@@ -724,7 +725,7 @@ def format_star_loop(name: str, columns: Mapping[str, Sequence[object] | np.ndar
     lines = [f"data_{name}", "", "loop_"]
     lines += [f"_{k} #{i + 1}" for i, k in enumerate(columns)]
     cols = [list(v) for v in columns.values()]
-    for row in zip(*cols):
+    for row in zip(*cols, strict=False):
         lines.append(" ".join(f"{_star_value(v):>12}" for v in row))
     return "\n".join(lines) + "\n\n"
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import linecache
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -422,7 +423,7 @@ def _optics_groups(table: Any) -> list[dict[str, Any]]:
     for key in keys:
         rows = merged[merged[group_col] == key] if group_col else merged
 
-        def first(col: str) -> Any:
+        def first(col: str, rows: Any = rows) -> Any:
             return _py(rows[col].iloc[0]) if col in rows.columns else None
 
         defocus = None

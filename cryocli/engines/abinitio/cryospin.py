@@ -56,12 +56,12 @@ import torch
 from torch import Tensor
 
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
+from cryocli.engines.common.encoders import MultiHeadPoseEncoder
+from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
 from cryocli.engines.particles import PreparedParticles, prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
-from cryocli.engines.common.encoders import MultiHeadPoseEncoder
-from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
 from cryocli.errors import CryocliError, OptionError
 from cryocli.geometry.rotations import axis_angle_to_matrix
 from cryocli.imaging.ctf import CTFParams, ctf_at
@@ -220,7 +220,7 @@ class CryoSpinState:
     """
 
     parts: PreparedParticles
-    model: "ImageModel"
+    model: ImageModel
     volume: HartleyVolume
     encoder: MultiHeadPoseEncoder
     vol_opt: torch.optim.Optimizer
@@ -230,7 +230,7 @@ class CryoSpinState:
     pose_adam: ParticleAdam
     shift_adam: ParticleAdam
     head_of: Tensor
-    grid: "CandidateGrid | None"
+    grid: CandidateGrid | None
     encoder_channels: tuple[int, ...]
 
     def checkpoint(self, epoch: int, encoding: bool) -> dict[str, Any]:
@@ -323,7 +323,7 @@ class CryoSpinEngine:
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
         """Nothing beyond the configuration and the particles to check before a cryospin run."""
 
-    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig) -> "CryoSpinState":
+    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig) -> CryoSpinState:
         """The random start: volume, encoder, optimisers, identity poses, zero origins."""
         dev, n, n_part = self.device, parts.box, len(parts)
         model = ImageModel(n, parts.pixel_size, dev)
@@ -347,7 +347,7 @@ class CryoSpinEngine:
             grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None, encoder_channels=channels)
 
     # ------------------------------------------------------------------------------------------- stages
-    def _encoding_epoch(self, st: "CryoSpinState", order: Tensor, cfg: CryoSpinConfig,
+    def _encoding_epoch(self, st: CryoSpinState, order: Tensor, cfg: CryoSpinConfig,
                         reporter: Reporter) -> dict[str, Any]:
         """Stage 1: one pass of encoder and decoder steps over the particles in ``order``."""
         parts, model, volume, encoder, grid = st.parts, st.model, st.volume, st.encoder, st.grid
@@ -388,7 +388,7 @@ class CryoSpinEngine:
         return {"loss": total / count, "head_usage_max": float(usage.max()), "grid_win_fraction": grid_wins / count}
 
     @torch.no_grad()
-    def _assign_best_candidates(self, st: "CryoSpinState", cfg: CryoSpinConfig) -> None:
+    def _assign_best_candidates(self, st: CryoSpinState, cfg: CryoSpinConfig) -> None:
         """Eq. 6: every particle takes its best candidate (heads, and the grid when on) under the current volume."""
         parts, model, volume, encoder, grid = st.parts, st.model, st.volume, st.encoder, st.grid
         poses, shifts, head_of = st.poses, st.shifts, st.head_of
@@ -409,7 +409,7 @@ class CryoSpinEngine:
                                                  shift, winner)
             poses[idx], shifts[idx], head_of[idx] = pose, shift, winner
 
-    def _decoding_epoch(self, st: "CryoSpinState", order: Tensor, cfg: CryoSpinConfig,
+    def _decoding_epoch(self, st: CryoSpinState, order: Tensor, cfg: CryoSpinConfig,
                         reporter: Reporter) -> dict[str, Any]:
         """Stage 2: per-particle pose (and origin) steps then decoder steps, over the particles in ``order``."""
         parts, model, volume, vol_opt = st.parts, st.model, st.volume, st.vol_opt

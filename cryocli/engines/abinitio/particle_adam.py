@@ -28,7 +28,7 @@ class ParticleAdam:
 
     @staticmethod
     def zeros(n: int, d: int, lr: float, device: torch.device | str | None = None,
-              dtype: torch.dtype = torch.float32) -> "ParticleAdam":
+              dtype: torch.dtype = torch.float32) -> ParticleAdam:
         return ParticleAdam(torch.zeros(n, d, device=device, dtype=dtype), torch.zeros(n, d, device=device, dtype=dtype),
                             torch.zeros(n, device=device, dtype=dtype), lr)
 
@@ -48,5 +48,5 @@ class ParticleAdam:
         return {"m": self.m, "v": self.v, "steps": self.steps, "lr": self.lr}
 
     @staticmethod
-    def from_state(state: dict, device: torch.device | str | None = None) -> "ParticleAdam":
+    def from_state(state: dict, device: torch.device | str | None = None) -> ParticleAdam:
         return ParticleAdam(state["m"].to(device), state["v"].to(device), state["steps"].to(device), float(state["lr"]))

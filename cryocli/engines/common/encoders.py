@@ -50,7 +50,7 @@ class VGGBackbone(nn.Module):
         n_blocks = max(1, min(len(channels), int(math.log2(max(n // FEATURE_SIDE, 1)))))
         layers: list[nn.Module] = []
         c_in = in_channels
-        for c_out, k in zip(channels[:n_blocks], convs[:n_blocks]):
+        for c_out, k in zip(channels[:n_blocks], convs[:n_blocks], strict=False):
             for _ in range(k):
                 layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
                 if batch_norm:

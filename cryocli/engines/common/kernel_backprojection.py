@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from cryocli.imaging.fourier import radius_3d
-from cryocli.imaging.projector import (default_r_max, fourier_grid_size, half_plane_pixels, padded_box,
-                                       slice_coordinates)
+from cryocli.imaging.projector import default_r_max, fourier_grid_size, half_plane_pixels, padded_box, slice_coordinates
 
 #: The paper's bandwidth (padded Fourier voxels^2 in ``exp(-d^2 / h)``).
 DEFAULT_BANDWIDTH = 2.0

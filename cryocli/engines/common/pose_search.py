@@ -69,7 +69,7 @@ class SearchPixels:
     n: int
 
     @staticmethod
-    def build(n: int, r_max: int, device: torch.device | str | None = None) -> "SearchPixels":
+    def build(n: int, r_max: int, device: torch.device | str | None = None) -> SearchPixels:
         pix, kx, ky = half_plane_pixels(n, r_max, skip_redundant=True, device=device, dtype=torch.float32)
         keep = (kx != 0) | (ky != 0)
         return SearchPixels(pix[keep], kx[keep], ky[keep], int(n))
@@ -90,7 +90,7 @@ class SearchPixels:
         phase = (-2.0 * math.pi / self.n) * (s[..., 0:1] * self.kx + s[..., 1:2] * self.ky)
         return torch.cos(phase), torch.sin(phase)
 
-    def subset(self, r_max: int) -> "SearchPixels":
+    def subset(self, r_max: int) -> SearchPixels:
         """The pixels with ``|k| <= r_max`` (a prefix-free selection, same order)."""
         keep = self.kx**2 + self.ky**2 <= r_max * r_max
         return SearchPixels(self.index[keep], self.kx[keep], self.ky[keep], self.n)

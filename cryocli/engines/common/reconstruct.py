@@ -41,8 +41,14 @@ from torch import Tensor
 
 from cryocli.imaging.ctf import CTFParams, compute_ctf
 from cryocli.imaging.fourier import centred_grid_3d, fft_to_volume, image_to_rfft, radius2_3d, radius_3d
-from cryocli.imaging.projector import (BackProjector, default_r_max, grid_radius, gridding_correct, padded_box,
-                                       rotations_with_symmetry)
+from cryocli.imaging.projector import (
+    BackProjector,
+    default_r_max,
+    grid_radius,
+    gridding_correct,
+    padded_box,
+    rotations_with_symmetry,
+)
 from cryocli.imaging.shifts import shift_to_center
 
 #: RELION 5's relion_reconstruct skips the iterative gridding unless ``--dont_skip_gridding`` is given

@@ -46,16 +46,26 @@ import torch
 from torch import Tensor
 
 from cryocli.analysis.fsc import threshold_crossing
+from cryocli.engines.common.kernel_backprojection import (
+    BackProjectorLike,
+    GaussianKernelBackProjector,
+    kernel_gridding_correction,
+)
+from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
+from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
 from cryocli.engines.particles import PreparedParticles, prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
+from cryocli.engines.refine.maps import (
+    backproject_samples,
+    fsc_to_ssnr,
+    half_map_fsc,
+    join_low_resolution,
+    map_reconstruct,
+    shell_tau2,
+    unregularised_map,
+)
 from cryocli.engines.result import ModelIteration, Reconstruction
-from cryocli.engines.common.kernel_backprojection import (BackProjectorLike, GaussianKernelBackProjector,
-                                                          kernel_gridding_correction)
-from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
-from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
-from cryocli.engines.refine.maps import (backproject_samples, fsc_to_ssnr, half_map_fsc, join_low_resolution,
-                                         map_reconstruct, shell_tau2, unregularised_map)
 from cryocli.errors import CryocliError, OptionError
 from cryocli.geometry.rotations import geodesic_distance
 from cryocli.geometry.so3grid import SO3Grid
@@ -378,7 +388,7 @@ class RelionRefineEngine:
             raise OptionError("epochs", cfg.epochs, "the resumed run has no iteration left to run; raise it")
         return self._finish(ctx, m_state, accumulators, refs, rot, origins, fsc, r_max, converged, history, reporter)
 
-    def _setup(self, data: ParticleStack, cfg: RefineConfig) -> "RunContext":
+    def _setup(self, data: ParticleStack, cfg: RefineConfig) -> RunContext:
         """Check the options and prepare what every iteration reads."""
         torch.manual_seed(cfg.seed)
         dev = self.device
@@ -402,8 +412,8 @@ class RelionRefineEngine:
             generator=torch.Generator().manual_seed(cfg.seed),
             stats={k: torch.zeros(len(parts), device=dev) for k in ("max_prob", "n_sig", "loglik")})
 
-    def _e_step(self, ctx: "RunContext", refs: list[Tensor], rot: Tensor, origins: Tensor, sigma2: Tensor,
-                sampling: Sampling, r_max: int, first: bool) -> "EStepOutcome":
+    def _e_step(self, ctx: RunContext, refs: list[Tensor], rot: Tensor, origins: Tensor, sigma2: Tensor,
+                sampling: Sampling, r_max: int, first: bool) -> EStepOutcome:
         """Both halves against their own references: new poses, accumulators, noise, accuracy estimate."""
         cfg, n, apix = ctx.cfg, ctx.n, ctx.apix
         r_coarse = coarse_radius(n, apix, math.degrees(ctx.grid.cell_size(sampling.level)), ctx.diameter, r_max)
@@ -435,7 +445,7 @@ class RelionRefineEngine:
         fsc[r_max + 1:] = 0.0
         return fsc
 
-    def _finish(self, ctx: "RunContext", m_state: MStepState, accumulators: list[tuple[Tensor, Tensor]],
+    def _finish(self, ctx: RunContext, m_state: MStepState, accumulators: list[tuple[Tensor, Tensor]],
                 refs: list[Tensor], rot: Tensor, origins: Tensor, fsc: np.ndarray, r_max: int, converged: bool,
                 history: list[ModelIteration], reporter: Reporter) -> Reconstruction:
         """The joined map from both halves' accumulators, and the result."""
@@ -503,7 +513,7 @@ class RelionRefineEngine:
     def _fine_step(grid: SO3Grid, level: int) -> float:
         return math.degrees(grid.psi_step(level + 1))
 
-    def _batch_inputs(self, idx: Tensor, ctx: "RunContext", sigma2: Tensor,
+    def _batch_inputs(self, idx: Tensor, ctx: RunContext, sigma2: Tensor,
                       origins: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Centred half transforms, CTFs and noise variances ``(B, n, n // 2 + 1)`` and optics groups ``(B,)``."""
         images, ctf = ctx.spectra.get(idx)
@@ -511,8 +521,8 @@ class RelionRefineEngine:
         g = ctx.groups[idx.cpu()].to(self.device)
         return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
 
-    def _estep_batch(self, idx: Tensor, ctx: "RunContext", sigma2: Tensor, rot: Tensor, origins: Tensor,
-                     out: "EStepOutcome", searcher: PoseSearcher, sampling: Sampling, bps: list[BackProjectorLike],
+    def _estep_batch(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, rot: Tensor, origins: Tensor,
+                     out: EStepOutcome, searcher: PoseSearcher, sampling: Sampling, bps: list[BackProjectorLike],
                      r_max: int) -> None:
         """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
         the pixels the search compared)."""
@@ -533,7 +543,7 @@ class RelionRefineEngine:
         shells = torch.floor(torch.sqrt(px.kx**2 + px.ky**2) + 0.5).long()
         out.noise.add_pixels(resid.abs() ** 2, shells, g)
 
-    def _accuracy(self, searcher: PoseSearcher, ctx: "RunContext", idx: Tensor, sigma2: Tensor,
+    def _accuracy(self, searcher: PoseSearcher, ctx: RunContext, idx: Tensor, sigma2: Tensor,
                   rot: Tensor) -> tuple[float, float]:
         """RELION's expected angular (degrees) and translational (pixels) accuracy on particles ``idx``."""
         _, ctf = ctx.spectra.get(idx)

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine
 from cryocli.engines.common.kernel_backprojection import kernel_envelope
+from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine
 from cryocli.engines.refine.maps import fsc_to_ssnr, map_reconstruct
 from cryocli.engines.refine.relion import MStepState, RefineConfig, RelionRefineEngine
 from cryocli.errors import OptionError

@@ -55,7 +55,7 @@ def _angstrom_axis(ax: plt.Axes) -> None:
     top.set_xlabel("resolution (Å)")
 
 
-def plot_fsc(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+def plot_fsc(path: str | Path, curves: Mapping[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
              thresholds: Sequence[float] = (0.143, 0.5), title: str = "",
              resolutions: Mapping[str, float] | None = None) -> None:
     """FSC curves ``{label: (frequency in 1/A, fsc)}`` with dashed threshold lines, to a PNG at ``path``.
@@ -65,8 +65,8 @@ def plot_fsc(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Seque
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
     fmax = 0.0
-    for label, (freq, fsc) in curves.items():
-        freq = np.asarray(freq, dtype=float)
+    for label, (freq_values, fsc) in curves.items():
+        freq = np.asarray(freq_values, dtype=float)
         ax.plot(freq, np.asarray(fsc, dtype=float), label=label, lw=1.6)
         fmax = max(fmax, float(freq.max()) if freq.size else 0.0)
     for t in thresholds:
@@ -88,7 +88,8 @@ def plot_fsc(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Seque
     _save(fig, path)
 
 
-def plot_guinier(path: str | Path, res_squared: Sequence[float], curves: Mapping[str, Sequence[float]],
+def plot_guinier(path: str | Path, res_squared: Sequence[float] | np.ndarray,
+                 curves: Mapping[str, Sequence[float] | np.ndarray],
                  fit: tuple[float, float] | None = None, fit_range: tuple[float, float] | None = None,
                  title: str = "Guinier plot") -> None:
     """ln(amplitude) against 1/d^2 (1/A^2) for each curve; RELION's ``-99`` markers are skipped.
@@ -97,8 +98,8 @@ def plot_guinier(path: str | Path, res_squared: Sequence[float], curves: Mapping
     """
     x = np.asarray(res_squared, dtype=float)
     fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
-    for label, y in curves.items():
-        y = np.asarray(y, dtype=float)
+    for label, y_values in curves.items():
+        y = np.asarray(y_values, dtype=float)
         ok = y > -99
         ax.plot(x[ok], y[ok], label=label, lw=1.4, marker=".", ms=3)
     if fit is not None:

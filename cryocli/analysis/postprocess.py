@@ -18,6 +18,7 @@ RELION's shells (``floor(|k| + 0.5)``) and RELION's continuous radius where it u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,9 +316,11 @@ def postprocess_star_text(result: PostprocessResult, half1_name: str, half2_name
 
     shells = np.arange(n // 2 + 1)
     res_a = np.where(shells > 0, n * apix / np.maximum(shells, 1), 999.0)
-    fsc: dict[str, object] = {"rlnSpectralIndex": shells, "rlnResolution": 1.0 / res_a,
+    fsc: dict[str, Sequence[object] | np.ndarray] = {"rlnSpectralIndex": shells, "rlnResolution": 1.0 / res_a,
                               "rlnAngstromResolution": res_a}
     if result.fsc_masked is not None:
+        # Set together with fsc_masked: all three come from the mask (see postprocess()).
+        assert result.fsc_particle_fraction is not None and result.fsc_random_masked is not None
         fsc["rlnFourierShellCorrelationCorrected"] = result.fsc_corrected
         fsc["rlnFourierShellCorrelationParticleMaskFraction"] = result.fsc_particle_fraction
         fsc["rlnFourierShellCorrelationUnmaskedMaps"] = result.fsc_unmasked
@@ -326,7 +329,7 @@ def postprocess_star_text(result: PostprocessResult, half1_name: str, half2_name
     else:
         fsc["rlnFourierShellCorrelationUnmaskedMaps"] = result.fsc_corrected
 
-    guinier: dict[str, object] = {"rlnResolutionSquared": result.guinier_x,
+    guinier: dict[str, Sequence[object] | np.ndarray] = {"rlnResolutionSquared": result.guinier_x,
                                   "rlnLogAmplitudesOriginal": result.guinier_original}
     if result.guinier_mtf is not None:
         guinier["rlnLogAmplitudesMTFCorrected"] = result.guinier_mtf

@@ -220,6 +220,7 @@ def _escape_parameter_help(typer_app: typer.Typer) -> None:
     """Escape square brackets in the options' help: rich would take ``[default: 25]`` for a markup tag
     and drop it. The commands' own help keeps its markup (``[bold]``)."""
     for info in typer_app.registered_commands:
+        assert info.callback is not None  # every command is registered through app.command(...)(function)
         for parameter in inspect.signature(info.callback).parameters.values():
             default = parameter.default
             if isinstance(default, typer.models.ParameterInfo) and default.help and "\\[" not in default.help:

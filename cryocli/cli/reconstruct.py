@@ -73,10 +73,15 @@ def reconstruct(
                 if stack.random_subset is None:
                     stack.ensure_half_sets(seed=0)
             subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
-            selected = np.arange(len(stack)) if subset is None else np.nonzero(subsets == subset)[0]
+            if subset is None:
+                selected = np.arange(len(stack))
+            else:
+                assert subsets is not None  # ensure_half_sets above wrote rlnRandomSubset
+                selected = np.nonzero(subsets == subset)[0]
             if selected.size == 0:
                 raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
             if halves:
+                assert subsets is not None  # ensure_half_sets above wrote rlnRandomSubset
                 h1, h2 = half_map_paths(out)
                 sets, paths = [np.nonzero(subsets == 1)[0], np.nonzero(subsets == 2)[0]], [h1, h2, out]
             else:

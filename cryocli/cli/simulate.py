@@ -120,6 +120,7 @@ def _simulate(model: Path, out: Path, device, n_particles: int, box: int | None,
     if poses_from is not None:
         geometry = geometry_from_star(poses_from, use_ctf=not no_ctf)
         source = geometry.source
+        assert source is not None  # geometry_from_star always records the table it read
         if box is None:
             box = int(source.box_size) if source.box_size else None
             if box is None:

@@ -73,6 +73,7 @@ def man_page(command, name: str, parent: str | None = None) -> str:
 def generate(out: Path) -> list[Path]:
     """Write every man page and completion script under ``out``; returns the files written."""
     root = typer.main.get_command(app)
+    assert isinstance(root, typer.core.TyperGroup)  # the app has a callback and several commands: a group
     written: list[Path] = []
     (out / "man").mkdir(parents=True, exist_ok=True)
     (out / "completions").mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,9 @@ def run_engine(engine: Engine, data: ParticleStack, config: EngineConfig, report
     assert first.particle_rows is not None and second.particle_rows is not None
     alignment = align_maps(first.volume, second.volume, first.voxel_size, device=first.volume.device)
     aligned = torch.as_tensor(alignment.aligned_map)
-    rot2, origins2 = poses_to_reference(second.rotations, second.origins_angstrom, alignment)
-    rot2 = torch.as_tensor(np.asarray(rot2), dtype=first.rotations.dtype)
-    origins2 = torch.as_tensor(np.asarray(origins2), dtype=first.origins_angstrom.dtype)
+    rot2_ref, origins2_ref = poses_to_reference(second.rotations, second.origins_angstrom, alignment)
+    rot2 = torch.as_tensor(np.asarray(rot2_ref), dtype=first.rotations.dtype)
+    origins2 = torch.as_tensor(np.asarray(origins2_ref), dtype=first.origins_angstrom.dtype)
     rows_both = np.concatenate([first.particle_rows, second.particle_rows])
     order = np.argsort(rows_both, kind="stable")
     fsc = fsc_curve(first.volume, aligned)

@@ -18,7 +18,15 @@ from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor
 
 from cryocli.analysis.ground_truth import GroundTruth
@@ -62,7 +70,7 @@ class Reporter:
         self.rows: np.ndarray = np.zeros(0, dtype=np.int64)
         self.last_truth_scores: dict[str, Any] | None = None
         self._progress: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
         self._t0 = time.perf_counter()
         self.checkpointed = resume
         self._checkpoint: dict[str, Any] = {"version": CHECKPOINT_VERSION, "meta": self.meta, "runs": {},

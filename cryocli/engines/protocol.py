@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from cryocli.errors import CryocliError, OptionError
 
@@ -103,10 +103,11 @@ class Engine(Protocol):
     def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction: ...
 
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[Engine]] = {}
+_EngineType = TypeVar("_EngineType", bound=Engine)
 
 
-def register_engine(cls: type) -> type:
+def register_engine(cls: type[_EngineType]) -> type[_EngineType]:
     """Class decorator: make an engine available by its ``name``."""
     _REGISTRY[cls.name] = cls
     return cls

@@ -41,7 +41,8 @@ class ModelIteration:
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> ModelIteration:
-        return ModelIteration(**{k: np.asarray(v, dtype=np.float64) if k in _ARRAYS else v for k, v in state.items()})
+        values: dict[str, Any] = {k: np.asarray(v, dtype=np.float64) if k in _ARRAYS else v for k, v in state.items()}
+        return ModelIteration(**values)
 
 
 _ARRAYS = ("fsc", "ssnr", "tau2", "sigma2")

@@ -40,7 +40,8 @@ def rfft_frequencies(n: int, device: torch.device | str | None = None,
     """Frequencies of the half-transform grid in cycles per pixel: ``(ky, kx)``, each ``(n, n // 2 + 1)``."""
     ky = torch.fft.fftfreq(n, device=device, dtype=dtype)
     kx = torch.fft.rfftfreq(n, device=device, dtype=dtype)
-    return torch.meshgrid(ky, kx, indexing="ij")
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    return gy, gx
 
 
 def rfft_radius(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -56,7 +57,8 @@ def centred_grid_2d(n: int, device: torch.device | str | None = None,
     Also the centred (fftshifted) Fourier-pixel coordinates ``(ky, kx)`` of a full 2D transform.
     """
     r = torch.arange(n, device=device, dtype=dtype) - n // 2
-    return torch.meshgrid(r, r, indexing="ij")
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    return y, x
 
 
 def radius_2d(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -69,7 +71,8 @@ def centred_grid_3d(n: int, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Integer coordinates ``(z, y, x)`` relative to the centre voxel ``n // 2``, each ``(n, n, n)``."""
     r = torch.arange(n, device=device, dtype=dtype) - n // 2
-    return torch.meshgrid(r, r, r, indexing="ij")
+    z, y, x = torch.meshgrid(r, r, r, indexing="ij")
+    return z, y, x
 
 
 def radius2_3d(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -101,8 +101,8 @@ def draw_views(n: int, views: str, rng: np.random.Generator) -> np.ndarray:
         rot, tilt, psi = matrix_to_euler(random_rotations(n, generator=gen, dtype=torch.float64))
         return torch.stack([rot, tilt, psi], -1).numpy()
     if views == "belt":
-        tilt = np.clip(rng.normal(90.0, 10.0, n), 0.0, 180.0)
-        return np.stack([rng.uniform(-180, 180, n), tilt, rng.uniform(-180, 180, n)], -1)
+        belt_tilt = np.clip(rng.normal(90.0, 10.0, n), 0.0, 180.0)
+        return np.stack([rng.uniform(-180, 180, n), belt_tilt, rng.uniform(-180, 180, n)], -1)
     raise CryocliError(f"--views {views}: expected uniform or belt")
 
 

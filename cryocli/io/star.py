@@ -494,8 +494,8 @@ def _as_frame(block: Any) -> pd.DataFrame | None:
 def _find_particle_block(blocks: Mapping[str, Any], path: Path) -> tuple[str, pd.DataFrame]:
     """The particle loop: ``data_particles``, else the first loop with ``rlnImageName``, else the first
     loop with any particle column. Key-value blocks count as one-row loops."""
-    tables = {name: _as_frame(block) for name, block in blocks.items() if name != "optics"}
-    tables = {name: frame for name, frame in tables.items() if frame is not None}
+    frames = {name: _as_frame(block) for name, block in blocks.items() if name != "optics"}
+    tables = {name: frame for name, frame in frames.items() if frame is not None}
     if "particles" in tables:
         return "particles", tables["particles"]
     for name, table in tables.items():
@@ -659,7 +659,7 @@ def _format_block(name: str, frame: pd.DataFrame, source: pd.DataFrame | None, p
         return "".join(header) + "\n"
     usable = source is not None and frame.index.is_unique and frame.index.isin(source.index).all()
     texts = [_format_column(frame[column], source[column].reindex(frame.index)
-                            if usable and column in source.columns else None, f"data_{name}", path)
+                            if usable and source is not None and column in source.columns else None, f"data_{name}", path)
              for column in frame.columns]
     rows = texts[0].str.cat(texts[1:], sep=" ") if len(texts) > 1 else texts[0]
     return "".join(header) + "\n".join(rows.tolist()) + "\n"

@@ -31,6 +31,8 @@ class HartleyVolume(nn.Module):
     random start); voxels beyond the kept radius are fixed at zero.
     """
 
+    support: Tensor  # a buffer, registered in __init__
+
     def __init__(self, n: int, radial_amplitude: Tensor, mantissa_std: float = 1.0,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()

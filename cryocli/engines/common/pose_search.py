@@ -250,6 +250,7 @@ class SliceCache:
             self._re = torch.empty((self.capacity, m), dtype=torch.float32, device=dev)
             self._im = torch.empty((self.capacity, m), dtype=torch.float32, device=dev)
             self._rot = torch.empty((self.capacity, 3, 3), dtype=torch.float32, device=dev)
+        assert self._im is not None and self._rot is not None  # allocated together with self._re
         if missing.numel():
             rows = torch.arange(self._used, self._used + missing.numel(), device=missing.device)
             self._re[rows], self._im[rows], self._rot[rows] = self._project(missing)
@@ -387,6 +388,7 @@ class PoseSearcher:
         if ids is not None:
             loglik = loglik + torch.where(valid, log_prior, torch.full_like(log_prior, -math.inf))[:, :, None]
         flat = loglik.reshape(b, -1)
+        log_norm: float | Tensor
         if ids is None:
             log_norm = math.log(re.shape[0] * n_t)
         else:

@@ -474,6 +474,8 @@ class RelionRefineEngine:
 
     def _reference_map(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
         """The reference as given ``(m, m, m)`` (CPU), checked against particles of box ``n`` at ``apix`` A."""
+        if cfg.ref is None:  # validate() refuses this already; the same error for a config it did not see
+            raise OptionError("ref", None, "a reference map is required")
         ref_map = read_map(cfg.ref)
         vol = torch.as_tensor(np.array(ref_map.data, dtype=np.float32))
         side_ref, side_data = vol.shape[-1] * ref_map.voxel_size, n * apix

@@ -221,3 +221,26 @@ def test_interrupt_says_what_was_kept(sim, tmp_path, monkeypatch):
     monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", original)
     r = _abinitio(sim, out, "--resume")
     assert r.exit_code == 0, r.output
+
+
+def test_reference_and_ground_truth_mismatches_are_refused_before_any_work(sim, tmp_path):
+    from cryocli.io.mrc import read_map, write_map
+
+    truth = read_map(sim / "ground_truth.mrc")
+    wrong_pixel = tmp_path / "wrong_pixel.mrc"
+    write_map(wrong_pixel, np.asarray(truth.data), 2.0)  # 24 px at 2 A: half the particles' 96 A
+    nan_map = tmp_path / "nan.mrc"
+    data = np.array(truth.data, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    write_map(nan_map, data, 4.0)
+    star = str(sim / "particles.star")
+    cases = [(["refine", star, "--ref", str(wrong_pixel)], "covers 48.0 A"),
+             (["refine", star, "--ref", str(nan_map)], "NaN"),
+             (["abinitio", star, "--ground-truth", str(wrong_pixel)], "ground truth covers 48.0 A"),
+             (["refine", star, "--ref", str(sim / "ground_truth.mrc"), "--ground-truth", str(wrong_pixel)],
+              "ground truth covers")]
+    for i, (args, expected) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        r = runner.invoke(app, [*args, "-o", str(out)])
+        assert r.exit_code == 2 and expected in r.output, (args, r.output)
+        assert not out.exists()

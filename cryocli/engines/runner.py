@@ -114,7 +114,7 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         result = run_engine(engine, stack, config, reporter, halves=request.halves)
         reporter.close()
         scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
-        files = run_dir.write_result(result, table, request.command, scores, datadir=request.datadir)
+        files = run_dir.write_result(result, table, request.command, scores)
         summary = run_summary(engine.name, request, result, scores, truth, time.perf_counter() - t0)
         reporter.event("finish", **summary)
         run_dir.commit()

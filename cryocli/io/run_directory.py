@@ -166,7 +166,7 @@ class RunDirectory:
 
     # ----- results -----------------------------------------------------------------------------------
     def write_result(self, result: Reconstruction, table: Any, command: str,
-                     truth_scores: dict[str, Any] | None = None, datadir: Path | None = None) -> dict[str, str]:
+                     truth_scores: dict[str, Any] | None = None) -> dict[str, str]:
         """Write the maps, ``particles.star`` (the particles the run used, input columns kept, poses, origins and
         the method's columns), ``model.star`` (refinement), ``fsc.star`` (half maps) and ``fsc.png``.
 

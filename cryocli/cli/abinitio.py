@@ -57,6 +57,9 @@ def abinitio(
                                     "map every N epochs (and at the last)."),
     invert: bool | None = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 (dark "
                                           "protein) or keep them [default: detect from the mean image]."),
+    particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Diameter of the soft "
+                                                   "solvent mask of the map written for viewing, in A [default: 0.8 x "
+                                                   "box]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
                                 "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -95,7 +98,8 @@ def abinitio(
     with guarded():
         options: dict[str, Any] = {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "box": box, "max_particles": max_particles,
-            "invert": invert, "use_ctf": False if no_ctf else None, "heads": heads, "switch_epoch": switch_epoch,
+            "invert": invert, "use_ctf": False if no_ctf else None, "particle_diameter": particle_diameter,
+            "heads": heads, "switch_epoch": switch_epoch,
             "shifts": shifts or None, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,

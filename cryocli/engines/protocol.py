@@ -36,6 +36,7 @@ class EngineConfig:
     max_particles: use only the first N particles. invert: ``True`` multiplies the images by -1 (dark
     protein data), ``False`` keeps them, ``None`` detects the sign. seed: every random draw (>= 0).
     use_ctf: correct for the CTF of each particle (``False`` only for data without a CTF).
+    particle_diameter: Angstrom, for masks (``None``: 0.8 x the box).
     """
 
     epochs: int = 20
@@ -46,6 +47,7 @@ class EngineConfig:
     invert: bool | None = None
     seed: int = 0
     use_ctf: bool = True
+    particle_diameter: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The configuration as plain values (for logs and checkpoints)."""
@@ -64,6 +66,8 @@ class EngineConfig:
                 raise OptionError("box", self.box, "the box must be even")
         if self.max_particles is not None:
             at_least(self, "max_particles", 2)
+        if self.particle_diameter is not None:
+            positive(self, "particle_diameter")
 
 
 def positive(config: Any, name: str) -> None:

@@ -57,6 +57,31 @@ class HalfAlignment:
     flipped: bool
 
 
+GOLD_STANDARD = "gold-standard FSC of independent half runs"
+SHARED_POSES = "FSC of half-set reconstructions at shared poses (not independent: over-estimates)"
+
+
+@dataclass
+class MapFilter:
+    """How the viewing map (``map.mrc``) was made from the fitted volume (``map_unfil.mrc``).
+
+    fsc_kind: which FSC weighted it (:data:`GOLD_STANDARD` or :data:`SHARED_POSES`). resolution_A: that FSC's
+    0.143 crossing, the low-pass (Angstrom). mask_diameter_A: diameter of the soft solvent mask (Angstrom).
+    fsc: the FSC used ``(n // 2 + 1,)``.
+    """
+
+    fsc_kind: str
+    resolution_A: float
+    mask_diameter_A: float
+    fsc: np.ndarray
+
+    def labels(self) -> list[str]:
+        """MRC header labels (at most 80 characters each) describing the filter."""
+        kind = "gold-standard FSC" if self.fsc_kind == GOLD_STANDARD else "shared-pose half-set FSC"
+        return [f"FSC-weighted, low-pass {self.resolution_A:.2f} A ({kind})"[:80],
+                f"solvent-flattened outside a {self.mask_diameter_A:.0f} A sphere; unfiltered: map_unfil.mrc"[:80]]
+
+
 @dataclass
 class Reconstruction:
     """What an engine returns.
@@ -76,7 +101,8 @@ class Reconstruction:
     converged: whether the method's own convergence criterion was met (``None``: it has none).
     inverted: whether the images were multiplied by -1. half_alignment: how the second half run was aligned
     onto the first (ab initio ``--halves``). method_summary: method-specific figures for the run summary,
-    printed and logged as they are (never read by the writer or the command line).
+    printed and logged as they are (never read by the writer or the command line). unfiltered_volume: the
+    fitted volume when ``volume`` is a filtered viewing map (ab initio), described by ``map_filter``.
     """
 
     volume: Tensor
@@ -95,6 +121,8 @@ class Reconstruction:
     inverted: bool = False
     half_alignment: HalfAlignment | None = None
     method_summary: dict[str, Any] = field(default_factory=dict)
+    unfiltered_volume: Tensor | None = None
+    map_filter: MapFilter | None = None
 
     @property
     def box(self) -> int:
@@ -110,6 +138,7 @@ class Reconstruction:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["model_history"] = [m.as_state() for m in self.model_history]
         state["half_alignment"] = None if self.half_alignment is None else vars(self.half_alignment).copy()
+        state["map_filter"] = None if self.map_filter is None else vars(self.map_filter).copy()
         return state
 
     @staticmethod
@@ -118,4 +147,6 @@ class Reconstruction:
         values["model_history"] = [ModelIteration.from_state(m) for m in values.get("model_history", [])]
         if values.get("half_alignment") is not None:
             values["half_alignment"] = HalfAlignment(**values["half_alignment"])
+        if values.get("map_filter") is not None:
+            values["map_filter"] = MapFilter(**values["map_filter"])
         return Reconstruction(**values)

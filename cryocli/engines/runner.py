@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from cryocli.analysis.ground_truth import GroundTruth
+from cryocli.engines.display_map import with_viewing_map
 from cryocli.engines.halves import run_engine, select_rows
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import Engine, EngineConfig
@@ -113,6 +114,9 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         t0 = time.perf_counter()
         result = run_engine(engine, stack, config, reporter, halves=request.halves)
         reporter.close()
+        if engine.kind == "abinitio":
+            result = with_viewing_map(result, table, stack, config.particle_diameter, config.use_ctf, config.seed,
+                                      device)
         scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
         files = run_dir.write_result(result, table, request.command, scores)
         summary = run_summary(engine.name, request, result, scores, truth, time.perf_counter() - t0)
@@ -147,6 +151,9 @@ def run_summary(method: str, request: RunRequest, result: Reconstruction, scores
         s["halfmaps_resolution_A"] = result.halfmaps_resolution_A
     if result.gold_standard_fsc is not None:
         s["fsc"] = np.asarray(result.gold_standard_fsc).round(4).tolist()
+    if result.map_filter is not None:
+        s["map_filter"] = {"fsc": result.map_filter.fsc_kind, "lowpass_A": result.map_filter.resolution_A,
+                           "mask_diameter_A": result.map_filter.mask_diameter_A}
     if result.half_alignment is not None:
         s["half_alignment_score"] = result.half_alignment.score
         s["half_alignment_flipped"] = result.half_alignment.flipped

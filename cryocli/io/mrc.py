@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def _label(command: str) -> str:
     return " ".join(f"cryocli {command}".split())[:80]
 
 
-def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, is_stack: bool) -> None:
+def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, is_stack: bool,
+                  notes: Sequence[str] = ()) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -165,8 +167,10 @@ def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, i
             mrc.header.origin = (0.0, 0.0, 0.0)
             mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = 0, 0, 0
             mrc.update_header_stats()
-            mrc.header.label[0] = label.encode("ascii", "replace")[:80]
-            mrc.header.nlabl = 1
+            lines = [label, *notes][:10]  # the MRC header holds 10 labels of 80 characters
+            for i, line in enumerate(lines):
+                mrc.header.label[i] = line.encode("ascii", "replace")[:80]
+            mrc.header.nlabl = len(lines)
         os.chmod(tmp, default_file_mode())  # mkstemp makes the file private; give it the umask's permissions
         os.replace(tmp, path)
     except BaseException:
@@ -175,12 +179,14 @@ def _atomic_write(path: Path, data: np.ndarray, voxel_size: float, label: str, i
         raise
 
 
-def write_map(path: str | Path, data: np.ndarray, voxel_size: float, command: str = "") -> None:
-    """Write a float32 map ``[z, y, x]`` atomically with its voxel size (Angstrom) and a label naming ``command``."""
+def write_map(path: str | Path, data: np.ndarray, voxel_size: float, command: str = "",
+              notes: Sequence[str] = ()) -> None:
+    """Write a float32 map ``[z, y, x]`` atomically with its voxel size (Angstrom), a label naming ``command``
+    and up to nine more ``notes`` labels (80 characters each; e.g. how the map was filtered)."""
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"write_map expects a 3D array, got shape {data.shape}")
-    _atomic_write(Path(path), data, voxel_size, _label(command), is_stack=False)
+    _atomic_write(Path(path), data, voxel_size, _label(command), is_stack=False, notes=notes)
 
 
 def write_stack(path: str | Path, images: np.ndarray, pixel_size: float, command: str = "") -> None:

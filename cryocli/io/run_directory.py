@@ -180,14 +180,19 @@ class RunDirectory:
         from cryocli.plots import plot_fsc
 
         maps = {"map.mrc": result.volume}
+        if result.unfiltered_volume is not None:
+            maps["map_unfil.mrc"] = result.unfiltered_volume
         if result.half_volumes is not None:
             maps.update({"half1_unfil.mrc": result.half_volumes[0], "half2_unfil.mrc": result.half_volumes[1]})
         arrays = {name: _checked_map(name, volume) for name, volume in maps.items()}
         written: dict[str, str] = {}
         vs, n = float(result.voxel_size), result.box
         for name, array in arrays.items():
-            write_map(self.file(name), array, vs, command)
+            notes = result.map_filter.labels() if name == "map.mrc" and result.map_filter is not None else []
+            write_map(self.file(name), array, vs, command, notes=notes)
         written["map"] = str(self.final_file("map.mrc"))
+        if result.unfiltered_volume is not None:
+            written["map_unfil"] = str(self.final_file("map_unfil.mrc"))
         if result.half_volumes is not None:
             written["half1"], written["half2"] = (str(self.final_file(f"half{i}_unfil.mrc")) for i in (1, 2))
         rows = result.particle_rows if result.particle_rows is not None else np.arange(len(table))

@@ -71,11 +71,19 @@ class HartleyVolume(nn.Module):
 
     @torch.no_grad()
     def to_map(self) -> Tensor:
-        """The real map ``(n, n, n)`` ``[z, y, x]`` (centre ``n // 2``) whose transform the grid holds."""
+        """The real map ``(n, n, n)`` ``[z, y, x]`` (centre ``n // 2``) whose transform the grid holds, band-limited
+        to the sphere ``|k| <= n / 2`` that the slices read.
+
+        The cube of frequencies ``-n/2 .. n/2 - 1`` also holds the corners beyond Nyquist, among them the whole
+        unpaired plane ``k = -n/2`` (radius ``>= n/2``, equal only on its axis): no slice pixel ever reads those
+        voxels, so they keep what the random start put there. Left in, they made a spike of power at Nyquist
+        (5x the shells below it on a 48 px run); they are zeroed here.
+        """
         h = self.hartley()
         c, half = self.grid_size // 2, self.n // 2
         # Frequencies -n/2 .. n/2 - 1: the DFT grid of an n-box with its zero at n // 2.
         crop = h[c - half:c - half + self.n, c - half:c - half + self.n, c - half:c - half + self.n]
+        crop = crop * (radius_3d(self.n, crop.device) <= half)
         return hartley_to_volume(crop)
 
 

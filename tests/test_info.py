@@ -371,3 +371,39 @@ def test_particle_file_without_found_stacks_says_so() -> None:
 def test_mrc_files_unchanged() -> None:
     s = _info_json(str(need(RELION_SET / "map.mrc")))
     assert s["type"] == "map" and s["shape_xyz"] == [64, 64, 64] and s["voxel_size"] == pytest.approx(4.4)
+
+
+def test_map_contour_level_by_mass_and_by_default_sphere() -> None:
+    """info MAP gives the level enclosing the molecule's volume with --mass (1.21 A^3/Da), else the level of a
+    sphere of 0.8 x the box, labelled as a floor; in the JSON (contour_level, contour_basis) and the text."""
+    import mrcfile
+    import numpy as np
+
+    from cryocli.analysis.contour import enclosing_level, sphere_volume_A3
+
+    path = need(RELION_SET / "map.mrc")
+    data = np.asarray(mrcfile.open(path).data, dtype=np.float64)
+    apix = float(mrcfile.open(path).voxel_size.x)
+    s = _info_json(str(path), "--mass", "300")
+    assert s["contour_basis"] == "mass 300 kDa (363,000 A^3 at 1.21 A^3/Da)"
+    assert s["contour_level"] == enclosing_level(data, apix, 363_000)
+    assert abs(float((data > s["contour_level"]).sum()) * apix ** 3 - 363_000) <= 0.5 * apix ** 3
+    d = _info_json(str(path))
+    assert d["contour_level"] == enclosing_level(data, apix, sphere_volume_A3(0.8 * 64 * apix))
+    assert d["contour_basis"].startswith("sphere of diameter 225.3 A, 0.8 x the box, no mass given")
+    assert "floor" in d["contour_basis"] and d["contour_level"] < s["contour_level"]
+    out = _info_text(str(path), "--mass", "300")
+    assert f"volume #1 level {s['contour_level']:.4g}" in out and "mass 300 kDa" in out
+    assert "pass --mass KDA" in _info_text(str(path))
+    # Stacks have no contour level; STAR files take --mass without effect.
+    stack = _info_json(str(need(RELION_SET / "clean" / "clean.mrcs")), "--mass", "300")
+    assert "contour_level" not in stack
+    assert _info_json(str(RELION_SET / "clean" / "clean.star"), "--mass", "300")["particles"] == 600
+
+
+def test_contour_mass_that_does_not_fit_or_is_not_positive_is_one_error_line() -> None:
+    path = str(need(RELION_SET / "map.mrc"))
+    for mass, words in (("300000", "at least the whole map"), ("0", "must be greater than 0"), ("nan", "finite")):
+        res = runner.invoke(app, ["info", path, "--mass", mass])
+        assert res.exit_code == 2, res.output
+        assert "--mass" in res.output and words in res.output and len(res.output.strip().splitlines()) == 1

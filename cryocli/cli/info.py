@@ -222,6 +222,23 @@ def _print_mrc(s: dict[str, Any]) -> None:
     con.print(t)
     if s["label"]:
         con.print(f"label: {escape(s['label'])}")
+    if "contour_level" in s:
+        con.print(_contour_table(s))
+
+
+def _contour_table(s: dict[str, Any]) -> Table:
+    """The map's contour level, what it encloses, and the ChimeraX command; without --mass, the hint."""
+    t = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    level = s["contour_level"]
+    if level is None:
+        t.add_row("contour level", escape(s["contour_basis"]))
+        return t
+    t.add_row("contour level", f"{level:.4g}")
+    t.add_row("encloses", escape(s["contour_basis"]))
+    t.add_row("ChimeraX", f"volume #1 level {level:.4g}")
+    if not s["contour_basis"].startswith("mass"):
+        t.add_row("", "pass --mass KDA for the level enclosing the molecule itself")
+    return t
 
 
 PRINTERS: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -234,14 +251,21 @@ def info(
     files: list[Path] = typer.Argument(..., help="STAR (.star) or MRC (.mrc, .mrcs, .map) files."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (a list for several files)."),
+    mass: float | None = typer.Option(None, "--mass", metavar="KDA", help="Mass of the molecule in kDa, for a "
+                                      "map's contour level: the level enclosing its volume at 1.21 A^3/Da "
+                                      "(protein). Without it the level encloses a sphere of 0.8 x the box, "
+                                      "more than the molecule: a floor."),
 ) -> None:
     """What is in a file: particles, optics groups and columns of a STAR file; grid, voxel size and
-    statistics of an MRC map or stack."""
+    statistics of an MRC map or stack, and a map's contour level (the number for ChimeraX's
+    volume level)."""
+    from cryocli.cli.common import check_number
     from cryocli.io.summary import summarize
 
     STATE.json = STATE.json or json_out
     with guarded():
-        summaries = [summarize(f, datadir) for f in files]
+        check_number("--mass", mass, gt=0, why="kDa")
+        summaries = [summarize(f, datadir, mass_kda=mass) for f in files]
     if STATE.json:
         emit_json(summaries[0] if len(summaries) == 1 else {"files": summaries})
         return

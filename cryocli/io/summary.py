@@ -544,8 +544,10 @@ def summarize_star(path: str | Path, datadir: str | Path | None = None) -> dict[
     return summary
 
 
-def summarize_mrc(path: str | Path) -> dict[str, Any]:
-    """Grid shape, voxel size, mode, axis order and value statistics of an MRC map or stack."""
+def summarize_mrc(path: str | Path, mass_kda: float | None = None) -> dict[str, Any]:
+    """Grid shape, voxel size, mode, axis order and value statistics of an MRC map or stack; for a map, the
+    contour level enclosing the molecule (``contour_level``, ``contour_basis``: by ``mass_kda`` when given,
+    else a sphere of 0.8 x the box, see :func:`cryocli.analysis.contour.contour_level`)."""
     with open_stack(path) as mrc:
         header = mrc.header
         shape = tuple(int(s) for s in mrc.data.shape)
@@ -564,11 +566,29 @@ def summarize_mrc(path: str | Path) -> dict[str, Any]:
     }
     if is_stack:
         summary["images"] = 1 if len(shape) == 2 else shape[0]
+    else:
+        summary.update(_contour(data, voxel, mass_kda, path))
     return summary
 
 
-def summarize(path: str | Path, datadir: str | Path | None = None) -> dict[str, Any]:
-    """Dispatch on the file type."""
+def _contour(data: np.ndarray, voxel: float, mass_kda: float | None, path: str | Path) -> dict[str, Any]:
+    """``contour_level`` and ``contour_basis`` of a map. A mass that does not fit the map is an error (the
+    user's); a map with no level by the default sphere (no voxel size, NaN) gets ``None`` and the reason."""
+    from cryocli.analysis.contour import contour_level
+
+    if data.ndim != 3:
+        return {"contour_level": None, "contour_basis": "none: a 2-D image, not a map"}
+    try:
+        level, how = contour_level(data, voxel, mass_kda=mass_kda)
+    except CryocliError as exc:
+        if mass_kda is not None:
+            raise CryocliError(f"--mass {mass_kda:g}: {exc.message}", path) from exc
+        return {"contour_level": None, "contour_basis": f"none: {exc.message}"}
+    return {"contour_level": level, "contour_basis": how}
+
+
+def summarize(path: str | Path, datadir: str | Path | None = None, mass_kda: float | None = None) -> dict[str, Any]:
+    """Dispatch on the file type (``mass_kda``: the molecule's mass for a map's contour level)."""
     if not Path(path).exists():
         raise CryocliError("file not found", path)
-    return summarize_star(path, datadir) if file_kind(path) == "star" else summarize_mrc(path)
+    return summarize_star(path, datadir) if file_kind(path) == "star" else summarize_mrc(path, mass_kda)

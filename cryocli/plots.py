@@ -112,3 +112,43 @@ def plot_guinier(path: str | Path, res_squared: Sequence[float] | np.ndarray,
     ax.legend(fontsize=8)
     ax.set_title(title)
     _save(fig, path)
+
+
+def plot_particle_montage(path: str | Path, rows: Sequence[tuple[str, np.ndarray]], title: str = "",
+                          column_labels: Sequence[str] = (), caption: str = "", panel_in: float = 1.2,
+                          gap_in: float = 0.1, label_in: float = 1.5, title_in: float = 0.9,
+                          caption_in: float = 0.6) -> None:
+    """A grid of particle images to a PNG at ``path``: one row per ``(label, images (k, n, n))`` in ``rows``,
+    one column per particle, each image on its own grey scale (its minimum black, its maximum white).
+
+    The geometry is fixed, so the file's size and every panel's place follow from the arguments (inches
+    at 120 dpi): panels of ``panel_in`` square, ``gap_in`` apart; ``label_in`` on the left for the row
+    labels, ``title_in`` on top for the title and the ``column_labels``, ``caption_in`` below for the
+    ``caption``, 0.1 on the right, and 8 inches wide at least (for the title and caption). Row 0 of each
+    array ``[y, x]`` is the top of its panel.
+    """
+    n_rows = len(rows)
+    n_cols = max((len(images) for _, images in rows), default=0)
+    width = max(8.0, label_in + n_cols * panel_in + max(n_cols - 1, 0) * gap_in + 0.1)
+    height = title_in + n_rows * panel_in + max(n_rows - 1, 0) * gap_in + caption_in
+    fig = plt.figure(figsize=(width, height))
+    panel_px = panel_in * 120
+    for i, (label, images) in enumerate(rows):
+        bottom = caption_in + (n_rows - 1 - i) * (panel_in + gap_in)
+        for j, image in enumerate(np.asarray(images, dtype=np.float64)):
+            left = label_in + j * (panel_in + gap_in)
+            ax = fig.add_axes((left / width, bottom / height, panel_in / width, panel_in / height))
+            lo, hi = float(image.min()), float(image.max())
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="upper",
+                      interpolation="nearest" if image.shape[-1] <= panel_px else "antialiased")
+            ax.set_axis_off()
+            if i == 0 and j < len(column_labels):
+                ax.set_title(column_labels[j], fontsize=8, pad=3)
+        fig.text((label_in - 0.12) / width, (bottom + panel_in / 2) / height, label, ha="right", va="center",
+                 fontsize=9)
+    if title:
+        fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=10)
+    if caption:
+        fig.text(0.1 / width, (caption_in - 0.12) / height, caption, ha="left", va="top", fontsize=7.5,
+                 color="0.25", wrap=True)
+    _save(fig, path)

@@ -182,3 +182,95 @@ def test_poses_from_keeps_the_source_micrographs() -> None:
     assert mics["rlnMicrographName"].iloc[0] == "resim/Micrographs/mic_000001.mrc"
     defocus = mics[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]]
     assert mics["rlnMicrographName"].nunique() == len(defocus.drop_duplicates())
+
+
+# ----- particles.png: the first particles without CTF, with it, and as written ------------------------------
+PNG_DPI = 120          # cryocli.plots._save
+MONTAGE_LAYOUT = {"panel_in": 1.2, "gap_in": 0.1, "label_in": 1.5, "title_in": 0.9, "caption_in": 0.6}  # defaults
+
+
+def _png_size(rows: int, cols: int) -> tuple[int, int]:
+    """(height, width) in pixels of plot_particle_montage's figure at its default geometry."""
+    g = MONTAGE_LAYOUT
+    width = max(8.0, g["label_in"] + cols * g["panel_in"] + (cols - 1) * g["gap_in"] + 0.1)
+    height = g["title_in"] + rows * g["panel_in"] + (rows - 1) * g["gap_in"] + g["caption_in"]
+    return round(height * PNG_DPI), round(width * PNG_DPI)
+
+
+def _panel(png: np.ndarray, n_rows: int, row: int, col: int, box: int) -> np.ndarray:
+    """The grey values of the PNG at the centre of each image pixel of panel (row, col)."""
+    g = MONTAGE_LAYOUT
+    step = g["panel_in"] + g["gap_in"]
+    left = (g["label_in"] + col * step) * PNG_DPI
+    top = png.shape[0] - (g["caption_in"] + (n_rows - 1 - row) * step + g["panel_in"]) * PNG_DPI
+    centres = (np.arange(box) + 0.5) * g["panel_in"] * PNG_DPI / box
+    return png[(top + centres).astype(int)][:, (left + centres).astype(int), 0]
+
+
+def test_particles_png_shows_the_stack_and_the_forward_model(tmp_path: Path) -> None:
+    """simulate writes particles.png: 3 rows of the first 6 particles. The helper behind it takes the noisy images
+    from the stacks as written (across stack files) and the clean ones from render_clean at the stack's poses,
+    origins and CTFs (the stack minus the clean image is noise of the chosen sigma); the PNG's noisy panel of
+    particle 1 is the stack's image 1 on its own grey scale."""
+    import matplotlib.image
+
+    from cryocli.geometry.rotations import euler_to_matrix
+    from cryocli.imaging.projector import Projector
+    from cryocli.imaging.simulate import SimulationConfig, draw_geometry, montage_images, render_clean
+
+    out = tmp_path / "sim"
+    res = _run("simulate", str(DEMO_MODEL), "-o", str(out), "-n", "20", "--box", "32", "--apix", "3",
+               "--snr", "0.5", "--shift-sigma", "2", "--stack-size", "4", "--seed", "4")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "simulate.json").read_text())["files"]["montage"] == "particles.png"
+    stacks = sorted((out / "Particles").iterdir())
+    written = np.concatenate([mrcfile.open(p).data for p in stacks])
+
+    config = SimulationConfig(n_particles=20, box=32, apix=3.0, snr=0.5, shift_sigma=2.0, seed=4, stack_size=4)
+    geometry = draw_geometry(config)
+    projector = Projector(torch.from_numpy(mrcfile.open(out / "ground_truth.mrc").data.copy()), pad=2)
+    montage = montage_images(projector, geometry, config, stacks)
+    np.testing.assert_array_equal(montage.index, np.arange(6))
+    np.testing.assert_array_equal(montage.written, written[:6])          # read back, across two stack files
+    e = torch.as_tensor(geometry.euler[:6], dtype=torch.float32)
+    rotations = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
+    origins = torch.as_tensor(geometry.origins[:6], dtype=torch.float32)
+    ctf = geometry.ctf.index(torch.arange(6))
+    np.testing.assert_array_equal(montage.with_ctf, render_clean(projector, rotations, origins, ctf, 3.0).numpy())
+    np.testing.assert_array_equal(montage.projection, render_clean(projector, rotations, origins, None, 3.0).numpy())
+    sigma = json.loads((out / "simulate.json").read_text())["noise_sigma"]
+    assert abs(float(np.std(montage.written - montage.with_ctf)) / sigma - 1) < 0.05
+    np.testing.assert_allclose(montage.defocus, (geometry.ctf.defocus_u[:6] + geometry.ctf.defocus_v[:6]).numpy() / 2)
+
+    png = matplotlib.image.imread(out / "particles.png")
+    assert png.shape[:2] == _png_size(3, 6)
+    for col in (0, 5):
+        image = written[col].astype(np.float64)
+        expected = (image - image.min()) / (image.max() - image.min())
+        np.testing.assert_allclose(_panel(png, 3, 2, col, 32), expected, atol=2 / 255)
+    clean = montage.with_ctf[0].astype(np.float64)
+    np.testing.assert_allclose(_panel(png, 3, 1, 0, 32), (clean - clean.min()) / (clean.max() - clean.min()),
+                               atol=2 / 255)
+
+
+def test_particles_png_is_byte_identical_for_the_same_seed_and_follows_the_umask(tmp_path: Path) -> None:
+    """Two runs with the same seed give the same PNG bytes; without CTF the montage has two rows; the file has
+    the umask's permissions, and no temporary is left beside it."""
+    import os
+    import stat
+
+    import matplotlib.image
+
+    common = ["-n", "8", "--box", "32", "--apix", "3", "--snr", "0.2", "--seed", "7", "--no-ctf"]
+    old = os.umask(0o027)
+    try:
+        for name in ("a", "b"):
+            assert _run("simulate", str(DEMO_MODEL), "-o", str(tmp_path / name), *common).exit_code == 0
+    finally:
+        os.umask(old)
+    a, b = (tmp_path / "a" / "particles.png"), (tmp_path / "b" / "particles.png")
+    assert a.read_bytes() == b.read_bytes()
+    assert stat.S_IMODE(a.stat().st_mode) == 0o640
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "Particles", "ground_truth.mrc", "particles.png", "particles.star", "simulate.json"]
+    assert matplotlib.image.imread(a).shape[:2] == _png_size(2, 6)

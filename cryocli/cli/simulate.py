@@ -24,7 +24,8 @@ from cryocli.errors import CryocliError
 def simulate(
     model: Path = typer.Argument(..., help="Atomic model (.pdb, .cif, .mmcif, .ent) or map (.mrc, .map)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (particles.star, Particles/, "
-                             "ground_truth.mrc, simulate.json)."),
+                             "ground_truth.mrc, simulate.json, and particles.png: the first particles without "
+                             "CTF, with it, and with noise, to see what the SNR and defocus look like)."),
     n_particles: int = typer.Option(10000, "--n-particles", "-n", min=1, help="Number of particles."),
     box: int | None = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
                                       "--poses-from STAR file's]."),
@@ -81,7 +82,7 @@ def simulate(
     achieved = summary["snr_achieved"]
     snr_text = "no noise" if achieved == "inf" else f"SNR {achieved:.4g} ({10 * math.log10(achieved):.2f} dB)"
     con.print(f"wrote {summary['n_particles']} particles of {config.box} px at {config.apix:g} A/px to "
-              f"{out}/particles.star ({snr_text})")
+              f"{out}/particles.star ({snr_text}); how they look: {out}/particles.png")
     emit_json({"command": "simulate", "out": str(out), **summary})
 
 

@@ -19,7 +19,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from cryocli.imaging.noise import noise_sigma_for_snr, signal_variances
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.shifts import shift_from_center
 from cryocli.io.locks import default_dir_mode
-from cryocli.io.mrc import write_map, write_stack
+from cryocli.io.mrc import open_stack, stack_images, write_map, write_stack
 from cryocli.io.paths import relion_image_path
 from cryocli.io.star import ParticleTable, read_star, write_star
 
@@ -197,6 +197,84 @@ def stack_image_names(stack: str | Path, count: int) -> list[str]:
     return [f"{i + 1:06d}@{where}" for i in range(count)]
 
 
+MONTAGE_PARTICLES = 6
+"""Particles shown in ``particles.png`` (the first ones of the set)."""
+
+
+@dataclass
+class ParticleMontage:
+    """The images of ``particles.png``, each ``(k, n, n)`` float32 with the sign of the stack (``index``: the
+    0-based particles shown; ``defocus``: their mean defocus (U + V) / 2 in Angstrom, None without CTF)."""
+
+    index: np.ndarray
+    projection: np.ndarray            # the map projected at the pose, shifted by -origin, no CTF
+    with_ctf: np.ndarray | None       # the same times the particle's CTF: the clean image (None without CTF)
+    written: np.ndarray               # the image in the stack (clean image + noise)
+    defocus: np.ndarray | None
+
+
+def montage_images(projector: Projector, geometry: Geometry, config: SimulationConfig,
+                   stacks: Sequence[str | Path], device: torch.device | str = "cpu",
+                   count: int = MONTAGE_PARTICLES) -> ParticleMontage:
+    """The first ``count`` particles three ways, for ``particles.png``: the projection without CTF and with it,
+    from the one forward model (:func:`render_clean`, the poses, origins and CTFs of the stack), and the images
+    read back from ``stacks``, the stacks written, in order (their images are particles 0, 1, ...). The clean
+    images take the stack's sign (negated with ``config.invert``), so the rows look alike."""
+    device = torch.device(device)
+    parts: list[np.ndarray] = []
+    for stack in stacks:
+        have = sum(len(p) for p in parts)
+        if have >= min(count, len(geometry)):
+            break
+        with open_stack(stack) as mrc:
+            available = 1 if mrc.data.ndim == 2 else int(mrc.data.shape[0])
+            parts.append(stack_images(mrc, np.arange(min(available, count - have))))
+    written = np.concatenate(parts)[:min(count, len(geometry))]
+    idx = np.arange(len(written))
+    sign = -1.0 if config.invert else 1.0
+    e = torch.as_tensor(geometry.euler[idx], dtype=torch.float32, device=device)
+    rotations = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
+    origins = torch.as_tensor(geometry.origins[idx], dtype=torch.float32, device=device)
+    projection = render_clean(projector, rotations, origins, None, config.apix)
+    with_ctf, defocus = None, None
+    if geometry.ctf is not None:
+        ctf = geometry.ctf.index(torch.as_tensor(idx)).to(device)
+        with_ctf = (sign * render_clean(projector, rotations, origins, ctf, config.apix)).cpu().numpy()
+        defocus = ((geometry.ctf.defocus_u[idx] + geometry.ctf.defocus_v[idx]) / 2).numpy()
+    return ParticleMontage(index=idx, projection=(sign * projection).cpu().numpy(), with_ctf=with_ctf,
+                           written=written, defocus=defocus)
+
+
+def _write_montage(path: Path, montage: ParticleMontage, geometry: Geometry, config: SimulationConfig,
+                   sigma: float) -> None:
+    """``particles.png``: the rows of :func:`montage_images`, the SNR and the defocus in the title."""
+    from cryocli.plots import plot_particle_montage
+
+    noisy = sigma > 0
+    rows = [("projection\n(no CTF)", montage.projection)]
+    if montage.with_ctf is not None:
+        rows.append(("projection x CTF\n(clean image)", montage.with_ctf))
+    rows.append(("+ noise: the image\nin the stack" if noisy else "the image in the\nstack (no noise)",
+                 montage.written))
+    labels = [f"particle {i + 1}" for i in montage.index]
+    if montage.defocus is not None:
+        labels = [f"{label}\ndefocus {d / 1e4:.2f} µm" for label, d in zip(labels, montage.defocus, strict=True)]
+    snr = f"SNR {config.snr:g} ({10 * math.log10(config.snr):.1f} dB)" if noisy else "no noise (SNR inf)"
+    if geometry.ctf is not None:
+        mean = ((geometry.ctf.defocus_u + geometry.ctf.defocus_v) / 2).numpy()
+        ctf = f"defocus {mean.min() / 1e4:.2f}-{mean.max() / 1e4:.2f} µm"
+    else:
+        ctf = "no CTF"
+    title = (f"Simulated particles: {snr}, {ctf}\n{len(geometry)} particles of {config.box} px at "
+             f"{config.apix:g} Å/px; the first {len(montage.index)} shown")
+    sign = "dark protein (--invert)" if config.invert else "protein bright, as relion_project writes"
+    caption = (f"Each image has its own grey scale (its minimum black, its maximum white): compare shapes, not "
+               f"brightness, between panels. Sign as in the stack: {sign}. SNR = variance of the clean image over "
+               "the box / noise variance, averaged over the set"
+               + ("; defocus (U + V) / 2, underfocus positive." if geometry.ctf is not None else "."))
+    plot_particle_montage(path, rows, title=title, column_labels=labels, caption=caption)
+
+
 def _micrograph_groups(geometry: Geometry, config: SimulationConfig) -> np.ndarray:
     """0-based synthetic micrograph of each particle ``(N,)``: one per distinct (defocus U, V, angle), in
     order of first appearance; without CTF, consecutive groups of ``config.particles_per_micrograph``."""
@@ -277,7 +355,8 @@ def particles_table(geometry: Geometry, config: SimulationConfig, image_names: l
 def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationConfig, out_dir: str | Path,
                      device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
                      extra_info: dict | None = None) -> dict:
-    """Write ``particles.star``, ``Particles/*.mrcs``, ``ground_truth.mrc`` and ``simulate.json`` to ``out_dir``.
+    """Write ``particles.star``, ``Particles/*.mrcs``, ``ground_truth.mrc``, ``simulate.json`` and ``particles.png``
+    (the first particles without CTF, with it, and as written: :func:`montage_images`) to ``out_dir``.
 
     ``volume`` is the clean map ``(box, box, box)`` at ``config.apix``. Particles stream in chunks
     (memory is bounded by ``chunk_size`` and ``stack_size``). Everything is written into a temporary
@@ -302,6 +381,7 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
     try:
         (tmp / "Particles").mkdir()
         names: list[str] = []
+        stacks: list[Path] = []
         clean_var_sum, noise_var_sum = 0.0, 0.0
         n_stacks = math.ceil(n / config.stack_size)
         for s in range(n_stacks):
@@ -321,9 +401,12 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
                     progress(len(idx))
             _check_images(images, config, stack_name)
             write_stack(tmp / stack_name, images, config.apix, command="simulate")
+            stacks.append(tmp / stack_name)
             names += stack_image_names(out_dir / stack_name, last - first)
         write_star(particles_table(geometry, config, names), tmp / "particles.star")
         write_map(tmp / "ground_truth.mrc", volume, config.apix, command="simulate ground truth")
+        montage = montage_images(projector, geometry, config, stacks, device)
+        _write_montage(tmp / "particles.png", montage, geometry, config, sigma)
         achieved = (clean_var_sum / noise_var_sum) if noise_var_sum > 0 else math.inf
         summary = {
             "parameters": {k: (list(v) if isinstance(v, tuple) else _finite_or_text(v))
@@ -333,7 +416,8 @@ def simulate_dataset(volume: np.ndarray, geometry: Geometry, config: SimulationC
             "snr_achieved_db": 10 * math.log10(achieved) if 0 < achieved < math.inf else None,
             "mean_clean_variance": clean_var_sum / n, "sign": "dark protein (inverted)" if config.invert else
             "as relion_project (protein bright at low frequency)",
-            "files": {"star": "particles.star", "stacks": n_stacks, "ground_truth": "ground_truth.mrc"},
+            "files": {"star": "particles.star", "stacks": n_stacks, "ground_truth": "ground_truth.mrc",
+                      "montage": "particles.png"},
             **(extra_info or {}),
         }
         (tmp / "simulate.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")

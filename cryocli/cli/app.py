@@ -175,7 +175,7 @@ def _install_sigterm_handler():
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 # Modules of cryocli.cli that define a working subcommand, in the order `--help` lists them.
-COMMAND_MODULES: list[str] = ["info", "simulate", "reconstruct", "postprocess", "fsc", "abinitio", "refine"]
+COMMAND_MODULES: list[str] = ["info", "simulate", "reconstruct", "postprocess", "fsc", "abinitio", "refine", "report"]
 
 app = typer.Typer(
     name="cryocli",

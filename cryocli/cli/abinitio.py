@@ -60,6 +60,8 @@ def abinitio(
     particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Diameter of the soft "
                                                    "solvent mask of the map written for viewing, in A [default: 0.8 x "
                                                    "box]."),
+    mass: float | None = typer.Option(None, "--mass", help="Mass of the molecule in kDa, for the contour level "
+                                      "in the summary and report.png [default: from the particle diameter]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
                                 "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -108,7 +110,7 @@ def abinitio(
         }
     summary = run_engine_command("abinitio", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
-                                 halves=halves)
+                                 halves=halves, mass_kda=mass)
     print_summary(summary)
 
 

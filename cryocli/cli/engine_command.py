@@ -8,6 +8,7 @@ field becomes the flag the user typed (``--ini-lowpass 0: must be a positive num
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,8 @@ def in_flag_terms(flags: dict[str, str]) -> Iterator[None]:
 
 def run_engine_command(kind: str, method: str, options: dict[str, Any], particles: Path, out: Path, *,
                        flags: dict[str, str], datadir: Path | None, force: bool, resume: bool,
-                       ground_truth: Path | None, score_every: int = 1000, halves: bool = False) -> dict[str, Any]:
+                       ground_truth: Path | None, score_every: int = 1000, halves: bool = False,
+                       mass_kda: float | None = None) -> dict[str, Any]:
     """Check everything, run ``method`` into the run directory ``out`` and return the run's summary."""
     from cryocli.engines.protocol import build_config, get_engine
     from cryocli.engines.runner import RunRequest, run_to_directory
@@ -66,12 +68,14 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
             raise CryocliError("output directory is not empty; pass --force to replace it or --resume to continue "
                                "the run in it", out)
         check_writable_output(out, is_dir=True, force=True)
+        if mass_kda is not None and not (math.isfinite(mass_kda) and mass_kda > 0):
+            raise CryocliError(f"--mass {mass_kda}: must be a positive number of kDa")
         device = resolve_device()
         engine = get_engine(method, kind, device=device)
         config = build_config(engine, {**options, "seed": STATE.seed})
         request = RunRequest(particles=particles, out=out, command=f"{kind} --method {method}", datadir=datadir,
                              force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
-                             halves=halves)
+                             halves=halves, mass_kda=mass_kda)
 
         def kept(folder: Path | None) -> None:
             set_interrupt_hint(f"the last checkpoint is kept in {folder}; run the same command with --resume to "
@@ -97,4 +101,6 @@ def print_summary(s: dict[str, Any]) -> None:
             line += (f"; rotation error after global alignment: median {s['final_rot_err_median']:.2f} deg, "
                      f"mean {s['final_rot_err_mean']:.2f} deg")
         con.print(line)
+    if s.get("contour_level") is not None:
+        con.print(f"ChimeraX: volume #1 level {s['contour_level']:.4g} ({s['contour_basis']})")
     emit_json(s)

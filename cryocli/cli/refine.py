@@ -50,6 +50,8 @@ def refine(
                                                 "FSC after alignment (and poses against the STAR file's)."),
     invert: bool | None = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 "
                                           "[default: detect]."),
+    mass: float | None = typer.Option(None, "--mass", help="Mass of the molecule in kDa, for the contour level "
+                                      "in the summary and report.png [default: from the particle diameter]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
                                 "CTF parameters; by default their absence is an error)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -70,7 +72,7 @@ def refine(
         "tv_iters": tv_iters, "tv_lr": tv_lr,
     }
     summary = run_engine_command("refine", method, options, particles, out, flags=FLAGS, datadir=datadir,
-                                 force=force, resume=resume, ground_truth=ground_truth)
+                                 force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass)
     print_summary(summary)
 
 

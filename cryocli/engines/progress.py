@@ -47,6 +47,9 @@ class RunFiles(Protocol):
 
     def load_checkpoint(self) -> dict[str, Any]: ...
 
+    def write_progress_report(self, history: list[dict[str, Any]], volume: Tensor, voxel_size: float,
+                              rotations: Tensor | None, sym: str = "C1") -> None: ...
+
 
 class Reporter:
     """Progress, metrics, logs, checkpoints and ground-truth scores of a run.
@@ -148,7 +151,8 @@ class Reporter:
                   state: dict[str, Any] | None = None, last: bool = False) -> dict[str, Any]:
         """Record epoch ``epoch`` (1-based): its ``metrics``, scores against the ground truth (map every
         ``ground_truth.every`` epochs and at the ``last``, poses every epoch), one log line, ``metrics.csv``,
-        and the engine ``state`` as the checkpoint. Returns the recorded row."""
+        the engine ``state`` as the checkpoint and, with it, the run's ``report.png`` of the current ``volume``.
+        Returns the recorded row."""
         row: dict[str, Any] = {"run": self.run_name, "epoch": epoch, **metrics}
         gt = self.ground_truth
         if gt is not None:
@@ -167,6 +171,9 @@ class Reporter:
         if state is not None:
             self._checkpoint["runs"][self.run_name] = {"state": state}
             self._save()
+            if self.files is not None and volume is not None and voxel_size is not None:
+                sym = str(self.meta.get("config", {}).get("sym", "C1"))
+                self.files.write_progress_report(self.history, volume, voxel_size, rotations, sym)
         if self._progress is not None and self._task is not None:
             keys = ("loss", "res_fsc05_A", "rot_err_median")
             summary = "  ".join(f"{k} {_fmt(row[k])}" for k in keys if k in row)

@@ -67,17 +67,22 @@ class MapFilter:
 
     fsc_kind: which FSC weighted it (:data:`GOLD_STANDARD` or :data:`SHARED_POSES`). resolution_A: that FSC's
     0.143 crossing, the low-pass (Angstrom). mask_diameter_A: diameter of the soft solvent mask (Angstrom).
-    fsc: the FSC used ``(n // 2 + 1,)``.
+    fsc: the FSC used ``(n // 2 + 1,)``. supported: False when that FSC showed no reproducible signal (a failed
+    run), so the map was only low-passed to its lowest shells, unweighted.
     """
 
     fsc_kind: str
     resolution_A: float
     mask_diameter_A: float
     fsc: np.ndarray
+    supported: bool = True
 
     def labels(self) -> list[str]:
         """MRC header labels (at most 80 characters each) describing the filter."""
         kind = "gold-standard FSC" if self.fsc_kind == GOLD_STANDARD else "shared-pose half-set FSC"
+        if not self.supported:
+            return [f"no reproducible signal by the {kind}: low-pass {self.resolution_A:.1f} A only"[:80],
+                    f"solvent-flattened outside a {self.mask_diameter_A:.0f} A sphere; unfiltered: map_unfil.mrc"[:80]]
         return [f"FSC-weighted, low-pass {self.resolution_A:.2f} A ({kind})"[:80],
                 f"solvent-flattened outside a {self.mask_diameter_A:.0f} A sphere; unfiltered: map_unfil.mrc"[:80]]
 
@@ -102,7 +107,8 @@ class Reconstruction:
     inverted: whether the images were multiplied by -1. half_alignment: how the second half run was aligned
     onto the first (ab initio ``--halves``). method_summary: method-specific figures for the run summary,
     printed and logged as they are (never read by the writer or the command line). unfiltered_volume: the
-    fitted volume when ``volume`` is a filtered viewing map (ab initio), described by ``map_filter``.
+    fitted volume when ``volume`` is a filtered viewing map (ab initio), described by ``map_filter``. symmetry:
+    the point group the map was reconstructed with.
     """
 
     volume: Tensor
@@ -123,6 +129,7 @@ class Reconstruction:
     method_summary: dict[str, Any] = field(default_factory=dict)
     unfiltered_volume: Tensor | None = None
     map_filter: MapFilter | None = None
+    symmetry: str = "C1"
 
     @property
     def box(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cryocli.analysis.contour import contour_level
 from cryocli.analysis.ground_truth import GroundTruth
 from cryocli.engines.display_map import with_viewing_map
 from cryocli.engines.halves import run_engine, select_rows
@@ -40,7 +41,8 @@ class RunRequest:
     particles: the STAR file. out: the run directory. command: what runs (``abinitio --method cryospin``),
     for file labels and the lock. datadir: an extra folder to find stacks in. force: replace an existing run
     (only once the new one succeeds). resume: continue the run in ``out``. ground_truth: a known map to score
-    against. score_every: score the map every this many epochs. halves: two independent half runs.
+    against. score_every: score the map every this many epochs. halves: two independent half runs. mass_kda: the
+    molecule's mass, for the contour level (``None``: from the particle diameter).
     """
 
     particles: Path
@@ -52,6 +54,7 @@ class RunRequest:
     ground_truth: Path | None = None
     score_every: int = 1000
     halves: bool = False
+    mass_kda: float | None = None
 
 
 @dataclass
@@ -102,7 +105,8 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     if len(select_rows(stack, config.max_particles)) < 2:
         raise CryocliError("a run needs at least 2 particles", request.particles)
     engine.check_inputs(stack, config)
-    run_dir = RunDirectory(request.out, force=request.force, resume=request.resume, command=request.command)
+    run_dir = RunDirectory(request.out, force=request.force, resume=request.resume, command=request.command,
+                           mass_kda=request.mass_kda)
     run_dir.open()
     keep = False
     reporter: Reporter | None = None
@@ -115,7 +119,7 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         result = run_engine(engine, stack, config, reporter, halves=request.halves)
         reporter.close()
         if engine.kind == "abinitio":
-            result = with_viewing_map(result, table, stack, config.particle_diameter, config.use_ctf, config.seed,
+            result = with_viewing_map(result, stack, config.particle_diameter, config.use_ctf, config.seed,
                                       device)
         scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
         files = run_dir.write_result(result, table, request.command, scores)
@@ -151,9 +155,14 @@ def run_summary(method: str, request: RunRequest, result: Reconstruction, scores
         s["halfmaps_resolution_A"] = result.halfmaps_resolution_A
     if result.gold_standard_fsc is not None:
         s["fsc"] = np.asarray(result.gold_standard_fsc).round(4).tolist()
+    diameter = result.map_filter.mask_diameter_A if result.map_filter is not None else None
+    level, basis = contour_level(result.volume, result.voxel_size, mass_kda=request.mass_kda, diameter_A=diameter)
+    s["contour_level"], s["contour_basis"] = level, basis
     if result.map_filter is not None:
         s["map_filter"] = {"fsc": result.map_filter.fsc_kind, "lowpass_A": result.map_filter.resolution_A,
-                           "mask_diameter_A": result.map_filter.mask_diameter_A}
+                           "mask_diameter_A": result.map_filter.mask_diameter_A,
+                           "signal": "reproducible" if result.map_filter.supported else
+                           "none reproducible: the run did not converge; map.mrc is only low-passed"}
     if result.half_alignment is not None:
         s["half_alignment_score"] = result.half_alignment.score
         s["half_alignment_flipped"] = result.half_alignment.flipped

@@ -1,8 +1,9 @@
 """The one writer of a run directory (``abinitio -o run/``, ``refine -o ref/``), and its guarantees.
 
-Files: ``map.mrc``, ``half1_unfil.mrc``/``half2_unfil.mrc``, ``particles.star`` (input columns kept, poses,
+Files: ``map.mrc`` (and ``map_unfil.mrc``), ``half1_unfil.mrc``/``half2_unfil.mrc``, ``particles.star`` (input columns kept, poses,
 origins and the method's per-particle columns in RELION 3.1 form, image names as RELION writes them),
-``model.star`` (refinement), ``fsc.star``, ``fsc.png``, ``metrics.csv``, ``log.jsonl``, ``checkpoint.pt``.
+``model.star`` (refinement), ``fsc.star``, ``fsc.png``, ``report.png`` and ``angdist.bild`` (refreshed at each
+checkpoint), ``metrics.csv``, ``log.jsonl``, ``checkpoint.pt``.
 
 Guarantees:
 
@@ -50,16 +51,19 @@ class RunDirectory:
 
     path: the directory. force: replace the run in a non-empty directory (only once the new run succeeds).
     resume: continue the run in it (it, or the unfinished ``force`` run beside it, must hold ``checkpoint.pt``).
-    command: what runs, for the lock (``abinitio --method cryospin``).
+    command: what runs, for the lock and the figures (``abinitio --method cryospin``). mass_kda: the molecule's
+    mass, for the contour level in ``report.png`` (``None``: from the particle diameter).
 
     Construction only checks (nothing is created); :meth:`open` takes the lock and prepares the working
     folder, :meth:`commit` puts a finished run in place, :meth:`close` ends (and, for a run that failed
     before its first checkpoint, removes) what :meth:`open` made.
     """
 
-    def __init__(self, path: str | Path, *, force: bool = False, resume: bool = False, command: str = "") -> None:
+    def __init__(self, path: str | Path, *, force: bool = False, resume: bool = False, command: str = "",
+                 mass_kda: float | None = None) -> None:
         self.path = Path(path)
         self.force, self.resume, self.command = force, resume, command
+        self.mass_kda = mass_kda
         # Not of the form ".{name}.<random>": remove_stale_temporaries must leave a resumable run alone.
         self.staging = self.path.with_name(f".{self.path.name}.new.run")
         self.work = self.path
@@ -151,6 +155,34 @@ class RunDirectory:
         torch.save(checkpoint, buf)
         atomic_write_bytes(self.work / CHECKPOINT, buf.getvalue())
 
+    def write_progress_report(self, history: list[dict[str, Any]], volume: Tensor, voxel_size: float,
+                              rotations: Tensor | None, sym: str = "C1") -> None:
+        """``report.png`` (and ``angdist.bild``) of a run in progress: the current map, its history and poses,
+        refreshed at each checkpoint so that a user watching a long run sees where it stands."""
+        array = np.asarray(volume.detach().cpu(), dtype=np.float32)
+        if not np.isfinite(array).all() or not np.any(array):
+            return  # nothing worth drawing yet; the final result is checked before it is written
+        epochs = {row.get("epoch") for row in history}
+        title = f"{self.command} (running, {len(epochs)} epochs or iterations done)"
+        self._write_report(title, array, voxel_size, {}, {}, {}, None, history, rotations, sym)
+
+    def _write_report(self, title: str, volume: np.ndarray, voxel_size: float,
+                      curves: dict[str, tuple[np.ndarray, np.ndarray]], thresholds: dict[str, float],
+                      resolutions: dict[str, float], resolution: float | None, history: list[dict[str, Any]],
+                      rotations: Tensor | None, sym: str, diameter_A: float | None = None,
+                      epoch_label: str = "epoch") -> dict[str, str]:
+        from cryocli.analysis.contour import contour_level
+        from cryocli.report import ReportData, write_report
+
+        level, basis = contour_level(volume, voxel_size, mass_kda=self.mass_kda, diameter_A=diameter_A)
+        n = int(volume.shape[-1])
+        rot = None if rotations is None else np.asarray(rotations.detach().cpu(), dtype=np.float64)
+        data = ReportData(title=title, volume=volume, voxel_size=voxel_size, fsc=curves, fsc_thresholds=thresholds,
+                          resolutions=resolutions, resolution_A=resolution, history=history, epoch_label=epoch_label,
+                          rotations=rot, box=n, pixel_size=voxel_size, n_particles=None if rot is None else len(rot),
+                          sym=sym, contour_level=level, contour_basis=basis)
+        return write_report(self.work, data)
+
     def load_checkpoint(self) -> dict[str, Any]:
         """The checkpoint of the run to resume."""
         path = self.work / CHECKPOINT
@@ -220,6 +252,18 @@ class RunDirectory:
         if curves:
             plot_fsc(self.file("fsc.png"), curves, resolutions=resolutions, title=command)
             written["fsc_plot"] = str(self.final_file("fsc.png"))
+        thresholds = {"half maps": 0.143, "map vs ground truth": 0.5}
+        if result.map_filter is not None and gold is None:
+            label = "half sets at shared poses (sets map.mrc's filter; not independent)"
+            curves[label] = (shell_frequency(n, vs), np.asarray(result.map_filter.fsc))
+            thresholds[label] = 0.143
+        diameter = result.map_filter.mask_diameter_A if result.map_filter is not None else None
+        marks = {label: threshold_crossing(np.asarray(curve), n, vs, thresholds[label]).resolution
+                 for label, (_, curve) in curves.items() if len(curve) == n // 2 + 1}
+        report = self._write_report(command, arrays["map.mrc"], vs, curves, thresholds, marks,
+                                    result.resolution_A, result.metrics, result.rotations, result.symmetry,
+                                    diameter_A=diameter, epoch_label="iteration" if result.model_history else "epoch")
+        written.update({k: str(self.final_file(Path(v).name)) for k, v in report.items()})
         written["metrics"] = str(self.final_file(METRICS))
         written["log"] = str(self.final_file(LOG))
         written["checkpoint"] = str(self.final_file(CHECKPOINT))

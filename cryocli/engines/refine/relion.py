@@ -462,7 +462,7 @@ class RelionRefineEngine:
             half_volumes=(refs[0].cpu(), refs[1].cpu()), particle_columns=columns,
             metrics=[r for r in reporter.history if r.get("run") == reporter.run_name], model_history=history,
             gold_standard_fsc=fsc.copy(), resolution_A=threshold_crossing(fsc, n, apix, 0.143).resolution,
-            halfmaps_resolution_A=halfmaps, converged=converged, inverted=ctx.parts.inverted,
+            halfmaps_resolution_A=halfmaps, converged=converged, inverted=ctx.parts.inverted, symmetry=ctx.cfg.sym,
             method_summary=dict(m_state.metrics))
 
     # ------------------------------------------------------------------------------------------ pieces

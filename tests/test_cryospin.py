@@ -238,6 +238,9 @@ def test_halves_max_particles_and_ground_truth_outputs(small, tmp_path):
                  "metrics.csv", "log.jsonl", "checkpoint.pt"):
         assert (run / name).is_file(), name
     assert summary["particles"] == 120 and summary["box"] == 32
+    from tests.test_refine_cli import check_report_files
+
+    check_report_files(run, 120)
     assert summary["gold_standard_resolution_A"] > 0 and summary["res_vs_truth_fsc05_A"] >= 7.2
     assert {"final_rot_err_median", "final_rot_err_mean"} <= set(summary)
     posed = read_star(run / "particles.star")

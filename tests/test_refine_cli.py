@@ -54,9 +54,29 @@ def test_refine_runs_on_real_particles_and_feeds_postprocess(reference: Path, tm
     assert {"rlnGoldStandardFsc", "rlnSsnrMap", "rlnReferenceTau2"} <= set(shells.columns)
     assert (shells["rlnReferenceTau2"] >= 0).all() and (shells["rlnReferenceTau2"] > 0).any()
     assert "rlnSigma2Noise" in model["model_optics_group_1"].columns
+    check_report_files(out, len(source))
     pp = runner.invoke(app, ["--quiet", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
                              "-o", str(tmp_path / f"pp_{method}"), "--bfactor", "0"], catch_exceptions=False)
     assert pp.exit_code == 0, pp.output
+
+
+def check_report_files(run: Path, particles: int) -> None:
+    """report.png opens at its drawn size; angdist.bild parses (``.color r g b`` / ``.cylinder`` with 7 numbers),
+    with one cylinder per occupied direction whose lengths grow with the counts."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    from cryocli.report import read_report, report_figure_size
+
+    image = mpimg.imread(run / "report.png")
+    assert image.shape[:2] == report_figure_size(read_report(run))[::-1]
+    lines = (run / "angdist.bild").read_text().splitlines()
+    colours = [line for line in lines if line.startswith(".color")]
+    cylinders = [line for line in lines if line.startswith(".cylinder")]
+    assert colours and len(colours) == len(cylinders) and len(colours) + len(cylinders) == len(lines)
+    assert all(len(c.split()) == 4 for c in colours) and all(len(c.split()) == 8 for c in cylinders)
+    values = np.array([[float(v) for v in c.split()[1:]] for c in cylinders])
+    assert np.isfinite(values).all() and len(values) <= particles
 
 
 def _blob_reference(stack: ParticleStack, path: Path) -> Path:

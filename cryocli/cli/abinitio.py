@@ -119,12 +119,17 @@ def _help() -> str:
 
     methods = "\n".join(f"* [bold]{name}[/]: {line}" for name, line in engine_summaries("abinitio").items())
     return ("Ab initio reconstruction: poses and a map from the particles alone, written to a run directory "
-            "(map.mrc, particles.star with the input columns kept and poses/origins in RELION 3.1 form, "
-            "metrics.csv, log.jsonl, checkpoint.pt; fsc.png with --ground-truth or --halves).\n\n"
+            "(map.mrc filtered for viewing and map_unfil.mrc as fitted, particles.star with the input columns "
+            "kept and poses/origins in RELION 3.1 form, report.png, angdist.bild for ChimeraX, metrics.csv, "
+            "log.jsonl, checkpoint.pt; fsc.png with --ground-truth or --halves).\n\n"
             f"Methods (--method):\n\n{methods}\n\n"
             "cryospin adds to the paper a fixed grid of candidate poses during auto-encoding and frequency "
             "marching (--grid-order, --encode-resolution, --decode-march-epochs; see the README), without "
-            "which it does not leave its random start on a few thousand particles.")
+            "which it does not leave its random start on a few thousand particles. Measured on 10,000 "
+            "particles of 64 px: the grid wins 84-100% of the particles during auto-encoding and the heads "
+            "16% by the switch, so at that scale the grid finds the poses (median error 2.1 deg; the heads "
+            "alone, --grid-order -1: 58 deg). The encoder is the paper's (VGG16 widths) on CUDA at 64 px or "
+            "more, a slim one (16,32,64) otherwise.")
 
 
 FLAGS = option_flags(abinitio, {"pyramid": "pyramid_sigmas"})

@@ -733,9 +733,9 @@ def report_from_run_directory(path: str | Path, mass_kda: float | None = None, s
         fsc[label] = (shell_frequency(n, vs), curve)
         thresholds[label] = TRUTH_THRESHOLD
         res = _finite(finish.get("res_vs_truth_fsc05_A"))
+        # Written on the FSC panel as "vs ground truth", never in the title: the title's resolution is the run's
+        # own (gold-standard) figure.
         resolutions[label] = res if res is not None else threshold_crossing(curve, n, vs, TRUTH_THRESHOLD).resolution
-        if resolution is None:
-            resolution = resolutions[label]
 
     history: list[dict[str, Any]] = []
     if (folder / "metrics.csv").is_file():

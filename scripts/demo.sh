@@ -2,7 +2,7 @@
 # The main job on the bundled example: simulate adenylate kinase (PDB 4AKE) particles, reconstruct them
 # ab initio with cryoSPIN (poses and map from a random start), and score the map against the ground truth
 # with `fsc --align` (rotation, shift and hand found first). Output goes to demo_out/ (replaced on every run).
-# 5-10 minutes on 2 CPU cores (FSC 0.5 vs truth about 8.3 A); a GPU is used when torch sees one.
+# 3-10 minutes on 2 CPU cores (FSC 0.5 vs truth about 6.3 A); a GPU is used when torch sees one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,7 +17,7 @@ $CRYOCLI info "$OUT/sim/particles.star"
 
 echo "== abinitio --method cryospin from a random start (20 epochs, auto-decoding after 7)"
 $CRYOCLI abinitio "$OUT/sim/particles.star" --method cryospin -o "$OUT/abinitio" \
-    --ground-truth "$OUT/sim/ground_truth.mrc" --score-every 100
+    --mass 23.6 --ground-truth "$OUT/sim/ground_truth.mrc" --score-every 100
 
 echo "== FSC of the ab initio map against the ground truth, after alignment"
 $CRYOCLI fsc "$OUT/sim/ground_truth.mrc" "$OUT/abinitio/map.mrc" --align --plot "$OUT/fsc_vs_truth.png" \

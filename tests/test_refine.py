@@ -166,17 +166,11 @@ def test_held_out_data_prefer_the_regularised_map_when_the_data_are_noisy() -> N
     assert min(scores[0.3], scores[1.0]) < scores[100.0], scores
 
 
-def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() -> None:
-    """Luo's claim at the M-step: from the same backprojected data (4AKE, 48 px at 2.4 A/px, 1,000 noisy
-    projections per half at the true poses, noise rms 10 x the signal's), the sparse + TV map with the
-    automatic beta is closer to the ground truth than RELION's MAP map with tau^2 from the gold-standard
-    FSC, inside a mask around the molecule (so not merely by flattening the solvent).
-    Measured: masked mean FSC 0.54 (MAP) vs 0.71 (sparse-tv), FSC 0.5 at 9.8-9.9 A vs 7.0-7.6 A."""
-    from cryocli.analysis.fsc import fsc_curve
+def _known_pose_halves() -> dict[str, Any]:
+    """4AKE at 48 px / 2.4 A, 1,000 noisy projections per half at the true poses (noise rms 10 x the signal's),
+    backprojected trilinearly and with the Gaussian kernel; the unregularised halves, their FSC, a mask."""
     from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector
     from cryocli.engines.refine.maps import half_map_fsc, unregularised_map
-    from cryocli.engines.refine.relion import RefineConfig, RelionRefineEngine
-    from cryocli.engines.refine.sparse_tv import SparseTVRefineEngine
     from cryocli.imaging.masks import auto_mask
     from cryocli.io.models import model_potential
     from tests.conftest import MODELS
@@ -199,8 +193,23 @@ def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() 
         kernel.append(bk.symmetrised())
     r_max = n // 2
     unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
-    fsc = half_map_fsc(unreg[0], unreg[1])
-    mask = auto_mask(vol, apix, 0.05 * float(vol.max()), extend=3.0, soft_edge_width=3.0)
+    return {"n": n, "apix": apix, "vol": vol, "trilinear": trilinear, "kernel": kernel, "r_max": r_max,
+            "unreg": unreg, "fsc": half_map_fsc(unreg[0], unreg[1]),
+            "mask": auto_mask(vol, apix, 0.05 * float(vol.max()), extend=3.0, soft_edge_width=3.0)}
+
+
+def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() -> None:
+    """Luo's claim at the M-step: from the same backprojected data (4AKE, 48 px at 2.4 A/px, 1,000 noisy
+    projections per half at the true poses, noise rms 10 x the signal's), the sparse + TV map with the
+    automatic beta is closer to the ground truth than RELION's MAP map with tau^2 from the gold-standard
+    FSC, inside a mask around the molecule (so not merely by flattening the solvent).
+    Measured: masked mean FSC 0.54 (MAP) vs 0.71 (sparse-tv), FSC 0.5 at 9.8-9.9 A vs 7.0-7.6 A."""
+    from cryocli.analysis.fsc import fsc_curve
+    from cryocli.engines.refine.relion import RefineConfig, RelionRefineEngine
+    from cryocli.engines.refine.sparse_tv import SparseTVRefineEngine
+
+    k = _known_pose_halves()
+    n, vol, kernel, r_max, fsc, mask = k["n"], k["vol"], k["kernel"], k["r_max"], k["fsc"], k["mask"]
     scores = {}
     for engine, cfg in ((RelionRefineEngine(), RefineConfig(ref="ref.mrc")),
                         (SparseTVRefineEngine(), SparseTVConfig(ref="ref.mrc"))):
@@ -230,3 +239,39 @@ def test_shell_tau2_is_the_prior_map_reconstruct_applies() -> None:
     regularised = map_reconstruct(data, weight, n, pad, ssnr, n // 2).double()
     plain = unregularised_map(data, weight, n, pad, n // 2).double()
     assert torch.allclose(regularised, plain * (2.0 / (2.0 + 1.0 / tau2[3])), atol=1e-6 * float(plain.abs().max()))
+
+
+def test_sparse_tv_written_half_maps_claim_no_more_than_its_map_has() -> None:
+    """Issue 12 at the M-step, on the data above: the half maps sparse-tv writes for postprocess (the
+    unregularised ones) give an FSC 0.143 resolution (inside the molecule's mask, as postprocess measures it)
+    no better than 1.15 x what its map has against the truth (FSC 0.5, same mask).
+
+    Measured: map vs truth 5.74 A, written halves 9.01 A (the data alone: conservative, the prior's gain is
+    not counted), regularised halves 5.64 A. At known poses the regularised halves happen not to over-claim;
+    in a full refinement, where each half's poses are found against its own regularised map, they claimed
+    4.36 A for a map good to 7.38 A (issue 12), which this M-step test cannot reproduce."""
+    from cryocli.analysis.fsc import fsc_curve, threshold_crossing
+    from cryocli.engines.refine.sparse_tv import SparseTVRefineEngine
+
+    k = _known_pose_halves()
+    n, apix, vol, mask, r_max = k["n"], k["apix"], k["vol"], k["mask"], k["r_max"]
+    engine, cfg = SparseTVRefineEngine(), SparseTVConfig(ref="ref.mrc")
+    state = engine.new_m_step_state()
+    engine.begin_m_step(state, k["kernel"], n, r_max, cfg)
+    refs = [engine.reconstruct_half(state, d, w, n, k["fsc"], torch.zeros_like(vol), r_max, cfg, half=i + 1)
+            for i, (d, w) in enumerate(k["kernel"])]
+    data = k["kernel"][0][0] + k["kernel"][1][0]
+    weight = k["kernel"][0][1] + k["kernel"][1][1]
+    joined = engine.reconstruct_half(state, data, weight, n, k["fsc"], 0.5 * (refs[0] + refs[1]), r_max, cfg,
+                                     joined=True)
+    written, regularised = engine.written_half_maps(refs, k["trilinear"], n, r_max)
+    assert regularised is not None
+
+    def resolution(a: torch.Tensor, b: torch.Tensor, threshold: float) -> float:
+        return threshold_crossing(fsc_curve(a * mask, b * mask), n, apix, threshold).resolution
+
+    truth = resolution(joined, vol, 0.5)
+    claimed = resolution(written[0], written[1], 0.143)
+    inflated = resolution(regularised[0], regularised[1], 0.143)
+    print(f"map vs truth (0.5) {truth:.2f} A; written halves (0.143) {claimed:.2f} A; regularised halves {inflated:.2f} A")
+    assert claimed / truth >= 0.87

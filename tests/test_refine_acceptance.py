@@ -1,10 +1,8 @@
 """Acceptance tests of issue 5 for `cryocli refine` (end to end on simulated 4AKE and C2 HIV protease).
 
-The relion run on 4AKE is part of the default suite (about 2.5 minutes on 2 cores). The sparse-tv run on
-the same data (5-8 minutes: it refines one HEALPix order further and searches beta) and the C2 protease
-run (about 4 minutes) are marked `acceptance`: with sparse-tv the default suite took 13.5 minutes on 2
-cores, too close to its 15-minute budget. Run them with
-`bash scripts/test.sh -m acceptance tests/test_refine_acceptance.py -s`.
+The relion and sparse-tv runs on 4AKE are part of the default suite (about 2.5 and 5-8 minutes on 2 cores;
+issue 12 asks both there, and the suite's budget is 20 minutes); the C2 protease run (about 4 minutes) is
+marked `acceptance`: `bash scripts/test.sh -m acceptance tests/test_refine_acceptance.py -s`.
 
 The datasets follow the issue: 1,500 particles, box 64 px at 2.5 A/px (Nyquist 5 A), SNR 0.1, shifts
 (sigma 2 px) on. The
@@ -107,7 +105,7 @@ def adk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _simulate(tmp_path_factory.mktemp("adk"), need(MODELS / "4ake_adk_open.pdb"), 1500)
 
 
-@pytest.mark.parametrize("method", ["relion", pytest.param("sparse-tv", marks=pytest.mark.acceptance)])
+@pytest.mark.parametrize("method", ["relion", "sparse-tv"])
 def test_refine_adk_from_40A_reference(adk: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     sim, ref = adk
     out = tmp_path / method
@@ -132,6 +130,18 @@ def test_refine_adk_from_40A_reference(adk: tuple[Path, Path], tmp_path: Path, m
     pp = runner.invoke(app, ["--json", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
                              "-o", str(tmp_path / "pp")])
     assert pp.exit_code == 0, pp.output
+    # Issue 12: the resolution a user reads from the written half maps (postprocess --auto-mask) is one the map
+    # supports: at least 0.87 x (1 / 1.15) the FSC 0.5 resolution of the postprocessed map against the truth.
+    # Before, sparse-tv's regularised half maps gave 4.36 A for a map good to 7.38 A (ratio 0.59).
+    auto = runner.invoke(app, ["--json", "postprocess", str(out / "half1_unfil.mrc"), str(out / "half2_unfil.mrc"),
+                               "--auto-mask", "-o", str(tmp_path / "pp_auto")])
+    assert auto.exit_code == 0, auto.output
+    user = json.loads(auto.output.strip().splitlines()[-1])["resolution_A"]
+    print(f"{method}: postprocess --auto-mask {user:.2f} A; summary check {summary['postprocess_resolution_A']:.2f} A "
+          f"against the postprocessed map vs truth {summary['postprocessed_vs_truth_fsc05_A']:.2f} A "
+          f"(ratio {summary['postprocess_over_truth']:.3f})")
+    assert user == pytest.approx(summary["postprocess_resolution_A"], rel=1e-6)
+    assert summary["postprocess_over_truth"] >= 0.87
 
 
 @pytest.mark.acceptance

@@ -101,6 +101,10 @@ def print_summary(s: dict[str, Any]) -> None:
             line += (f"; rotation error after global alignment: median {s['final_rot_err_median']:.2f} deg, "
                      f"mean {s['final_rot_err_mean']:.2f} deg")
         con.print(line)
+    if "postprocess_resolution_A" in s:
+        con.print(f"check: postprocess of the half maps {s['postprocess_resolution_A']:.2f} A against the postprocessed "
+                  f"map vs truth at FSC 0.5 {s['postprocessed_vs_truth_fsc05_A']:.2f} A (ratio "
+                  f"{s['postprocess_over_truth']:.2f}; below 0.87 the half maps claim more than the map has)")
     if s.get("contour_level") is not None:
         con.print(f"ChimeraX: volume #1 level {s['contour_level']:.4g} ({s['contour_basis']})")
     emit_json(s)

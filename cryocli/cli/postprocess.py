@@ -181,19 +181,12 @@ def _cause(result: Any, bfactor: float | None, low_pass: float, mtf_path: Path |
 
 def _make_auto_mask(a: Any, b: Any, voxel: float, threshold: float | None, extend: float, soft_edge: float,
                     lowpass: float) -> Any:
-    from cryocli.imaging.filters import lowpass_filter
-    from cryocli.imaging.masks import auto_mask
+    from cryocli.analysis.postprocess import auto_mask_from_halves
 
-    avg = (a + b) / 2
-    if threshold is None:
-        ref = lowpass_filter(avg, voxel, lowpass) if lowpass > 0 else avg
-        # RELION's fixed 0.02 only suits maps on its usual scale; 10% of the maximum clears the noise
-        # of typical half-map averages after the low-pass.
-        threshold = 0.1 * float(ref.max())
-    mask = auto_mask(avg, voxel, threshold, extend, soft_edge, lowpass if lowpass > 0 else None)
-    if float(mask.max()) <= 0.5:
-        raise CryocliError(f"--auto-mask: no voxel reaches the threshold {threshold:.4g}; lower --ini-threshold")
-    return mask.cpu().numpy()
+    try:
+        return auto_mask_from_halves(a, b, voxel, threshold, extend, soft_edge, lowpass)
+    except CryocliError as exc:
+        raise CryocliError(f"--auto-mask: {exc.message}; lower --ini-threshold") from None
 
 
 def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask: Any, half1: str, half2: str,

@@ -95,14 +95,16 @@ class Reconstruction:
     rotations: ``(N, 3, 3)`` RELION ``A`` of the particles the engine saw, in their order.
     origins_angstrom: ``(N, 2)`` ``[x, y]`` RELION origins (rlnOriginX/YAngst) in Angstrom.
     particle_rows: ``(N,)`` 0-based rows of the input table the poses belong to (set by the run).
-    half_volumes: the two half maps when the run made them (each from its own half of the data).
+    half_volumes: the two half maps when the run made them (each from its own half of the data): the ones to
+    postprocess, whose FSC the reported resolution is. regularised_half_volumes: a method's regularised half maps
+    when they differ from those (sparse-tv), written under their own names.
     particle_columns: method-specific per-particle STAR columns ``{rlnName: (N,)}``.
     metrics: one row per epoch or iteration (what ``metrics.csv`` holds).
     model_history: per-iteration model (refinement only; ``model.star``).
     gold_standard_fsc: ``(n // 2 + 1,)`` FSC between independent half maps, or ``None``.
     resolution_A: gold-standard FSC 0.143 resolution (Angstrom), or ``None`` without half maps.
-    halfmaps_resolution_A: FSC 0.143 between the written half maps when it differs in kind from the
-    gold standard (regularised half maps), else ``None``.
+    halfmaps_resolution_A: FSC 0.143 between the written ``half_volumes`` (RELION's MAP halves for relion; the
+    unregularised ones for sparse-tv), or ``None``.
     converged: whether the method's own convergence criterion was met (``None``: it has none).
     inverted: whether the images were multiplied by -1. half_alignment: how the second half run was aligned
     onto the first (ab initio ``--halves``). method_summary: method-specific figures for the run summary,
@@ -117,6 +119,7 @@ class Reconstruction:
     origins_angstrom: Tensor
     particle_rows: np.ndarray | None = None
     half_volumes: tuple[Tensor, Tensor] | None = None
+    regularised_half_volumes: tuple[Tensor, Tensor] | None = None
     particle_columns: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     model_history: list[ModelIteration] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """The one writer of a run directory (``abinitio -o run/``, ``refine -o ref/``), and its guarantees.
 
-Files: ``map.mrc`` (and ``map_unfil.mrc``), ``half1_unfil.mrc``/``half2_unfil.mrc``, ``particles.star`` (input columns kept, poses,
+Files: ``map.mrc`` (and ``map_unfil.mrc``), ``half1_unfil.mrc``/``half2_unfil.mrc`` (and a method's own regularised
+``half1_regularised.mrc``/``half2_regularised.mrc``), ``particles.star`` (input columns kept, poses,
 origins and the method's per-particle columns in RELION 3.1 form, image names as RELION writes them),
 ``model.star`` (refinement), ``fsc.star``, ``fsc.png``, ``report.png`` and ``angdist.bild`` (refreshed at each
 checkpoint), ``metrics.csv``, ``log.jsonl``, ``checkpoint.pt``.
@@ -216,6 +217,9 @@ class RunDirectory:
             maps["map_unfil.mrc"] = result.unfiltered_volume
         if result.half_volumes is not None:
             maps.update({"half1_unfil.mrc": result.half_volumes[0], "half2_unfil.mrc": result.half_volumes[1]})
+        if result.regularised_half_volumes is not None:
+            maps.update({"half1_regularised.mrc": result.regularised_half_volumes[0],
+                         "half2_regularised.mrc": result.regularised_half_volumes[1]})
         arrays = {name: _checked_map(name, volume) for name, volume in maps.items()}
         written: dict[str, str] = {}
         vs, n = float(result.voxel_size), result.box
@@ -227,6 +231,9 @@ class RunDirectory:
             written["map_unfil"] = str(self.final_file("map_unfil.mrc"))
         if result.half_volumes is not None:
             written["half1"], written["half2"] = (str(self.final_file(f"half{i}_unfil.mrc")) for i in (1, 2))
+        if result.regularised_half_volumes is not None:
+            written["half1_regularised"], written["half2_regularised"] = (
+                str(self.final_file(f"half{i}_regularised.mrc")) for i in (1, 2))
         rows = result.particle_rows if result.particle_rows is not None else np.arange(len(table))
         rot, tilt, psi = matrix_to_euler(result.rotations.detach().cpu().to(torch.float64))
         posed = table.subset(rows).with_poses(rot.numpy(), tilt.numpy(), psi.numpy(),

@@ -340,6 +340,7 @@ class RelionRefineEngine:
             m_state.restore(saved.get("m_step", {}))
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
+        trilinear: list[tuple[Tensor, Tensor]] = []
         r_max = self._r_max(n, apix, sampling.best_resolution, cfg)
         converged = False
         it = start
@@ -349,7 +350,7 @@ class RelionRefineEngine:
             e = self._e_step(ctx, refs, rot, origins, sigma2, sampling, r_max, first=(it == 1))
             change_deg = float(torch.rad2deg(symmetric_distance(e.rot, rot, ctx.sym_ops)).mean())
             change_px = float(((e.origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
-            rot, origins, accumulators = e.rot, e.origins, e.accumulators
+            rot, origins, accumulators, trilinear = e.rot, e.origins, e.accumulators, e.trilinear
             sigma2 = e.noise.sigma2(sigma2)
             fsc = self._gold_standard_fsc(e.trilinear, n, r_max)
             res = threshold_crossing(fsc, n, apix, 0.143).resolution
@@ -386,7 +387,8 @@ class RelionRefineEngine:
             it += 1
         if not accumulators:
             raise OptionError("epochs", cfg.epochs, "the resumed run has no iteration left to run; raise it")
-        return self._finish(ctx, m_state, accumulators, refs, rot, origins, fsc, r_max, converged, history, reporter)
+        return self._finish(ctx, m_state, accumulators, trilinear, refs, rot, origins, fsc, r_max, converged, history,
+                            reporter)
 
     def _setup(self, data: ParticleStack, cfg: RefineConfig) -> RunContext:
         """Check the options and prepare what every iteration reads."""
@@ -445,21 +447,32 @@ class RelionRefineEngine:
         fsc[r_max + 1:] = 0.0
         return fsc
 
+    def written_half_maps(self, refs: list[Tensor], trilinear: list[tuple[Tensor, Tensor]], n: int,
+                          r_max: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """The half maps written as ``half1_unfil.mrc`` / ``half2_unfil.mrc`` (what users postprocess), and the
+        regularised half maps to write under their own names (``None``: they are the same). RELION's: the MAP
+        half maps, as relion_refine writes its ``run_half*_unfil.mrc``."""
+        return (refs[0], refs[1]), None
+
     def _finish(self, ctx: RunContext, m_state: MStepState, accumulators: list[tuple[Tensor, Tensor]],
-                refs: list[Tensor], rot: Tensor, origins: Tensor, fsc: np.ndarray, r_max: int, converged: bool,
-                history: list[ModelIteration], reporter: Reporter) -> Reconstruction:
+                trilinear: list[tuple[Tensor, Tensor]], refs: list[Tensor], rot: Tensor, origins: Tensor,
+                fsc: np.ndarray, r_max: int, converged: bool, history: list[ModelIteration],
+                reporter: Reporter) -> Reconstruction:
         """The joined map from both halves' accumulators, and the result."""
         n, apix = ctx.n, ctx.apix
         final = self.reconstruct_half(m_state, accumulators[0][0] + accumulators[1][0],
                                       accumulators[0][1] + accumulators[1][1], n, fsc, 0.5 * (refs[0] + refs[1]),
                                       r_max, ctx.cfg, joined=True)
-        halfmaps = threshold_crossing(half_map_fsc(refs[0], refs[1]), n, apix, 0.143).resolution
+        halves, regularised = self.written_half_maps(refs, trilinear, n, r_max)
+        halfmaps = threshold_crossing(half_map_fsc(halves[0], halves[1]), n, apix, 0.143).resolution
         columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
                    "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),
                    "rlnLogLikeliContribution": ctx.stats["loglik"].cpu().numpy()}
         return Reconstruction(
             volume=final.cpu(), voxel_size=apix, rotations=rot.cpu(), origins_angstrom=origins.cpu(),
-            half_volumes=(refs[0].cpu(), refs[1].cpu()), particle_columns=columns,
+            half_volumes=(halves[0].cpu(), halves[1].cpu()),
+            regularised_half_volumes=None if regularised is None else (regularised[0].cpu(), regularised[1].cpu()),
+            particle_columns=columns,
             metrics=[r for r in reporter.history if r.get("run") == reporter.run_name], model_history=history,
             gold_standard_fsc=fsc.copy(), resolution_A=threshold_crossing(fsc, n, apix, 0.143).resolution,
             halfmaps_resolution_A=halfmaps, converged=converged, inverted=ctx.parts.inverted, symmetry=ctx.cfg.sym,

@@ -27,6 +27,12 @@ def refine(
                                       "(2: 15 deg coarse, 7.5 deg after oversampling)."),
     offset_range: float = typer.Option(5.0, "--offset-range", help="Translational search range (pixels)."),
     offset_step: float = typer.Option(2.0, "--offset-step", help="Translational search step (pixels)."),
+    solvent_mask: Path | None = typer.Option(None, "--solvent-mask", help="Mask map in [0, 1] (same field of view) "
+                                             "applied to the references instead of the soft sphere of "
+                                             "--particle-diameter, as RELION's --solvent_mask."),
+    solvent_correct_fsc: bool = typer.Option(False, "--solvent-correct-fsc", help="Compute the gold-standard FSC "
+                                             "inside --solvent-mask, corrected by phase randomisation (RELION's "
+                                             "--solvent_correct_fsc): the resolution and tau^2 follow it."),
     particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Soft spherical mask "
                                                       "on the references (A) [default: 0.8 x box]."),
     kernel: str | None = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear or gaussian "
@@ -63,6 +69,8 @@ def refine(
     with guarded():
         if not ref.is_file():
             raise CryocliError("reference map not found", ref)
+        if solvent_mask is not None and not solvent_mask.is_file():
+            raise CryocliError("solvent mask not found", solvent_mask)
     options: dict[str, Any] = {
         "ref": str(ref), "epochs": max_iter, "ini_lowpass": ini_lowpass, "tau2_fudge": tau2_fudge, "sym": sym,
         "healpix_order": healpix_order, "offset_range": offset_range, "offset_step": offset_step,
@@ -70,6 +78,8 @@ def refine(
         "max_particles": max_particles, "invert": invert, "use_ctf": False if no_ctf else None,
         "eps": eps, "eps_prime": eps_prime, "alpha": alpha, "beta": beta, "gamma": gamma,
         "tv_iters": tv_iters, "tv_lr": tv_lr,
+        "solvent_mask": str(solvent_mask) if solvent_mask is not None else None,
+        "solvent_correct_fsc": solvent_correct_fsc or None,
     }
     summary = run_engine_command("refine", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.analysis.fsc import threshold_crossing
+from cryocli.analysis.fsc import corrected_masked_fsc, threshold_crossing
 from cryocli.engines.common.kernel_backprojection import (
     BackProjectorLike,
     GaussianKernelBackProjector,
@@ -99,6 +99,9 @@ class RefineConfig(EngineConfig):
     incr_size: Fourier pixels compared beyond the current resolution (10). pose_estimate: ``mean`` (the
     posterior mean around the most probable pose) or ``best`` (RELION's most probable pose).
     accuracy_particles: particles used to estimate the angular accuracy each iteration (200).
+    solvent_mask: path of a mask map in [0, 1] (RELION's ``--solvent_mask``) that replaces the soft sphere of
+    ``particle_diameter`` on the references. solvent_correct_fsc: the gold-standard FSC is computed inside that
+    mask, corrected by phase randomisation (RELION's ``--solvent_correct_fsc``), for the resolution and tau^2.
     """
 
     epochs: int = 25
@@ -118,6 +121,8 @@ class RefineConfig(EngineConfig):
     incr_size: int = 10
     pose_estimate: str = "mean"
     accuracy_particles: int = 200
+    solvent_mask: str | None = None
+    solvent_correct_fsc: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -147,6 +152,8 @@ class RefineConfig(EngineConfig):
             parse_symmetry(self.sym)
         except CryocliError as exc:
             raise OptionError("sym", self.sym, exc.message) from None
+        if self.solvent_correct_fsc and self.solvent_mask is None:
+            raise OptionError("solvent_correct_fsc", True, "needs a solvent mask")
 
 
 @dataclass
@@ -352,7 +359,7 @@ class RelionRefineEngine:
             change_px = float(((e.origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
             rot, origins, accumulators, trilinear = e.rot, e.origins, e.accumulators, e.trilinear
             sigma2 = e.noise.sigma2(sigma2)
-            fsc = self._gold_standard_fsc(e.trilinear, n, r_max)
+            fsc = self._gold_standard_fsc(e.trilinear, n, r_max, ctx.mask if cfg.solvent_correct_fsc else None)
             res = threshold_crossing(fsc, n, apix, 0.143).resolution
             self.begin_m_step(m_state, accumulators, n, r_max, cfg)
             maps = [self.reconstruct_half(m_state, d, w, n, fsc, refs[i], r_max, cfg, half=i + 1)
@@ -406,7 +413,8 @@ class RelionRefineEngine:
         groups = self._optics_groups(data)
         return RunContext(
             cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev), n=n, apix=apix, diameter=diameter,
-            mask=soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev),
+            mask=(self._solvent_mask(cfg.solvent_mask, n, apix).to(dev) if cfg.solvent_mask is not None else
+                  soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)),
             sym_ops=None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev),
             groups=groups, n_groups=int(groups.max()) + 1,
             grid=SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32),
@@ -439,10 +447,21 @@ class RelionRefineEngine:
         return out
 
     @staticmethod
-    def _gold_standard_fsc(trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int) -> np.ndarray:
+    def _gold_standard_fsc(trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int,
+                           mask: Tensor | None = None) -> np.ndarray:
         """FSC of the relion_reconstruct-style (trilinear, unregularised) half maps: it measures the poses
-        alone, the same way for every method and kernel; zero beyond ``r_max``."""
+        alone, the same way for every method and kernel; zero beyond ``r_max``. With a solvent ``mask``
+        (``solvent_correct_fsc``), the FSC inside it, corrected by phase randomisation as relion_postprocess
+        does (while the unmasked FSC never drops below 0.8 there is nothing to randomise: the masked FSC)."""
         unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
+        if mask is not None:
+            try:
+                corrected = np.nan_to_num(corrected_masked_fsc(unreg[0], unreg[1], mask).corrected)
+                return np.where(np.arange(n // 2 + 1) <= r_max, corrected, 0.0)
+            except ValueError:
+                masked = half_map_fsc(unreg[0] * mask, unreg[1] * mask)
+                masked[r_max + 1:] = 0.0
+                return masked
         fsc = half_map_fsc(unreg[0], unreg[1])
         fsc[r_max + 1:] = 0.0
         return fsc
@@ -484,6 +503,8 @@ class RelionRefineEngine:
         covering another field of view than the particles (its pixel size times its box)."""
         assert isinstance(config, RefineConfig)
         self._reference_map(config, data.box, data.pixel_size)
+        if config.solvent_mask is not None:
+            self._solvent_mask(config.solvent_mask, data.box, data.pixel_size)
 
     def _reference_map(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:
         """The reference as given ``(m, m, m)`` (CPU), checked against particles of box ``n`` at ``apix`` A."""
@@ -500,6 +521,27 @@ class RelionRefineEngine:
             raise CryocliError("the reference map has NaN or infinite values", cfg.ref)
         if float(vol.std()) == 0.0:
             raise CryocliError("the reference map is empty (constant)", cfg.ref)
+        return vol
+
+    @staticmethod
+    def _solvent_mask(path: str, n: int, apix: float) -> Tensor:
+        """The user's solvent mask on the run's grid (box ``n`` at ``apix`` A), values in [0, 1]; refused when it
+        covers another field of view, is not finite, leaves [0, 1] or holds no voxel above 0.5."""
+        mask_map = read_map(path)
+        vol = torch.as_tensor(np.array(mask_map.data, dtype=np.float32))
+        side_mask, side_data = vol.shape[-1] * mask_map.voxel_size, n * apix
+        if abs(side_mask - side_data) > 0.01 * side_data:
+            raise CryocliError(f"the solvent mask covers {side_mask:.1f} A but the particles {side_data:.1f} A", path)
+        if not bool(torch.isfinite(vol).all()):
+            raise CryocliError("the solvent mask has NaN or infinite values", path)
+        lo, hi = float(vol.min()), float(vol.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise CryocliError(f"a solvent mask holds values in [0, 1], this one {lo:.4g} .. {hi:.4g}", path)
+        if vol.shape[-1] != n:
+            vol = fourier_resample_volume(vol, n).to(torch.float32)
+        vol = vol.clamp(0.0, 1.0)
+        if not bool((vol > 0.5).any()):
+            raise CryocliError("the solvent mask has no voxel above 0.5", path)
         return vol
 
     def _reference(self, cfg: RefineConfig, n: int, apix: float) -> Tensor:

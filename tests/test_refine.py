@@ -264,7 +264,7 @@ def test_sparse_tv_written_half_maps_claim_no_more_than_its_map_has() -> None:
     weight = k["kernel"][0][1] + k["kernel"][1][1]
     joined = engine.reconstruct_half(state, data, weight, n, k["fsc"], 0.5 * (refs[0] + refs[1]), r_max, cfg,
                                      joined=True)
-    written, regularised = engine.written_half_maps(refs, k["trilinear"], n, r_max)
+    written, regularised = engine.written_half_maps(refs, k["trilinear"], n, r_max, apix, cfg)
     assert regularised is not None
 
     def resolution(a: torch.Tensor, b: torch.Tensor, threshold: float) -> float:

@@ -174,7 +174,10 @@ def run_summary(method: str, request: RunRequest, result: Reconstruction, scores
         if truth is not None and truth.rotations is not None and result.particle_rows is not None:
             s.update({f"final_{k}": v for k, v in truth.score_poses(result.rotations, result.particle_rows).items()})
         if truth is not None and result.half_volumes is not None:
-            s.update(postprocess_check(result, truth))
+            try:
+                s.update(postprocess_check(result, truth))
+            except CryocliError as exc:  # e.g. no voxel above the automatic mask's threshold: say so, keep the run
+                s["postprocess_check"] = f"not possible: {exc.message}"
     return s
 
 
@@ -188,7 +191,8 @@ def postprocess_check(result: Reconstruction, truth: GroundTruth) -> dict[str, f
     assert result.half_volumes is not None
     a, b = (np.asarray(h.detach().cpu(), dtype=np.float64) for h in result.half_volumes)
     mask = auto_mask_from_halves(a, b, result.voxel_size)
-    pp = postprocess(a, b, result.voxel_size, mask)
+    # The resolution does not depend on sharpening: no B-factor (a Guinier fit needs shells a small box lacks).
+    pp = postprocess(a, b, result.voxel_size, mask, auto_bfactor=False)
     shown = pp.map_masked if pp.map_masked is not None else pp.map
     against = truth.score_map(torch.as_tensor(shown, dtype=torch.float32), result.voxel_size)["res_fsc05"]
     return {"postprocess_resolution_A": float(pp.resolution), "postprocessed_vs_truth_fsc05_A": float(against),

@@ -466,8 +466,8 @@ class RelionRefineEngine:
         fsc[r_max + 1:] = 0.0
         return fsc
 
-    def written_half_maps(self, refs: list[Tensor], trilinear: list[tuple[Tensor, Tensor]], n: int,
-                          r_max: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    def written_half_maps(self, refs: list[Tensor], trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int,
+                          voxel_size: float, cfg: RefineConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         """The half maps written as ``half1_unfil.mrc`` / ``half2_unfil.mrc`` (what users postprocess), and the
         regularised half maps to write under their own names (``None``: they are the same). RELION's: the MAP
         half maps, as relion_refine writes its ``run_half*_unfil.mrc``."""
@@ -482,7 +482,7 @@ class RelionRefineEngine:
         final = self.reconstruct_half(m_state, accumulators[0][0] + accumulators[1][0],
                                       accumulators[0][1] + accumulators[1][1], n, fsc, 0.5 * (refs[0] + refs[1]),
                                       r_max, ctx.cfg, joined=True)
-        halves, regularised = self.written_half_maps(refs, trilinear, n, r_max)
+        halves, regularised = self.written_half_maps(refs, trilinear, n, r_max, apix, ctx.cfg)
         halfmaps = threshold_crossing(half_map_fsc(halves[0], halves[1]), n, apix, 0.143).resolution
         columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
                    "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from cryocli.engines.common.kernel_backprojection import kernel_envelope
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine
-from cryocli.engines.refine.maps import fsc_to_ssnr, map_reconstruct, unregularised_map
+from cryocli.engines.refine.maps import fsc_to_ssnr, join_low_resolution, map_reconstruct, unregularised_map
 from cryocli.engines.refine.relion import MStepState, RefineConfig, RelionRefineEngine
 from cryocli.errors import OptionError
 from cryocli.imaging.fourier import radius2_3d, radius_3d
@@ -313,15 +313,18 @@ class SparseTVRefineEngine(RelionRefineEngine):
                               "solved in real space by proximal gradient with Gaussian-kernel backprojection.")
     config_class: ClassVar[type[EngineConfig]] = SparseTVConfig
 
-    def written_half_maps(self, refs: list[Tensor], trilinear: list[tuple[Tensor, Tensor]], n: int,
-                          r_max: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    def written_half_maps(self, refs: list[Tensor], trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int,
+                          voxel_size: float, cfg: RefineConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         """The unregularised (relion_reconstruct-style) half maps at the final poses as ``half*_unfil.mrc``, and
         the sparse + TV half maps under their own names. The two regularised halves share the penalty's sparsity
         pattern and TV structure, so their FSC correlates the penalty, not the signal: fed to postprocess they
         gave 4.36 A for a map that agreed with the truth to 7.38 A. The unregularised halves measure the poses
-        alone; their FSC is the gold standard the run reports."""
+        alone; their FSC is the gold standard the run reports. Below ``low_resol_join_halves`` (40 A) they are
+        joined as RELION joins its half maps (and as the references were), so both methods' half maps follow
+        one convention."""
         unreg = [unregularised_map(d, w, n, 2, r_max) for d, w in trilinear]
-        return (unreg[0], unreg[1]), (refs[0], refs[1])
+        joined = join_low_resolution(unreg[0], unreg[1], voxel_size, cfg.low_resol_join_halves)
+        return joined, (refs[0], refs[1])
 
     def new_m_step_state(self) -> SparseTVState:
         """A run's M-step state (the checkpoint keeps each half's beta scale and whether a previous map exists,

@@ -31,26 +31,10 @@ def default_file_mode() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and an ``os.replace``.
-
-    An interrupted write never leaves a partial file under the final name, and an existing file is
-    replaced only once the new content is complete. The file gets the usual umask permissions
-    (``mkstemp`` alone would make it private).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` through :func:`atomic_write_bytes`: a temporary file
+    in the same folder and an ``os.replace``, so an interrupted write never leaves a partial file under the final
+    name, and an existing file is replaced only once the new content is complete (umask permissions)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def stack_candidates(name: str, star_dir: Path | None, datadir: Path | None) -> list[Path]:

@@ -96,7 +96,7 @@ class SourceStamp:
         try:
             if SourceStamp.of(path, self.block) != self:
                 return {}
-            blocks = _parse_blocks(path, _read_text(path), as_text=True)
+            blocks = _parse_blocks(path, read_star_text(path), as_text=True)
         except (OSError, CryocliError):
             return {}
         frames = {"particles": _as_frame(blocks.get(self.block)), "optics": _as_frame(blocks.get("optics"))}
@@ -421,7 +421,7 @@ def read_star(path: str | Path, require_images: bool = False) -> ParticleTable:
     """
     path = Path(path)
     stamp = SourceStamp.of(path, "") if path.is_file() else None
-    text = _read_text(path)
+    text = read_star_text(path)
     blocks = _parse_blocks(path, text, as_text=False)
     name, particles = _find_particle_block(blocks, path)
     _validate(particles, f"data_{name}", path)
@@ -442,7 +442,9 @@ def read_star(path: str | Path, require_images: bool = False) -> ParticleTable:
     return table
 
 
-def _read_text(path: Path) -> str:
+def read_star_text(path: str | Path) -> str:
+    """The text of a STAR file; CryocliError when it is missing, binary, not UTF-8 or has no data_ block."""
+    path = Path(path)
     if not path.exists():
         raise CryocliError("file not found", path)
     if not path.is_file():

@@ -31,6 +31,7 @@ import pandas as pd
 
 from cryocli.errors import CryocliError
 from cryocli.io.mrc import open_stack, stack_info
+from cryocli.io.star import read_star_text
 
 CTF_OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 STAR_SUFFIXES = {".star"}
@@ -83,26 +84,6 @@ class BlockOutline:
     loop: bool = False
     labels: list[str] = field(default_factory=list)
     rows: int = 0
-
-
-def read_star_text(path: str | Path) -> str:
-    """The text of a STAR file; CryocliError when it is missing, binary, not UTF-8 or has no data_ block."""
-    path = Path(path)
-    if not path.is_file():
-        raise CryocliError("file not found" if not path.exists() else "not a file", path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CryocliError(f"cannot read file ({exc.strerror})", path) from exc
-    if b"\x00" in raw:
-        raise CryocliError("not a STAR file (binary content)", path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CryocliError("not a STAR file (not UTF-8 text)", path) from exc
-    if not re.search(r"^\s*data_", text, re.MULTILINE):
-        raise CryocliError("not a STAR file (no data_ block)", path)
-    return text
 
 
 def scan_blocks(text: str) -> list[BlockOutline]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryocli.engines.refine.relion import Sampling, update_sampling
+from cryocli.engines.refine.relion import Sampling, euler_axes_distance, symmetric_distance, update_sampling
 from cryocli.engines.refine.scoring import rotation_errors_modulo_cn, rotation_errors_modulo_cn_aligned
 from cryocli.engines.refine.sparse_tv import (NormalEquations, SparseTVConfig, beta_candidates, differences_adjoint,
                                               forward_differences, objective, scaled_parameters, solve_sparse_tv)
@@ -90,6 +90,36 @@ def test_sampling_refines_only_after_no_gain_and_no_large_changes() -> None:
     assert not update_sampling(s, 9.0, 1.0, 0.1, 6.0, 0.5, 3.75, 5, 1)
     assert update_sampling(s, 9.2, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1)
     assert s.level == 1
+
+
+def test_minimum_angular_sampling_keeps_refining_past_the_accuracy_estimate() -> None:
+    s = Sampling(level=1, local=True, offset_range=2.0, offset_step=1.0, best_resolution=9.0, iters_without_gain=1,
+                 iters_without_change=1)
+    # 3.75 deg is below 75% of the 6 deg accuracy, but --minimum-angular-sampling 2 asks for a finer step.
+    assert not update_sampling(s, 9.2, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1, minimum_step_deg=2.0) and s.level == 2
+    s.iters_without_gain = s.iters_without_change = 1
+    assert update_sampling(s, 9.2, 0.5, 0.1, 6.0, 0.5, 1.875, 5, 1, minimum_step_deg=2.0)
+
+
+def test_pose_changes_use_relions_euler_axes_distance() -> None:
+    """RELION measures pose changes by the mean angle between the rotation matrices' rows: a turn by t about
+    z moves two rows by t and leaves the third, 2 t / 3; about a generic axis it lies between 2 t / 3 and t."""
+    t = torch.tensor(9.0, dtype=torch.float64)
+    turn = euler_to_matrix(t, torch.zeros((), dtype=t.dtype), torch.zeros((), dtype=t.dtype))
+    assert math.degrees(float(euler_axes_distance(turn, torch.eye(3, dtype=turn.dtype)))) == pytest.approx(6.0)
+    a = random_rotations(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    axis = torch.nn.functional.normalize(torch.randn(200, 3, generator=torch.Generator().manual_seed(2),
+                                                     dtype=torch.float64), dim=1)
+    from cryocli.geometry.rotations import rotation_about_axis
+
+    b = rotation_about_axis(axis, torch.full((200,), math.radians(9.0), dtype=torch.float64)) @ a
+    d = torch.rad2deg(symmetric_distance(b, a, None))
+    assert (d >= 6.0 - 1e-6).all() and (d <= 9.0 + 1e-6).all() and d.std() > 0.1
+    # Modulo C2 about z: a pose and its copy turned by 180 degrees about z are 0 apart.
+    from cryocli.geometry.symmetry import symmetry_operators
+
+    ops = symmetry_operators("C2", torch.float64, "cpu")
+    assert float(symmetric_distance(a @ ops[1], a, ops).max()) < 1e-6
 
 
 def test_beta_candidates_bracket_the_kept_scale() -> None:

@@ -47,9 +47,14 @@ def test_refine_runs_on_real_particles_and_feeds_postprocess(reference: Path, tm
     assert len(table) == len(source)
     for column in source.particles.columns:
         assert column in table.particles.columns, column
-    for column in ("rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
+    for column in ("rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution",
+                   "rlnNormCorrection"):
         assert column in table.particles.columns, column
+    assert table.particles["rlnNormCorrection"].astype(float).mean() == pytest.approx(1.0, abs=1e-4)
     model = starfile.read(out / "model.star", always_dict=True)
+    groups = model["model_groups"]  # --scale on by default, as RELION's auto-refine job
+    assert groups["rlnGroupNrParticles"].sum() == len(source)
+    assert (groups["rlnGroupScaleCorrection"] > 0).all()
     shells = model["model_class_1"]
     assert {"rlnGoldStandardFsc", "rlnSsnrMap", "rlnReferenceTau2"} <= set(shells.columns)
     assert (shells["rlnReferenceTau2"] >= 0).all() and (shells["rlnReferenceTau2"] > 0).any()

@@ -33,6 +33,15 @@ def refine(
     solvent_correct_fsc: bool = typer.Option(False, "--solvent-correct-fsc", help="Compute the gold-standard FSC "
                                              "inside --solvent-mask, corrected by phase randomisation (RELION's "
                                              "--solvent_correct_fsc): the resolution and tau^2 follow it."),
+    minimum_angular_sampling: float = typer.Option(0.0, "--minimum-angular-sampling", help="Keep refining the "
+                                                   "angular sampling until its fine step is at most this (degrees; "
+                                                   "RELION's --minimum_angular_sampling), even when the estimated "
+                                                   "accuracy would stop it [default: 0, off]."),
+    norm: bool = typer.Option(True, "--norm/--no-norm", help="Per-particle normalisation correction "
+                              "(RELION's --norm): each image's scale from its residual power; rlnNormCorrection."),
+    scale: bool = typer.Option(True, "--scale/--no-scale", help="Per-group intensity scale correction (RELION's "
+                               "--scale); groups from rlnGroupNumber, rlnGroupName or rlnMicrographName; "
+                               "rlnGroupScaleCorrection in model.star."),
     particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Soft spherical mask "
                                                       "on the references (A) [default: 0.8 x box]."),
     kernel: str | None = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear or gaussian "
@@ -80,6 +89,7 @@ def refine(
         "tv_iters": tv_iters, "tv_lr": tv_lr,
         "solvent_mask": str(solvent_mask) if solvent_mask is not None else None,
         "solvent_correct_fsc": solvent_correct_fsc or None,
+        "norm": norm, "scale": scale, "minimum_angular_sampling": minimum_angular_sampling,
     }
     summary = run_engine_command("refine", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass)

@@ -88,6 +88,16 @@ class MapFilter:
 
 
 @dataclass
+class GroupScales:
+    """RELION's per-group intensity scale correction (``data_model_groups`` of ``model.star``): group names,
+    particles per group ``(G,)`` and the scale ``(G,)`` (particle-weighted mean 1)."""
+
+    names: list[str]
+    particles: np.ndarray
+    scale: np.ndarray
+
+
+@dataclass
 class Reconstruction:
     """What an engine returns.
 
@@ -110,7 +120,8 @@ class Reconstruction:
     onto the first (ab initio ``--halves``). method_summary: method-specific figures for the run summary,
     printed and logged as they are (never read by the writer or the command line). unfiltered_volume: the
     fitted volume when ``volume`` is a filtered viewing map (ab initio), described by ``map_filter``. symmetry:
-    the point group the map was reconstructed with.
+    the point group the map was reconstructed with. group_scales: the intensity scale per group (refine
+    ``--scale``).
     """
 
     volume: Tensor
@@ -133,6 +144,7 @@ class Reconstruction:
     unfiltered_volume: Tensor | None = None
     map_filter: MapFilter | None = None
     symmetry: str = "C1"
+    group_scales: GroupScales | None = None
 
     @property
     def box(self) -> int:
@@ -149,6 +161,7 @@ class Reconstruction:
         state["model_history"] = [m.as_state() for m in self.model_history]
         state["half_alignment"] = None if self.half_alignment is None else vars(self.half_alignment).copy()
         state["map_filter"] = None if self.map_filter is None else vars(self.map_filter).copy()
+        state["group_scales"] = None if self.group_scales is None else vars(self.group_scales).copy()
         return state
 
     @staticmethod
@@ -159,4 +172,6 @@ class Reconstruction:
             values["half_alignment"] = HalfAlignment(**values["half_alignment"])
         if values.get("map_filter") is not None:
             values["map_filter"] = MapFilter(**values["map_filter"])
+        if values.get("group_scales") is not None:
+            values["group_scales"] = GroupScales(**values["group_scales"])
         return Reconstruction(**values)

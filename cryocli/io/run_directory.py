@@ -257,8 +257,8 @@ class RunDirectory:
         write_star(posed, self.file("particles.star"))
         written["particles"] = str(self.final_file("particles.star"))
         if result.model_history:
-            atomic_write_text(self.file("model.star"), model_star_text(result.model_history, n, vs,
-                                                                       result.resolution_A, result.converged, command))
+            atomic_write_text(self.file("model.star"), model_star_text(
+                result.model_history, n, vs, result.resolution_A, result.converged, command, result.group_scales))
             written["model"] = str(self.final_file("model.star"))
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         resolutions: dict[str, float] = {}

@@ -755,13 +755,14 @@ def fsc_star_text(fsc: np.ndarray, n: int, voxel_size: float, command: str = "fs
 
 
 def model_star_text(history: Sequence[Any], n: int, voxel_size: float, resolution: float | None,
-                    converged: bool | None, command: str) -> str:
+                    converged: bool | None, command: str, groups: Any = None) -> str:
     """RELION's ``run_model.star`` blocks for a refinement of box ``n`` at ``voxel_size`` Angstrom.
 
     ``history``: :class:`cryocli.engines.result.ModelIteration` per iteration. data_model_general (current
     resolution, iteration, pixel size, convergence), data_model_iterations (one row per iteration:
     resolution, image size compared, orientation and offset changes, HEALPix order), data_model_class_1 (the
-    last iteration's gold-standard FSC, SSNR and tau^2 per shell) and data_model_optics_group_<g> (sigma^2).
+    last iteration's gold-standard FSC, SSNR and tau^2 per shell), data_model_groups (``groups``, a
+    :class:`cryocli.engines.result.GroupScales`, when given) and data_model_optics_group_<g> (sigma^2).
     """
     text = star_header(command)
     text += format_star_list("model_general", {
@@ -784,6 +785,11 @@ def model_star_text(history: Sequence[Any], n: int, voxel_size: float, resolutio
         "rlnSpectralIndex": shells, "rlnResolution": 1.0 / res, "rlnAngstromResolution": res,
         "rlnGoldStandardFsc": np.asarray(last.fsc), "rlnSsnrMap": np.asarray(last.ssnr),
         "rlnReferenceTau2": np.asarray(last.tau2)})
+    if groups is not None:
+        text += format_star_loop("model_groups", {
+            "rlnGroupNumber": np.arange(1, len(groups.names) + 1), "rlnGroupName": list(groups.names),
+            "rlnGroupNrParticles": np.asarray(groups.particles, dtype=np.int64),
+            "rlnGroupScaleCorrection": np.asarray(groups.scale, dtype=np.float64)})
     for g, spectrum in enumerate(np.atleast_2d(np.asarray(last.sigma2)), start=1):
         text += format_star_loop(f"model_optics_group_{g}", {
             "rlnSpectralIndex": shells, "rlnResolution": 1.0 / res, "rlnSigma2Noise": spectrum})

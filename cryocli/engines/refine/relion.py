@@ -56,6 +56,7 @@ from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expe
 from cryocli.engines.particles import PreparedParticles, prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
+from cryocli.engines.refine.intensity import IntensityAccumulator, IntensityCorrections, intensity_groups
 from cryocli.engines.refine.maps import (
     backproject_samples,
     fsc_to_ssnr,
@@ -65,9 +66,8 @@ from cryocli.engines.refine.maps import (
     shell_tau2,
     unregularised_map,
 )
-from cryocli.engines.result import ModelIteration, Reconstruction
+from cryocli.engines.result import GroupScales, ModelIteration, Reconstruction
 from cryocli.errors import CryocliError, OptionError
-from cryocli.geometry.rotations import geodesic_distance
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.geometry.symmetry import symmetry_operators
 from cryocli.imaging.ctf import compute_ctf
@@ -102,6 +102,10 @@ class RefineConfig(EngineConfig):
     solvent_mask: path of a mask map in [0, 1] (RELION's ``--solvent_mask``) that replaces the soft sphere of
     ``particle_diameter`` on the references. solvent_correct_fsc: the gold-standard FSC is computed inside that
     mask, corrected by phase randomisation (RELION's ``--solvent_correct_fsc``), for the resolution and tau^2.
+    norm, scale: RELION's per-particle normalisation correction and per-group intensity scale correction
+    (``--norm``, ``--scale``; on, as in RELION's auto-refine job), see :mod:`cryocli.engines.refine.intensity`.
+    minimum_angular_sampling: degrees (RELION's ``--minimum_angular_sampling``; 0: none): do not stop refining
+    the angular sampling while the fine step is coarser than this, even when the accuracy estimate would.
     """
 
     epochs: int = 25
@@ -123,6 +127,9 @@ class RefineConfig(EngineConfig):
     accuracy_particles: int = 200
     solvent_mask: str | None = None
     solvent_correct_fsc: bool = False
+    norm: bool = True
+    scale: bool = True
+    minimum_angular_sampling: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -148,6 +155,7 @@ class RefineConfig(EngineConfig):
         at_least(self, "max_significant", 1)
         at_least(self, "incr_size", 0)
         at_least(self, "accuracy_particles", 1)
+        at_least(self, "minimum_angular_sampling", 0)
         try:
             parse_symmetry(self.sym)
         except CryocliError as exc:
@@ -173,15 +181,25 @@ class MStepState:
         """Take back :meth:`as_state` from a checkpoint (``--resume``)."""
 
 
+def euler_axes_distance(a: Tensor, b: Tensor) -> Tensor:
+    """RELION's angular distance between poses ``a`` and ``b`` ``(..., 3, 3)`` (radians): the mean over the three
+    rows of the rotation matrices (the Euler axes) of the angle between corresponding rows
+    (``HealpixSampling::calculateAngularDistance``). For a turn by ``t`` it lies between ``2 t / 3`` (about
+    one of the axes) and ``t``, below the geodesic angle ``t``; the auto-sampling's thresholds on pose changes
+    (40% of the fine step) are set in this measure."""
+    cos = (a * b).sum(-1).clamp(-1.0, 1.0)
+    return torch.arccos(cos).mean(-1)
+
+
 def symmetric_distance(a: Tensor, b: Tensor, sym_ops: Tensor | None) -> Tensor:
-    """Angle (radians) between poses ``a`` and ``b`` ``(N, 3, 3)`` modulo the point group: a symmetric map
-    projects alike at ``b`` and ``b L`` for every operator ``L`` ``(K, 3, 3)`` (RELION's angular distance
-    for pose changes takes the minimum over them too)."""
+    """RELION's angular distance (:func:`euler_axes_distance`, radians) between poses ``a`` and ``b`` ``(N, 3, 3)``
+    modulo the point group: a symmetric map projects alike at ``b`` and ``b L`` for every operator ``L``
+    ``(K, 3, 3)``, and RELION takes the minimum over them too."""
     a64, b64 = a.double(), b.double()
     if sym_ops is None:
-        return geodesic_distance(a64, b64)
+        return euler_axes_distance(a64, b64)
     ops = sym_ops.to(b64)
-    return geodesic_distance(a64[None], b64[None] @ ops[:, None]).min(0).values
+    return euler_axes_distance(a64[None], b64[None] @ ops[:, None]).min(0).values
 
 
 @dataclass
@@ -204,13 +222,16 @@ class Sampling:
 
 
 def update_sampling(s: Sampling, resolution: float, change_deg: float, change_px: float, acc_rot: float,
-                    acc_trans: float, fine_step_deg: float, max_level: int, local_from_level: int) -> bool:
+                    acc_trans: float, fine_step_deg: float, max_level: int, local_from_level: int,
+                    minimum_step_deg: float = 0.0) -> bool:
     """RELION's auto-refine bookkeeping after one iteration (``updateOverallChangesInHiddenVariables``,
     ``updateAngularSampling``, ``checkConvergence``); refines ``s`` in place and returns True once converged.
 
     resolution: Angstrom; change_deg: mean angular change of the poses; change_px: RMS change of the
     origins per coordinate (pixels); acc_rot (degrees), acc_trans (pixels): estimated accuracies;
-    fine_step_deg: the current fine angular step.
+    fine_step_deg: the current fine angular step. minimum_step_deg: RELION's ``--minimum_angular_sampling``
+    (0: none): the sampling keeps being refined while the fine step is coarser than it, whatever the accuracy
+    estimate says.
     """
     if resolution < s.best_resolution - 1e-6:
         s.best_resolution, s.iters_without_gain = resolution, 0
@@ -224,7 +245,8 @@ def update_sampling(s: Sampling, resolution: float, change_deg: float, change_px
     s.smallest_offset_change = min(s.smallest_offset_change, change_px)
     if s.iters_without_gain < PATIENCE or s.iters_without_change < PATIENCE:
         return False
-    if fine_step_deg < 0.75 * acc_rot or s.level >= max_level:
+    fine_enough = fine_step_deg < 0.75 * acc_rot and not (minimum_step_deg > 0 and fine_step_deg > minimum_step_deg)
+    if fine_enough or s.level >= max_level:
         return True
     # Translations as RELION: fine step at most 1.5 px and 75% of the accuracy; range five times the last
     # change, at most 30% wider than before, at least 1.5 steps and at most 4 steps.
@@ -334,6 +356,7 @@ class RelionRefineEngine:
             origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
                        else torch.zeros((len(ctx.parts), 2), device=dev))
             sigma2 = initial_sigma2(ctx.parts.images, ctx.groups, ctx.n_groups)
+            intensity = self._intensity_start(data, cfg)
             scale_px = data.box / n  # offsets are given in pixels of the data
             sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
             start, fsc, final_pass = 1, np.zeros(n // 2 + 1), False
@@ -345,6 +368,8 @@ class RelionRefineEngine:
             history = [ModelIteration.from_state(h) for h in saved["history"]]
             start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
             m_state.restore(saved.get("m_step", {}))
+            intensity = self._intensity_start(data, cfg)
+            intensity.restore(saved["intensity"])
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
         trilinear: list[tuple[Tensor, Tensor]] = []
@@ -354,11 +379,12 @@ class RelionRefineEngine:
         while it <= cfg.epochs or final_pass:
             # RELION's last iteration after convergence compares all frequencies up to Nyquist.
             r_max = n // 2 if final_pass else self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
-            e = self._e_step(ctx, refs, rot, origins, sigma2, sampling, r_max, first=(it == 1))
+            e = self._e_step(ctx, refs, rot, origins, sigma2, intensity, sampling, r_max, first=(it == 1))
             change_deg = float(torch.rad2deg(symmetric_distance(e.rot, rot, ctx.sym_ops)).mean())
             change_px = float(((e.origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
             rot, origins, accumulators, trilinear = e.rot, e.origins, e.accumulators, e.trilinear
             sigma2 = e.noise.sigma2(sigma2)
+            intensity = e.intensity.updated(scale_too=it > 1)
             fsc = self._gold_standard_fsc(e.trilinear, n, r_max, ctx.mask if cfg.solvent_correct_fsc else None)
             res = threshold_crossing(fsc, n, apix, 0.143).resolution
             self.begin_m_step(m_state, accumulators, n, r_max, cfg)
@@ -372,9 +398,12 @@ class RelionRefineEngine:
                        "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": e.acc_rot,
                        "acc_trans_px": e.acc_trans, "max_prob_mean": float(ctx.stats["max_prob"].mean()),
                        "n_significant_mean": float(ctx.stats["n_sig"].mean()), "slices_projected": e.projected,
+                       "norm_correction_sd": float(intensity.norm.std()) if len(intensity.norm) > 1 else 0.0,
+                       "group_scale_min": float(intensity.scale.min()), "group_scale_max": float(intensity.scale.max()),
                        **m_state.metrics, "final_pass": final_pass}
             converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
-                                                      fine_step, ctx.max_level, cfg.local_from_level)
+                                                      fine_step, ctx.max_level, cfg.local_from_level,
+                                                      cfg.minimum_angular_sampling)
             ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge)
             tau2 = np.mean([shell_tau2(w, n, 2, ssnr, r_max) for _, w in accumulators], axis=0)
             history.append(ModelIteration(
@@ -384,7 +413,8 @@ class RelionRefineEngine:
             state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
                      "history": [h.as_state() for h in history], "iteration": it,
-                     "final_pass": converged and not final_pass, "m_step": m_state.as_state()}
+                     "final_pass": converged and not final_pass, "m_step": m_state.as_state(),
+                     "intensity": intensity.as_state()}
             reporter.step(1, res=round(res, 2), level=metrics["level"])
             reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
                                state=state, last=final_pass or (not converged and it >= cfg.epochs))
@@ -395,7 +425,7 @@ class RelionRefineEngine:
         if not accumulators:
             raise OptionError("epochs", cfg.epochs, "the resumed run has no iteration left to run; raise it")
         return self._finish(ctx, m_state, accumulators, trilinear, refs, rot, origins, fsc, r_max, converged, history,
-                            reporter)
+                            intensity, reporter)
 
     def _setup(self, data: ParticleStack, cfg: RefineConfig) -> RunContext:
         """Check the options and prepare what every iteration reads."""
@@ -423,12 +453,12 @@ class RelionRefineEngine:
             stats={k: torch.zeros(len(parts), device=dev) for k in ("max_prob", "n_sig", "loglik")})
 
     def _e_step(self, ctx: RunContext, refs: list[Tensor], rot: Tensor, origins: Tensor, sigma2: Tensor,
-                sampling: Sampling, r_max: int, first: bool) -> EStepOutcome:
+                intensity: IntensityCorrections, sampling: Sampling, r_max: int, first: bool) -> EStepOutcome:
         """Both halves against their own references: new poses, accumulators, noise, accuracy estimate."""
         cfg, n, apix = ctx.cfg, ctx.n, ctx.apix
         r_coarse = coarse_radius(n, apix, math.degrees(ctx.grid.cell_size(sampling.level)), ctx.diameter, r_max)
         out = EStepOutcome(rot.clone(), origins.clone(), [], [], NoiseAccumulator(n, ctx.n_groups, self.device),
-                           math.nan, math.nan, 0, r_coarse)
+                           IntensityAccumulator(intensity), math.nan, math.nan, 0, r_coarse)
         for h, rows in enumerate(ctx.halves):
             bps = self.new_backprojectors(n, cfg)
             proj = Projector(refs[h] * ctx.mask, device=self.device)
@@ -436,11 +466,11 @@ class RelionRefineEngine:
                                     sampling.offset_step, cfg.fraction, cfg.max_significant, profile_scale=first,
                                     r_coarse=r_coarse)
             for s in range(0, len(rows), cfg.batch_size):
-                self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, rot, origins, out, searcher, sampling,
-                                  bps, r_max)
+                self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, intensity, rot, origins, out, searcher,
+                                  sampling, bps, r_max)
             if h == 0:
                 out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:cfg.accuracy_particles], sigma2,
-                                                            out.rot)
+                                                            intensity, out.rot)
             out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
             out.trilinear.append(bps[0].symmetrised())
             out.accumulators.append(bps[-1].symmetrised() if len(bps) > 1 else out.trilinear[-1])
@@ -476,7 +506,7 @@ class RelionRefineEngine:
     def _finish(self, ctx: RunContext, m_state: MStepState, accumulators: list[tuple[Tensor, Tensor]],
                 trilinear: list[tuple[Tensor, Tensor]], refs: list[Tensor], rot: Tensor, origins: Tensor,
                 fsc: np.ndarray, r_max: int, converged: bool, history: list[ModelIteration],
-                reporter: Reporter) -> Reconstruction:
+                intensity: IntensityCorrections, reporter: Reporter) -> Reconstruction:
         """The joined map from both halves' accumulators, and the result."""
         n, apix = ctx.n, ctx.apix
         final = self.reconstruct_half(m_state, accumulators[0][0] + accumulators[1][0],
@@ -487,6 +517,8 @@ class RelionRefineEngine:
         columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
                    "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),
                    "rlnLogLikeliContribution": ctx.stats["loglik"].cpu().numpy()}
+        if intensity.do_norm:
+            columns["rlnNormCorrection"] = intensity.norm.cpu().numpy().astype(np.float64)
         return Reconstruction(
             volume=final.cpu(), voxel_size=apix, rotations=rot.cpu(), origins_angstrom=origins.cpu(),
             half_volumes=(halves[0].cpu(), halves[1].cpu()),
@@ -495,7 +527,9 @@ class RelionRefineEngine:
             metrics=[r for r in reporter.history if r.get("run") == reporter.run_name], model_history=history,
             gold_standard_fsc=fsc.copy(), resolution_A=threshold_crossing(fsc, n, apix, 0.143).resolution,
             halfmaps_resolution_A=halfmaps, converged=converged, inverted=ctx.parts.inverted, symmetry=ctx.cfg.sym,
-            method_summary=dict(m_state.metrics))
+            method_summary=dict(m_state.metrics),
+            group_scales=GroupScales(intensity.names, intensity.group_counts(),
+                                     intensity.scale.cpu().numpy().astype(np.float64)) if intensity.do_scale else None)
 
     # ------------------------------------------------------------------------------------------ pieces
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
@@ -552,6 +586,10 @@ class RelionRefineEngine:
         vol = lowpass_filter(vol, apix, cfg.ini_lowpass).to(torch.float32)
         return vol.to(self.device)
 
+    def _intensity_start(self, data: ParticleStack, cfg: RefineConfig) -> IntensityCorrections:
+        groups, names = intensity_groups(data.table.particles)
+        return IntensityCorrections.start(groups, names, cfg.norm, cfg.scale, self.device)
+
     @staticmethod
     def _optics_groups(data: ParticleStack) -> Tensor:
         merged = data.table.optics_per_particle()
@@ -570,20 +608,22 @@ class RelionRefineEngine:
     def _fine_step(grid: SO3Grid, level: int) -> float:
         return math.degrees(grid.psi_step(level + 1))
 
-    def _batch_inputs(self, idx: Tensor, ctx: RunContext, sigma2: Tensor,
+    def _batch_inputs(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, intensity: IntensityCorrections,
                       origins: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """Centred half transforms, CTFs and noise variances ``(B, n, n // 2 + 1)`` and optics groups ``(B,)``."""
-        images, ctf = ctx.spectra.get(idx)
+        """Centred half transforms (divided by their normalisation correction), CTFs (times their group's
+        scale) and noise variances ``(B, n, n // 2 + 1)``, and optics groups ``(B,)``."""
+        images, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
         ft = phase_shift(images, origins[idx] / ctx.apix, ctx.n)
         g = ctx.groups[idx.cpu()].to(self.device)
         return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
 
-    def _estep_batch(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, rot: Tensor, origins: Tensor,
+    def _estep_batch(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, intensity: IntensityCorrections,
+                     rot: Tensor, origins: Tensor,
                      out: EStepOutcome, searcher: PoseSearcher, sampling: Sampling, bps: list[BackProjectorLike],
                      r_max: int) -> None:
         """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
         the pixels the search compared)."""
-        ft, ctf, sig, g = self._batch_inputs(idx, ctx, sigma2, origins)
+        ft, ctf, sig, g = self._batch_inputs(idx, ctx, sigma2, intensity, origins)
         res = searcher.search(ft, ctf, sig, previous=rot[idx] if sampling.local else None)
         mean = ctx.cfg.pose_estimate == "mean"
         out.rot[idx] = (res.mean_rotations if mean else res.rotations).to(rot.dtype)
@@ -596,14 +636,17 @@ class RelionRefineEngine:
         model = res.best_projection * res.best_scale[:, None]
         if ctf is not None:
             model = model * px.take(ctf)
-        resid = px.take(ft) * px.ramp(res.shifts) - model
+        shifted = px.take(ft) * px.ramp(res.shifts)
+        resid = shifted - model
         shells = torch.floor(torch.sqrt(px.kx**2 + px.ky**2) + 0.5).long()
         out.noise.add_pixels(resid.abs() ** 2, shells, g)
+        scale = intensity.scale[intensity.groups[idx]][:, None] if intensity.do_scale else 1.0
+        out.intensity.add(idx, shifted, model / scale, px.take(sig))
 
     def _accuracy(self, searcher: PoseSearcher, ctx: RunContext, idx: Tensor, sigma2: Tensor,
-                  rot: Tensor) -> tuple[float, float]:
+                  intensity: IntensityCorrections, rot: Tensor) -> tuple[float, float]:
         """RELION's expected angular (degrees) and translational (pixels) accuracy on particles ``idx``."""
-        _, ctf = ctx.spectra.get(idx)
+        _, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
         sig = sigma2_on_pixels(sigma2, ctx.n, ctx.groups[idx.cpu()].to(self.device)).to(torch.float32)
         px = searcher.fine_pixels
         return expected_accuracy(searcher.volume_ft, px, 2, rot[idx], None if ctf is None else px.take(ctf),
@@ -641,6 +684,7 @@ class EStepOutcome:
     trilinear: list[tuple[Tensor, Tensor]]
     accumulators: list[tuple[Tensor, Tensor]]
     noise: NoiseAccumulator
+    intensity: IntensityAccumulator
     acc_rot: float
     acc_trans: float
     projected: int

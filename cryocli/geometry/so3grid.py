@@ -280,11 +280,11 @@ class SO3Grid:
     def _all(self, level: int) -> Tensor:
         return torch.arange(self.n_cells(level), device=self.device)
 
-    def _ids(self, level: int, ids: Tensor | None) -> Tensor:
+    def _ids(self, level: int, ids: Tensor | None, checked: bool = True) -> Tensor:
         if ids is None:
             return self._all(level)
         ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_cells(level)):
+        if checked and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_cells(level)):
             raise CryocliError(f"cell ids out of range for level {level} (0 .. {self.n_cells(level) - 1})")
         return ids
 
@@ -326,9 +326,12 @@ class SO3Grid:
         wrapped = 180 - torch.remainder(180 - deg, 360)
         return torch.cat([wrapped[..., :1], deg[..., 1:2], wrapped[..., 2:]], -1)
 
-    def rotations(self, level: int, ids: Tensor | None = None) -> Tensor:
-        """Rotation matrices ``A`` ``(..., 3, 3)`` of cells ``ids`` (default: all cells of the level)."""
-        phi, theta, psi = self._euler_rad(level, self._ids(level, ids))
+    def rotations(self, level: int, ids: Tensor | None = None, checked: bool = True) -> Tensor:
+        """Rotation matrices ``A`` ``(..., 3, 3)`` of cells ``ids`` (default: all cells of the level).
+
+        ``checked=False`` skips the range check of ``ids`` (a device-to-host sync), for ids known to be valid
+        (e.g. children of valid cells) in batched inner loops."""
+        phi, theta, psi = self._euler_rad(level, self._ids(level, ids, checked))
         a = euler_to_matrix(torch.rad2deg(phi), torch.rad2deg(theta), torch.rad2deg(psi))
         return a.to(self.dtype)
 
@@ -338,12 +341,13 @@ class SO3Grid:
 
     # ------------------------------------------------------------------------------------------ hierarchy
 
-    def children(self, level: int, ids: Tensor) -> Tensor:
+    def children(self, level: int, ids: Tensor, checked: bool = True) -> Tensor:
         """The 8 children (ids at ``level + 1``, ``(..., 8)``) of cells ``ids`` at ``level``.
 
-        Order: for each nested pixel child ``4p .. 4p+3``, psi halves ``2j`` then ``2j + 1``.
+        Order: for each nested pixel child ``4p .. 4p+3``, psi halves ``2j`` then ``2j + 1``. ``checked``: as
+        in :meth:`rotations`.
         """
-        ids = self._ids(level, ids)
+        ids = self._ids(level, ids, checked)
         n_psi, n_psi_next = self.n_psi(level), self.n_psi(level + 1)
         pix, j = ids // n_psi, ids % n_psi
         sub_pix = 4 * pix.unsqueeze(-1) + torch.arange(4, device=ids.device)

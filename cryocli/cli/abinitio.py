@@ -35,15 +35,26 @@ def _float_tuple(text: str | None, option: str) -> tuple[float, ...] | None:
         raise CryocliError(f"{option} {text}: expected comma-separated numbers, e.g. 1,2,4") from None
 
 
+def _snr(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from cryocli.imaging.noise import parse_snr
+
+    return parse_snr(text)
+
+
 def abinitio(
     particles: Path = typer.Argument(..., help="RELION STAR file of the particles (3.0 or 3.1+)."),
     method: str = typer.Option("cryospin", "--method", "-m", help="Reconstruction method (see above)."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory: map.mrc, particles.star, metrics.csv, "
                              "log.jsonl, checkpoint.pt, figures."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the particles "
-                                         "[default: the method's, 20 for cryospin]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per step [default: 64]."),
-    lr: float | None = typer.Option(None, "--lr", help="Main learning rate (cryospin: the decoder's, 0.05)."),
+                                         "[default: the method's, 20 for cryospin; cryo2ssnet: as many as --steps "
+                                         "take]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per step [default: 64; "
+                                          "cryo2ssnet: 32]."),
+    lr: float | None = typer.Option(None, "--lr", help="Main learning rate (cryospin: the decoder's, 0.05; "
+                                    "cryo2ssnet: the decoder's, 1e-2, divided by 10 in stage 2)."),
     box: int | None = typer.Option(None, "--box", min=8, help="Fourier-crop the particles to this box (pixels) "
                                       "on the fly; the map is written at that box and its pixel size."),
     max_particles: int | None = typer.Option(None, "--max-particles", min=1, help="Use only the first N particles."),
@@ -72,15 +83,17 @@ def abinitio(
                                         "[default: 7; the paper uses 15 on real data]."),
     switch_epoch: int | None = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "
                                                "epoch before per-particle pose optimisation [default: 7]."),
-    shifts: bool = typer.Option(False, "--shifts", help="cryospin: also estimate in-plane origins (the paper's "
-                                "real-data setting)."),
+    shifts: bool | None = typer.Option(None, "--shifts/--no-shifts", help="Estimate in-plane origins [cryospin: "
+                                       "off, --shifts is the paper's real-data setting; cryo2ssnet: on, --no-shifts "
+                                       "is the paper's setting for centred particles]."),
     pose_lr: float | None = typer.Option(None, "--pose-lr", help="cryospin: Adam learning rate of the "
                                             "per-particle axis-angle poses, radians [default: 0.05]."),
-    encoder_lr: float | None = typer.Option(None, "--encoder-lr", help="cryospin: encoder learning rate "
-                                               "[default: 1e-4 with the paper's encoder, 1e-3 with the slim one]."),
-    encoder_channels: str | None = typer.Option(None, "--encoder-channels", help="cryospin: filters of the VGG "
-                                                   "blocks, comma-separated [default: the paper's 64,128,256,512 on "
-                                                   "CUDA at box >= 64 px; 16,32,64 on the CPU or smaller boxes]."),
+    encoder_lr: float | None = typer.Option(None, "--encoder-lr", help="Encoder learning rate [cryospin: 1e-4 "
+                                               "with the paper's encoder, 1e-3 with the slim one; cryo2ssnet: 1e-4]."),
+    encoder_channels: str | None = typer.Option(None, "--encoder-channels", help="Filters of the encoder's "
+                                                   "convolutional blocks, comma-separated [cryospin: the paper's "
+                                                   "64,128,256,512 on CUDA at box >= 64 px, 16,32,64 on the CPU or "
+                                                   "smaller boxes; cryo2ssnet: 32,64,128]."),
     pyramid: str | None = typer.Option(None, "--pyramid", help="cryospin: Gaussian blurs (pixels) stacked with "
                                           "the image as encoder input, comma-separated, or none [default: 1,2,4]."),
     grid_order: int | None = typer.Option(None, "--grid-order", min=-1, help="cryospin: HEALPix order of the "
@@ -95,6 +108,47 @@ def abinitio(
     final_map: str | None = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
                                             "reconstruct (direct Fourier reconstruction at the final poses) "
                                             "[default: decoder]."),
+    steps: int | None = typer.Option(None, "--steps", help="cryo2ssnet: optimiser steps in all, whatever the "
+                                     "number of particles (the paper's fixed budget) [default: 7500]."),
+    snr: str | None = typer.Option(None, "--snr", help="cryo2ssnet: SNR of the particles for the unbiased loss, "
+                                   "linear (0.1) or in dB (-10dB) [default: estimated from the data as the variance of "
+                                   "the particles over the box against that of their background, and logged]."),
+    stage1_fraction: float | None = typer.Option(None, "--stage1-fraction", help="cryo2ssnet: share of the steps "
+                                                 "in the search-supervised stage 1 [default: 0.5]."),
+    dhbs: bool | None = typer.Option(None, "--dhbs/--no-dhbs", help="cryo2ssnet: --no-dhbs skips stage 1 and "
+                                     "trains end to end only (the paper's ablation) [default: --dhbs]."),
+    beam_width: int | None = typer.Option(None, "--beam-width", help="cryo2ssnet: cells kept per level of the "
+                                          "beam search, 1-72 [default: 4]."),
+    beam_depth: int | None = typer.Option(None, "--beam-depth", help="cryo2ssnet: subdivisions of the 72-cell base "
+                                          "grid, 0-8 (5: cells of 1.9 deg) [default: 5]."),
+    beam_start: str | None = typer.Option(None, "--beam-start", help="cryo2ssnet: encoder (the paper: the cells "
+                                          "nearest the encoder's pose), global (the best of all 72 base cells) or "
+                                          "auto (global until the encoder agrees with the search) [default: auto]."),
+    agreement: float | None = typer.Option(None, "--agreement", help="cryo2ssnet: the encoder agrees with the "
+                                           "search when their median distance over an epoch is at most this, in "
+                                           "degrees [default: 10]."),
+    switch_waits: bool | None = typer.Option(None, "--switch-waits/--fixed-switch", help="cryo2ssnet: stage 2 "
+                                             "waits until the encoder agrees with the search, or starts at its "
+                                             "scheduled step as in the paper [default: --switch-waits]."),
+    gd: str | None = typer.Option(None, "--gd", help="cryo2ssnet: pose polishing after the beam search: gd (the "
+                                  "paper's vanilla gradient descent) or adam (its better variant) [default: gd]."),
+    gd_steps: int | None = typer.Option(None, "--gd-steps", help="cryo2ssnet: polishing steps, 0 for none "
+                                        "[default: 20]."),
+    gd_lr: float | None = typer.Option(None, "--gd-lr", help="cryo2ssnet: polishing rate in radians [default: 0.05 "
+                                       "for gd, a quarter of the last cell for adam]."),
+    balance: float | None = typer.Option(None, "--balance", help="cryo2ssnet: weight lambda of the encoder's "
+                                         "pose loss in stage 1 [default: 1]."),
+    denoiser_factor: int | None = typer.Option(None, "--denoiser-factor", help="cryo2ssnet: the denoiser's first "
+                                               "layer divides the pixel count by this [default: the box's pixels over "
+                                               "the Fourier pixels where the data's spectral SNR is at least 1]."),
+    denoiser_fraction: float | None = typer.Option(None, "--denoiser-fraction", help="cryo2ssnet: share of stage 1 "
+                                                   "during which the denoiser scores the search, 0-1 [default: "
+                                                   "0.333]."),
+    denoiser_steps: int | None = typer.Option(None, "--denoiser-steps", help="cryo2ssnet: training steps of the "
+                                              "denoiser (batch 64) [default: 48 passes over the particles, at most "
+                                              "7500]."),
+    max_shift: float | None = typer.Option(None, "--max-shift", help="cryo2ssnet: largest in-plane shift searched "
+                                           "and predicted, in pixels of the working box [default: box / 8]."),
 ) -> None:
     """Ab initio reconstruction: poses and a map from particles alone (the help text is built by _help)."""
     with guarded():
@@ -102,11 +156,16 @@ def abinitio(
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "box": box, "max_particles": max_particles,
             "invert": invert, "use_ctf": False if no_ctf else None, "particle_diameter": particle_diameter,
             "heads": heads, "switch_epoch": switch_epoch,
-            "shifts": shifts or None, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
+            "shifts": shifts, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,
             "grid_order": grid_order, "encode_resolution": encode_resolution,
             "decode_march_epochs": decode_march_epochs,
+            "steps": steps, "snr": _snr(snr), "stage1_fraction": stage1_fraction, "dhbs": dhbs,
+            "beam_width": beam_width, "beam_depth": beam_depth, "beam_start": beam_start, "agreement": agreement,
+            "switch_waits": switch_waits, "gd": gd, "gd_steps": gd_steps, "gd_lr": gd_lr, "balance": balance,
+            "denoiser_factor": denoiser_factor, "denoiser_fraction": denoiser_fraction,
+            "denoiser_steps": denoiser_steps, "max_shift": max_shift,
         }
     summary = run_engine_command("abinitio", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
@@ -129,7 +188,13 @@ def _help() -> str:
             "particles of 64 px: the grid wins 84-100% of the particles during auto-encoding and the heads "
             "16% by the switch, so at that scale the grid finds the poses (median error 2.1 deg; the heads "
             "alone, --grid-order -1: 58 deg). The encoder is the paper's (VGG16 widths) on CUDA at 64 px or "
-            "more, a slim one (16,32,64) otherwise.")
+            "more, a slim one (16,32,64) otherwise.\n\n"
+            "cryo2ssnet follows the paper's appendix B (7,500 steps of 32, beam width 4 and depth 5, 20 gradient "
+            "steps at 0.05, denoiser for the first third of stage 1). cryocli adds in-plane shifts to the search and "
+            "the encoder (--no-shifts for centred particles), estimates the SNR (--snr) and chooses the denoiser's "
+            "factor and mask radius from the data, keeps the paper's fixed step budget whatever the number of "
+            "particles (--steps), starts the beam from the whole base grid until the encoder agrees with the search "
+            "and lets stage 2 wait for that agreement (--beam-start, --agreement, --fixed-switch; see the README).")
 
 
 FLAGS = option_flags(abinitio, {"pyramid": "pyramid_sigmas"})

@@ -1,8 +1,18 @@
-"""Score and time `abinitio --method cryospin` on standard simulated 4AKE datasets; print a table.
+"""Score and time `abinitio --method cryospin` or `--method cryo2ssnet` on standard simulated 4AKE datasets; print a table.
 
     python benchmarks/abinitio.py [--cases 64:10000 128:50000] [--device cpu|cuda] [--snr 0.1]
                                   [--epochs 20] [--switch-epoch 7] [--grid-orders 2 -1]
                                   [--encoder-channels 64,128,256,512] [--encoder-lr 1e-4] [--batch-size 64]
+    python benchmarks/abinitio.py --method cryo2ssnet [--cases 64:10000] [--steps 7500]
+                                  [--variants default no-dhbs no-gd denoiser-off denoiser-all cryospin]
+                                  [--apix 0.8 --snr 0.1]
+
+cryo2ssnet rows (the paper's ablations, on the same simulated set): ``default`` (shipped settings, the denoiser
+for the first third of stage 1), ``no-dhbs`` (end to end only, twice the steps, 5.2), ``no-gd`` (no gradient
+polishing, 5.3), ``adam`` (Adam polishing, 5.3), ``denoiser-off`` / ``denoiser-all`` (the denoiser never / for
+all of stage 1, 5.4), ``paper-start`` (the beam always starts at the encoder's pose and stage 2 starts on
+schedule: the paper's method without cryocli's additions) and ``cryospin`` (cryospin's defaults on the same data,
+for comparison). ``--steps`` sets cryo2ssnet's step budget (the paper's 7,500 by default).
 
 Default cases: 64 px with 10,000 particles on the CPU, plus 128 px with 50,000 particles when CUDA is
 present. The pixel size scales with the box so the field of view is fixed (115.2 A). Each case runs
@@ -33,6 +43,23 @@ from harness import peak_memory_mb, print_table, run_isolated
 FIELD_OF_VIEW_A = 115.2
 
 
+def cryo2ssnet_setup(variant: str, args: argparse.Namespace, device: torch.device) -> tuple[object, object]:
+    """Engine and config of a cryo2ssnet benchmark row."""
+    from cryocli.engines.abinitio.cryo2ssnet import Cryo2SSNetConfig, Cryo2SSNetEngine
+    from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
+
+    if variant == "cryospin":
+        return CryoSpinEngine(device), CryoSpinConfig(seed=args.seed)
+    base = {"steps": args.steps, "seed": args.seed}
+    changes = {"default": {}, "no-dhbs": {"dhbs": False, "steps": 2 * args.steps}, "no-gd": {"gd_steps": 0},
+               "adam": {"gd": "adam"}, "denoiser-off": {"denoiser_fraction": 0.0},
+               "denoiser-all": {"denoiser_fraction": 1.0},
+               "paper-start": {"beam_start": "encoder", "switch_waits": False}}
+    if variant not in changes:
+        raise SystemExit(f"unknown cryo2ssnet variant {variant}; choose from {', '.join([*changes, 'cryospin'])}")
+    return Cryo2SSNetEngine(device), Cryo2SSNetConfig(**{**base, **changes[variant]})
+
+
 def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
     from cryocli.analysis.ground_truth import GroundTruth
@@ -46,7 +73,7 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     from cryocli.io.volumes import load_volume
 
     dev = torch.device(args.device)
-    apix = FIELD_OF_VIEW_A / box
+    apix = args.apix if args.apix else FIELD_OF_VIEW_A / box
     sim = SimulationConfig(n_particles=particles, box=box, apix=apix, snr=args.snr, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sim"
@@ -55,15 +82,20 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
         stack = ParticleStack(read_star(out / "particles.star"))
         truth_map = read_map(out / "ground_truth.mrc")
         truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, stack.rotations, every=10**9)
-        config = CryoSpinConfig(epochs=args.epochs, switch_epoch=args.switch_epoch, batch_size=args.batch_size,
-                                encoder_channels=tuple(args.encoder_channels) if args.encoder_channels else None,
-                                encoder_lr=args.encoder_lr, grid_order=args.grid_order,
-                                seed=args.seed)
+        engine: object
+        if args.method == "cryo2ssnet":
+            engine, config = cryo2ssnet_setup(args.variant, args, dev)
+        else:
+            engine = CryoSpinEngine(dev)
+            config = CryoSpinConfig(epochs=args.epochs, switch_epoch=args.switch_epoch, batch_size=args.batch_size,
+                                    encoder_channels=tuple(args.encoder_channels) if args.encoder_channels else None,
+                                    encoder_lr=args.encoder_lr, grid_order=args.grid_order,
+                                    seed=args.seed)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         reporter = Reporter(ground_truth=truth)
         t0 = time.perf_counter()
-        result = run_engine(CryoSpinEngine(dev), stack, config, reporter)
+        result = run_engine(engine, stack, config, reporter)  # type: ignore[arg-type]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         total = time.perf_counter() - t0
@@ -72,18 +104,21 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     elapsed = reporter.elapsed_s
     per_epoch = np.diff([0.0, *elapsed])
     stages = [row["stage"] for row in reporter.history]
+    if args.method == "cryo2ssnet":
+        stages = ["encode" if s in ("search", "switch") else "decode" if s == "end-to-end" else s for s in stages]
     enc = [t for t, s in zip(per_epoch, stages) if s == "encode"]
     enc = enc[1:] or enc  # the first epoch also reads and prepares the particles
     dec = [t for t, s in zip(per_epoch, stages) if s == "decode"]
     peak = peak_memory_mb(dev)
-    return {"grid_order": args.grid_order, "box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
+    return {"variant": args.variant if args.method == "cryo2ssnet" else f"grid {args.grid_order}",
+            "grid_order": args.grid_order, "box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
             "res_fsc05_A": scores["res_fsc05"], "nyquist_A": 2 * apix, "rot_err_mean": poses["rot_err_mean"],
             "rot_err_median": poses["rot_err_median"], "s_per_epoch_encode": float(np.mean(enc)) if enc else float("nan"),
             "s_per_epoch_decode": float(np.mean(dec)) if dec else float("nan"), "total_s": total,
             "peak_memory_GB": peak * 2**20 / 1e9,
-            "grid_share": result.method_summary.get("grid_share"),
+            "grid_share": result.method_summary.get("grid_share", float("nan")),
             "history": [{k: row.get(k) for k in ("epoch", "stage", "loss", "rot_err_median", "grid_win_fraction",
-                                                 "head_usage_max")}
+                                                 "head_usage_max", "encoder_vs_search_deg")}
                         for row in reporter.history]}
 
 
@@ -103,25 +138,39 @@ def main() -> None:
                    help="cryospin --grid-order values to compare (-1: the paper's heads alone)")
     p.add_argument("--grid-order", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--method", default="cryospin", choices=("cryospin", "cryo2ssnet"))
+    p.add_argument("--steps", type=int, default=7500, help="cryo2ssnet: step budget")
+    p.add_argument("--variants", nargs="+", default=["default", "no-dhbs", "no-gd", "denoiser-off", "denoiser-all",
+                                                     "paper-start", "cryospin"], help="cryo2ssnet rows")
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--apix", type=float, default=None, help="pixel size in A (default: 115.2 A / box)")
     args = p.parse_args()
     if args.one:
         box, particles = (int(v) for v in args.one.split(":"))
         print(json.dumps(run_case(box, particles, args)))
         return
     cases = args.cases or (["64:10000", "128:50000"] if args.device.startswith("cuda") else ["64:10000"])
-    passthrough = _without(_without(sys.argv[1:], "--cases"), "--grid-orders")
-    rows = [run_isolated([__file__, *passthrough, "--grid-order", str(order), "--one", case])
-            for case in cases for order in args.grid_orders]
-    print_table(rows, [("grid", "grid_order", "d"), ("box", "box", "d"), ("particles", "particles", "d"), ("A/px", "apix", ".2f"),
+    passthrough = _without(_without(_without(sys.argv[1:], "--cases"), "--grid-orders"), "--variants")
+    if args.method == "cryo2ssnet":
+        rows = [run_isolated([__file__, *passthrough, "--variant", variant, "--one", case])
+                for case in cases for variant in args.variants]
+    else:
+        rows = [run_isolated([__file__, *passthrough, "--grid-order", str(order), "--one", case])
+                for case in cases for order in args.grid_orders]
+    print_table(rows, [("run", "variant", ""), ("box", "box", "d"), ("particles", "particles", "d"), ("A/px", "apix", ".2f"),
                        ("FSC0.5 A", "res_fsc05_A", ".2f"), ("Nyq A", "nyquist_A", ".2f"),
                        ("rot mean", "rot_err_mean", ".2f"), ("rot med", "rot_err_median", ".2f"),
                        ("s/ep enc", "s_per_epoch_encode", ".2f"), ("s/ep dec", "s_per_epoch_decode", ".2f"),
                        ("total s", "total_s", ".1f"), ("peak GB", "peak_memory_GB", ".2f"), ("grid share", "grid_share", ".3f"),
                        ("device", "device", "")])
     for r in rows:
-        tag = f"({r['box']} px, grid order {r['grid_order']})"
+        tag = f"({r['box']} px, {r['variant']})"
         trace = ", ".join(f"{h['epoch']}:{h['rot_err_median']:.1f}" for h in r["history"])
         print(f"median rotation error by epoch {tag}: {trace}")
+        agreement = [h for h in r["history"] if h.get("encoder_vs_search_deg") is not None]
+        if agreement:
+            print(f"encoder vs search, median deg by epoch {tag}: "
+                  + ", ".join(f"{h['epoch']}:{h['encoder_vs_search_deg']:.1f}" for h in agreement))
         encoding = [h for h in r["history"] if h.get("grid_win_fraction") is not None]
         wins = ", ".join(f"{h['epoch']}:{h['grid_win_fraction']:.3f}" for h in encoding)
         print(f"share of particles won by the candidate grid, auto-encoding epochs {tag}: {wins}")

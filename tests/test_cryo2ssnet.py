@@ -299,3 +299,53 @@ def test_runs_on_real_relion_files(star, tmp_path):
     posed = read_star(run / "particles.star")
     assert len(posed) == len(source)
     assert np.isfinite(posed.euler_angles).all() and np.isfinite(posed.origins_angstrom).all()
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+
+# Simulated 4AKE as in the issue: bundled model, CTF on, SNR 0.1, box 32 at 2.4 A/px (Nyquist 4.8 A).
+E2E_BOX, E2E_APIX, E2E_PARTICLES = 32, 2.4, 2000
+
+
+def _run_scored(sim: Path, run: Path, *args: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Run cryo2ssnet with shipped defaults plus ``args``; FSC vs truth after alignment, pose errors after global
+    alignment (hand flip allowed), and metrics.csv."""
+    from cryocli.analysis.align import pose_errors_after_alignment
+    from cryocli.geometry.rotations import euler_to_matrix
+
+    r = runner.invoke(app, ["--quiet", "abinitio", str(sim / "particles.star"), "--method", "cryo2ssnet", "-o", str(run),
+                            "--ground-truth", str(sim / "ground_truth.mrc"), "--score-every", "1000", *args])
+    assert r.exit_code == 0, r.output
+    fsc = runner.invoke(app, ["--json", "fsc", str(sim / "ground_truth.mrc"), str(run / "map.mrc"), "--align"])
+    assert fsc.exit_code == 0, fsc.output
+    curve = np.asarray(json.loads(fsc.output.strip().splitlines()[-1])["curve"]["fsc"])
+
+    def angles(star: Path) -> torch.Tensor:
+        a = torch.from_numpy(read_star(star).euler_angles)
+        return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+
+    errors = pose_errors_after_alignment(angles(run / "particles.star"), angles(sim / "particles.star"))
+    return curve, np.asarray(errors), (run / "metrics.csv").read_text().splitlines()
+
+
+def test_cryo2ssnet_bootstraps_4ake_from_a_random_start(tmp_path):
+    """A random start on simulated 4AKE (2,000 particles of 32 px, CTF, SNR 0.1) with the shipped defaults and a
+    budget of 380 steps (6 epochs): the search-supervised stage brings the median rotation error from random
+    (~120 degrees) below 35 degrees and the map to FSC 0.5 vs truth over the first 5 shells (15 A).
+
+    Measured at this commit: median 27.5 degrees (mean 58.5; by epoch 91, 74, 42, 30, 29, 27.5), FSC 0.57 at shell 6
+    (12.8 A), 0.47 at shell 7. With DHBS off (``--no-dhbs --steps 760``: end to end only, twice the steps, the
+    paper's ablation of 5.2; checked by hand, not run here for time) the same set ends at 123.3 degrees median,
+    FSC 0.53 at shell 3 (25.6 A) and 0.16 at shell 4.
+
+    This is not the issue's done-means (median error below 5 degrees, FSC 0.5 to 2x Nyquist), which this
+    implementation does not reach at a CPU test's budget: the encoder does not learn in 380 steps (its median
+    distance to the searched poses stays near 100 degrees), so stage 2 never starts, and the searched poses
+    plateau near 20-28 degrees median with the map near 13 A (see the README's Cryo2SSNet section)."""
+    sim = _simulate(tmp_path / "sim", E2E_PARTICLES, box=E2E_BOX, apix=E2E_APIX)
+    curve, errors, metrics = _run_scored(sim, tmp_path / "run", "--steps", "380")
+    print("\n".join(metrics))
+    print(f"median rotation error {np.median(errors):.2f} deg, mean {np.mean(errors):.2f}; FSC vs truth "
+          f"{np.round(curve, 3).tolist()}")
+    assert np.median(errors) < 35.0
+    assert curve[1:6].min() >= 0.5

@@ -29,6 +29,11 @@ particle's edge as far as the same step of ``omega``, so one learning rate suits
 paper's vanilla gradient descent (lr 0.05, 20 steps, B.2); ``gd="adam"`` the Adam variant it found better
 (5.3), with moments per particle over the polishing steps.
 
+Two more additions, both about search from a poor start: with ``global_start`` the beam starts from the best
+``4c`` cells of all of ``G_0`` (eq. 8 at level 0) instead of the encoder's neighbourhood, which holds the true pose
+for only ``c / 72`` of the particles while the encoder is untrained; and each level compares only the frequencies
+its cell size can resolve (:meth:`BeamSearch.band`, RELION's coarse image size).
+
 No Python loop runs over particles or candidates: a level is one batch of ``(B, 8c)`` renderings.
 """
 

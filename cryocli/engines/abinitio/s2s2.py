@@ -6,8 +6,8 @@ two fully connected layers of 512 with ReLU, then two linear layers that give th
 (:func:`cryocli.geometry.rotations.s2s2_to_matrix`), read as a RELION ``A`` matrix. cryocli's addition for
 uncentred particles: a third linear layer gives an in-plane translation ``[x, y]`` in pixels, bounded by
 ``max_shift`` through ``tanh`` (the search in :mod:`cryocli.engines.abinitio.dhbs` supervises it).
-Inputs are images ``(B, n, n)`` normalised per image (:func:`~cryocli.engines.abinitio.unbiased_loss.normalise`);
-``n`` must be a multiple of ``2^blocks``.
+Inputs are images ``(B, n, n)`` normalised per image (:func:`~cryocli.engines.abinitio.unbiased_loss.normalise`),
+any box of at least ``2^blocks`` pixels (pooling rounds down).
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ Automatic beta (when ``--beta`` is not given): each M-step solves each half for 
 keeps the solution that best predicts the other half's data, i.e. with the lowest held-out data term
 ``1/2 x^T A^H N' A x - x^T A^H b'`` (the other half's negative log-likelihood up to a constant). The first
 M-step tries 0.1, 0.3, 1 and 3 (the paper's 1.2-2.4 lie inside), later ones the kept scale and its
-neighbours ``/ 2`` and ``x 2``, so the choice follows the data as the resolution improves.
+neighbours ``/ 2`` and ``x 2``, so the choice follows the data as the resolution improves. Candidates
+are ranked after a third of the inner iterations and only the best one is carried on to ``tv_iters`` (its
+FISTA state continues exactly), which makes the search cost about 1.7 solves per half instead of 3.
 Only this one number per half is chosen from the other half's data. The scaled values (eps, eps',
 alpha, beta, gamma, mu and the held-out scores) are logged in the metrics. The Gaussian kernel
 (``--kernel gaussian``) is this method's default backprojection.
@@ -256,17 +258,30 @@ def scaled_parameters(problem: NormalEquations, previous: Tensor, cfg: SparseTVC
                               beta / max(rms * eps_p, 1e-30))
 
 
-def solve_sparse_tv(problem: NormalEquations, previous: Tensor, params: SparseTVParameters, iterations: int,
-                    support: Tensor | None = None, start: Tensor | None = None) -> Tensor:
-    """Proximal gradient (FISTA) on eq. 22 from ``start`` (default ``previous``), ``(n, n, n)``; float32.
+@dataclass
+class FistaState:
+    """Where a proximal-gradient solve stands: the iterate ``x``, the extrapolated point ``y`` (both
+    ``(n, n, n)`` float32) and the momentum counter ``t``; continuing from it is the same as never stopping."""
+
+    x: Tensor
+    y: Tensor
+    t: float = 1.0
+
+    @staticmethod
+    def start(x: Tensor) -> FistaState:
+        x = x.to(torch.float32).clone()
+        return FistaState(x, x.clone())
+
+
+def fista_steps(problem: NormalEquations, previous: Tensor, params: SparseTVParameters, state: FistaState,
+                iterations: int, support: Tensor | None = None) -> FistaState:
+    """``iterations`` proximal-gradient (FISTA) steps on eq. 22 from ``state``; returns the new state.
 
     previous: ``x^{k-1}`` of the implicit-gradient term. ``support`` (optional ``(n, n, n)`` in [0, 1]):
     the solution is multiplied by it after each step (a solvent mask).
     """
     x_prev = previous.to(torch.float32)
-    x = (x_prev if start is None else start.to(torch.float32)).clone()
-    y = x.clone()
-    t = 1.0
+    x, y, t = state.x, state.y, state.t
     for _ in range(iterations):
         w_l1 = 1.0 / (y.abs() + params.eps)
         grad_y = forward_differences(y)
@@ -280,7 +295,17 @@ def solve_sparse_tv(problem: NormalEquations, previous: Tensor, params: SparseTV
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         y = x_new + ((t - 1.0) / t_new) * (x_new - x)
         x, t = x_new, t_new
-    return x
+    return FistaState(x, y, t)
+
+
+def solve_sparse_tv(problem: NormalEquations, previous: Tensor, params: SparseTVParameters, iterations: int,
+                    support: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    """Proximal gradient (FISTA) on eq. 22 from ``start`` (default ``previous``), ``(n, n, n)``; float32.
+
+    previous: ``x^{k-1}`` of the implicit-gradient term. ``support``: see :func:`fista_steps`.
+    """
+    state = FistaState.start(previous if start is None else start)
+    return fista_steps(problem, previous, params, state, iterations, support).x
 
 
 def objective(problem: NormalEquations, x: Tensor, previous: Tensor, params: SparseTVParameters,
@@ -368,17 +393,21 @@ class SparseTVRefineEngine(RelionRefineEngine):
                 scales = [cfg.beta_scale if centre is None else centre]
             else:
                 scales = list(FIRST_BETA_GRID) if centre is None else beta_candidates(centre)
-        best: tuple[float, Tensor, SparseTVParameters] | None = None
+        # With several candidates, each is ranked after a third of the inner iterations and only the best
+        # is carried on (the FISTA state continues exactly), so the search costs about 1.7 solves, not 3.
+        rank_iters = max(1, cfg.tv_iters // 3) if len(scales) > 1 else cfg.tv_iters
+        best: tuple[float, FistaState, SparseTVParameters] | None = None
         for scale in scales:
             params = scaled_parameters(problem, prior, cfg, scale)
-            x = solve_sparse_tv(problem, prior, params, cfg.tv_iters, start=start)
-            score = state.problems[2 - half].value(x) if searching else 0.0
+            solved = fista_steps(problem, prior, params, FistaState.start(start), rank_iters)
+            score = state.problems[2 - half].value(solved.x) if searching else 0.0
             if searching:
                 info[f"heldout_{tag}_b{params.beta_scale:.3g}"] = score
             if best is None or score < best[0]:
-                best = (score, x, params)
+                best = (score, solved, params)
         assert best is not None
-        _, x, params = best
+        _, solved, params = best
+        x = fista_steps(problem, prior, params, solved, cfg.tv_iters - rank_iters).x
         if not joined:
             state.beta_scale[half] = params.beta_scale
         info.update({f"eps_{tag}": params.eps, f"eps_prime_{tag}": params.eps_prime, f"alpha_{tag}": params.alpha,

@@ -304,7 +304,9 @@ def test_runs_on_real_relion_files(star, tmp_path):
 # ------------------------------------------------------------------------------------------------ reconstruction
 
 # Simulated 4AKE as in the issue: bundled model, CTF on, SNR 0.1, box 32 at 2.4 A/px (Nyquist 4.8 A).
-E2E_BOX, E2E_APIX, E2E_PARTICLES = 32, 2.4, 2000
+E2E_BOX, E2E_APIX, E2E_PARTICLES, E2E_SEED = 32, 2.4, 2000, 1
+#: The step budget of the test (the shipped default is the paper's 7,500).
+E2E_STEPS = 300
 
 
 def _run_scored(sim: Path, run: Path, *args: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -329,23 +331,25 @@ def _run_scored(sim: Path, run: Path, *args: str) -> tuple[np.ndarray, np.ndarra
 
 
 def test_cryo2ssnet_bootstraps_4ake_from_a_random_start(tmp_path):
-    """A random start on simulated 4AKE (2,000 particles of 32 px, CTF, SNR 0.1) with the shipped defaults and a
-    budget of 380 steps (6 epochs): the search-supervised stage brings the median rotation error from random
-    (~120 degrees) below 35 degrees and the map to FSC 0.5 vs truth over the first 5 shells (15 A).
+    """A random start on simulated 4AKE (2,000 particles of 32 px at 2.4 A/px, CTF, SNR 0.1) with the shipped
+    defaults and a budget of 300 steps (5 epochs, 222 s on one core beside another job): the search-supervised stage
+    brings the median rotation error from random (~120 degrees) below 20 degrees and keeps FSC 0.5 vs truth over
+    the first 7 shells (11 A).
 
-    Measured at this commit: median 27.5 degrees (mean 58.5; by epoch 91, 74, 42, 30, 29, 27.5), FSC 0.57 at shell 6
-    (12.8 A), 0.47 at shell 7. With DHBS off (``--no-dhbs --steps 760``: end to end only, twice the steps, the
-    paper's ablation of 5.2; checked by hand, not run here for time) the same set ends at 123.3 degrees median,
-    FSC 0.53 at shell 3 (25.6 A) and 0.16 at shell 4.
+    Measured at this commit: median 14.9 degrees (mean 33.9; by epoch 82, 27, 16, 15, 15), FSC 0.67 at shell 7
+    (11 A) and 0.44 at shell 8 (9.6 A, 2x Nyquist). With DHBS off (``--no-dhbs --steps 600``: end to end only, twice
+    the steps, the paper's ablation of 5.2; checked by hand with ``benchmarks/abinitio.py``, not run here for time)
+    the same set ends at 123.2 degrees median and FSC 0.5 at 42 A.
 
     This is not the issue's done-means (median error below 5 degrees, FSC 0.5 to 2x Nyquist), which this
-    implementation does not reach at a CPU test's budget: the encoder does not learn in 380 steps (its median
-    distance to the searched poses stays near 100 degrees), so stage 2 never starts, and the searched poses
-    plateau near 20-28 degrees median with the map near 13 A (see the README's Cryo2SSNet section)."""
-    sim = _simulate(tmp_path / "sim", E2E_PARTICLES, box=E2E_BOX, apix=E2E_APIX)
-    curve, errors, metrics = _run_scored(sim, tmp_path / "run", "--steps", "380")
+    implementation does not reach at a CPU test's budget: the encoder does not learn in 300 steps (its median
+    distance to the searched poses falls only from 128 to 96 degrees), so stage 2 never starts, and the searched
+    poses plateau near 15 degrees median (27.5 on another random draw of the set, seed 11, after 380 steps; see
+    the README's Cryo2SSNet section)."""
+    sim = _simulate(tmp_path / "sim", E2E_PARTICLES, box=E2E_BOX, apix=E2E_APIX, seed=E2E_SEED)
+    curve, errors, metrics = _run_scored(sim, tmp_path / "run", "--steps", str(E2E_STEPS))
     print("\n".join(metrics))
     print(f"median rotation error {np.median(errors):.2f} deg, mean {np.mean(errors):.2f}; FSC vs truth "
           f"{np.round(curve, 3).tolist()}")
-    assert np.median(errors) < 35.0
-    assert curve[1:6].min() >= 0.5
+    assert np.median(errors) < 20.0
+    assert curve[1:8].min() >= 0.5

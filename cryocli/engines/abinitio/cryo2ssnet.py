@@ -32,6 +32,15 @@ What cryocli adds (each written down where it is made):
   denoiser's third are counted in steps. The denoiser trains 48 passes over the data (7,500 x 64 / 10,000),
   at most 7,500 steps.
 * Gradient descent keeps only steps that lower a particle's cost (see :meth:`BeamSearch.polish`).
+* Search from a random start (``beam_start="auto"``, ``switch_waits``): the paper's beam starts at the 4 base cells
+  nearest the encoder's pose, which from a random encoder hold the true pose for 4/72 of the particles; with it
+  alone 2,000 simulated 4AKE particles of 32 px stayed at 113 degrees median error after 300 steps. Until the
+  encoder agrees with the search (median distance between its poses and the searched ones over an epoch at most
+  ``agreement``, 10 degrees), the beam starts from the 16 best of all 72 base cells, and stage 2, which trusts the
+  encoder's poses (4.4), waits: switching on schedule with an encoder that had not learned took the median error
+  from 22 to 129 degrees. The decoder's rate still drops at the scheduled step. ``beam_start="encoder",
+  switch_waits=False`` is the paper as written.
+* Coarse levels compare only the frequencies their cell size resolves (:meth:`BeamSearch.band`).
 
 Particles are prepared once in host memory (:func:`~cryocli.engines.particles.prepare_particles`) and go
 to the device a batch at a time; per-particle poses ``(N, 3, 3)`` and shifts ``(N, 2)`` (pixels) live in
@@ -92,6 +101,9 @@ class Cryo2SSNetConfig(EngineConfig):
     training steps (``None``: 48 passes over the data, at most 7,500). shifts: search and predict in-plane
     translations (cryocli's addition; ``False``: the paper's centred setting). max_shift: their bound in pixels
     of the working box (``None``: box / 8). encoder_channels: filters of the three conv blocks (32, 64, 128).
+    beam_start: "auto", "encoder" (the paper) or "global" (see the module docstring). agreement: degrees of median
+    encoder-to-search distance at which the encoder counts as trained (10). switch_waits: stage 2 waits for that
+    (``False``: the paper's fixed switch).
     """
 
     epochs: int | None = None  # type: ignore[assignment]

@@ -185,7 +185,7 @@ def test_snr_estimate(ake32):
         noisy = images + math.sqrt(signal / snr) * torch.randn(images.shape, generator=g)
         est = estimate_snr(noisy, background_mask(32))
         print(f"SNR {snr}: estimated {est:.4f}")
-        assert 0.85 * snr <= est <= 1.05 * snr  # measured 0.93-0.97 x: signal left in the noise estimate
+        assert 0.85 * snr <= est <= 1.05 * snr  # measured 0.91-0.97 x: signal left in the noise estimate
 
 
 def test_denoiser_output_correlates_better_with_the_clean_images(ake32):

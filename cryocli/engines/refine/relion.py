@@ -14,7 +14,9 @@ Per iteration, for each half set (``rlnRandomSubset``, drawn if absent) independ
   (``SSNR = FSC / (1 - FSC)``), as RELION's ``reconstruct`` with ``update_tau2_with_fsc``. The halves are
   averaged below ``low_resol_join_halves`` (40 A) so they stay in one frame; above it they never share
   information.
-* Noise: ``sigma^2`` per shell and optics group from the residuals at the most probable poses.
+* Noise: ``sigma^2`` per shell and optics group from the residuals at the most probable poses; with
+  ``norm``/``scale`` (RELION's ``--norm``/``--scale``, on by default) also each particle's normalisation
+  correction and each group's intensity scale (:mod:`cryocli.engines.refine.intensity`).
 
 Auto-sampling (RELION's ``updateAngularSampling``): each iteration counts whether the resolution
 improved and whether the pose changes were large (not within 3% of the smallest so far and above 40% of
@@ -369,7 +371,8 @@ class RelionRefineEngine:
             start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
             m_state.restore(saved.get("m_step", {}))
             intensity = self._intensity_start(data, cfg)
-            intensity.restore(saved["intensity"])
+            if "intensity" in saved:  # checkpoints written before --norm/--scale start them at 1
+                intensity.restore(saved["intensity"])
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
         trilinear: list[tuple[Tensor, Tensor]] = []

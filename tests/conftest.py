@@ -30,3 +30,19 @@ def need(path: Path) -> Path:
     """Fail loudly (not skip) when a reference file is missing: CI has ../shared beside the repo."""
     assert path.exists(), f"reference file missing: {path} (tests read ../shared relative to the repo root)"
     return path
+
+
+BUNDLED_4AKE = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
+
+
+def simulate_4ake(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int = 11, apix: float = 2.4) -> Path:
+    """``cryocli simulate`` of ``n`` particles of the bundled 4AKE model into ``out`` (box in pixels, apix in
+    Angstrom per pixel), as a user would run it; returns ``out``."""
+    from typer.testing import CliRunner
+
+    from cryocli.cli.app import app
+
+    r = CliRunner().invoke(app, ["--quiet", "simulate", str(BUNDLED_4AKE), "-o", str(out), "-n", str(n), "--box",
+                                 str(box), "--apix", str(apix), "--snr", str(snr), "--seed", str(seed)])
+    assert r.exit_code == 0, r.output
+    return out

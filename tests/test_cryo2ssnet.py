@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,13 @@ from cryocli.imaging.ctf import CTFParams
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.simulate import render_clean
 from cryocli.io.dataset import ParticleStack
-from cryocli.io.mrc import read_map
 from cryocli.io.models import demo_model_path
+from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 from cryocli.io.volumes import load_volume
 
-from .conftest import ASPIRE, CRYODRGN, need
+from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
 runner = CliRunner()
 
 
@@ -64,11 +63,7 @@ def _clean(volume: torch.Tensor, apix: float, count: int, seed: int, shifts_px: 
     return images, rot, ctf
 
 
-def _simulate(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int = 11, apix: float = 2.4) -> Path:
-    r = runner.invoke(app, ["--quiet", "simulate", str(MODEL), "-o", str(out), "-n", str(n), "--box", str(box),
-                            "--apix", str(apix), "--snr", str(snr), "--seed", str(seed)])
-    assert r.exit_code == 0, r.output
-    return out
+_simulate = partial(simulate_4ake, apix=2.4)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from typer.testing import CliRunner
 
 from cryocli.cli.app import app
 from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine, ImageModel
-from cryocli.engines.particles import prepare_particles
 from cryocli.engines.common.hartley_volume import HartleyVolume
+from cryocli.engines.particles import prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance
 from cryocli.imaging.hartley import hartley_volume
@@ -23,10 +24,8 @@ from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 
-from .conftest import ASPIRE, CRYODRGN, need
+from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
 runner = CliRunner()
 
 # The done-means dataset: bundled 4AKE model, box 48 at 2.4 A/px (Nyquist 4.8 A), CTF on, SNR 0.1. Box 48
@@ -40,11 +39,7 @@ DONE_BOX, DONE_APIX, DONE_PARTICLES = 48, 2.4, 3000
 DONE_ARGS: list[str] = []
 
 
-def _simulate(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int = 11, apix: float = 3.6) -> Path:
-    r = runner.invoke(app, ["--quiet", "simulate", str(MODEL), "-o", str(out), "-n", str(n), "--box", str(box),
-                            "--apix", str(apix), "--snr", str(snr), "--seed", str(seed)])
-    assert r.exit_code == 0, r.output
-    return out
+_simulate = partial(simulate_4ake, apix=3.6)
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,12 @@ def abinitio(
                              "log.jsonl, checkpoint.pt, figures."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the particles "
                                          "[default: the method's, 20 for cryospin; cryo2ssnet: as many as --steps "
-                                         "take]."),
+                                         "take; sagd: no limit but --max-iter]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per step [default: 64; "
-                                          "cryo2ssnet: 32]."),
+                                          "cryo2ssnet: 32; sagd: 200, the paper's minibatch]."),
     lr: float | None = typer.Option(None, "--lr", help="Main learning rate (cryospin: the decoder's, 0.05; "
-                                    "cryo2ssnet: the decoder's, 1e-2, divided by 10 in stage 2)."),
+                                    "cryo2ssnet: the decoder's, 1e-2, divided by 10 in stage 2; sagd has none: its step is "
+                                    "eps / L)."),
     box: int | None = typer.Option(None, "--box", min=8, help="Fourier-crop the particles to this box (pixels) "
                                       "on the fly; the map is written at that box and its pixel size."),
     max_particles: int | None = typer.Option(None, "--max-particles", min=1, help="Use only the first N particles."),
@@ -149,6 +150,41 @@ def abinitio(
                                               "7500]."),
     max_shift: float | None = typer.Option(None, "--max-shift", help="cryo2ssnet: largest in-plane shift searched "
                                            "and predicted, in pixels of the working box [default: box / 8]."),
+    max_iter: int | None = typer.Option(None, "--max-iter", help="sagd: iterations (minibatches) at most; the run "
+                                        "stops earlier once omega is at its maximum and the held-out error has "
+                                        "stopped improving [default: 5000]."),
+    res_start: float | None = typer.Option(None, "--res-start", help="sagd: the frequency march starts at 1/this, in A "
+                                           "[default: 40]."),
+    res_final: float | None = typer.Option(None, "--res-final", help="sagd: the frequency march ends at 1/this, in A, "
+                                           "capped at Nyquist [default: 10]."),
+    march_iter: int | None = typer.Option(None, "--march-iter", help="sagd: iterations over which omega rises "
+                                          "geometrically from the start to the end [default: 2000]."),
+    prior: str | None = typer.Option(None, "--prior", help="sagd: density prior: exponential, car (26-neighbour "
+                                     "Gaussian smoothness) or uniform (improper) [default: exponential]."),
+    prior_lambda: float | None = typer.Option(None, "--prior-lambda", help="sagd: lambda of the exponential prior, per "
+                                              "unit of density [default: 1 / the mean voxel of the scaled random "
+                                              "start]."),
+    car_sigma: float | None = typer.Option(None, "--car-sigma", help="sagd: sigma_CAR of the CAR prior, in units of "
+                                           "density [default: the scaled random start's voxel standard deviation]."),
+    prior_strength: float | None = typer.Option(None, "--prior-strength", help="sagd: multiplies the data-derived "
+                                                "lambda and divides sigma_CAR [default: 1]."),
+    importance_sampling: bool | None = typer.Option(None, "--importance-sampling/--no-importance-sampling",
+                                                    help="sagd: importance-sample the quadrature sums, or evaluate "
+                                                    "every quadrature point [default: --importance-sampling]."),
+    s0: float | None = typer.Option(None, "--s0", help="sagd: samples drawn per sampler = s0 x the proposal's "
+                                    "effective sample size [default: 10]."),
+    held_out: int | None = typer.Option(None, "--held-out", help="sagd: particles held out for the RREMSE (never used "
+                                        "for gradients); 0: none [default: 100, or 5% of sets under 2000]."),
+    spheres: int | None = typer.Option(None, "--spheres", help="sagd: random spheres summed into the starting density "
+                                       "[default: 30]."),
+    shift_sigma: float | None = typer.Option(None, "--shift-sigma", help="sagd: standard deviation of the Gaussian "
+                                             "shift prior, in A [default: 3% of the box's field of view]."),
+    shift_extent: float | None = typer.Option(None, "--shift-extent", help="sagd: shift quadrature points lie within "
+                                              "this many shift sigmas of the centre [default: 2.5]."),
+    max_level: int | None = typer.Option(None, "--max-level", help="sagd: finest quadrature level, 0-5 (HEALPix "
+                                         "order; 4: 3.75 deg) [default: 4]."),
+    patience: int | None = typer.Option(None, "--patience", help="sagd: passes without a held-out improvement that "
+                                        "stop the run once omega is at its maximum [default: 2]."),
 ) -> None:
     """Ab initio reconstruction: poses and a map from particles alone (the help text is built by _help)."""
     with guarded():
@@ -166,6 +202,10 @@ def abinitio(
             "switch_waits": switch_waits, "gd": gd, "gd_steps": gd_steps, "gd_lr": gd_lr, "balance": balance,
             "denoiser_factor": denoiser_factor, "denoiser_fraction": denoiser_fraction,
             "denoiser_steps": denoiser_steps, "max_shift": max_shift,
+            "max_iter": max_iter, "res_start": res_start, "res_final": res_final, "march_iter": march_iter,
+            "prior": prior, "prior_lambda": prior_lambda, "car_sigma": car_sigma, "prior_strength": prior_strength,
+            "importance_sampling": importance_sampling, "s0": s0, "held_out": held_out, "spheres": spheres,
+            "shift_sigma": shift_sigma, "shift_extent": shift_extent, "max_level": max_level, "patience": patience,
         }
     summary = run_engine_command("abinitio", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
@@ -194,7 +234,12 @@ def _help() -> str:
             "the encoder (--no-shifts for centred particles), estimates the SNR (--snr) and chooses the denoiser's "
             "factor and mask radius from the data, keeps the paper's fixed step budget whatever the number of "
             "particles (--steps), starts the beam from the whole base grid until the encoder agrees with the search "
-            "and lets stage 2 wait for that agreement (--beam-start, --agreement, --fixed-switch; see the README).")
+            "and lets stage 2 wait for that agreement (--beam-start, --agreement, --fixed-switch; see the README).\n\n"
+            "sagd follows the paper and its supplement (minibatches of 200, eps = max(1/16, 2^(1 - floor(tau/150))), "
+            "a line search for L every 20 iterations, three importance samplers with s0 = 10, omega from 1/40 to 1/10 "
+            "A^-1, 100 held-out particles). cryocli chooses what the paper leaves open (the omega schedule, the "
+            "quadrature and how it grows, the shift prior, lambda, sigma_CAR, the random spheres, the decrease of L, "
+            "the RREMSE normalisation; see the README) and uses the shared projector instead of sinc interpolation.")
 
 
 FLAGS = option_flags(abinitio, {"pyramid": "pyramid_sigmas"})

@@ -2,5 +2,6 @@
 
 from cryocli.engines.abinitio.cryo2ssnet import Cryo2SSNetConfig, Cryo2SSNetEngine
 from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
+from cryocli.engines.abinitio.sagd import SAGDConfig, SAGDEngine
 
-__all__ = ["Cryo2SSNetConfig", "Cryo2SSNetEngine", "CryoSpinConfig", "CryoSpinEngine"]
+__all__ = ["Cryo2SSNetConfig", "Cryo2SSNetEngine", "CryoSpinConfig", "CryoSpinEngine", "SAGDConfig", "SAGDEngine"]

@@ -36,6 +36,24 @@ def _normal_problem() -> tuple[NormalEquations, torch.Tensor]:
     return NormalEquations(data, weight, n, 2, env, n // 2), vol
 
 
+def test_pruned_hessian_equals_the_padded_convolution() -> None:
+    # A^H N A x by definition: the enveloped map zero-padded at the corner, one full real FFT of the padded
+    # box, times the weights, the inverse, cropped, enveloped again (float64 here).
+    problem, vol = _normal_problem()
+    x = torch.randn(vol.shape, generator=torch.Generator().manual_seed(5))
+    n, p = problem.n, problem.p
+    padded = torch.zeros((p,) * 3, dtype=torch.float64)
+    padded[:n, :n, :n] = x.double() * problem.envelope.double()
+    spec = torch.fft.rfftn(padded, norm="ortho") * problem.weights.double()
+    expected = torch.fft.irfftn(spec, s=(p,) * 3, norm="ortho")[:n, :n, :n] * problem.envelope.double()
+    got = problem.hessian(x)
+    assert got.shape == (n, n, n) and got.dtype == torch.float32
+    assert float((got.double() - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+    # The buffers are reused: a second, different call gives its own answer.
+    assert not torch.allclose(problem.hessian(2 * x), got)
+    assert torch.allclose(problem.hessian(2 * x), 2 * got, rtol=1e-5, atol=1e-6 * float(got.abs().max()))
+
+
 def test_normal_equations_gradient_and_tv_adjoint() -> None:
     problem, vol = _normal_problem()
     g = torch.Generator().manual_seed(4)

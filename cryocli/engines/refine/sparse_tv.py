@@ -169,21 +169,30 @@ class NormalEquations:
         padded = torch.fft.fftshift(torch.fft.irfftn(full_b[..., :half].to(torch.complex64), s=(self.p,) * 3,
                                                      norm="ortho"))
         self.back = (padded[o:o + self.n, o:o + self.n, o:o + self.n] * self.envelope).contiguous()
-        self._padded: Tensor | None = None
+        self._padded: tuple[Tensor, Tensor, Tensor] | None = None
         inside = self.weights > 0
         self.mean_weight = float(self.weights[inside].mean()) if bool(inside.any()) else 0.0
         self.lipschitz = float(self.weights.max())
 
     def hessian(self, x: Tensor) -> Tensor:
         """``A^H N A x`` ``(n, n, n)`` float32."""
-        # Explicit zero padding: torch's FFTs are several times slower when asked to pad (``s=``).
+        n, p = self.n, self.p
         if self._padded is None:
-            self._padded = torch.zeros((self.p,) * 3, dtype=torch.float32, device=x.device)
-        n = self.n
-        self._padded[:n, :n, :n] = x.to(torch.float32) * self.envelope
-        spec = torch.fft.rfftn(self._padded, norm="ortho")
-        out = torch.fft.irfftn(spec.mul_(self.weights), norm="ortho")
-        return out[:n, :n, :n] * self.envelope
+            # Explicit zero padding: torch's FFTs are several times slower when asked to pad (``n=``).
+            dev, half = x.device, p // 2 + 1
+            self._padded = (torch.zeros((n, n, p), dtype=torch.float32, device=dev),
+                            torch.zeros((n, p, half), dtype=torch.complex64, device=dev),
+                            torch.zeros((p, p, half), dtype=torch.complex64, device=dev))
+        rows, planes, box = self._padded
+        # The padded FFT one axis at a time, pruned: the map fills only the first n of each padded axis and
+        # only the first n of each are read back, so 1-D transforms of all-zero or unread lines are skipped
+        # (about 40% fewer than a full padded rfftn/irfftn pair, and the same result to float32 round-off).
+        rows[..., :n] = x.to(torch.float32) * self.envelope
+        planes[:, :n] = torch.fft.rfft(rows, dim=2, norm="ortho")
+        box[:n] = torch.fft.fft(planes, dim=1, norm="ortho")
+        spec = torch.fft.fft(box, dim=0, norm="ortho").mul_(self.weights)
+        spec = torch.fft.ifft(torch.fft.ifft(spec, dim=0, norm="ortho")[:n], dim=1, norm="ortho")[:, :n]
+        return torch.fft.irfft(spec, n=p, dim=2, norm="ortho")[..., :n] * self.envelope
 
     def gradient(self, x: Tensor) -> Tensor:
         """``A^H N A x - A^H b`` ``(n, n, n)`` float32."""

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/refine.py [--particles 2000] [--snr 0.1,0.05,0.2] [--box 64] [--apix 2.5]
                                           [--max-iter 25] [--device cpu|cuda]
     .venv/bin/python benchmarks/refine.py --set-3j9g [--max-iter 25]
+    .venv/bin/python benchmarks/refine.py --relion [--particles 1500]   # also RELION's auto-refine (relion_refine_mpi on PATH)
 
 Simulated (default): 4AKE at box 64, 2.5 A/px, shifts sigma 2 px, one dataset per SNR; the STAR file given
 to refine has no poses and no origins (as RELION's refine input), both methods start from the ground
@@ -12,6 +13,11 @@ maps for relion, the sparse + TV solutions for sparse-tv), resolution of the fin
 truth (FSC 0.5 after alignment), median rotation error after the best global rotation, median shift
 error, iterations, seconds per iteration, total seconds and peak memory (CPU: peak resident set of the
 case's own process; CUDA: peak allocated). Each case runs in its own subprocess.
+
+``--relion`` adds a row per SNR for RELION's own 3D auto-refine (``relion_refine_mpi`` with 1 leader + 2 followers,
+``--j 1``: the command RELION 5 ran on set_3j9g, see ../shared/data/relion/set_3j9g/README.md, with this set's
+diameter), on the same STAR file and reference, scored by the same code from its run_data.star, run_class001.mrc
+and half maps. On Debian, ``apt-get install relion`` gives RELION 3.1.3.
 
 set_3j9g: the particles (refine/refine_input.star) and reference (refine/ref_lp40.mrc) RELION's
 auto-refine used (particle diameter 280 A, offset range 5 px, step 2 px); rotation errors against
@@ -126,6 +132,64 @@ def run_case(args: argparse.Namespace) -> dict:
     return row
 
 
+def relion_case(particles: Path, ref: Path, truth_map_path: Path, truth_star: Path, diameter: float,
+                out: Path, args: argparse.Namespace) -> dict:
+    """RELION's 3D auto-refine on ``particles`` from ``ref`` (run from the cwd, which the STAR's image paths are
+    relative to), scored as :func:`run_case` scores cryocli's runs."""
+    import shutil
+    import subprocess
+
+    from cryocli.analysis.align import pose_errors_after_alignment
+    from cryocli.analysis.fsc import fsc_curve, threshold_crossing
+    from cryocli.analysis.ground_truth import GroundTruth
+    from cryocli.engines.result import Reconstruction
+    from cryocli.engines.runner import postprocess_check
+    from cryocli.io.mrc import read_map
+    from cryocli.io.star import read_star
+    from cryocli.io.summary import read_star_blocks
+
+    if shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None:
+        raise SystemExit("--relion needs relion_refine_mpi and mpirun on PATH (Debian: apt-get install relion)")
+    apix = read_map(ref).voxel_size
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--o", str(out / "run"),
+           "--auto_refine", "--split_random_halves", "--i", str(particles), "--ref", str(ref), "--ini_high", "40",
+           "--ctf", "--particle_diameter", str(diameter), "--flatten_solvent", "--zero_mask", "--healpix_order", "2",
+           "--auto_local_healpix_order", "4", "--offset_range", str(args.offset_range), "--offset_step",
+           str(args.offset_step), "--sym", "C1", "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2",
+           "--j", "1", "--pool", "3", "--dont_combine_weights_via_disc", "--random_seed", "1"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0 or not (out / "run_data.star").exists():
+        print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"relion_refine_mpi failed on {particles}")
+    table = read_star(out / "run_data.star")
+    truth_table = read_star(truth_star)
+    order = {name: i for i, name in enumerate(truth_table.particles["rlnImageName"].astype(str))}
+    rows = np.array([order[s] for s in table.particles["rlnImageName"].astype(str)])
+    est, true_rot = _rotations(table).double(), _rotations(truth_table)[rows].double()
+    full = read_map(out / "run_class001.mrc")
+    halves = [torch.tensor(read_map(out / f"run_half{i}_class001_unfil.mrc").data) for i in (1, 2)]
+    truth_map = read_map(truth_map_path)
+    truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, None, every=10**9)
+    n = int(full.data.shape[-1])
+    model = read_star_blocks(out / "run_model.star", (out / "run_model.star").read_text())["model_general"]
+    assert isinstance(model, dict)
+    result = Reconstruction(volume=torch.tensor(full.data), voxel_size=apix, rotations=est.float(),
+                            origins_angstrom=torch.zeros(len(rows), 2), half_volumes=(halves[0], halves[1]))
+    check = postprocess_check(result, truth)
+    shift_err = np.linalg.norm(table.origins_angstrom - truth_table.origins_angstrom[rows], axis=1)
+    iterations = len(list(out.glob("run_it*_optimiser.star"))) - 1  # run_it000 is the start
+    return {"method": "RELION", "gold_A": float(model["rlnCurrentResolution"]),
+            "halfmaps_A": threshold_crossing(fsc_curve(halves[0], halves[1]), n, apix, 0.143).resolution,
+            "truth_A": truth.score_map(torch.tensor(full.data), apix)["res_fsc05"],
+            "rot_err": float(np.median(pose_errors_after_alignment(est, true_rot))),
+            "shift_err_A": float(np.median(shift_err)), "iterations": iterations, "converged": "yes",
+            "seconds": seconds, "s_per_iter": seconds / max(1, iterations), "peak_mb": float("nan"),
+            "postprocess_A": check["postprocess_resolution_A"], "pp_truth_A": check["postprocessed_vs_truth_fsc05_A"]}
+
+
 def _case_argv(method: str, particles: Path, ref: Path, truth_map: Path, truth_star: Path, diameter: float,
                args: argparse.Namespace, cn: int = 1) -> list[str]:
     return [__file__, "--case", "--method", method, "--particles", str(particles), "--ref", str(ref),
@@ -152,6 +216,11 @@ def simulated(args: argparse.Namespace) -> None:
             for method in METHODS:
                 row = run_isolated(_case_argv(method, sim / "refine_input.star", ref, sim / "ground_truth.mrc",
                                               sim / "particles.star", 80.0, args))
+                rows.append({"snr": snr, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+            if args.relion:
+                row = relion_case(sim / "refine_input.star", ref, sim / "ground_truth.mrc", sim / "particles.star",
+                                  80.0, Path(tmp) / "relion", args)
                 rows.append({"snr": snr, **row})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     print_table(rows, COLUMNS)
@@ -201,6 +270,7 @@ def main() -> None:
     p.add_argument("--offset-step", type=float, default=2.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set-3j9g", action="store_true", help="run on RELION's set_3j9g refine inputs instead")
+    p.add_argument("--relion", action="store_true", help="simulated: also run RELION's auto-refine (relion_refine_mpi)")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--ref", help=argparse.SUPPRESS)

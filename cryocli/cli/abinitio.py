@@ -162,10 +162,11 @@ def abinitio(
     prior: str | None = typer.Option(None, "--prior", help="sagd: density prior: exponential, car (26-neighbour "
                                      "Gaussian smoothness) or uniform (improper) [default: exponential]."),
     prior_lambda: float | None = typer.Option(None, "--prior-lambda", help="sagd: lambda of the exponential prior, per "
-                                              "unit of density [default: 1 / the mean voxel of the scaled random "
-                                              "start]."),
+                                              "unit of density [default: the prior weighs --prior-strength nats per "
+                                              "training particle at the density of the scaled random start]."),
     car_sigma: float | None = typer.Option(None, "--car-sigma", help="sagd: sigma_CAR of the CAR prior, in units of "
-                                           "density [default: the scaled random start's voxel standard deviation]."),
+                                           "density [default: the scaled random start's voxel standard deviation over "
+                                           "--prior-strength]."),
     prior_strength: float | None = typer.Option(None, "--prior-strength", help="sagd: multiplies the data-derived "
                                                 "lambda and divides sigma_CAR [default: 1]."),
     importance_sampling: bool | None = typer.Option(None, "--importance-sampling/--no-importance-sampling",
@@ -184,7 +185,7 @@ def abinitio(
     max_level: int | None = typer.Option(None, "--max-level", help="sagd: finest quadrature level, 0-5 (HEALPix "
                                          "order; 4: 3.75 deg) [default: 4]."),
     patience: int | None = typer.Option(None, "--patience", help="sagd: passes without a held-out improvement that "
-                                        "stop the run once omega is at its maximum [default: 2]."),
+                                        "stop the run once omega is at its maximum [default: 5]."),
 ) -> None:
     """Ab initio reconstruction: poses and a map from particles alone (the help text is built by _help)."""
     with guarded():

@@ -38,6 +38,11 @@ PAD = 2.0
 
 #: Bytes of the largest temporaries of one particle chunk.
 CHUNK_BYTES = 96 * 2**20
+#: Cost of a gathered projection relative to one column of the shared product (measured on CPU at 32 px: 2.2 s for
+#: 200 particles x 4,608 gathered rotations against 0.45 s for the shared product with 13 shifts). Where a batch draws
+#: more than ``R / GATHER_COST`` rotations per particle the drawn terms are read from the shared product over all
+#: ``R`` rotations instead: the same terms, the same estimate, computed the cheaper way.
+GATHER_COST = 5
 
 
 @dataclass
@@ -91,9 +96,10 @@ def project_quadrature(volume: Tensor, rotations: Tensor, pixels: SearchPixels, 
     return proj.real.contiguous(), proj.imag.contiguous()
 
 
-def _chunk_log_lik(data: BatchPixels, proj: tuple[Tensor, Tensor], ramps: tuple[Tensor, Tensor],
+def _chunk_log_lik(data: BatchPixels, proj: tuple[Tensor, Tensor], power: Tensor, ramps: tuple[Tensor, Tensor],
                    sets: tuple[SampleSet, SampleSet, SampleSet], n_psi: int) -> Tensor:
-    """``log L (b, K_t, K_d, K_p)`` of a chunk (padded slots included; masked by the caller)."""
+    """``log L (b, K_t, K_d, K_p)`` of a chunk (padded slots included; masked by the caller). ``power``: ``|P|^2``
+    ``(R, M)`` of the projections."""
     d, p, t = sets
     c = data.ctf
     wr, wi = data.xr * c * data.inv, data.xi * c * data.inv
@@ -106,17 +112,22 @@ def _chunk_log_lik(data: BatchPixels, proj: tuple[Tensor, Tensor], ramps: tuple[
         rr, ri = ramps[0][t.index], ramps[1][t.index]  # (b, K_t, M)
     sr = wr[:, None, :] * rr - wi[:, None, :] * ri
     si = wr[:, None, :] * ri + wi[:, None, :] * rr
+    pr, pi = proj
+    norm = c2inv @ power.T  # (b, R): one product, read at the drawn rotations below
+    kt = sr.shape[1]
     if d.full and p.full:
-        pr, pi = proj
         cross = sr @ pr.T + si @ pi.T  # (b, K_t, R)
-        norm = c2inv @ (pr * pr + pi * pi).T  # (b, R)
     else:
         ids = (d.index[:, :, None] * n_psi + p.index[:, None, :]).reshape(b, -1)
-        pr, pi = proj[0][ids], proj[1][ids]  # (b, K, M)
-        cross = torch.bmm(sr, pr.transpose(1, 2)) + torch.bmm(si, pi.transpose(1, 2))
-        norm = torch.bmm(pr * pr + pi * pi, c2inv[:, :, None])[:, :, 0]
+        norm = norm.gather(1, ids)
+        if ids.shape[1] * GATHER_COST >= pr.shape[0]:
+            # Most rotations drawn: the shared product over all of them is cheaper than gathering projections.
+            cross = (sr @ pr.T + si @ pi.T).gather(2, ids[:, None, :].expand(b, kt, ids.shape[1]))
+        else:
+            gr, gi = pr[ids], pi[ids]  # (b, K, M)
+            cross = torch.bmm(sr, gr.transpose(1, 2)) + torch.bmm(si, gi.transpose(1, 2))
     loglik = cross - 0.5 * norm[:, None, :] - 0.5 * x2[:, None, None]
-    return loglik.reshape(b, loglik.shape[1], d.index.shape[1], p.index.shape[1])
+    return loglik.reshape(b, kt, d.index.shape[1], p.index.shape[1])
 
 
 def _take(s: SampleSet, q: slice) -> SampleSet:
@@ -133,15 +144,19 @@ def marginal(data: BatchPixels, proj: tuple[Tensor, Tensor], ramps: tuple[Tensor
     """
     b, m = data.xr.shape
     d, p, t = sets
-    k = t.index.shape[1] * d.index.shape[1] * p.index.shape[1]
-    per_particle = 4 * k * (6 + (0 if d.full and p.full else 3 * m // max(1, t.index.shape[1])))
+    n_rot = proj[0].shape[0]
+    k_rot = d.index.shape[1] * p.index.shape[1]
+    dense = (d.full and p.full) or k_rot * GATHER_COST >= n_rot
+    k = t.index.shape[1] * (n_rot if dense else k_rot)
+    per_particle = 4 * k * (8 if dense else 6 + 3 * m // max(1, t.index.shape[1]))
+    power = proj[0] * proj[0] + proj[1] * proj[1]
     chunk = max(1, CHUNK_BYTES // max(1, per_particle))
     parts = []
     for s in range(0, b, chunk):
         q = slice(s, s + chunk)
         sub = BatchPixels(data.xr[q], data.xi[q], data.ctf[q], data.inv)
         sub_sets = (_take(d, q), _take(p, q), _take(t, q))
-        loglik = _chunk_log_lik(sub, proj, ramps, sub_sets, p.size)
+        loglik = _chunk_log_lik(sub, proj, power, ramps, sub_sets, p.size)
         parts.append(_reduce(loglik, sub_sets, log_w, data.inv))
     out = Marginal(*(torch.cat([part[i] for part in parts]) for i in range(9)))
     # The Gaussian's normaliser, 1 / (pi sigma^2) per compared complex pixel: a constant, so that log_p is the

@@ -14,7 +14,9 @@ negative log marginal likelihood, ``R``: the negative log prior). Each iteration
 ``L``: the first one by bisection on the first minibatch (bracketed by doubling or halving from 1, then 8 geometric
 bisections between the largest ``L`` that fails the condition and the smallest that passes); every
 ``line_search_every`` (20) iterations it is doubled until the current minibatch satisfies the sufficient decrease
-``f_k(V) - f_k(V - g / L) >= |g|^2 / (2 L)`` (``g = grad f_k(V)``; Algorithm 1 prints the inequality reversed).
+``f_k(V) - f_k(V - g / L) >= |g|^2 / (2 L)`` (``g = grad f_k(V)``; Algorithm 1 prints the inequality reversed),
+taken on the projected step ``V' = max(0, V - g / L)`` as ``f_k(V) - f_k(V') >= L |V - V'|^2 / 2`` (the same condition
+where nothing is clipped; without the projection the exponential prior, linear in V, lets any small L pass).
 The condition is checked at the point where the gradient was taken, before the step (Algorithm 1 checks after the
 step with the gradient of the point before it). Between searches ``L <- L * 2^(-1/150)``: the printed rule
 ``L <- K / 2^150`` is garbled; cryocli reads it as the SAG paper's gentle decrease ``L <- L 2^(-1/n)`` with the
@@ -43,31 +45,37 @@ def step_scale(tau: int) -> float:
     return max(1.0 / 16.0, 2.0 ** (1 - tau // 150))
 
 
-def sufficient_decrease(f: Callable[[Tensor], float], volume: Tensor, f0: float, grad: Tensor, lipschitz: float
-                        ) -> bool:
-    """Whether ``f(V) - f(V - grad / L) >= |grad|^2 / (2 L)``."""
-    g2 = float((grad * grad).sum())
-    return f0 - f(volume - grad / lipschitz) >= g2 / (2.0 * lipschitz)
+def sufficient_decrease(f: Callable[[Tensor], float], volume: Tensor, f0: float, grad: Tensor, lipschitz: float,
+                        positive: bool = False) -> bool:
+    """Whether ``f(V) - f(V') >= L |V - V'|^2 / 2`` for ``V' = V - grad / L`` (``|grad|^2 / 2L``, the paper's
+    condition), or with ``positive`` ``V' = max(0, V - grad / L)``: the projected step the update takes. The
+    projection matters: the exponential prior is linear, so ``f`` has no lower bound along unprojected steps into
+    negative density and the plain condition passes for any small ``L``."""
+    trial = volume - grad / lipschitz
+    if positive:
+        trial = trial.clamp_min(0.0)
+    moved = float(((volume - trial) ** 2).sum())
+    return f0 - f(trial) >= 0.5 * lipschitz * moved
 
 
 def line_search(f: Callable[[Tensor], float], volume: Tensor, f0: float, grad: Tensor, lipschitz: float,
-                max_doublings: int = 60) -> tuple[float, int]:
+                positive: bool = False, max_doublings: int = 60) -> tuple[float, int]:
     """Double ``lipschitz`` until the sufficient decrease holds; returns ``(L, evaluations)``."""
     evals = 0
     for _ in range(max_doublings):
         evals += 1
-        if sufficient_decrease(f, volume, f0, grad, lipschitz):
+        if sufficient_decrease(f, volume, f0, grad, lipschitz, positive):
             break
         lipschitz *= 2.0
     return lipschitz, evals
 
 
 def bisect_lipschitz(f: Callable[[Tensor], float], volume: Tensor, f0: float, grad: Tensor, start: float = 1.0,
-                     steps: int = BISECTIONS) -> tuple[float, int]:
+                     steps: int = BISECTIONS, positive: bool = False) -> tuple[float, int]:
     """The first ``L``: bracket from ``start`` by doubling / halving, then ``steps`` geometric bisections; returns
     the smallest passing ``L`` found and the evaluations."""
     evals = 1
-    ok = sufficient_decrease(f, volume, f0, grad, start)
+    ok = sufficient_decrease(f, volume, f0, grad, start, positive)
     lo, hi = (None, start) if ok else (start, None)
     trial = start
     for _ in range(60):
@@ -75,7 +83,7 @@ def bisect_lipschitz(f: Callable[[Tensor], float], volume: Tensor, f0: float, gr
             break
         trial = trial / 2.0 if ok else trial * 2.0
         evals += 1
-        if sufficient_decrease(f, volume, f0, grad, trial):
+        if sufficient_decrease(f, volume, f0, grad, trial, positive):
             hi = trial
         else:
             lo = trial
@@ -87,7 +95,7 @@ def bisect_lipschitz(f: Callable[[Tensor], float], volume: Tensor, f0: float, gr
     for _ in range(steps):
         mid = math.sqrt(lo * hi)
         evals += 1
-        if sufficient_decrease(f, volume, f0, grad, mid):
+        if sufficient_decrease(f, volume, f0, grad, mid, positive):
             hi = mid
         else:
             lo = mid
@@ -123,9 +131,9 @@ class SAGD:
         if self.lipschitz is None or self.tau % self.line_search_every == 0:
             value = f_k(volume) if f0 is None else f0
             if self.lipschitz is None:
-                self.lipschitz, evals = bisect_lipschitz(f_k, volume, value, fresh)
+                self.lipschitz, evals = bisect_lipschitz(f_k, volume, value, fresh, positive=positive)
             else:
-                self.lipschitz, evals = line_search(f_k, volume, value, fresh, self.lipschitz)
+                self.lipschitz, evals = line_search(f_k, volume, value, fresh, self.lipschitz, positive)
         else:
             self.lipschitz *= L_DECAY
         self.total += data_grad - self.grads[k]

@@ -180,7 +180,9 @@ def relion_case(particles: Path, ref: Path, truth_map_path: Path, truth_star: Pa
                             origins_angstrom=torch.zeros(len(rows), 2), half_volumes=(halves[0], halves[1]))
     check = postprocess_check(result, truth)
     shift_err = np.linalg.norm(table.origins_angstrom - truth_table.origins_angstrom[rows], axis=1)
-    iterations = len(list(out.glob("run_it*_optimiser.star"))) - 1  # run_it000 is the start
+    # run_it000 is the start; the converged final iteration is written without a number (run_optimiser.star), and
+    # is counted as the set_3j9g row counts RELION 5's (run_it001..014 + final = 15).
+    iterations = len(list(out.glob("run_it*_optimiser.star"))) - 1 + int((out / "run_optimiser.star").exists())
     return {"method": "RELION", "gold_A": float(model["rlnCurrentResolution"]),
             "halfmaps_A": threshold_crossing(fsc_curve(halves[0], halves[1]), n, apix, 0.143).resolution,
             "truth_A": truth.score_map(torch.tensor(full.data), apix)["res_fsc05"],

@@ -35,14 +35,17 @@ def need(path: Path) -> Path:
 BUNDLED_4AKE = REPO / "cryocli" / "data" / "4ake_adk_open.pdb"
 
 
-def simulate_4ake(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int = 11, apix: float = 2.4) -> Path:
+def simulate_4ake(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int = 11, apix: float = 2.4,
+                  shift_sigma: float | None = None) -> Path:
     """``cryocli simulate`` of ``n`` particles of the bundled 4AKE model into ``out`` (box in pixels, apix in
-    Angstrom per pixel), as a user would run it; returns ``out``."""
+    Angstrom per pixel, in-plane shifts of ``shift_sigma`` Angstrom, None: simulate's default), as a user would run
+    it; returns ``out``."""
     from typer.testing import CliRunner
 
     from cryocli.cli.app import app
 
+    shifts = [] if shift_sigma is None else ["--shift-sigma", str(shift_sigma)]
     r = CliRunner().invoke(app, ["--quiet", "simulate", str(BUNDLED_4AKE), "-o", str(out), "-n", str(n), "--box",
-                                 str(box), "--apix", str(apix), "--snr", str(snr), "--seed", str(seed)])
+                                 str(box), "--apix", str(apix), "--snr", str(snr), "--seed", str(seed), *shifts])
     assert r.exit_code == 0, r.output
     return out

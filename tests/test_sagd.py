@@ -42,7 +42,7 @@ from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 from cryocli.io.volumes import load_volume
 
-from .conftest import ASPIRE, BUNDLED_4AKE, CRYODRGN, need
+from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
 
 runner = CliRunner()
 BOX, APIX = 32, 2.4
@@ -246,13 +246,8 @@ def small(tmp_path_factory) -> Path:
 
 
 def _simulate(out: Path, count: int, seed: int = 1, shift_sigma: float = 2.0) -> Path:
-    """``cryocli simulate`` of the bundled 4AKE model as ``conftest.simulate_4ake`` runs it (box 32, 2.4 A/px, SNR
-    0.1), with in-plane shifts of ``shift_sigma`` A, which that helper does not take."""
-    r = runner.invoke(app, ["--quiet", "simulate", str(BUNDLED_4AKE), "-o", str(out), "-n", str(count), "--box",
-                            str(BOX), "--apix", str(APIX), "--snr", "0.1", "--seed", str(seed), "--shift-sigma",
-                            str(shift_sigma)])
-    assert r.exit_code == 0, r.output
-    return out
+    """``cryocli simulate`` of the bundled 4AKE model (box 32, 2.4 A/px, SNR 0.1) with in-plane shifts."""
+    return simulate_4ake(out, count, 0.1, BOX, seed, APIX, shift_sigma)
 
 
 FAST = ["--max-iter", "4", "--march-iter", "2", "--batch-size", "60"]

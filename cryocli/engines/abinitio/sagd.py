@@ -155,21 +155,10 @@ class SAGDConfig(EngineConfig):
             self.epochs = self.max_iter
 
     def validate(self) -> None:
-        at_least(self, "max_iter", 1)
-        if self.epochs is not None:
-            at_least(self, "epochs", 1)
-        at_least(self, "batch_size", 1)
-        at_least(self, "seed", 0)
         if self.lr is not None:
             raise OptionError("lr", self.lr, "sagd takes its step from the line search (eps / L); it has no learning rate")
-        if self.box is not None:
-            at_least(self, "box", 8)
-            if self.box % 2:
-                raise OptionError("box", self.box, "the box must be even")
-        if self.max_particles is not None:
-            at_least(self, "max_particles", 2)
-        if self.particle_diameter is not None:
-            positive(self, "particle_diameter")
+        at_least(self, "max_iter", 1)
+        super().validate()  # epochs (max_iter unless given), batch size, seed, box, max_particles, diameter
         positive(self, "res_start")
         positive(self, "res_final")
         if self.res_final > self.res_start:

@@ -485,7 +485,10 @@ def _draw_history(fig: Figure, box: _Box, data: ReportData, columns: list[str],
     for k, column in enumerate(columns):
         ax = fig.add_subplot(grid[k // HISTORY_COLUMNS, k % HISTORY_COLUMNS])
         for run, (x, y) in series[column].items():
-            ax.plot(x, y, color=colours[run], lw=1.3, marker="o" if len(x) <= 40 else None, ms=2.5,
+            # Columns scored now and then (a held-out error per pass, a ground-truth score every N epochs) are NaN in
+            # between: drawn as they are, their isolated points would not show at all.
+            ok = np.isfinite(y)
+            ax.plot(x[ok], y[ok], color=colours[run], lw=1.3, marker="o" if ok.sum() <= 40 else None, ms=2.5,
                     label=run or "run")
         ax.set_title(column, fontsize=9, pad=3)
         ax.set_xlim(lo - pad, hi + pad)  # every panel on the same epochs

@@ -8,10 +8,11 @@ datasets; print a table.
                                   [--variants default no-dhbs no-gd denoiser-off denoiser-all cryospin]
                                   [--apix 0.8 --snr 0.1]
     python benchmarks/abinitio.py --method sagd [--cases 64:10000] [--max-iter 5000] [--march-iter 2000]
-                                  [--variants default no-is] [--shift-sigma 2]
+                                  [--variants default no-is cryospin] [--shift-sigma 2] [--particle-diameter 76]
 
 sagd rows: ``default`` (shipped settings, importance sampling on) and ``no-is`` (every quadrature point evaluated:
-the same method without the speed-up), plus ``uniform`` / ``car`` (the other priors) when asked. Extra columns:
+the same method without the speed-up), plus ``uniform`` / ``car`` (the other priors), ``cryospin`` and
+``cryo2ssnet`` (those methods' shipped defaults, cryo2ssnet with ``--steps``, on the same simulated set) when asked. Extra columns:
 seconds until the map first reaches FSC 0.5 vs truth at 2x Nyquist (scored at the end of every pass, the scoring's
 own time included), and the fraction of quadrature points evaluated over the last pass. ``--max-iter`` and
 ``--march-iter`` set the iteration counts (the shipped 5,000 and 2,000 by default); the simulated particles get
@@ -59,8 +60,8 @@ def cryo2ssnet_setup(variant: str, args: argparse.Namespace, device: torch.devic
     from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
 
     if variant == "cryospin":
-        return CryoSpinEngine(device), CryoSpinConfig(seed=args.seed)
-    base = {"steps": args.steps, "seed": args.seed}
+        return CryoSpinEngine(device), CryoSpinConfig(seed=args.seed, particle_diameter=args.particle_diameter)
+    base = {"steps": args.steps, "seed": args.seed, "particle_diameter": args.particle_diameter}
     changes = {"default": {}, "no-dhbs": {"dhbs": False, "steps": 2 * args.steps}, "no-gd": {"gd_steps": 0},
                "adam": {"gd": "adam"}, "denoiser-off": {"denoiser_fraction": 0.0},
                "denoiser-all": {"denoiser_fraction": 1.0},
@@ -71,15 +72,18 @@ def cryo2ssnet_setup(variant: str, args: argparse.Namespace, device: torch.devic
 
 
 def sagd_setup(variant: str, args: argparse.Namespace, device: torch.device) -> tuple[object, object]:
-    """Engine and config of a sagd benchmark row."""
+    """Engine and config of a sagd benchmark row (``cryospin`` / ``cryo2ssnet``: that method's defaults on the same
+    data, so that one table compares the methods)."""
     from cryocli.engines.abinitio.sagd import SAGDConfig, SAGDEngine
 
+    if variant in ("cryospin", "cryo2ssnet"):
+        return cryo2ssnet_setup("cryospin" if variant == "cryospin" else "default", args, device)
     changes = {"default": {}, "no-is": {"importance_sampling": False}, "uniform": {"prior": "uniform"},
                "car": {"prior": "car"}}
     if variant not in changes:
-        raise SystemExit(f"unknown sagd variant {variant}; choose from {', '.join(changes)}")
+        raise SystemExit(f"unknown sagd variant {variant}; choose from {', '.join([*changes, 'cryospin', 'cryo2ssnet'])}")
     return SAGDEngine(device), SAGDConfig(max_iter=args.max_iter, march_iter=args.march_iter, seed=args.seed,
-                                          **changes[variant])
+                                          particle_diameter=args.particle_diameter, **changes[variant])
 
 
 def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
@@ -130,7 +134,7 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     elapsed = reporter.elapsed_s
     per_epoch = np.diff([0.0, *elapsed])
     stages = [row.get("stage", "") for row in reporter.history]
-    if args.method == "cryo2ssnet":
+    if "cryo2ssnet" in (args.method, args.variant):
         stages = ["encode" if s in ("search", "switch") else "decode" if s == "end-to-end" else s for s in stages]
     enc = [t for t, s in zip(per_epoch, stages) if s == "encode"]
     enc = enc[1:] or enc  # the first epoch also reads and prepares the particles
@@ -138,7 +142,8 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     peak = peak_memory_mb(dev)
     reach = [t for t, row in zip(elapsed, reporter.history) if row.get("res_fsc05_A", float("inf")) <= 4 * apix]
     last_pass = [row for row in reporter.history if row.get("pass") == reporter.history[-1].get("pass")]
-    fraction = float(np.mean([row["fraction_evaluated"] for row in last_pass])) if args.method == "sagd" else float("nan")
+    sagd_row = args.method == "sagd" and args.variant not in ("cryospin", "cryo2ssnet")
+    fraction = float(np.mean([row["fraction_evaluated"] for row in last_pass])) if sagd_row else float("nan")
     return {"variant": args.variant if args.method in ("cryo2ssnet", "sagd") else f"grid {args.grid_order}",
             "s_to_2nyquist": reach[0] if reach else float("nan"), "fraction_evaluated": fraction,
             "grid_order": args.grid_order, "box": box, "particles": particles, "apix": apix, "device": str(dev), "epochs": args.epochs,
@@ -179,6 +184,9 @@ def main() -> None:
                    "sagd rows (default: default no-is)")
     p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     p.add_argument("--apix", type=float, default=None, help="pixel size in A (default: 115.2 A / box)")
+    p.add_argument("--particle-diameter", type=float, default=None,
+                   help="sagd and cryo2ssnet rows (and cryospin beside them): the particle diameter in A, as a "
+                   "user gives RELION's mask diameter (default: the engines' 0.8 x the box)")
     args = p.parse_args()
     if args.one:
         box, particles = (int(v) for v in args.one.split(":"))
@@ -208,7 +216,8 @@ def main() -> None:
             if r["variant"] == "default" and r["box"] in base:
                 print(f"importance sampling speed-up ({r['box']} px): {base[r['box']] / r['total_s']:.2f}x in total time "
                       f"(fraction of quadrature points evaluated over the last pass {r['fraction_evaluated']:.4f})")
-            trace = ", ".join(f"{h['epoch']}:{h['res_fsc05_A']:.1f}A/{h['rremse']:.4f}" for h in r["history"])
+            trace = ", ".join(f"{h['epoch']}:{h['res_fsc05_A']:.1f}A" + (f"/{h['rremse']:.4f}" if h.get("rremse") else "")
+                              for h in r["history"])
             print(f"FSC 0.5 vs truth / held-out RREMSE by iteration ({r['box']} px, {r['variant']}): {trace}")
         return
     for r in rows:

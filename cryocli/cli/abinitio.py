@@ -69,9 +69,13 @@ def abinitio(
                                     "map every N epochs (and at the last)."),
     invert: bool | None = typer.Option(None, "--invert/--no-invert", help="Multiply the images by -1 (dark "
                                           "protein) or keep them [default: detect from the mean image]."),
-    particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Diameter of the soft "
-                                                   "solvent mask of the map written for viewing, in A [default: 0.8 x "
-                                                   "box]."),
+    particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Particle diameter in "
+                                                   "A: the soft solvent mask of the map written for viewing; sagd: "
+                                                   "also its quadrature levels, shift step and random spheres (the "
+                                                   "default overestimates a small particle in a large box and makes "
+                                                   "the finest level 8x larger: give it on a CPU); cryo2ssnet: the "
+                                                   "decoder's sphere and denoiser mask [default: 0.8 x box; "
+                                                   "cryo2ssnet: estimated from the data]."),
     mass: float | None = typer.Option(None, "--mass", help="Mass of the molecule in kDa, for the contour level "
                                       "in the summary and report.png [default: from the particle diameter]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "

@@ -17,7 +17,9 @@ case's own process; CUDA: peak allocated). Each case runs in its own subprocess.
 ``--relion`` adds a row per SNR for RELION's own 3D auto-refine (``relion_refine_mpi`` with 1 leader + 2 followers,
 ``--j 1``: the command RELION 5 ran on set_3j9g, see ../shared/data/relion/set_3j9g/README.md, with this set's
 diameter), on the same STAR file and reference, scored by the same code from its run_data.star, run_class001.mrc
-and half maps. On Debian, ``apt-get install relion`` gives RELION 3.1.3.
+and half maps. On Debian, ``apt-get install relion`` gives RELION 3.1.3, which does not reproduce RELION 5: with RELION 5's
+exact set_3j9g command it stays at 35.2 A (RELION 5: 11.7 A), and it fails on the simulated sets at every SNR, so
+its rows stand for RELION only with a RELION 5 build on PATH.
 
 set_3j9g: the particles (refine/refine_input.star) and reference (refine/ref_lp40.mrc) RELION's
 auto-refine used (particle diameter 280 A, offset range 5 px, step 2 px); rotation errors against

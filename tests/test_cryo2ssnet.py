@@ -137,6 +137,39 @@ def test_beam_search_finds_clean_poses_and_polishing_lowers_the_cost(ake32):
     assert bool((after <= before + 1e-7).all()) and float(after.mean()) < 0.5 * float(before.mean())
 
 
+@pytest.mark.parametrize("band", [3, 9, None])
+def test_hartley_scoring_equals_pixel_scoring(ake32, band):
+    """Without a denoiser the beam scores with Hartley coefficients (Parseval): the costs of every rendering against
+    every translated particle equal those of the normalised images over pixels, band-limited or not, and so does
+    the polishing cost and its gradient in the pose."""
+    volume, apix = ake32
+    n = 32
+    g = torch.Generator().manual_seed(5)
+    images, rot, ctf_params = _clean(volume, apix, 6, seed=2)
+    images = images + 0.3 * torch.randn(images.shape, generator=g)
+    model = ImageModel(n, apix, torch.device("cpu"))
+    decoder = VoxelDecoder(n, 10.0, g)
+    grid = decoder.grid().detach()
+    spectra, ctf = model.spectra(images), model.ctf(ctf_params)
+    search = BeamSearch(model, max_shift=4.0, radius=10.0)
+    pixels = lambda x: x  # noqa: E731 - any function but `identity` takes the pixel path
+    poses = random_rotations(6 * 5, generator=g, dtype=torch.float32).reshape(6, 5, 3, 3)
+    shifts = (torch.rand(6, 4, 2, generator=g) - 0.5) * 6
+    from cryocli.engines.abinitio.dhbs import pairwise_cost
+
+    fast = pairwise_cost(search.models(grid, poses, ctf, band, identity), *search.observed(spectra, shifts, band, identity))
+    slow = pairwise_cost(search.models(grid, poses, ctf, band, pixels), *search.observed(spectra, shifts, band, pixels))
+    assert fast.shape == slow.shape == (6, 5, 4)
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    omega = torch.zeros(6, 3, requires_grad=True)
+    costs = []
+    for denoise in (identity, pixels):
+        c = search.cost(grid, spectra, ctf, axis_angle_to_matrix(omega) @ poses[:, 0], shifts[:, 0], denoise)
+        costs.append((c.detach(), torch.autograd.grad(c.sum(), omega)[0]))
+    assert torch.allclose(costs[0][0], costs[1][0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(costs[0][1], costs[1][1], rtol=1e-3, atol=1e-5)
+
+
 def test_global_start_finds_poses_without_an_encoder(ake32):
     """From the identity pose for every particle (an untrained encoder), the global start still finds them."""
     volume, apix = ake32

@@ -10,7 +10,11 @@ For each particle with image ``I`` and encoder pose ``r``:
 
 The cost is the mean squared difference between the denoised normalised particle and the denoised
 normalised rendering (:func:`~cryocli.engines.abinitio.voxel_decoder.render`); ``De`` is the trained
-denoiser (:class:`~cryocli.engines.abinitio.denoiser.MLPDenoiser`) or the identity.
+denoiser (:class:`~cryocli.engines.abinitio.denoiser.MLPDenoiser`) or the identity. With the identity the same
+cost is computed from Hartley coefficients (:func:`~cryocli.engines.abinitio.voxel_decoder.render_coefficients`,
+Parseval): the slices are read only at the compared frequencies and no image is transformed back (the beam of a
+batch of 32 from a global start, on one core of a loaded machine: 0.47 s instead of 0.79 s at 32 px, 0.87 s instead
+of 2.32 s at 48 px).
 
 In-plane translations (cryocli's addition; the paper omits them, and real particles are not centred): each
 level also tries the particle's current shift plus ``{-1, 0, 1}^2`` times a step that halves with the level
@@ -47,7 +51,12 @@ import torch
 from torch import Tensor
 
 from cryocli.engines.abinitio.cryospin import ImageModel
-from cryocli.engines.abinitio.voxel_decoder import observed_images, render
+from cryocli.engines.abinitio.voxel_decoder import (
+    observed_coefficients,
+    observed_images,
+    render,
+    render_coefficients,
+)
 from cryocli.geometry.rotations import axis_angle_to_matrix, matrix_to_quaternion, quaternion_distance
 from cryocli.geometry.so3grid import SO3Grid
 
@@ -76,15 +85,12 @@ class SearchResult:
     cost: Tensor
 
 
-def pairwise_cost(model: Tensor, observed: Tensor) -> Tensor:
-    """Mean squared difference over pixels of every model image ``(B, K, n, n)`` with every observed image
-    ``(B, T, n, n)`` of the same particle -> ``(B, K, T)`` (one batched matrix product)."""
-    b, k = model.shape[:2]
-    t = observed.shape[1]
-    m = model.reshape(b, k, -1)
-    o = observed.reshape(b, t, -1)
-    cross = torch.bmm(m, o.transpose(1, 2))
-    return (m.square().sum(-1)[:, :, None] + o.square().sum(-1)[:, None, :] - 2 * cross) / m.shape[-1]
+def pairwise_cost(model: Tensor, observed: Tensor, observed_norm: Tensor) -> Tensor:
+    """Squared distance of every model feature vector ``(B, K, F)`` to every observed one ``(B, T, F)`` of the same
+    particle -> ``(B, K, T)`` (one batched matrix product). ``observed_norm`` ``(B, T)``: the observed vectors'
+    squared norms, which may hold more than their ``F`` entries (the frequencies the model does not reach)."""
+    cross = torch.bmm(model, observed.transpose(1, 2))
+    return model.square().sum(-1)[:, :, None] + observed_norm[:, None, :] - 2 * cross
 
 
 def shift_offsets(step: float, device: torch.device) -> Tensor:
@@ -140,6 +146,23 @@ class BeamSearch:
         """Angular size (radians) of the cells of the last level searched."""
         return self.grid.cell_size(self.depth)
 
+    def models(self, grid: Tensor, rotations: Tensor, ctf: Tensor | None, band: int | None,
+               denoise: Denoise) -> Tensor:
+        """Feature vectors ``(B, K, F)`` of the renderings at poses ``(B, K, 3, 3)`` whose squared distances are the
+        cost: Hartley coefficients without a denoiser, denoised pixels divided by ``n`` with one."""
+        if denoise is identity:
+            return render_coefficients(grid, rotations, ctf, self.n, band)
+        return denoise(render(grid, rotations, ctf, self.n, band)).flatten(-2) / self.n
+
+    def observed(self, spectra: Tensor, shifts: Tensor | None, band: int | None,
+                 denoise: Denoise) -> tuple[Tensor, Tensor]:
+        """Feature vectors ``(B, T, F)`` of the particles translated by ``shifts`` ``(B, T, 2)`` pixels (``None``:
+        ``T = 1``, untranslated) and their squared norms ``(B, T)`` (see :meth:`models`)."""
+        if denoise is identity:
+            return observed_coefficients(self.model, spectra, shifts, band)
+        feats = denoise(observed_images(self.model, spectra, shifts, band)).flatten(-2) / self.n
+        return feats, feats.square().sum(-1)
+
     # ------------------------------------------------------------------------------------------- search
     def start_cells(self, rotations: Tensor) -> Tensor:
         """``S_0``: ids ``(B, c)`` of the ``c`` cells of ``G_0`` nearest to ``rotations`` ``(B, 3, 3)`` (eq. 10)."""
@@ -160,9 +183,9 @@ class BeamSearch:
             # Score all of G_0 (eq. 8 at k = 0) and start from its c best cells.
             base = torch.arange(self.grid.n_cells(0), device=rotations.device).expand(b, -1)
             band = self.band(0)
-            models = denoise(render(grid, self.grid.rotations(0, base, checked=False), ctf, self.n, band))
-            here = denoise(observed_images(self.model, spectra, None if centre is None else centre[:, None], band))
-            ids = torch.topk(pairwise_cost(models, here)[..., 0], self.start_width, dim=1, largest=False).indices
+            models = self.models(grid, self.grid.rotations(0, base, checked=False), ctf, band, denoise)
+            here = self.observed(spectra, None if centre is None else centre[:, None], band, denoise)
+            ids = torch.topk(pairwise_cost(models, *here)[..., 0], self.start_width, dim=1, largest=False).indices
         else:
             ids = self.start_cells(rotations)
         best_cost = torch.zeros(b, device=rotations.device)
@@ -171,14 +194,14 @@ class BeamSearch:
             children = self.grid.children(level, ids, checked=False).reshape(b, -1)  # (B, 8c) at level + 1
             rots = self.grid.rotations(level + 1, children, checked=False)
             band = self.band(level + 1)
-            models = denoise(render(grid, rots, ctf, self.n, band))
+            models = self.models(grid, rots, ctf, band, denoise)
             if centre is not None:
                 cand = centre[:, None] + shift_offsets(0.5 * self.max_shift / 2**level, centre.device)
                 cand = cand.clamp(-self.max_shift, self.max_shift)
-                observed = denoise(observed_images(self.model, spectra, cand, band))
+                observed = self.observed(spectra, cand, band, denoise)
             else:
-                observed = denoise(observed_images(self.model, spectra, None, band))
-            cost, which_t = pairwise_cost(models, observed).min(2)  # each rotation's best translation
+                observed = self.observed(spectra, None, band, denoise)
+            cost, which_t = pairwise_cost(models, *observed).min(2)  # each rotation's best translation
             kept_cost, kept = torch.topk(cost, self.width, dim=1, largest=False)  # sorted, best first
             ids = torch.gather(children, 1, kept)
             best_cost = kept_cost[:, 0]
@@ -192,9 +215,9 @@ class BeamSearch:
     def cost(self, grid: Tensor, spectra: Tensor, ctf: Tensor | None, rotations: Tensor, shifts: Tensor | None,
              denoise: Denoise) -> Tensor:
         """The search cost ``(B,)`` of one pose ``(B, 3, 3)`` and shift ``(B, 2)`` (or ``None``) per particle."""
-        models = denoise(render(grid, rotations[:, None], ctf, self.n))
-        observed = denoise(observed_images(self.model, spectra, None if shifts is None else shifts[:, None]))
-        return (models - observed).square().mean((-3, -2, -1))
+        models = self.models(grid, rotations[:, None], ctf, None, denoise)
+        observed, norm = self.observed(spectra, None if shifts is None else shifts[:, None], None, denoise)
+        return (models[:, 0] - observed[:, 0]).square().sum(-1) + norm[:, 0] - observed[:, 0].square().sum(-1)
 
     def polish(self, grid: Tensor, spectra: Tensor, ctf: Tensor | None, rotations: Tensor, shifts: Tensor,
                denoise: Denoise) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,13 @@ CTF (:meth:`cryocli.engines.abinitio.cryospin.ImageModel.ctf`), the inverse Hart
 per-image normalisation ``N``. Observed images are translated by a shift (phase ramp on their transform,
 :meth:`~cryocli.engines.abinitio.cryospin.ImageModel.observed`) and normalised the same way. Everything is
 batched: ``(B, K)`` poses or ``(B, T)`` shifts per call.
+
+:func:`render_coefficients` and :func:`observed_coefficients` give the same normalised images as Hartley
+coefficients, without the inverse transform: by Parseval, the mean squared difference of two normalised images
+over their ``n^2`` pixels is the squared distance of their Hartley transforms divided by ``n^4`` (the mean is
+the zero-frequency term, the variance the power of the others). The beam search scores with them whenever it
+does not denoise (the MLP denoiser works on pixels): a slice is read only at the compared frequencies, and no
+image is transformed back.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import Tensor, nn
 from cryocli.engines.abinitio.cryospin import ImageModel
 from cryocli.engines.abinitio.unbiased_loss import normalise
 from cryocli.imaging.hartley import hartley_to_image, hartley_volume, project_hartley
+from cryocli.imaging.projector import full_plane_pixels, padded_box, sample_slices
 
 #: Zero padding of the Hartley grid (RELION's default oversampling of the reference).
 PAD = 2
@@ -71,3 +79,56 @@ def observed_images(model: ImageModel, spectra: Tensor, shifts_px: Tensor | None
     if band is not None:
         hartley = hartley * ((model.kx**2 + model.ky**2) <= band * band)
     return normalise(hartley_to_image(hartley))
+
+
+def _unit_coefficients(hartley: Tensor, centre: Tensor | None, n: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Hartley values ``(..., M)`` of images of box ``n`` -> the values of :func:`normalise` d images divided by
+    ``n^2`` (zero frequency removed at the index ``centre`` of the last axis, or at none) and their squared norm
+    ``(...)``, which is 1 up to ``eps``."""
+    if centre is not None:
+        hartley = hartley.index_fill(-1, centre, 0.0)
+    power = hartley.square().sum(-1, keepdim=True)
+    # normalise() divides by sqrt(var + eps), var = power / n^4 (Parseval); the n^2 makes pixel means sums.
+    scale = torch.rsqrt(power + eps * float(n) ** 4)
+    return hartley * scale, (power * scale.square())[..., 0]
+
+
+def band_pixels(n: int, band: int | None, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Pixels of the centred ``(n, n)`` plane with ``|k| <= band`` (``None``: ``n // 2``): flat indices ``(M,)``,
+    ``kx``, ``ky`` ``(M,)`` Fourier pixels, and the position of the zero frequency among them ``(1,)``."""
+    pix, kx, ky = full_plane_pixels(n, band, device=device)
+    centre = torch.nonzero(pix == (n // 2) * n + n // 2).reshape(-1)
+    return pix, kx, ky, centre if centre.numel() else None
+
+
+def render_coefficients(grid: Tensor, rotations: Tensor, ctf: Tensor | None, n: int,
+                        band: int | None = None) -> Tensor:
+    """:func:`render` as Hartley coefficients: ``(B, K, M)`` over the ``M`` pixels of :func:`band_pixels`, such that
+    the squared distance of two of them is the mean squared difference over pixels of the images :func:`render`
+    gives. rotations ``(B, K, 3, 3)``; ctf ``(B, n, n)`` or ``None``. Differentiable in the grid and the poses."""
+    b, k = rotations.shape[:2]
+    pix, kx, ky, centre = band_pixels(n, band, grid.device)
+    vals = sample_slices(grid, rotations.reshape(b * k, 3, 3), kx, ky, padded_box(n, PAD) / n).reshape(b, k, -1)
+    if ctf is not None:
+        vals = vals * ctf.reshape(b, 1, n * n)[..., pix]
+    return _unit_coefficients(vals, centre, n)[0]
+
+
+def observed_coefficients(model: ImageModel, spectra: Tensor, shifts_px: Tensor | None,
+                          band: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`observed_images` as Hartley coefficients ``(B, T, M)`` over the pixels of :func:`band_pixels` (see
+    :func:`render_coefficients`), and the squared norm ``(B, T)`` of the whole normalised image, which includes
+    the frequencies outside those pixels (the plane's corners when ``band`` is ``None``). Differentiable in the
+    shifts."""
+    n = model.n
+    hartley = model.observed(spectra, shifts_px)
+    if shifts_px is None:
+        hartley = hartley[:, None]
+    b, t = hartley.shape[:2]
+    pix, _, _, centre = band_pixels(n, band, spectra.device)
+    flat = hartley.reshape(b, t, n * n)
+    if band is not None:  # observed_images() cuts the image to the band before normalising it
+        return _unit_coefficients(flat[..., pix], centre, n)
+    whole_centre = torch.tensor([(n // 2) * n + n // 2], device=spectra.device)
+    unit, norm = _unit_coefficients(flat, whole_centre, n)
+    return unit[..., pix], norm

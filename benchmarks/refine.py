@@ -1,7 +1,8 @@
 """Compare `refine --method relion` and `--method sparse-tv` on the same simulated data, or on set_3j9g.
 
     .venv/bin/python benchmarks/refine.py [--particles 2000] [--snr 0.1,0.05,0.2] [--box 64] [--apix 2.5]
-                                          [--max-iter 25] [--device cpu|cuda]
+                                          [--max-iter 25] [--device cpu|cuda] [--methods relion,sparse-tv]
+                                          [--max-significant N]
     .venv/bin/python benchmarks/refine.py --set-3j9g [--max-iter 25]
     .venv/bin/python benchmarks/refine.py --relion [--particles 1500]   # also RELION's auto-refine (relion_refine_mpi on PATH)
 
@@ -13,6 +14,8 @@ maps for relion, the sparse + TV solutions for sparse-tv), resolution of the fin
 truth (FSC 0.5 after alignment), median rotation error after the best global rotation, median shift
 error, iterations, seconds per iteration, total seconds and peak memory (CPU: peak resident set of the
 case's own process; CUDA: peak allocated). Each case runs in its own subprocess.
+``--methods`` picks the cryocli methods; ``--max-significant N`` overrides the engine's cap on significant samples
+per particle (16; RELION's auto-refine has none), the setting behind the README's table of that cap.
 
 ``--relion`` adds a row per SNR for RELION's own 3D auto-refine (``relion_refine_mpi`` with 1 leader + 2 followers,
 ``--j 1``: the command RELION 5 ran on set_3j9g, see ../shared/data/relion/set_3j9g/README.md, with this set's
@@ -89,16 +92,17 @@ def run_case(args: argparse.Namespace) -> dict:
     from cryocli.engines.halves import run_engine
     from cryocli.engines.progress import Reporter
     from cryocli.engines.protocol import get_engine
-    from cryocli.engines.runner import postprocess_check
     from cryocli.engines.refine.scoring import rotation_errors_modulo_cn, rotation_errors_modulo_cn_aligned
+    from cryocli.engines.runner import postprocess_check
     from cryocli.io.dataset import ParticleStack
     from cryocli.io.mrc import read_map
     from cryocli.io.star import read_star
 
     dev = torch.device(args.device)
     engine = get_engine(args.method, "refine", device=dev)
+    extra = {} if args.max_significant is None else {"max_significant": args.max_significant}
     cfg = engine.config_class(ref=args.ref, epochs=args.max_iter, particle_diameter=args.diameter,
-                              offset_range=args.offset_range, offset_step=args.offset_step, seed=0)
+                              offset_range=args.offset_range, offset_step=args.offset_step, seed=0, **extra)
     stack = ParticleStack(read_star(args.particles))
     truth_map = read_map(args.truth_map)
     truth = GroundTruth(torch.tensor(truth_map.data), truth_map.voxel_size, None, every=10**9)
@@ -202,7 +206,8 @@ def _case_argv(method: str, particles: Path, ref: Path, truth_map: Path, truth_s
     return [__file__, "--case", "--method", method, "--particles", str(particles), "--ref", str(ref),
             "--truth-map", str(truth_map), "--truth-star", str(truth_star), "--diameter", str(diameter),
             "--max-iter", str(args.max_iter), "--device", args.device, "--cn", str(cn),
-            "--offset-range", str(args.offset_range), "--offset-step", str(args.offset_step)]
+            "--offset-range", str(args.offset_range), "--offset-step", str(args.offset_step),
+            *([] if args.max_significant is None else ["--max-significant", str(args.max_significant)])]
 
 
 def simulated(args: argparse.Namespace) -> None:
@@ -220,7 +225,7 @@ def simulated(args: argparse.Namespace) -> None:
             gt = read_map(sim / "ground_truth.mrc")
             ref = Path(tmp) / "ref_lp40.mrc"
             write_map(ref, lowpass_filter(gt.data, gt.voxel_size, 40).numpy().astype(np.float32), gt.voxel_size, "lp40")
-            for method in METHODS:
+            for method in args.methods.split(","):
                 row = run_isolated(_case_argv(method, sim / "refine_input.star", ref, sim / "ground_truth.mrc",
                                               sim / "particles.star", 80.0, args))
                 rows.append({"snr": snr, **row})
@@ -276,6 +281,9 @@ def main() -> None:
     p.add_argument("--offset-range", type=float, default=5.0)
     p.add_argument("--offset-step", type=float, default=2.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", default=",".join(METHODS), help="cryocli refine methods to run (comma-separated)")
+    p.add_argument("--max-significant", type=int, default=None,
+                   help="cryocli: cap on significant samples per particle (default: the engine's)")
     p.add_argument("--set-3j9g", action="store_true", help="run on RELION's set_3j9g refine inputs instead")
     p.add_argument("--relion", action="store_true", help="simulated: also run RELION's auto-refine (relion_refine_mpi)")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)

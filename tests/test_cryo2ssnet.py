@@ -18,7 +18,7 @@ from cryocli.cli.app import app
 from cryocli.engines.abinitio.cryo2ssnet import Cryo2SSNetConfig, Schedule
 from cryocli.engines.abinitio.cryospin import ImageModel
 from cryocli.engines.abinitio.denoiser import MLPDenoiser, circular_mask, train_denoiser
-from cryocli.engines.abinitio.dhbs import BeamSearch, identity
+from cryocli.engines.abinitio.dhbs import BeamSearch, identity, pairwise_cost
 from cryocli.engines.abinitio.s2s2 import S2S2Encoder
 from cryocli.engines.abinitio.unbiased_loss import estimate_snr, normalise, unbiased_l2
 from cryocli.engines.abinitio.voxel_decoder import VoxelDecoder
@@ -155,8 +155,6 @@ def test_hartley_scoring_equals_pixel_scoring(ake32, band):
     pixels = lambda x: x  # noqa: E731 - any function but `identity` takes the pixel path
     poses = random_rotations(6 * 5, generator=g, dtype=torch.float32).reshape(6, 5, 3, 3)
     shifts = (torch.rand(6, 4, 2, generator=g) - 0.5) * 6
-    from cryocli.engines.abinitio.dhbs import pairwise_cost
-
     fast = pairwise_cost(search.models(grid, poses, ctf, band, identity), *search.observed(spectra, shifts, band, identity))
     slow = pairwise_cost(search.models(grid, poses, ctf, band, pixels), *search.observed(spectra, shifts, band, pixels))
     assert fast.shape == slow.shape == (6, 5, 4)

@@ -82,9 +82,9 @@ def observed_images(model: ImageModel, spectra: Tensor, shifts_px: Tensor | None
 
 
 def _unit_coefficients(hartley: Tensor, centre: Tensor | None, n: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """Hartley values ``(..., M)`` of images of box ``n`` -> the values of :func:`normalise` d images divided by
-    ``n^2`` (zero frequency removed at the index ``centre`` of the last axis, or at none) and their squared norm
-    ``(...)``, which is 1 up to ``eps``."""
+    """Hartley values ``(..., M)`` of images of box ``n`` -> the Hartley values of the images after :func:`normalise`,
+    divided by ``n^2`` (the zero frequency, at index ``centre`` of the last axis when given, set to 0), and their
+    squared norm ``(...)``, which is 1 up to ``eps``."""
     if centre is not None:
         hartley = hartley.index_fill(-1, centre, 0.0)
     power = hartley.square().sum(-1, keepdim=True)

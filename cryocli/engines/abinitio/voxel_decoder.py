@@ -81,54 +81,44 @@ def observed_images(model: ImageModel, spectra: Tensor, shifts_px: Tensor | None
     return normalise(hartley_to_image(hartley))
 
 
-def _unit_coefficients(hartley: Tensor, centre: Tensor | None, n: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """Hartley values ``(..., M)`` of images of box ``n`` -> the Hartley values of the images after :func:`normalise`,
-    divided by ``n^2`` (the zero frequency, at index ``centre`` of the last axis when given, set to 0), and their
+def _unit_coefficients(hartley: Tensor, kx: Tensor, ky: Tensor, n: int, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Hartley values ``(..., M)`` at Fourier pixels ``kx, ky`` ``(M,)`` of images of box ``n`` -> the Hartley values
+    of the images after :func:`normalise`, divided by ``n^2`` (the zero frequency set to 0: the mean), and their
     squared norm ``(...)``, which is 1 up to ``eps``."""
-    if centre is not None:
-        hartley = hartley.index_fill(-1, centre, 0.0)
+    hartley = hartley * ((kx != 0) | (ky != 0))
     power = hartley.square().sum(-1, keepdim=True)
     # normalise() divides by sqrt(var + eps), var = power / n^4 (Parseval); the n^2 makes pixel means sums.
     scale = torch.rsqrt(power + eps * float(n) ** 4)
     return hartley * scale, (power * scale.square())[..., 0]
 
 
-def band_pixels(n: int, band: int | None, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Pixels of the centred ``(n, n)`` plane with ``|k| <= band`` (``None``: ``n // 2``): flat indices ``(M,)``,
-    ``kx``, ``ky`` ``(M,)`` Fourier pixels, and the position of the zero frequency among them ``(1,)``."""
-    pix, kx, ky = full_plane_pixels(n, band, device=device)
-    centre = torch.nonzero(pix == (n // 2) * n + n // 2).reshape(-1)
-    return pix, kx, ky, centre if centre.numel() else None
-
-
 def render_coefficients(grid: Tensor, rotations: Tensor, ctf: Tensor | None, n: int,
                         band: int | None = None) -> Tensor:
-    """:func:`render` as Hartley coefficients: ``(B, K, M)`` over the ``M`` pixels of :func:`band_pixels`, such that
-    the squared distance of two of them is the mean squared difference over pixels of the images :func:`render`
-    gives. rotations ``(B, K, 3, 3)``; ctf ``(B, n, n)`` or ``None``. Differentiable in the grid and the poses."""
+    """:func:`render` as Hartley coefficients: ``(B, K, M)`` over the ``M`` pixels of
+    :func:`~cryocli.imaging.projector.full_plane_pixels` with ``|k| <= band`` (``None``: ``n // 2``), such that the
+    squared distance of two of them is the mean squared difference over pixels of the images :func:`render` gives.
+    rotations ``(B, K, 3, 3)``; ctf ``(B, n, n)`` or ``None``. Differentiable in the grid and the poses."""
     b, k = rotations.shape[:2]
-    pix, kx, ky, centre = band_pixels(n, band, grid.device)
+    pix, kx, ky = full_plane_pixels(n, band, device=grid.device)
     vals = sample_slices(grid, rotations.reshape(b * k, 3, 3), kx, ky, padded_box(n, PAD) / n).reshape(b, k, -1)
     if ctf is not None:
         vals = vals * ctf.reshape(b, 1, n * n)[..., pix]
-    return _unit_coefficients(vals, centre, n)[0]
+    return _unit_coefficients(vals, kx, ky, n)[0]
 
 
 def observed_coefficients(model: ImageModel, spectra: Tensor, shifts_px: Tensor | None,
                           band: int | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`observed_images` as Hartley coefficients ``(B, T, M)`` over the pixels of :func:`band_pixels` (see
-    :func:`render_coefficients`), and the squared norm ``(B, T)`` of the whole normalised image, which includes
-    the frequencies outside those pixels (the plane's corners when ``band`` is ``None``). Differentiable in the
-    shifts."""
+    """:func:`observed_images` as Hartley coefficients ``(B, T, M)`` over the pixels of :func:`render_coefficients`,
+    and the squared norm ``(B, T)`` of the whole normalised image, which includes the frequencies outside those
+    pixels (the plane's corners when ``band`` is ``None``). Differentiable in the shifts."""
     n = model.n
     hartley = model.observed(spectra, shifts_px)
     if shifts_px is None:
         hartley = hartley[:, None]
     b, t = hartley.shape[:2]
-    pix, _, _, centre = band_pixels(n, band, spectra.device)
+    pix, kx, ky = full_plane_pixels(n, band, device=spectra.device)
     flat = hartley.reshape(b, t, n * n)
     if band is not None:  # observed_images() cuts the image to the band before normalising it
-        return _unit_coefficients(flat[..., pix], centre, n)
-    whole_centre = torch.tensor([(n // 2) * n + n // 2], device=spectra.device)
-    unit, norm = _unit_coefficients(flat, whole_centre, n)
+        return _unit_coefficients(flat[..., pix], kx, ky, n)
+    unit, norm = _unit_coefficients(flat, model.kx.reshape(-1), model.ky.reshape(-1), n)
     return unit[..., pix], norm

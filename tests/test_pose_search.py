@@ -10,15 +10,24 @@ import torch
 
 from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_gridding_correction
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2
-from cryocli.engines.common.pose_search import (PoseSearcher, SearchPixels, SliceCache, coarse_radius,
-                                                expected_accuracy, merge_samples,
-                                                pose_log_likelihoods, project_pixels, shift_grid,
-                                                significant_samples)
+from cryocli.engines.common.pose_search import (
+    PoseSearcher,
+    SearchPixels,
+    SliceCache,
+    coarse_radius,
+    expected_accuracy,
+    merge_samples,
+    pose_log_likelihoods,
+    project_pixels,
+    shift_grid,
+    significant_samples,
+)
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
+from cryocli.engines.refine.maps import backproject_samples
 from cryocli.geometry.rotations import geodesic_distance, random_rotations
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.imaging.ctf import CTFParams, compute_ctf
-from cryocli.imaging.projector import Projector
+from cryocli.imaging.projector import BackProjector, Projector
 from cryocli.imaging.shifts import phase_shift
 from cryocli.io.models import model_potential
 from tests.conftest import MODELS, need
@@ -181,21 +190,33 @@ def test_coarse_radius_is_relions_coarse_image_size() -> None:
     assert coarse_radius(64, 2.5, 15.0, 80.0, 14) == 14
 
 
-def test_merge_samples_sums_the_weights_of_a_shared_rotation(adk_map: torch.Tensor) -> None:
+def test_merge_samples_groups_the_batch_by_rotation(adk_map: torch.Tensor) -> None:
     proj, rot, shifts, ctf, images = _particles(adk_map, 8, 2.0, seed=3)
     grid = SO3Grid(2, dtype=torch.float32)
     sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
     res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
-    particle, rotation, weight, member = merge_samples(res)
+    rotation, member = merge_samples(res)
     ok = res.sample_weights > 0
     assert int((member >= 0).sum()) == int(ok.sum())
-    # Summed weights per particle stay 1, and rows with the same particle have distinct rotations.
-    per_particle = torch.zeros(8, dtype=weight.dtype).index_add_(0, particle, weight)
-    assert torch.allclose(per_particle, torch.ones(8), atol=1e-5)
-    for b in range(8):
-        ids = res.sample_ids[b][ok[b]]
-        assert int((particle == b).sum()) == int(torch.unique(ids).numel())
+    # One row per distinct fine cell of the whole batch, and every sample maps to its own rotation.
+    assert rotation.shape[0] == int(torch.unique(res.sample_ids[ok]).numel())
     assert torch.allclose(rotation[member[ok]], res.sample_rotations[ok])
+    same = res.sample_ids[ok][:, None] == res.sample_ids[ok][None, :]
+    assert torch.equal(same, member[ok][:, None] == member[ok][None, :])
+
+
+def test_backprojecting_a_batch_equals_backprojecting_its_particles_one_by_one(adk_map: torch.Tensor) -> None:
+    proj, rot, shifts, ctf, images = _particles(adk_map, 8, 2.0, seed=5)
+    grid = SO3Grid(2, dtype=torch.float32)
+    sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
+    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
+    together, alone = BackProjector(BOX), BackProjector(BOX)
+    backproject_samples([together], images, ctf, 1.0 / sigma2, res, None, 16)
+    for i in range(8):
+        q = slice(i, i + 1)
+        backproject_samples([alone], images[q], ctf[q], 1.0 / sigma2[q], res.rows(q), None, 16)
+    for a, b in zip(together.symmetrised(), alone.symmetrised(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
 
 
 def test_posterior_mean_pose_is_a_rotation_near_the_best(adk_map: torch.Tensor) -> None:

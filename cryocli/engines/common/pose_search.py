@@ -24,7 +24,8 @@ two fine steps), times a grid of shifts (``offset_step`` pixels within ``offset_
 compares only pixels up to ``r_coarse``: RELION's coarse image size, the frequency at which a rotation
 by one coarse step moves the particle's edge by 1.2 x the resolution, so that a pose one coarse step away
 from the truth still scores well. The coarse posterior keeps its smallest set of samples holding
-``fraction`` (0.999) of the mass, at most ``max_significant`` ("significant samples"); each is
+``fraction`` (0.999) of the mass, at most ``max_significant`` ("significant samples"; see
+:class:`cryocli.engines.refine.relion.RefineConfig` for the refine default); each is
 oversampled once: its 8 children at ``level + 1`` times 4 sub-shifts at ``+-step / 4``, compared up to
 ``r_fine``, and the fine posterior decides the poses and the weights the M-step backprojects.
 
@@ -40,7 +41,7 @@ ask for the same cells. Rotations are RELION ``A`` matrices; shifts in pixels ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -177,14 +178,15 @@ def _combine(cross: Tensor, norm: Tensor, x2: Tensor, profile_scale: bool) -> tu
 
 
 def significant_samples(log_lik: Tensor, fraction: float, max_count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The smallest set of samples holding ``fraction`` of each row's posterior mass (at most ``max_count``).
+    """The smallest set of samples holding ``fraction`` of each row's posterior mass (at most ``max_count``;
+    ``max_count <= 0``: no cap, as RELION's auto-refine).
 
     log_lik: ``(B, N)`` (``-inf`` for invalid samples). Returns ``(index (B, K), weight (B, K), count (B,))``
     with the samples sorted by decreasing weight; weights are renormalised over the kept samples and 0 in
     padded slots (``K = max count``).
     """
     prob = torch.softmax(log_lik, dim=1)
-    k = min(max_count, log_lik.shape[1])
+    k = log_lik.shape[1] if max_count <= 0 else min(max_count, log_lik.shape[1])
     top, idx = torch.topk(prob, k, dim=1)
     before = torch.cumsum(top, dim=1) - top
     keep = (before < fraction) & (top > 0)
@@ -296,6 +298,10 @@ class PoseSearchResult:
     log_likelihood: Tensor
     best_projection: Tensor
 
+    def rows(self, q: slice) -> PoseSearchResult:
+        """The result of the particles ``q`` of the batch."""
+        return PoseSearchResult(**{f.name: getattr(self, f.name)[q] for f in fields(self)})
+
 
 class PoseSearcher:
     """Coarse-to-fine pose search against one reference.
@@ -303,14 +309,14 @@ class PoseSearcher:
     volume_ft: the reference's padded Fourier grid (``Projector(...).volume_ft``) for box ``n`` and ``pad``.
     grid: the SO3Grid; level: coarse level (the fine pass uses ``level + 1``). r_max: Fourier radius in
     pixels of the fine pass; r_coarse: of the coarse pass (default ``r_max``). offset_range, offset_step:
-    the translational search in pixels. fraction, max_significant: the significant-sample rule.
+    the translational search in pixels. fraction, max_significant: the significant-sample rule (0: no cap).
     profile_scale: see the module docstring. local_radius: radians around the previous pose searched by
     :meth:`search` when it is given previous poses (default two coarse steps). prior_sigma: radians, the
     Gaussian prior of local searches (default one coarse step, RELION's ``2 x`` the fine step; 0 for none).
     """
 
     def __init__(self, volume_ft: Tensor, n: int, pad: float, grid: SO3Grid, level: int, r_max: int,
-                 offset_range: float, offset_step: float, fraction: float = 0.999, max_significant: int = 16,
+                 offset_range: float, offset_step: float, fraction: float = 0.999, max_significant: int = 300,
                  profile_scale: bool = False, r_coarse: int | None = None, local_radius: float | None = None,
                  prior_sigma: float | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         self.volume_ft = volume_ft
@@ -402,62 +408,69 @@ class PoseSearcher:
 
     def _oversample(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, cells: Tensor, coarse_t: Tensor,
                     count: Tensor, log_marginal: Tensor, centres: Tensor | None) -> PoseSearchResult:
-        """Fine pass over the children of the significant coarse samples ``cells`` ``(B, K)`` (level ids)."""
+        """Fine pass over the children of the significant coarse samples ``cells`` ``(B, K)`` (level ids).
+
+        The fine log-likelihoods ``(B, K, S, 8)`` are computed in blocks of particles and coarse samples whose
+        temporaries (shifted images, slices, products) stay within ``FINE_PASS_BYTES``, so the memory does not
+        grow with the number of significant samples; the posterior over all of them is then formed at once.
+        """
         b, k = cells.shape
         valid = torch.arange(k, device=cells.device)[None, :] < count[:, None]
         # Padded slots repeat the particle's best cell, so they cost no extra projection.
         cells = torch.where(valid, cells, cells[:, :1])
         children = self.grid.children(self.level, cells)  # (B, K, 8)
-        re, im, rot = self.fine_cache.get(children)  # (B, K, 8, M) x 2, (B, K, 8, 3, 3)
-        m = c2inv.shape[1]
-        per_particle = k * (8 + self.sub.shape[0]) * m * 4 * 4
-        chunk = max(1, FINE_PASS_BYTES // max(1, per_particle))
-        sl = [slice(s, s + chunk) for s in range(0, b, chunk)]
-        parts = [self._oversample_chunk((xw[0][q], xw[1][q]), c2inv[q], x2[q], children[q], (re[q], im[q]), rot[q],
-                                        coarse_t[q], valid[q], None if centres is None else centres[q]) for q in sl]
-        out = {}
-        for key in parts[0]:
-            vals = [p[key] for p in parts]
-            if key.startswith("sample_"):
-                width = max(v.shape[1] for v in vals)
-                vals = [_pad_samples(v, width) for v in vals]
-            out[key] = torch.cat(vals)
-        return PoseSearchResult(n_significant=count, log_likelihood=log_marginal, **out)
-
-    def _oversample_chunk(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, children: Tensor,
-                          proj: tuple[Tensor, Tensor], rot: Tensor, coarse_t: Tensor, valid: Tensor,
-                          centres: Tensor | None) -> dict[str, Tensor]:
-        b, k = children.shape[:2]
-        fr, fi = self._fine_ramp
-        shifts = self.shifts[coarse_t][:, :, None, :] + self.sub[None, None]  # (B, K, S, 2)
-        wr, wi = _times((xw[0][:, None, None, :], xw[1][:, None, None, :]), (fr[coarse_t], fi[coarse_t]))
-        m = proj[0].shape[-1]
-        n_sub = wr.shape[2]
-        wr, wi = wr.reshape(b * k, n_sub, m), wi.reshape(b * k, n_sub, m)
-        pr, pi = proj[0].reshape(b * k, 8, m), proj[1].reshape(b * k, 8, m)
-        cross = (torch.bmm(wr, pr.transpose(1, 2)) + torch.bmm(wi, pi.transpose(1, 2))).reshape(b, k, n_sub, 8)
-        power = (pr * pr + pi * pi).reshape(b, k * 8, m)
-        norm = torch.bmm(power, c2inv[:, :, None]).reshape(b, k, 8)
-        loglik, scale = _combine(cross, norm[:, :, None, :], x2[:, None, None, None], self.profile_scale)
+        rot = self.grid.rotations(self.level + 1, children, checked=False).to(self.device, torch.float32)  # (B,K,8,3,3)
+        n_sub, m = self.sub.shape[0], c2inv.shape[1]
+        per_sample = (8 + n_sub) * m * 4 * 4  # bytes of one coarse sample's images, slices and products
+        k_chunk = max(1, min(k, FINE_PASS_BYTES // max(1, per_sample)))
+        b_chunk = max(1, FINE_PASS_BYTES // max(1, per_sample * k_chunk))
+        loglik = torch.empty((b, k, n_sub, 8), device=self.device)
+        scale = torch.empty_like(loglik)
+        for p0 in range(0, b, b_chunk):
+            q = slice(p0, p0 + b_chunk)
+            for k0 in range(0, k, k_chunk):
+                r = slice(k0, k0 + k_chunk)
+                loglik[q, r], scale[q, r] = self._fine_log_likelihoods((xw[0][q], xw[1][q]), c2inv[q], x2[q],
+                                                                       children[q, r], coarse_t[q, r])
         if centres is not None:
             loglik = loglik + self._log_prior(rot, centres)[:, :, None, :]
         loglik = loglik.masked_fill(~valid[:, :, None, None], -math.inf)
+        shifts = self.shifts[coarse_t][:, :, None, :] + self.sub[None, None]  # (B, K, S, 2)
         flat = loglik.reshape(b, -1)
         idx, weights, _ = significant_samples(flat, self.fraction, self.max_significant)
         kk, rest = idx // (n_sub * 8), idx % (n_sub * 8)
         jj, ii = rest // 8, rest % 8
         bidx = torch.arange(b, device=idx.device)[:, None]
         sample_rot = rot[bidx, kk, ii]
-        sample_shift = shifts[bidx, kk, jj]
         best_scale = scale.reshape(b, -1).gather(1, idx[:, :1])[:, 0]
         prob = torch.softmax(flat, 1)
         mean_rot, mean_shift = self._local_mean(prob.reshape(b, k, n_sub, 8), rot, shifts, sample_rot[:, 0])
-        b0, k0, i0 = bidx[:, 0], kk[:, 0], ii[:, 0]
-        best_projection = torch.complex(proj[0][b0, k0, i0], proj[1][b0, k0, i0])
-        return {"rotations": sample_rot[:, 0], "shifts": sample_shift[:, 0], "mean_rotations": mean_rot,
-                "mean_shifts": mean_shift, "sample_rotations": sample_rot, "sample_shifts": sample_shift,
-                "sample_ids": children[bidx, kk, ii], "sample_weights": weights, "best_scale": best_scale,
-                "max_prob": prob.gather(1, idx[:, :1])[:, 0], "best_projection": best_projection}
+        sample_ids = children[bidx, kk, ii]
+        best_re, best_im, _ = self.fine_cache.get(sample_ids[:, 0])
+        return PoseSearchResult(
+            rotations=sample_rot[:, 0], shifts=shifts[bidx[:, 0], kk[:, 0], jj[:, 0]], mean_rotations=mean_rot,
+            mean_shifts=mean_shift, sample_rotations=sample_rot, sample_shifts=shifts[bidx, kk, jj],
+            sample_ids=sample_ids, sample_weights=weights, best_scale=best_scale,
+            max_prob=prob.gather(1, idx[:, :1])[:, 0], n_significant=count, log_likelihood=log_marginal,
+            best_projection=torch.complex(best_re, best_im))
+
+    def _fine_log_likelihoods(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, children: Tensor,
+                              coarse_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-likelihoods and intensity scales ``(b, k, S, 8)`` of a block: weighted images ``(b, M)`` x 2,
+        ``c2inv`` ``(b, M)``, ``x2`` ``(b,)``, the children ``(b, k, 8)`` of coarse samples at shifts
+        ``coarse_t`` ``(b, k)`` (indices into the shift grid), each at its 4 sub-shifts."""
+        b, k = children.shape[:2]
+        pr, pi, _ = self.fine_cache.get(children)  # (b, k, 8, M) x 2
+        fr, fi = self._fine_ramp
+        wr, wi = _times((xw[0][:, None, None, :], xw[1][:, None, None, :]), (fr[coarse_t], fi[coarse_t]))
+        m = pr.shape[-1]
+        n_sub = wr.shape[2]
+        wr, wi = wr.reshape(b * k, n_sub, m), wi.reshape(b * k, n_sub, m)
+        pr, pi = pr.reshape(b * k, 8, m), pi.reshape(b * k, 8, m)
+        cross = (torch.bmm(wr, pr.transpose(1, 2)) + torch.bmm(wi, pi.transpose(1, 2))).reshape(b, k, n_sub, 8)
+        power = (pr * pr + pi * pi).reshape(b, k * 8, m)
+        norm = torch.bmm(power, c2inv[:, :, None]).reshape(b, k, 8)
+        return _combine(cross, norm[:, :, None, :], x2[:, None, None, None], self.profile_scale)
 
     def _local_mean(self, prob: Tensor, rot: Tensor, shifts: Tensor, best: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean rotation and shift over the fine samples within one coarse step of ``best``.
@@ -474,41 +487,26 @@ class PoseSearcher:
         return mean_rot, mean_shift.to(shifts.dtype)
 
 
-def _pad_samples(t: Tensor, width: int) -> Tensor:
-    """Pad the sample axis (1) of a per-sample tensor to ``width`` (zeros; padded slots carry weight 0)."""
-    if t.shape[1] == width:
-        return t
-    pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
-    if t.dim() >= 4:  # rotations: pad with the first sample's rotation so that it stays a rotation
-        pad = t[:, :1].expand(-1, width - t.shape[1], *t.shape[2:]).clone()
-    return torch.cat([t, pad], 1)
+def merge_samples(result: PoseSearchResult) -> tuple[Tensor, Tensor]:
+    """Group the significant samples of a whole batch by rotation, for one insertion per distinct rotation.
 
-
-def merge_samples(result: PoseSearchResult) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Group each particle's significant samples by rotation, for one insertion per distinct rotation.
-
-    Returns ``(particle (U,), rotation (U, 3, 3), weight (U,), member (B, S))``: for every distinct
-    (particle, fine cell) pair its particle index, rotation and summed posterior weight; ``member`` gives
-    each sample's row in those ``U`` (``-1`` for padded slots with weight 0).
+    Insertion is linear in the data and weights at a fixed rotation, so the samples of all particles that
+    share a fine cell (their sub-shifts, and other particles that landed on it) can be summed first.
+    Returns ``(rotation (U, 3, 3), member (B, S))``: the rotation of every distinct fine cell with weight,
+    and each sample's row in those ``U`` (``-1`` for padded slots with weight 0).
     """
-    b, s = result.sample_ids.shape
     w = result.sample_weights
-    key = torch.arange(b, device=w.device)[:, None] * (int(result.sample_ids.max()) + 1) + result.sample_ids
-    key = torch.where(w > 0, key, torch.full_like(key, -1))
+    key = torch.where(w > 0, result.sample_ids, torch.full_like(result.sample_ids, -1))
     uniq, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-    inverse = inverse.reshape(b, s)
     has_pad = bool((uniq < 0).any())
-    member = inverse - 1 if has_pad else inverse
+    member = inverse.reshape(key.shape) - (1 if has_pad else 0)
     member = torch.where(w > 0, member, torch.full_like(member, -1))
     u = uniq.numel() - (1 if has_pad else 0)
+    b, s = key.shape
     first = torch.full((u,), b * s, dtype=torch.long, device=w.device)
-    flat_pos = torch.arange(b * s, device=w.device)
     ok = member.reshape(-1) >= 0
-    first.scatter_reduce_(0, member.reshape(-1)[ok], flat_pos[ok], reduce="amin")
-    particle = first // s
-    rotation = result.sample_rotations.reshape(b * s, 3, 3)[first]
-    weight = torch.zeros(u, dtype=w.dtype, device=w.device).index_add_(0, member.reshape(-1)[ok], w.reshape(-1)[ok])
-    return particle, rotation, weight, member
+    first.scatter_reduce_(0, member.reshape(-1)[ok], torch.arange(b * s, device=w.device)[ok], reduce="amin")
+    return result.sample_rotations.reshape(b * s, 3, 3)[first], member
 
 
 # ------------------------------------------------------------------------------------------------ accuracy

@@ -22,6 +22,9 @@ from cryocli.imaging.filters import lowpass_weights
 from cryocli.imaging.fourier import radius2_3d, radius_3d
 from cryocli.imaging.projector import grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry
 
+#: Bytes of the weighted, shifted images of one chunk of particles inserted together.
+INSERT_BYTES = 256 * 2**20
+
 
 def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tensor, ctf: Tensor | None,
                         inv_sigma2: Tensor, result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
@@ -30,28 +33,42 @@ def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tens
     images_ft ``(B, n, n // 2 + 1)`` centred on the search centre; ctf and inv_sigma2 the same shape;
     ``result`` from :class:`~cryocli.engines.common.pose_search.PoseSearcher`. Only the half-plane pixels
     with ``|k| <= r_max`` (Fourier pixels) are inserted. The samples of a particle that share a rotation
-    (its sub-shifts) are summed first, ``sum_s w_s CTF X e_s / sigma^2`` with weight
-    ``sum_s w_s CTF^2 / sigma^2``, so each distinct (particle, rotation) pair is inserted once.
+    (its sub-shifts), and those of all particles of the batch at the same rotation, are summed first,
+    ``sum_is w_is CTF_i X_i e_s / sigma_i^2`` with weight ``sum_is w_is CTF_i^2 / sigma_i^2``, so each distinct
+    rotation is inserted once per batch (insertion is linear at a fixed rotation).
     """
     b, n, _ = images_ft.shape
     pix, kx, ky = half_plane_pixels(n, r_max, skip_redundant=True, device=images_ft.device, dtype=torch.float32)
     pixels = SearchPixels(pix, kx, ky, n)
+    # Particles in chunks whose weighted, shifted copies ``(b, S, M)`` (complex64, with their float32 weights and
+    # phase ramps) stay within INSERT_BYTES.
+    per_particle = max(1, result.sample_weights.shape[1] * pix.numel() * 8 * 4)
+    chunk = max(1, INSERT_BYTES // per_particle)
+    for s in range(0, b, chunk):
+        q = slice(s, s + chunk)
+        _insert_chunk(backprojectors, pixels, images_ft[q], None if ctf is None else ctf[q], inv_sigma2[q],
+                      result.rows(q), sym_ops)
+
+
+def _insert_chunk(backprojectors: list[BackProjectorLike], pixels: SearchPixels, images_ft: Tensor,
+                  ctf: Tensor | None, inv_sigma2: Tensor, result: PoseSearchResult, sym_ops: Tensor | None) -> None:
     x = pixels.take(images_ft).to(torch.complex64)
     c = pixels.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
     inv = pixels.take(inv_sigma2).to(torch.float32)
-    particle, rotation, weight, member = merge_samples(result)
+    rotation, member = merge_samples(result)
     w = result.sample_weights.to(torch.float32)
     contrib = (x * c * inv)[:, None, :] * pixels.ramp(result.sample_shifts) * w[:, :, None]  # (B, S, M)
     ok = member >= 0
-    data = torch.zeros((particle.numel(), x.shape[1]), dtype=torch.complex64, device=x.device)
+    data = torch.zeros((rotation.shape[0], x.shape[1]), dtype=torch.complex64, device=x.device)
     data.index_add_(0, member[ok], contrib[ok])
-    weights = (c * c * inv)[particle] * weight.to(torch.float32)[:, None]
+    weights = torch.zeros((rotation.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
+    weights.index_add_(0, member[ok], ((c * c * inv)[:, None, :] * w[:, :, None])[ok])
     rot = rotation.to(torch.float32)
     ops = [None] if sym_ops is None else list(sym_ops)
     for op in ops:
         posed = rot if op is None else rotations_with_symmetry(rot, op[None].to(rot))
         for backprojector in backprojectors:
-            backprojector.insert_pixels(data, weights, posed, kx, ky)
+            backprojector.insert_pixels(data, weights, posed, pixels.kx, pixels.ky)
 
 
 def padded_shells(grid_size: int, n: int, pad: float, device: torch.device) -> Tensor:

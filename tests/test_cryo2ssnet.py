@@ -374,7 +374,7 @@ def test_cryo2ssnet_bootstraps_4ake_from_a_random_start(tmp_path):
     poses plateau near 15 degrees median (27.5 on another random draw of the set, seed 11, after 380 steps; see
     the README's Cryo2SSNet section).
 
-    Marked ``acceptance`` (``bash scripts/test.sh -m acceptance``) since refine's uncapped significant samples
+    Marked ``acceptance`` (``bash scripts/test.sh -m acceptance``) since refine's larger cap on significant samples
     (issue 12) made its done-means runs 5 minutes longer and the default suite has a 20-minute budget."""
     sim = _simulate(tmp_path / "sim", E2E_PARTICLES, box=E2E_BOX, apix=E2E_APIX, seed=E2E_SEED)
     curve, errors, metrics = _run_scored(sim, tmp_path / "run", "--steps", str(E2E_STEPS))

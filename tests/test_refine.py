@@ -246,6 +246,23 @@ def _known_pose_halves() -> dict[str, Any]:
             "mask": auto_mask(vol, apix, 0.05 * float(vol.max()), extend=3.0, soft_edge_width=3.0)}
 
 
+def test_solvent_corrected_gold_standard_is_finer_than_the_spheres() -> None:
+    """``--solvent-correct-fsc``: on the same unregularised half maps (4AKE, 48 px, 1,000 noisy projections per
+    half at the true poses, white noise over the whole box), the gold-standard FSC inside a mask around the
+    molecule, corrected by phase randomisation, crosses 0.143 at a finer resolution than the FSC inside
+    refine's soft sphere, since the mask leaves out the solvent's noise. Measured: 7.65 A against 11.31 A."""
+    from cryocli.analysis.fsc import threshold_crossing
+    from cryocli.engines.refine.relion import RelionRefineEngine
+
+    k = _known_pose_halves()
+    n, apix, r_max = k["n"], k["apix"], k["r_max"]
+    sphere = RelionRefineEngine._gold_standard_fsc(k["trilinear"], n, r_max)
+    masked = RelionRefineEngine._gold_standard_fsc(k["trilinear"], n, r_max, k["mask"])
+    res_sphere = threshold_crossing(sphere, n, apix, 0.143).resolution
+    res_masked = threshold_crossing(masked, n, apix, 0.143).resolution
+    assert res_masked < 0.85 * res_sphere, (res_masked, res_sphere)
+
+
 def test_sparse_tv_map_is_closer_to_the_truth_than_relions_map_at_known_poses() -> None:
     """Luo's claim at the M-step: from the same backprojected data (4AKE, 48 px at 2.4 A/px, 1,000 noisy
     projections per half at the true poses, noise rms 10 x the signal's), the sparse + TV map with the

@@ -270,7 +270,11 @@ def test_refine_with_a_solvent_mask_and_a_masked_gold_standard(sim, tmp_path):
     b = json.loads(masked.output.strip().splitlines()[-1])
     print(f"gold standard: sphere {a['gold_standard_resolution_A']:.2f} A, solvent mask and corrected FSC "
           f"{b['gold_standard_resolution_A']:.2f} A")
-    assert b["gold_standard_resolution_A"] < a["gold_standard_resolution_A"]  # measured 11.03 vs 11.34 A
+    # Both runs report a resolution; which one is finer is not a property of the option on 160 particles of 24 px
+    # in 2 iterations (the runs' poses differ, and the two numbers were within one shell: 11.03 vs 11.34 A, then
+    # 9.68 vs 9.25 A after refine's significant-sample cap changed). The masked, corrected FSC itself is checked on
+    # fixed half maps in test_refine.py::test_solvent_corrected_gold_standard_is_finer_than_the_spheres.
+    assert 2 * 4.0 <= b["gold_standard_resolution_A"] < 96 and 2 * 4.0 <= a["gold_standard_resolution_A"] < 96
     for i, (extra, expected) in enumerate([(["--solvent-mask", str(wide)], "covers"),
                                            (["--solvent-mask", str(big)], "[0, 1]"),
                                            (["--solvent-correct-fsc"], "--solvent-correct-fsc")]):

@@ -101,14 +101,15 @@ def _refine(particles: Path, ref: Path, truth_map: Path, out: Path, method: str,
     return json.loads(r.output.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def adk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _simulate(tmp_path_factory.mktemp("adk"), need(MODELS / "4ake_adk_open.pdb"), 1500)
+#: Particles of the 4AKE done-means runs per method: sparse-tv meets the targets with margin on fewer particles
+#: (1,500: 5.05 A, 2.15 degrees), and its runs take about twice relion's time, which the 20-minute suite cannot
+#: hold at 1,500 since refine's significant-sample cap went from 16 to 300.
+ADK_PARTICLES = {"relion": 1500, "sparse-tv": 1000}
 
 
 @pytest.mark.parametrize("method", ["relion", "sparse-tv"])
-def test_refine_adk_from_40A_reference(adk: tuple[Path, Path], tmp_path: Path, method: str) -> None:
-    sim, ref = adk
+def test_refine_adk_from_40A_reference(tmp_path: Path, method: str) -> None:
+    sim, ref = _simulate(tmp_path / "adk", need(MODELS / "4ake_adk_open.pdb"), ADK_PARTICLES[method])
     out = tmp_path / method
     summary = _refine(sim / "refine_input.star", ref, sim / "ground_truth.mrc", out, method)
     res = summary["gold_standard_resolution_A"]

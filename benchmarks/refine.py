@@ -15,7 +15,7 @@ truth (FSC 0.5 after alignment), median rotation error after the best global rot
 error, iterations, seconds per iteration, total seconds and peak memory (CPU: peak resident set of the
 case's own process; CUDA: peak allocated). Each case runs in its own subprocess.
 ``--methods`` picks the cryocli methods; ``--max-significant N`` overrides the engine's cap on significant samples
-per particle (16; RELION's auto-refine has none), the setting behind the README's table of that cap.
+per particle (300; RELION's auto-refine has none), the setting behind the README's table of that cap.
 
 ``--relion`` adds a row per SNR for RELION's own 3D auto-refine (``relion_refine_mpi`` with 1 leader + 2 followers,
 ``--j 1``: the command RELION 5 ran on set_3j9g, see ../shared/data/relion/set_3j9g/README.md, with this set's

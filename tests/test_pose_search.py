@@ -203,6 +203,10 @@ def test_merge_samples_groups_the_batch_by_rotation(adk_map: torch.Tensor) -> No
     assert torch.allclose(rotation[member[ok]], res.sample_rotations[ok])
     same = res.sample_ids[ok][:, None] == res.sample_ids[ok][None, :]
     assert torch.equal(same, member[ok][:, None] == member[ok][None, :])
+    # Each particle's weights still sum to 1, so the rows' summed weights hold one unit per particle.
+    assert torch.allclose(res.sample_weights.sum(1), torch.ones(8), atol=1e-5)
+    per_row = torch.zeros(rotation.shape[0]).index_add_(0, member[ok], res.sample_weights[ok].float())
+    assert float(per_row.sum()) == pytest.approx(8.0, abs=1e-4) and bool((per_row > 0).all())
 
 
 def test_backprojecting_a_batch_equals_backprojecting_its_particles_one_by_one(adk_map: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from cryocli.imaging.fourier import (centred_grid_3d, fft_to_volume, fourier_res
 from cryocli.imaging.hartley import (hartley_from_rfft, hartley_to_image, hartley_to_volume, hartley_volume,
                                      image_to_hartley, project_hartley, volume_to_hartley)
 from cryocli.imaging.projector import (BackProjector, Projector, backproject_slices_ft, fourier_grid_size,
-                                       fourier_volume, project_volume_ft)
+                                       fourier_volume, project_volume_ft, sample_grid, scatter_grid)
 from cryocli.imaging.shifts import phase_shift, shift_from_center, shift_to_center
 from cryocli.io.mrc import read_map
 from tests.conftest import ASPIRE, EXTERNAL, RELION_SET, need
@@ -234,6 +234,34 @@ def test_adjoint_identity():
     lhs = (px.conj() * y).sum().to(torch.complex128)
     rhs = (x.conj() * pty).sum().to(torch.complex128)
     assert abs(lhs - rhs) / abs(lhs) < 1e-5  # measured ~1e-7
+
+
+def _grid_sample_scatter(values: torch.Tensor, coords: torch.Tensor, g: int) -> torch.Tensor:
+    """grid_sample's own input-gradient kernel: the trilinear scatter-add its adjoint must equal."""
+    c = values.shape[0]
+    grid = ((coords + g // 2) * (2.0 / (g - 1)) - 1.0).reshape(1, 1, 1, -1, 3)
+    shape_only = torch.zeros((), dtype=values.dtype).expand(1, c, g, g, g)
+    grad, _ = torch.ops.aten.grid_sampler_3d_backward(values.reshape(1, c, 1, 1, -1), shape_only, grid, 0, 0, True,
+                                                      [True, False])
+    return grad[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype):
+    """The index_add_ scatter equals grid_sample's backward, including points whose corners leave the grid
+    (zero padding: the corners inside still get their share) and points wholly outside."""
+    gen = torch.Generator().manual_seed(4)
+    g = 21
+    coords = (torch.rand(20000, 3, generator=gen, dtype=dtype) * 2 - 1) * 12.5  # grid spans -10 .. 10
+    coords[:40] = torch.tensor([10.0, -10.0, 3.0], dtype=dtype)  # on the faces
+    values = torch.randn(2, 20000, generator=gen, dtype=dtype)
+    ours = scatter_grid(values, coords, g, chunk_points=7000)
+    ref = _grid_sample_scatter(values, coords, g)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((ours - ref).abs().max()) < tol * float(ref.abs().max())
+    x = torch.randn(2, g, g, g, generator=gen, dtype=dtype)
+    lhs, rhs = (sample_grid(x, coords) * values).double().sum(), (x * ours).double().sum()
+    assert abs(float(lhs - rhs)) < tol * float(lhs.abs())
 
 
 def test_gradients_wrt_rotations_and_volume():

@@ -6,7 +6,7 @@ voxels, ``s = P / n``), is spread over the 3 x 3 x 3 grid points ``round(c) + {-
 neighbours. Data and CTF^2 weights get the same kernel, so ``data / weight`` is the kernel-regression
 estimate (eq. 28) and the accumulators plug into the same reconstruction as :class:`BackProjector`'s.
 
-The kernel is separable, so the 27 weights of a pixel are the outer product of three per-axis weights
+The kernel is separable, so the 27 weights of a pixel are the products of three per-axis weights
 ``exp(-(f - d)^2 / h)`` (``f`` the fractional offset, ``d`` in -1, 0, 1) and one ``index_add_`` places all of
 them. In real space the kernel multiplies the map by the kernel's Fourier transform,
 ``exp(-pi^2 h r^2 / P^2)`` (``r`` in voxels from the centre, the 3 x 3 x 3 truncation ignored), which
@@ -112,25 +112,27 @@ class GaussianKernelBackProjector:
         valid = (w > 0).to(self.dtype)
         values = values.to(dev)
         packed = torch.stack([values.real.to(self.dtype) * valid, values.imag.to(self.dtype) * valid, w * valid])
-        # Flat offsets of the 27 neighbours, in the (z, y, x) order of the outer product below.
+        # Flat offsets of the 27 neighbours, in the (z, y, x) order of the products below.
         d = torch.arange(-1, 2, device=dev)
         offsets = ((d[:, None, None] * g + d[None, :, None]) * g + d[None, None, :]).reshape(-1)
+        delta = d.to(self.dtype)[:, None]
         step = max(1, self.chunk_points // max(1, 27 * m))
         for s in range(0, b, step):
             coords = slice_coordinates(rotations[s:s + step].to(device=dev, dtype=self.dtype), kx, ky, self.scale)
-            coords = coords.reshape(-1, 3)  # (N, 3) as (x, y, z) voxels from the centre
+            coords = coords.reshape(-1, 3).T  # (3, N) as (x, y, z) voxels from the centre
             base = torch.round(coords)
             frac = coords - base
-            # The kernel is separable: per axis exp(-(frac - delta)^2 / h) for delta = -1, 0, 1.
-            axis_w = torch.exp(-((frac[:, :, None] - d.to(self.dtype)) ** 2) / self.bandwidth)  # (N, 3, 3)
-            kern = (axis_w[:, 2, :, None, None] * axis_w[:, 1, None, :, None] * axis_w[:, 0, None, None, :])
+            # The kernel is separable: per axis exp(-(frac - delta)^2 / h) for delta = -1, 0, 1, each (3, N).
+            # Products of contiguous rows: broadcasting over small trailing dimensions is slow on the CPU.
+            wx, wy, wz = (torch.exp(-((frac[i][None] - delta) ** 2) / self.bandwidth) for i in range(3))
+            kern = ((wz[:, None, None] * wy[None, :, None]) * wx[None, None, :]).reshape(27, -1)
             # Points whose 3 x 3 x 3 neighbourhood leaves the grid (beyond the backprojector's r_max) are dropped.
-            inside = base.abs().amax(-1) <= g // 2 - 1
-            idx = (torch.where(inside[:, None], base, torch.zeros_like(base)) + g // 2).long()
-            flat = ((idx[:, 2] * g + idx[:, 1]) * g + idx[:, 0])[:, None] + offsets[None]
+            inside = base.abs().amax(0) <= g // 2 - 1
+            idx = (torch.where(inside[None], base, torch.zeros_like(base)) + g // 2).long()
+            flat = ((idx[2] * g + idx[1]) * g + idx[0])[None] + offsets[:, None]  # (27, N)
             vals = packed[:, s:s + step].reshape(3, -1) * inside
-            contrib = (vals[:, :, None] * kern.reshape(1, -1, 27)).reshape(3, -1)
-            self._acc.index_add_(1, flat.reshape(-1), contrib)
+            contrib = vals[:, None, :] * kern[None]  # (3, 27, N)
+            self._acc.index_add_(1, flat.reshape(-1), contrib.reshape(3, -1))
 
     @property
     def data(self) -> Tensor:

@@ -197,6 +197,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     device: str = typer.Option("auto", "--device", help="Where engines run: auto, cpu, cuda or cuda:N."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed for everything that draws numbers (0 or more)."),
@@ -210,6 +211,37 @@ def root(
         import torch
 
         torch.set_num_threads(threads)
+    _join_torchrun(ctx.invoked_subcommand)
+
+
+#: Subcommands that run data-parallel under torchrun (the others refuse to start there).
+DATA_PARALLEL_COMMANDS = ("reconstruct",)
+
+
+def _join_torchrun(command: str | None) -> None:
+    """Under ``torchrun`` with several ranks: join the process group on this rank's device; ranks other than 0
+    run quietly (rank 0 prints and writes). Commands that are not data-parallel yet stop with one error line
+    (from rank 0) rather than run N copies that write the same outputs."""
+    import atexit
+    import os
+
+    from cryocli import distributed
+    from cryocli.cli.common import guarded, resolve_device
+    from cryocli.errors import CryocliError
+
+    if not distributed.launched():
+        return
+    with guarded():
+        if command not in DATA_PARALLEL_COMMANDS:
+            if os.environ.get("RANK", "0") != "0":
+                raise typer.Exit(EXIT_BAD_INPUT)
+            raise CryocliError(f"cryocli {command} does not run under torchrun yet (only "
+                                      f"{', '.join(DATA_PARALLEL_COMMANDS)} does); run it as one process")
+        ranks, dev = distributed.setup(resolve_device())
+    atexit.register(distributed.teardown)
+    STATE.device = str(dev)
+    if not ranks.main:
+        STATE.quiet, STATE.json = True, False
 
 
 for _name in COMMAND_MODULES:

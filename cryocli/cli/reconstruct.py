@@ -49,6 +49,9 @@ def reconstruct(
 ) -> None:
     """Reconstruct a map from particles at the poses in their STAR file, as relion_reconstruct: shift by
     +origin, multiply by the CTF, insert into a 2x padded Fourier grid, divide by the CTF^2 weights."""
+    from contextlib import nullcontext
+
+    from cryocli import distributed
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
     from cryocli.engines.common.particles_reconstruct import reconstruct_sets
     from cryocli.geometry.symmetry import symmetry_operators
@@ -67,7 +70,11 @@ def reconstruct(
         device = resolve_device()
         ops = symmetry_operators(sym)
         sym_ops = None if ops.shape[0] == 1 else ops.float()
-        with claim_outputs(outputs, is_dir=False, force=force, command=f"reconstruct {particles.name}"):
+        # Under torchrun rank 0 alone claims and writes the outputs; the others compute their share.
+        main = distributed.current().main
+        claim = (claim_outputs(outputs, is_dir=False, force=force, command=f"reconstruct {particles.name}") if main
+                 else nullcontext())
+        with claim:
             stack = ParticleStack(read_star(particles, require_images=True), datadir=datadir)
             if halves or subset is not None:
                 if stack.random_subset is None:
@@ -95,7 +102,8 @@ def reconstruct(
             for path, volume in maps.items():
                 check_finite_output(volume, f"the map {path}", cause)
             for path, volume in maps.items():
-                write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
+                if main:
+                    write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
     con = out_console()
     summary = {"command": "reconstruct", "particles": int(selected.size), "box": stack.box,
                "pixel_size": stack.pixel_size, "sym": sym.upper(), "maps": [str(p) for p in maps]}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryocli import distributed
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS, DirectFourierReconstructor
 from cryocli.errors import CryocliError
 from cryocli.imaging.ctf import CTFParams
@@ -49,6 +50,9 @@ def reconstruct_sets(stack: ParticleStack, sets: list[np.ndarray], use_ctf: bool
     appended, made from the summed accumulators (no second pass). use_ctf: correct for the CTF
     (CryocliError naming the missing column when the STAR file has none); maxres in Angstrom; sym_ops
     ``(K, 3, 3)`` including the identity; ``progress(k)`` is called with the particles done per batch.
+    Under torchrun each rank reads its :func:`cryocli.distributed.shard` of the particles and the
+    accumulators are summed over the ranks before the maps are made, so every rank returns the same maps
+    (``progress`` then counts every rank's particles, assuming the ranks keep pace).
     """
     table = stack.table
     if stack.rotations is None:
@@ -60,11 +64,13 @@ def reconstruct_sets(stack: ParticleStack, sets: list[np.ndarray], use_ctf: bool
     for k, s in enumerate(sets):
         label[np.asarray(s)] = k
     idx = np.nonzero(label >= 0)[0]
+    ranks = distributed.current()
+    mine_all = distributed.shard(idx, ranks)
     ctf, premultiplied = _ctf_inputs(stack, idx, use_ctf)
     recs = [DirectFourierReconstructor(stack.box, stack.pixel_size, maxres=maxres, sym_ops=sym_ops, device=device,
                                        ctf_premultiplied=premultiplied) for _ in sets]
-    for start in range(0, idx.size, batch_size):
-        chunk = idx[start:start + batch_size]
+    for start in range(0, mine_all.size, batch_size):
+        chunk = mine_all[start:start + batch_size]
         images = stack.images(chunk)
         for k, rec in enumerate(recs):
             mine = np.nonzero(label[chunk] == k)[0]
@@ -75,7 +81,9 @@ def reconstruct_sets(stack: ParticleStack, sets: list[np.ndarray], use_ctf: bool
                     stack.shifts_angstrom[rows] if stack.shifts_angstrom is not None else None,
                     ctf.index(rows) if ctf is not None else None)
         if progress is not None:
-            progress(int(chunk.size))
+            progress(int(chunk.size) * ranks.world_size)
+    for rec in recs:
+        distributed.all_reduce_sum(rec.backprojector.accumulators)
     maps = [rec.reconstruct(gridding_iterations) for rec in recs]
     if with_union:
         union = DirectFourierReconstructor(stack.box, stack.pixel_size, maxres=maxres, sym_ops=sym_ops,

@@ -1,0 +1,97 @@
+"""Data-parallel runs under ``torchrun``: which rank this process is, its share of the particles, and sums.
+
+``torchrun --nproc_per_node=N -m cryocli reconstruct ...`` starts N processes with ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` set; :func:`setup` joins them in one ``torch.distributed`` process group (nccl on CUDA, one
+rank per GPU picked by ``LOCAL_RANK``; gloo on the CPU). Each rank reads only its share of the particles
+(:func:`shard`: every ``WORLD_SIZE``-th particle from its rank, so the shares are disjoint, cover the set and
+do not depend on anything but the particle order), accumulates its backprojection, and
+:func:`all_reduce_sum` adds the accumulators of all ranks in place, so every rank ends with the sums one
+process would have made (to float32 round-off: the order of the additions differs). Rank 0 alone writes
+outputs and prints. Without torchrun (``WORLD_SIZE`` unset or 1) every function here is a no-op and the run is
+the one-process run.
+
+Collectives give up after ``CRYOCLI_COLLECTIVE_TIMEOUT`` seconds (default 600), so a rank that died without
+torchrun noticing does not leave the others waiting for ever; within one node torchrun itself stops the other
+ranks as soon as one exits with an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+#: Seconds a collective waits for the other ranks before the run fails (``CRYOCLI_COLLECTIVE_TIMEOUT``).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``rank`` of ``world_size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes outputs and prints (rank 0)."""
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current() -> Ranks:
+    """The ranks of the process group this process joined (``Ranks()`` when it is alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other ranks (``CRYOCLI_COLLECTIVE_TIMEOUT`` seconds)."""
+    return timedelta(seconds=float(os.environ.get("CRYOCLI_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S)))
+
+
+def setup(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group of a torchrun launch and return this rank and its device.
+
+    On CUDA each rank takes ``cuda:LOCAL_RANK`` (nccl); on the CPU the ranks share the machine (gloo). Without a
+    launch (one rank) nothing is joined and ``device`` is returned unchanged.
+    """
+    if not launched():
+        return Ranks(), device
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+    return current(), device
+
+
+def teardown() -> None:
+    """Leave the process group (at the end of a run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: np.ndarray, ranks: Ranks | None = None) -> np.ndarray:
+    """This rank's share of ``indices`` ``(N,)``: every ``world_size``-th one from position ``rank``."""
+    ranks = current() if ranks is None else ranks
+    return np.asarray(indices)[ranks.rank::ranks.world_size]
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Add ``tensor`` (contiguous) over all ranks, in place; returns it. A no-op for one rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

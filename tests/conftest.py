@@ -26,6 +26,10 @@ def _deterministic_torch():
     yield
 
 
+#: Devices the device-agnostic tests run on: the CPU always, CUDA when present (as the teamtomo torch-* packages).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
 def need(path: Path) -> Path:
     """Fail loudly (not skip) when a reference file is missing: CI has ../shared beside the repo."""
     assert path.exists(), f"reference file missing: {path} (tests read ../shared relative to the repo root)"

@@ -30,7 +30,7 @@ from cryocli.imaging.ctf import CTFParams, compute_ctf
 from cryocli.imaging.projector import BackProjector, Projector
 from cryocli.imaging.shifts import phase_shift
 from cryocli.io.models import model_potential
-from tests.conftest import MODELS, need
+from tests.conftest import DEVICES, MODELS, need
 
 BOX, APIX = 48, 2.5
 
@@ -164,7 +164,8 @@ def test_gaussian_kernel_backprojection_reconstructs_the_map(adk_map: torch.Tens
     assert cc > 0.97, cc
 
 
-def test_gaussian_kernel_insertion_matches_its_definition() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_kernel_insertion_matches_its_definition(device: str) -> None:
     """Every pixel lands on the 27 grid points round(c) + {-1, 0, 1}^3 with weight exp(-|c - g|^2 / h): the
     batched insertion against a direct loop over pixels and neighbours (float64)."""
     n, h = 8, 2.0
@@ -177,8 +178,8 @@ def test_gaussian_kernel_insertion_matches_its_definition() -> None:
     kx, ky = kx[keep], ky[keep]
     values = torch.randn(3, kx.numel(), generator=gen, dtype=torch.complex128)
     weights = torch.rand(3, kx.numel(), generator=gen, dtype=torch.float64) + 0.1
-    bp = GaussianKernelBackProjector(n, dtype=torch.float64, bandwidth=h)
-    bp.insert_pixels(values, weights, rot, kx, ky)
+    bp = GaussianKernelBackProjector(n, dtype=torch.float64, bandwidth=h, device=device)
+    bp.insert_pixels(values.to(device), weights.to(device), rot.to(device), kx.to(device), ky.to(device))
     g = bp.grid_size
     ref = torch.zeros((3, g, g, g), dtype=torch.float64)
     for b in range(3):
@@ -195,7 +196,7 @@ def test_gaussian_kernel_insertion_matches_its_definition() -> None:
                         ix, iy, iz = (int(v) + g // 2 for v in p)
                         ref[:, iz, iy, ix] += k * torch.stack([values[b, m].real, values[b, m].imag,
                                                                weights[b, m]])
-    assert torch.allclose(bp.accumulators, ref, atol=1e-12)
+    assert torch.allclose(bp.accumulators.cpu(), ref, atol=1e-12)
 
 
 def test_slice_cache_projects_each_cell_once(adk_map: torch.Tensor) -> None:

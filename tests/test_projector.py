@@ -21,7 +21,7 @@ from cryocli.imaging.projector import (BackProjector, Projector, backproject_sli
                                        fourier_volume, project_volume_ft, sample_grid, scatter_grid)
 from cryocli.imaging.shifts import phase_shift, shift_from_center, shift_to_center
 from cryocli.io.mrc import read_map
-from tests.conftest import ASPIRE, EXTERNAL, RELION_SET, need
+from tests.conftest import ASPIRE, DEVICES, EXTERNAL, RELION_SET, need
 
 RIBOSOME = EXTERNAL / "ASPIRE-Python" / "gallery" / "tutorials" / "data" / "clean70SRibosome_vol_65p.mrc"
 
@@ -246,8 +246,9 @@ def _grid_sample_scatter(values: torch.Tensor, coords: torch.Tensor, g: int) -> 
     return grad[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype):
+def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype, device):
     """The index_add_ scatter equals grid_sample's backward, including points whose corners leave the grid
     (zero padding: the corners inside still get their share) and points wholly outside."""
     gen = torch.Generator().manual_seed(4)
@@ -255,7 +256,7 @@ def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype):
     coords = (torch.rand(20000, 3, generator=gen, dtype=dtype) * 2 - 1) * 12.5  # grid spans -10 .. 10
     coords[:40] = torch.tensor([10.0, -10.0, 3.0], dtype=dtype)  # on the faces
     values = torch.randn(2, 20000, generator=gen, dtype=dtype)
-    ours = scatter_grid(values, coords, g, chunk_points=7000)
+    ours = scatter_grid(values.to(device), coords.to(device), g, chunk_points=7000).cpu()
     ref = _grid_sample_scatter(values, coords, g)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert float((ours - ref).abs().max()) < tol * float(ref.abs().max())

@@ -47,6 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="10000,40000,160000", help="particle counts (comma-separated)")
     p.add_argument("--box", type=int, default=32)
+    p.add_argument("--apix", type=float, default=2.4, help="pixel size of the simulated particles (A)")
     p.add_argument("--ranks", default="1,2", help="process counts to run reconstruct with (comma-separated)")
     args = p.parse_args()
     rows = []
@@ -56,7 +57,7 @@ def main() -> None:
             sim = work / f"sim{count}"
             subprocess.run([sys.executable, "-m", "cryocli", "--quiet", "simulate",
                             str(REPO / "cryocli" / "data" / "4ake_adk_open.pdb"), "-o", str(sim), "-n", str(count),
-                            "--box", str(args.box), "--snr", "0.1"], check=True, cwd=work,
+                            "--box", str(args.box), "--apix", str(args.apix), "--snr", "0.1"], check=True, cwd=work,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
             for ranks in [int(r) for r in args.ranks.split(",")]:
                 out = work / f"map{count}_{ranks}.mrc"

@@ -238,3 +238,31 @@ def test_batches_move_to_the_device() -> None:
     assert os.fspath(stack.files[0]).endswith("relion31.mrcs")
     stack.close()
     np.testing.assert_array_equal(stack.images([1]).numpy(), _direct(CRYODRGN / "relion31.mrcs")[[1]])
+
+
+def _rss_file_kib() -> int:
+    """Resident file-backed memory of this process (Linux), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_streaming_a_stack_does_not_keep_it_resident(tmp_path: Path) -> None:
+    """Reading every image of a 40 MB stack in batches leaves its mapped pages out of the resident set (they
+    are released after each read), and the images read again are the same."""
+    from cryocli.io.mrc import write_stack
+
+    gen = np.random.default_rng(0)
+    images = gen.standard_normal((10000, 32, 32)).astype(np.float32)
+    write_stack(tmp_path / "p.mrcs", images, 2.0)
+    lines = ["data_particles", "loop_", "_rlnImageName #1"] + [f"{i + 1:06d}@p.mrcs" for i in range(len(images))]
+    (tmp_path / "p.star").write_text("\n".join(lines) + "\n")
+    stack = ParticleStack(read_star(tmp_path / "p.star"))
+    before = _rss_file_kib()
+    for start in range(0, len(images), 512):
+        batch = stack.images(np.arange(start, min(start + 512, len(images))))
+    grown_mib = (_rss_file_kib() - before) / 1024
+    assert grown_mib < 8, grown_mib  # the stack is 39 MiB
+    np.testing.assert_array_equal(batch.numpy(), images[len(images) - batch.shape[0]:])
+    np.testing.assert_array_equal(stack.images([3, 9000]).numpy(), images[[3, 9000]])

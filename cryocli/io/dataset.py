@@ -28,7 +28,7 @@ from torch import Tensor
 from cryocli.errors import CryocliError
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams
-from cryocli.io.mrc import MapData, open_stack, stack_images, stack_info
+from cryocli.io.mrc import MapData, open_stack, release_stack_pages, stack_images, stack_info
 from cryocli.io.paths import resolve_stack, star_folder
 from cryocli.io.star import ParticleTable, check_pixel_size
 
@@ -242,7 +242,11 @@ class ParticleStack:
         for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=False):
             chosen = order[start:stop]
             code = int(codes[chosen[0]])
-            block = stack_images(self._handle(code), self._local[idx[chosen]])
+            handle = self._handle(code)
+            block = stack_images(handle, self._local[idx[chosen]])
+            # Streaming must not grow the resident set with the particle count: the images read are copied
+            # into ``block``, so their mapped pages can go.
+            release_stack_pages(handle)
             if not np.isfinite(block).all():
                 bad = chosen[np.flatnonzero(~np.isfinite(block).reshape(len(chosen), -1).all(axis=1))[0]]
                 raise CryocliError(f"NaN or Inf pixels in image {self._local[idx[bad]] + 1} "

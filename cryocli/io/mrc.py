@@ -9,6 +9,7 @@ run never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import warnings
@@ -146,6 +147,15 @@ def stack_images(mrc, indices: np.ndarray) -> np.ndarray:
     if data.ndim == 2:
         data = data[None]
     return np.asarray(data[np.asarray(indices)], dtype=np.float32)
+
+
+def release_stack_pages(mrc) -> None:
+    """Unmap the pages of an open (memory-mapped) stack that reads have touched, so that streaming through a
+    stack does not leave it all in this process's resident set. The pages stay in the system's page cache, so
+    reading them again costs no disk access; a stack that is not memory-mapped is left alone."""
+    mapping = getattr(mrc.data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _label(command: str) -> str:

@@ -229,14 +229,14 @@ def _join_torchrun(command: str | None) -> None:
     from cryocli.cli.common import guarded, resolve_device
     from cryocli.errors import CryocliError
 
-    if not distributed.launched():
+    if not distributed.launched() or command is None:
         return
     with guarded():
         if command not in DATA_PARALLEL_COMMANDS:
             if os.environ.get("RANK", "0") != "0":
                 raise typer.Exit(EXIT_BAD_INPUT)
             raise CryocliError(f"cryocli {command} does not run under torchrun yet (only "
-                                      f"{', '.join(DATA_PARALLEL_COMMANDS)} does); run it as one process")
+                               f"{', '.join(DATA_PARALLEL_COMMANDS)} does); run it as one process")
         ranks, dev = distributed.setup(resolve_device())
     atexit.register(distributed.teardown)
     STATE.device = str(dev)

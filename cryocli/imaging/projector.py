@@ -239,7 +239,7 @@ def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | N
         at_top, at_bottom = low == g - 1, low == -1
         w_low, w_high = (torch.where(at_top, 0.0, torch.where(at_bottom, w_high, w_low)),
                          torch.where(at_top, w_low, torch.where(at_bottom, 0.0, w_high)))
-        base = low.clamp(0, g - 2).long()
+        base = torch.nan_to_num(low).clamp(0, g - 2).long()  # a NaN point has weight 0; keep its index valid
         # Corner weights (8, N), (z, y, x) order: products of contiguous rows (broadcasting over small trailing
         # dimensions is several times slower on the CPU).
         wx, wy, wz = (torch.stack([w_low[i], w_high[i]]) for i in range(3))

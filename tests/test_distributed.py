@@ -59,3 +59,17 @@ def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path: Path) -> None:
     assert errors == ["cryocli: error: cryocli refine does not run under torchrun yet (only reconstruct does); "
                       "run it as one process"], run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_refuses_an_existing_output_on_every_rank_before_any_work(tmp_path: Path) -> None:
+    """An existing output without --force: each rank stops with its one error line (no rank's traceback from a
+    broken collective), the run exits non-zero and the file is untouched."""
+    star = need(RELION_SET / "noisy" / "noisy.star")
+    (tmp_path / "map.mrc").write_bytes(b"keep")
+    run = _torchrun(["reconstruct", str(star), "-o", str(tmp_path / "map.mrc")], tmp_path)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("cryocli: error")]
+    problem = f"{tmp_path / 'map.mrc'}: output exists; pass --force to overwrite it"
+    assert sorted(errors) == [f"cryocli: error (rank 1): {problem}", f"cryocli: error: {problem}"], run.stderr
+    assert "[rank" not in run.stderr, run.stderr
+    assert (tmp_path / "map.mrc").read_bytes() == b"keep"

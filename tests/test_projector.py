@@ -18,7 +18,8 @@ from cryocli.imaging.fourier import (centred_grid_3d, fft_to_volume, fourier_res
 from cryocli.imaging.hartley import (hartley_from_rfft, hartley_to_image, hartley_to_volume, hartley_volume,
                                      image_to_hartley, project_hartley, volume_to_hartley)
 from cryocli.imaging.projector import (BackProjector, Projector, backproject_slices_ft, fourier_grid_size,
-                                       fourier_volume, project_volume_ft, sample_grid, scatter_grid)
+                                       fourier_volume, project_volume_ft, sample_grid, scatter_grid,
+                                       _normalised_grid)
 from cryocli.imaging.shifts import phase_shift, shift_from_center, shift_to_center
 from cryocli.io.mrc import read_map
 from tests.conftest import ASPIRE, DEVICES, EXTERNAL, RELION_SET, need
@@ -239,7 +240,7 @@ def test_adjoint_identity():
 def _grid_sample_scatter(values: torch.Tensor, coords: torch.Tensor, g: int) -> torch.Tensor:
     """grid_sample's own input-gradient kernel: the trilinear scatter-add its adjoint must equal."""
     c = values.shape[0]
-    grid = ((coords + g // 2) * (2.0 / (g - 1)) - 1.0).reshape(1, 1, 1, -1, 3)
+    grid = _normalised_grid(coords, g).reshape(1, 1, 1, -1, 3)
     shape_only = torch.zeros((), dtype=values.dtype).expand(1, c, g, g, g)
     grad, _ = torch.ops.aten.grid_sampler_3d_backward(values.reshape(1, c, 1, 1, -1), shape_only, grid, 0, 0, True,
                                                       [True, False])

@@ -78,7 +78,8 @@ def err_console() -> Console:
 def fail(message: str, path: str | Path | None = None) -> typer.Exit:
     """Print one error line and return the exit to raise (code 2)."""
     text = CryocliError(message, path).line()
-    error_line(text)
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    error_line(text, "cryocli: error:" if rank == "0" else f"cryocli: error (rank {rank}):")
     return typer.Exit(code=EXIT_BAD_INPUT)
 
 

@@ -11,6 +11,7 @@ from cryocli.cli.common import (
     check_datadir,
     check_finite_output,
     check_number,
+    check_writable_output,
     claim_outputs,
     emit_json,
     guarded,
@@ -72,6 +73,9 @@ def reconstruct(
         sym_ops = None if ops.shape[0] == 1 else ops.float()
         # Under torchrun rank 0 alone claims and writes the outputs; the others compute their share.
         main = distributed.current().main
+        if not main:  # the same refusal as rank 0's, before any collective, instead of a broken connection
+            for path in outputs:
+                check_writable_output(path, is_dir=False, force=force)
         claim = (claim_outputs(outputs, is_dir=False, force=force, command=f"reconstruct {particles.name}") if main
                  else nullcontext())
         with claim:

@@ -229,17 +229,13 @@ def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | N
         # Positions computed as grid_sample computes them (normalise, then unnormalise), so that the weights
         # are the forward's to the last bit and the adjoint identity holds to float32 rounding.
         pos = ((_normalised_grid(coords[s:s + chunk_points].to(values.dtype), g) + 1) / 2 * (g - 1)).T  # (3, N)
-        low = torch.floor(pos)
-        frac = pos - low
-        # Lower corner at `base` in [0, G - 2] so that the 8 corners are base + offsets. A corner off the grid
-        # gets weight 0 (grid_sample's zero padding): at low = G - 1 the upper corner is off, at low = -1 the
-        # lower one; beyond those the point touches nothing.
-        w_low = torch.where((low >= 0) & (low <= g - 1), 1 - frac, 0.0)
-        w_high = torch.where((low >= -1) & (low <= g - 2), frac, 0.0)
-        at_top, at_bottom = low == g - 1, low == -1
-        w_low, w_high = (torch.where(at_top, 0.0, torch.where(at_bottom, w_high, w_low)),
-                         torch.where(at_top, w_low, torch.where(at_bottom, 0.0, w_high)))
-        base = torch.nan_to_num(low).clamp(0, g - 2).long()  # a NaN point has weight 0; keep its index valid
+        # Lower corner at `base` in [0, G - 2], so that the 8 corners are base + offsets, all on the grid; the tent
+        # max(0, 1 - |pos - corner|) is grid_sample's weight for each of them, also when the point lies off the
+        # grid (its zero padding drops only the corners off the grid). A NaN point gets weight 0, as there.
+        base = torch.nan_to_num(torch.floor(pos)).clamp(0, g - 2)
+        w_low = torch.nan_to_num((1 - (pos - base).abs()).clamp_min(0))
+        w_high = torch.nan_to_num((1 - (pos - base - 1).abs()).clamp_min(0))
+        base = base.long()
         # Corner weights (8, N), (z, y, x) order: products of contiguous rows (broadcasting over small trailing
         # dimensions is several times slower on the CPU).
         wx, wy, wz = (torch.stack([w_low[i], w_high[i]]) for i in range(3))

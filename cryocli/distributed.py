@@ -93,5 +93,46 @@ def shard(indices: np.ndarray, ranks: Ranks | None = None) -> np.ndarray:
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Add ``tensor`` (contiguous) over all ranks, in place; returns it. A no-op for one rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        # complex sums as their real and imaginary parts (a view: the sum lands in ``tensor``)
+        dist.all_reduce(torch.view_as_real(tensor) if tensor.is_complex() else tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Sums of a few scalars ``values`` over all ranks (float64; one collective). The values unchanged for one
+    rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu()]
+
+
+def gather_shards(local: Tensor, total: int) -> Tensor:
+    """The whole ``(total, ...)`` per-particle tensor on every rank, from each rank's :func:`shard` of it.
+
+    local: this rank's rows ``(len(shard), ...)``, rows ``rank, rank + world_size, ...`` of the whole. For one
+    rank ``local`` itself.
+    """
+    ranks = current()
+    if ranks.world_size == 1:
+        return local
+    w = ranks.world_size
+    longest = -(-total // w)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    whole = local.new_empty((total, *local.shape[1:]))
+    for k, part in enumerate(parts):
+        whole[k::w] = part[:len(range(k, total, w))]
+    return whole
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself for one rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,4 +1,5 @@
-"""Data-parallel runs under torchrun (gloo on the CPU): sharding, and reconstruct equal to one process."""
+"""Data-parallel runs under torchrun (gloo on the CPU): sharding; reconstruct and refine equal to one process; a
+killed rank ends the run, whose checkpoint resumes on another number of ranks."""
 
 from __future__ import annotations
 
@@ -9,18 +10,34 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pytest
+import torch
 
 from cryocli import distributed
-from tests.conftest import RELION_SET, need
+from cryocli.analysis.fsc import fsc_curve
+from cryocli.io.dataset import ParticleStack
+from cryocli.io.star import read_star
+from tests.conftest import RELION_SET, need, simulate_4ake
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "CRYOCLI_COLLECTIVE_TIMEOUT": "120"}
+
+
+def _torchrun_command(args: list[str], ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
+            "cryocli", *args]
+
+
 def _torchrun(args: list[str], cwd: Path, ranks: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CRYOCLI_COLLECTIVE_TIMEOUT": "120"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={ranks}", "-m", "cryocli", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(_torchrun_command(args, ranks), cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _cryocli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cryocli", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_shards_are_disjoint_and_cover_the_particles() -> None:
@@ -51,13 +68,13 @@ def test_reconstruct_under_torchrun_equals_one_process(tmp_path: Path) -> None:
 
 
 def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path: Path) -> None:
-    """refine is not data-parallel yet: under torchrun it stops with one error line (rank 0) and exit 2, before
+    """abinitio is not data-parallel yet: under torchrun it stops with one error line (rank 0) and exit 2, before
     reading anything, instead of running two copies that write the same outputs."""
-    run = _torchrun(["refine", "missing.star", "--ref", "missing.mrc", "-o", "out"], tmp_path)
+    run = _torchrun(["abinitio", "missing.star", "-o", "out"], tmp_path)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("cryocli: error:")]
-    assert errors == ["cryocli: error: cryocli refine does not run under torchrun yet (only reconstruct does); "
-                      "run it as one process"], run.stderr
+    assert errors == ["cryocli: error: cryocli abinitio does not run under torchrun yet (these do: reconstruct, "
+                      "refine); run it as one process"], run.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -73,3 +90,107 @@ def test_torchrun_refuses_an_existing_output_on_every_rank_before_any_work(tmp_p
     assert sorted(errors) == [f"cryocli: error (rank 1): {problem}", f"cryocli: error: {problem}"], run.stderr
     assert "[rank" not in run.stderr, run.stderr
     assert (tmp_path / "map.mrc").read_bytes() == b"keep"
+
+
+# ---------------------------------------------------------------------------------------------- refine
+REFINE_ITERATIONS = {"relion": 3, "sparse-tv": 1}
+
+
+@pytest.fixture(scope="module")
+def refine_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 simulated 4AKE particles of 32 px at 3 A/px, SNR 1, CTF and shifts, in a folder where each test's runs
+    go, as a user's shell script would lay them out (the runs read ``sim/particles.star``)."""
+    work = tmp_path_factory.mktemp("dp_refine")
+    simulate_4ake(work / "sim", 300, snr=1.0, box=32, apix=3.0, seed=5)
+    return work
+
+
+def _one_process_refine(work: Path, method: str) -> Path:
+    out = work / f"one_{method}"
+    if not out.is_dir():
+        run = _cryocli(["--quiet", "refine", "sim/particles.star", "--ref", "sim/ground_truth.mrc", "--method", method,
+                        "-o", out.name, "--max-iter", str(REFINE_ITERATIONS[method])], work)
+        assert run.returncode == 0, run.stderr
+    return out
+
+
+def _rotation_difference_deg(a: Path, b: Path) -> np.ndarray:
+    ra, rb = (ParticleStack(read_star(p / "particles.star")).rotations for p in (a, b))
+    assert ra is not None and rb is not None
+    trace = (ra.transpose(1, 2) @ rb).diagonal(dim1=1, dim2=2).sum(-1)
+    return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1, 1))).numpy()
+
+
+def _assert_same_refinement(a: Path, b: Path) -> None:
+    """Poses far within the fine sampling step (7.5 degrees here), maps with FSC > 0.99 at every shell, the same
+    per-particle columns."""
+    turned = _rotation_difference_deg(a, b)
+    assert float(np.median(turned)) < 0.1 and float(np.mean(turned)) < 0.5, (np.median(turned), turned.max())
+    for name in ("map.mrc", "half1_unfil.mrc", "half2_unfil.mrc"):
+        assert float(fsc_curve(mrcfile.read(a / name), mrcfile.read(b / name)).min()) > 0.99, name
+    ta, tb = read_star(a / "particles.star").particles, read_star(b / "particles.star").particles
+    assert list(ta.columns) == list(tb.columns)
+    assert np.array_equal(ta["rlnRandomSubset"].to_numpy(), tb["rlnRandomSubset"].to_numpy())
+    shift = np.abs(ta["rlnOriginXAngst"].astype(float) - tb["rlnOriginXAngst"].astype(float))
+    assert float(np.median(shift)) < 0.05  # Angstrom; the shift step is 6 A
+
+
+@pytest.mark.parametrize("method", ["relion", "sparse-tv"])
+def test_refine_under_torchrun_matches_one_process(refine_set: Path, method: str) -> None:
+    """Two gloo ranks, each searching half the particles of both half sets, their backprojections, noise and
+    intensity sums all-reduced: the poses, half maps and map of the one-process run; one summary, from rank 0."""
+    one = _one_process_refine(refine_set, method)
+    two = _torchrun(["--json", "refine", "sim/particles.star", "--ref", "sim/ground_truth.mrc", "--method", method,
+                     "-o", f"two_{method}", "--max-iter", str(REFINE_ITERATIONS[method])], refine_set)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count('"command": "refine"') == 1
+    _assert_same_refinement(one, refine_set / f"two_{method}")
+
+
+def _ranks_of(parent: int) -> dict[int, int]:
+    """``{RANK: pid}`` of the worker processes that torchrun (pid ``parent``) started."""
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the ranks through /proc (Linux)")
+def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(refine_set: Path) -> None:
+    """Rank 1 killed (SIGKILL) after the first checkpoint: torchrun stops rank 0, which says in one line that the
+    checkpoint is kept; the run exits non-zero well within the collective timeout. ``--resume`` in one process
+    finishes the run: the result of the uninterrupted one-process run."""
+    import signal
+    import time
+
+    one = _one_process_refine(refine_set, "relion")
+    out = refine_set / "killed"
+    args = ["refine", "sim/particles.star", "--ref", "sim/ground_truth.mrc", "-o", out.name, "--max-iter", "3"]
+    proc = subprocess.Popen(_torchrun_command(["--quiet", *args]), cwd=refine_set, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = _ranks_of(proc.pid)
+    assert proc.poll() is None and 1 in ranks, "the run ended before its first checkpoint"
+    os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 120  # CRYOCLI_COLLECTIVE_TIMEOUT; torchrun itself stops rank 0 sooner
+    cryocli_lines = [line for line in stderr.splitlines() if line.startswith("cryocli:")]
+    assert cryocli_lines == [f"cryocli: interrupted (SIGTERM); the last checkpoint is kept in {out.name}; run the "
+                             "same command with --resume to continue"], stderr
+    resumed = _cryocli(["--quiet", *args, "--resume"], refine_set)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [row.split(",")[1] for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]
+    _assert_same_refinement(one, out)

@@ -215,7 +215,7 @@ def root(
 
 
 #: Subcommands that run data-parallel under torchrun (the others refuse to start there).
-DATA_PARALLEL_COMMANDS = ("reconstruct",)
+DATA_PARALLEL_COMMANDS = ("reconstruct", "refine")
 
 
 def _join_torchrun(command: str | None) -> None:
@@ -235,8 +235,8 @@ def _join_torchrun(command: str | None) -> None:
         if command not in DATA_PARALLEL_COMMANDS:
             if os.environ.get("RANK", "0") != "0":
                 raise typer.Exit(EXIT_BAD_INPUT)
-            raise CryocliError(f"cryocli {command} does not run under torchrun yet (only "
-                               f"{', '.join(DATA_PARALLEL_COMMANDS)} does); run it as one process")
+            raise CryocliError(f"cryocli {command} does not run under torchrun yet (these do: "
+                               f"{', '.join(DATA_PARALLEL_COMMANDS)}); run it as one process")
         ranks, dev = distributed.setup(resolve_device())
     atexit.register(distributed.teardown)
     STATE.device = str(dev)

@@ -88,6 +88,10 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
 
 def print_summary(s: dict[str, Any]) -> None:
     """The run's summary as a few lines on stdout (nothing under --quiet or --json), and JSON with --json."""
+    from cryocli import distributed
+
+    if not distributed.current().main:  # under torchrun rank 0 prints
+        return
     con = out_console()
     what = "iterations" if s["command"] == "refine" else "epochs"
     converged = f" (converged: {s['converged']})" if s.get("converged") is not None else ""

@@ -71,13 +71,16 @@ def protein_is_dark(mean_image: Tensor, pixel_size: float, lowpass_angstrom: flo
 
 
 def prepare_particles(data: ParticleStack, config: EngineConfig, device: torch.device,
-                      progress: Callable[[int], None] | None = None, chunk: int = 1024) -> PreparedParticles:
+                      progress: Callable[[int], None] | None = None, chunk: int = 1024,
+                      across_ranks: bool = False) -> PreparedParticles:
     """Read, Fourier-crop (``config.box``), normalise and sign-correct every particle of ``data``.
 
     Per image the background (pixels beyond 0.4 box from the centre) is brought to mean 0; all images are
     divided by the background standard deviation over the dataset, so white noise has unit variance.
     The sign is ``config.invert`` when set, otherwise detected by :func:`protein_is_dark`.
     Images are kept on ``device``. ``progress(k)`` is called with the number of particles read.
+    ``across_ranks``: ``data`` is this rank's share of a torchrun run (:mod:`cryocli.distributed`); the standard
+    deviation and the mean image are then those of all ranks' particles, so every rank normalises alike.
     """
     rows = np.arange(len(data))
     if len(rows) == 0:
@@ -105,17 +108,33 @@ def prepare_particles(data: ParticleStack, config: EngineConfig, device: torch.d
         if progress is not None:
             progress(len(imgs))
     images = torch.cat(parts)
-    std = float(images[:, mask].std())
+    std, mean_image = _background_std_and_mean(images, mask, across_ranks)
     if not math.isfinite(std) or std <= 0:
         raise CryocliError("the particle images have no variance in their background", data.table.path)
     images = images / std
-    inverted = config.invert if config.invert is not None else protein_is_dark(images.mean(0), pixel_size)
+    inverted = config.invert if config.invert is not None else protein_is_dark(mean_image / std, pixel_size)
     if inverted:
         images = -images
     ctf = data.ctf_params.index(torch.from_numpy(rows)).to(device) if config.use_ctf and data.ctf_params is not None \
         else None
     return PreparedParticles(images=images.contiguous(), ctf=ctf, pixel_size=float(pixel_size), box=box,
                              inverted=bool(inverted), rows=rows)
+
+
+def _background_std_and_mean(images: Tensor, mask: Tensor, across_ranks: bool) -> tuple[float, Tensor]:
+    """The standard deviation of the background pixels (``mask`` ``(n, n)``) of ``images`` ``(N, n, n)`` and
+    their mean image ``(n, n)``; ``across_ranks``: of every rank's images together (one collective each)."""
+    if not across_ranks:
+        return float(images[:, mask].std()), images.mean(0)
+    from cryocli import distributed
+
+    background = images[:, mask].to(torch.float64)
+    total, squares, count = distributed.sum_over_ranks(
+        [float(background.sum()), float((background * background).sum()), float(background.numel())], images.device)
+    std = math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
+    particles = distributed.sum_over_ranks([float(len(images))], images.device)[0]
+    mean_image = distributed.all_reduce_sum(images.sum(0).to(torch.float64).contiguous()) / particles
+    return std, mean_image.to(images.dtype)
 
 
 def _premultiplied(data: ParticleStack) -> bool:

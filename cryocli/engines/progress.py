@@ -81,14 +81,23 @@ class Reporter:
         if resume:
             if files is None:
                 raise ValueError("resume needs a run directory")
-            saved = files.load_checkpoint()
-            old_method, new_method = saved.get("meta", {}).get("method"), self.meta.get("method")
-            if old_method and new_method and old_method != new_method:
-                raise CryocliError(f"the checkpoint to resume is a {old_method} run, not {new_method}")
-            self._checkpoint = saved
-            self._checkpoint["meta"] = {**saved.get("meta", {}), **self.meta}
-            self.history = list(saved.get("history", []))
+            self.adopt(files.load_checkpoint())
             self.event("resume", epochs_done=len(self.history))
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        """What the run directory's checkpoint holds (runs, their states and results, the history)."""
+        return self._checkpoint
+
+    def adopt(self, saved: dict[str, Any]) -> None:
+        """Resume from the checkpoint ``saved`` (read from the run directory, or under torchrun rank 0's)."""
+        old_method, new_method = saved.get("meta", {}).get("method"), self.meta.get("method")
+        if old_method and new_method and old_method != new_method:
+            raise CryocliError(f"the checkpoint to resume is a {old_method} run, not {new_method}")
+        self._checkpoint = saved
+        self._checkpoint["meta"] = {**saved.get("meta", {}), **self.meta}
+        self.history = list(saved.get("history", []))
+        self.checkpointed = True
 
     # ----- runs --------------------------------------------------------------------------------------
     def begin_run(self, name: str, rows: np.ndarray) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cryocli import distributed
 from cryocli.analysis.contour import contour_level
 from cryocli.analysis.ground_truth import GroundTruth
 from cryocli.engines.display_map import with_viewing_map
@@ -105,6 +106,8 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     if len(select_rows(stack, config.max_particles)) < 2:
         raise CryocliError("a run needs at least 2 particles", request.particles)
     engine.check_inputs(stack, config)
+    if not distributed.current().main:
+        return follow_rank_zero(engine, config, request, stack)
     run_dir = RunDirectory(request.out, force=request.force, resume=request.resume, command=request.command,
                            mass_kda=request.mass_kda)
     run_dir.open()
@@ -113,6 +116,8 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     try:
         meta = {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles)}
         reporter = Reporter(console=console, files=run_dir, ground_truth=truth, resume=request.resume, meta=meta)
+        if request.resume:  # the other ranks resume from the same checkpoint (see follow_rank_zero)
+            distributed.broadcast_object(reporter.checkpoint)
         reporter.event("start", method=engine.name, config=config.as_dict(), particles=str(request.particles),
                        device=str(device))
         t0 = time.perf_counter()
@@ -137,6 +142,19 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         if reporter is not None:
             reporter.close()
         run_dir.close(keep=keep)
+
+
+def follow_rank_zero(engine: Engine, config: EngineConfig, request: RunRequest, stack: ParticleStack) -> RunOutcome:
+    """The run on a torchrun rank other than 0: the engine computes this rank's share and joins rank 0's
+    collectives; it resumes from rank 0's checkpoint, and writes and prints nothing (rank 0 does)."""
+    meta = {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles)}
+    reporter = Reporter(meta=meta)
+    if request.resume:
+        checkpoint = distributed.broadcast_object(None)
+        assert isinstance(checkpoint, dict)
+        reporter.adopt(checkpoint)
+    result = run_engine(engine, stack, config, reporter, halves=request.halves)
+    return RunOutcome(result, None, {}, {})
 
 
 def run_summary(method: str, request: RunRequest, result: Reconstruction, scores: dict[str, Any] | None,

@@ -82,6 +82,14 @@ class NoiseAccumulator:
             0, g, torch.ones(g.shape, dtype=torch.float64, device=dev))
         self.counts += images[:, None] * ones[None, :]
 
+    def sum_over_ranks(self) -> NoiseAccumulator:
+        """Add every rank's sums and counts (torchrun, :mod:`cryocli.distributed`); a no-op for one rank."""
+        from cryocli import distributed
+
+        distributed.all_reduce_sum(self.sums)
+        distributed.all_reduce_sum(self.counts)
+        return self
+
     def sigma2(self, previous: Tensor | None = None) -> Tensor:
         """``sigma^2`` ``(G, n // 2 + 1)`` = mean ``|d|^2 / 2``; shells without data keep ``previous`` (or the
         nearest lower shell's value)."""
@@ -101,16 +109,20 @@ def sigma2_on_pixels(sigma2: Tensor, n: int, groups: Tensor) -> Tensor:
     return sigma2[groups.to(sigma2.device)][:, shells]
 
 
-def initial_sigma2(images: Tensor, groups: Tensor, n_groups: int, batch_size: int = 512) -> Tensor:
+def initial_sigma2(images: Tensor, groups: Tensor, n_groups: int, batch_size: int = 512,
+                   across_ranks: bool = False) -> Tensor:
     """Starting noise spectrum from the particles' own power (``|X|^2 / 2`` per shell and group), ``(G, n//2+1)``.
 
     images: real particle images ``(N, n, n)`` (centred layout of :mod:`cryocli.imaging.fourier`), read
     ``batch_size`` at a time; groups: optics group index ``(N,)``. At the low SNR of cryo-EM the image
     power is dominated by noise at all but the lowest shells; the first M-step replaces it with
-    residual-based estimates, as RELION does after its first iteration.
+    residual-based estimates, as RELION does after its first iteration. ``across_ranks``: ``images`` are this
+    rank's share (torchrun); the spectrum is that of all ranks' particles.
     """
     acc = NoiseAccumulator(images.shape[-1], n_groups, images.device)
     for start in range(0, images.shape[0], batch_size):
         ft = image_to_rfft(images[start:start + batch_size])
         acc.add(ft.abs() ** 2, groups[start:start + batch_size].to(images.device))
+    if across_ranks:
+        acc.sum_over_ranks()
     return acc.sigma2()

@@ -523,13 +523,20 @@ TRIAL_SHIFTS = torch.cat([torch.arange(0.1, 1.0, 0.1), torch.arange(1.0, 2.0, 0.
 
 def expected_accuracy(volume_ft: Tensor, pixels: SearchPixels, pad: float, rotations: Tensor, ctf: Tensor | None,
                       inv_sigma2: Tensor, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """The means over the particles of :func:`particle_accuracies`: ``(degrees, pixels)``."""
+    rot, trans = particle_accuracies(volume_ft, pixels, pad, rotations, ctf, inv_sigma2, generator)
+    return float(rot.mean()), float(trans.mean())
+
+
+def particle_accuracies(volume_ft: Tensor, pixels: SearchPixels, pad: float, rotations: Tensor, ctf: Tensor | None,
+                        inv_sigma2: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """RELION's estimate of the orientational and translational accuracy (``calculateExpectedAngularErrors``).
 
     For each particle (pose ``rotations`` ``(B, 3, 3)``, CTF and ``1 / sigma^2`` on ``pixels`` ``(B, M)``),
     the smallest trial error whose reference projection differs from the particle's own by a likelihood
     ratio of 100, ``sum CTF^2 |P(A) - P(A')|^2 / (2 sigma^2) > ln 100``: for rotations ``A' = R A`` with
     ``R`` a turn about a random one of the image axes x, y (out of plane) or z (in plane), for shifts a
-    translation along x or y. Returns the means over the particles: ``(degrees, pixels)``.
+    translation along x or y. Returns each particle's: ``(degrees (B,), pixels (B,))``.
     """
     b = rotations.shape[0]
     dev = volume_ft.device
@@ -549,9 +556,9 @@ def expected_accuracy(volume_ft: Tensor, pixels: SearchPixels, pad: float, rotat
     phase = 2.0 * math.pi * shifts[None, :, None] * k[:, None, :] / pixels.n
     snr_trans = 0.5 * (c2inv[:, None] * (p1.abs() ** 2)[:, None] * (2.0 - 2.0 * torch.cos(phase))).sum(-1)
 
-    def first_above(snr: Tensor, trials: Tensor) -> float:
+    def first_above(snr: Tensor, trials: Tensor) -> Tensor:
         above = snr > SIGNIFICANT_LOG_RATIO
         first = torch.where(above.any(1), above.float().argmax(1), torch.full((b,), trials.numel() - 1, device=dev))
-        return float(trials[first].mean())
+        return trials[first]
 
     return first_above(snr_rot, angles), first_above(snr_trans, shifts)

@@ -48,7 +48,8 @@ def intensity_groups(particles: pd.DataFrame) -> tuple[Tensor, list[str]]:
 @dataclass
 class IntensityCorrections:
     """Current corrections: ``norm`` ``(N,)`` per particle, ``scale`` ``(G,)`` per group, ``groups`` ``(N,)``
-    long. ``do_norm``/``do_scale``: whether each is estimated (one left off stays 1)."""
+    long. ``do_norm``/``do_scale``: whether each is estimated (one left off stays 1). ``counts``: particles per
+    group ``(G,)`` in the whole run, where ``norm`` and ``groups`` are one torchrun rank's share."""
 
     norm: Tensor
     scale: Tensor
@@ -56,13 +57,17 @@ class IntensityCorrections:
     names: list[str]
     do_norm: bool
     do_scale: bool
+    counts: np.ndarray | None = None
 
     @staticmethod
-    def start(groups: Tensor, names: list[str], do_norm: bool, do_scale: bool,
-              device: torch.device | str) -> IntensityCorrections:
-        """All corrections 1."""
-        return IntensityCorrections(torch.ones(len(groups), device=device), torch.ones(len(names), device=device),
-                                    groups.to(device), names, do_norm, do_scale)
+    def start(groups: Tensor, names: list[str], do_norm: bool, do_scale: bool, device: torch.device | str,
+              rows: np.ndarray | None = None) -> IntensityCorrections:
+        """All corrections 1, for the particles at ``rows`` of those whose groups are ``groups`` (``None``: all
+        of them; under torchrun this rank's share, while the group sizes stay those of the whole set)."""
+        counts = np.bincount(groups.cpu().numpy(), minlength=len(names))
+        mine = groups if rows is None else groups[torch.as_tensor(rows, dtype=torch.long)]
+        return IntensityCorrections(torch.ones(len(mine), device=device), torch.ones(len(names), device=device),
+                                    mine.to(device), names, do_norm, do_scale, counts)
 
     def apply(self, idx: Tensor, images_ft: Tensor, ctf: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Images ``(B, n, m)`` divided by their normalisation correction, CTFs ``(B, n, m)`` multiplied by
@@ -75,16 +80,20 @@ class IntensityCorrections:
         return images_ft, ctf
 
     def group_counts(self) -> np.ndarray:
-        """Particles per group ``(G,)``."""
+        """Particles per group ``(G,)``, over the whole set (``counts``; without them, those of ``groups``)."""
+        if self.counts is not None:
+            return self.counts
         return np.bincount(self.groups.cpu().numpy(), minlength=len(self.names))
 
     def as_state(self) -> dict[str, Any]:
         """For the checkpoint."""
         return {"norm": self.norm.cpu(), "scale": self.scale.cpu()}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Take back :meth:`as_state` (``--resume``)."""
-        self.norm = state["norm"].to(self.norm)
+    def restore(self, state: dict[str, Any], rows: np.ndarray | None = None) -> None:
+        """Take back :meth:`as_state` (``--resume``); ``rows``: this rank's particles in the saved ones (torchrun;
+        ``None``: all of them)."""
+        norm = state["norm"] if rows is None else state["norm"][torch.as_tensor(rows, dtype=torch.long)]
+        self.norm = norm.to(self.norm)
         self.scale = state["scale"].to(self.scale)
 
 
@@ -119,17 +128,23 @@ class IntensityAccumulator:
 
     def updated(self, scale_too: bool = True) -> IntensityCorrections:
         """The next corrections (means kept at 1); ``scale_too=False`` keeps the group scales (the first
-        iteration, whose per-pose intensity fit already absorbs them)."""
+        iteration, whose per-pose intensity fit already absorbs them). Under torchrun every rank calls it: the
+        group sums and the mean correction are those of all ranks."""
+        from cryocli import distributed
+
         c = self.corrections
         norm, scale = c.norm, c.scale
+        cross = distributed.all_reduce_sum(self.cross.clone())
+        power = distributed.all_reduce_sum(self.power.clone())
         if c.do_norm:
             seen = self.pixels > 0
             ratio = torch.where(seen, self.residual / self.pixels.clamp_min(1), torch.ones_like(self.residual))
             norm = (c.norm.to(torch.float64) * ratio.clamp_min(1e-6).sqrt())
-            norm = (norm / norm.mean()).to(c.norm.dtype)
+            total, count = distributed.sum_over_ranks([float(norm.sum()), float(len(norm))], norm.device)
+            norm = (norm / (total / count)).to(c.norm.dtype)
         if c.do_scale and scale_too:
-            fitted = torch.where(self.power > 0, self.cross / self.power.clamp_min(1e-30),
+            fitted = torch.where(power > 0, cross / power.clamp_min(1e-30),
                                  c.scale.to(torch.float64)).clamp_min(1e-3)
             counts = torch.as_tensor(c.group_counts(), dtype=torch.float64, device=fitted.device)
             scale = (fitted / ((fitted * counts).sum() / counts.sum())).to(c.scale.dtype)
-        return IntensityCorrections(norm, scale, c.groups, c.names, c.do_norm, c.do_scale)
+        return IntensityCorrections(norm, scale, c.groups, c.names, c.do_norm, c.do_scale, c.counts)

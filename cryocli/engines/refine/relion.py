@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryocli import distributed
 from cryocli.analysis.fsc import corrected_masked_fsc, threshold_crossing
 from cryocli.engines.common.kernel_backprojection import (
     BackProjectorLike,
@@ -54,7 +55,7 @@ from cryocli.engines.common.kernel_backprojection import (
     kernel_gridding_correction,
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
-from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, expected_accuracy
+from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
 from cryocli.engines.particles import PreparedParticles, prepare_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
@@ -362,28 +363,31 @@ class RelionRefineEngine:
         m_state = self.new_m_step_state()
         dev, n, apix = self.device, ctx.n, ctx.apix
         saved = reporter.resume_state()
+        mine = torch.as_tensor(ctx.rows, dtype=torch.long)
         if saved is None:
             ref = self._reference(cfg, n, apix)
             refs = [ref.clone(), ref.clone()]
             rot = torch.eye(3, device=dev).expand(len(ctx.parts), 3, 3).clone()
-            origins = (data.shifts_angstrom.to(dev) if data.shifts_angstrom is not None
+            origins = (data.shifts_angstrom[mine].to(dev) if data.shifts_angstrom is not None
                        else torch.zeros((len(ctx.parts), 2), device=dev))
-            sigma2 = initial_sigma2(ctx.parts.images, ctx.groups, ctx.n_groups)
-            intensity = self._intensity_start(data, cfg)
+            sigma2 = initial_sigma2(ctx.parts.images, ctx.groups, ctx.n_groups, across_ranks=ctx.sharded)
+            intensity = self._intensity_start(data, cfg, ctx.rows)
             scale_px = data.box / n  # offsets are given in pixels of the data
             sampling = Sampling(0, False, cfg.offset_range / scale_px, cfg.offset_step / scale_px)
             start, fsc, final_pass = 1, np.zeros(n // 2 + 1), False
             history: list[ModelIteration] = []
         else:
             refs = [saved["refs"][0].to(dev), saved["refs"][1].to(dev)]
-            rot, origins, sigma2 = saved["rot"].to(dev), saved["origins"].to(dev), saved["sigma2"].to(dev)
+            # per-particle state is saved whole: each rank takes its share (any number of ranks may resume)
+            rot, origins = saved["rot"][mine].to(dev), saved["origins"][mine].to(dev)
+            sigma2 = saved["sigma2"].to(dev)
             sampling, fsc = Sampling(**saved["sampling"]), np.asarray(saved["fsc"])
             history = [ModelIteration.from_state(h) for h in saved["history"]]
             start, final_pass = int(saved["iteration"]) + 1, bool(saved.get("final_pass", False))
             m_state.restore(saved.get("m_step", {}))
-            intensity = self._intensity_start(data, cfg)
+            intensity = self._intensity_start(data, cfg, ctx.rows)
             if "intensity" in saved:  # checkpoints written before --norm/--scale start them at 1
-                intensity.restore(saved["intensity"])
+                intensity.restore(saved["intensity"], ctx.rows)
         reporter.start(cfg.epochs, self.name, completed=start - 1)
         accumulators: list[tuple[Tensor, Tensor]] = []
         trilinear: list[tuple[Tensor, Tensor]] = []
@@ -394,8 +398,12 @@ class RelionRefineEngine:
             # RELION's last iteration after convergence compares all frequencies up to Nyquist.
             r_max = n // 2 if final_pass else self._r_max(n, apix, min(sampling.best_resolution, cfg.ini_lowpass), cfg)
             e = self._e_step(ctx, refs, rot, origins, sigma2, intensity, sampling, r_max, first=(it == 1))
-            change_deg = float(torch.rad2deg(symmetric_distance(e.rot, rot, ctx.sym_ops)).mean())
-            change_px = float(((e.origins - origins) / apix).pow(2).sum(1).mean().div(2).sqrt())
+            turned = torch.rad2deg(symmetric_distance(e.rot, rot, ctx.sym_ops))
+            moved = ((e.origins - origins) / apix).pow(2).sum(1)
+            stats = distributed.sum_over_ranks(
+                [float(turned.sum()), float(moved.sum()), float(ctx.stats["max_prob"].sum()),
+                 float(ctx.stats["n_sig"].sum()), float(e.projected)], dev)
+            change_deg, change_px = stats[0] / ctx.total, math.sqrt(stats[1] / ctx.total / 2)
             rot, origins, accumulators, trilinear = e.rot, e.origins, e.accumulators, e.trilinear
             sigma2 = e.noise.sigma2(sigma2)
             intensity = e.intensity.updated(scale_too=it > 1)
@@ -406,13 +414,14 @@ class RelionRefineEngine:
                     for i, (d, w) in enumerate(accumulators)]
             refs = list(join_low_resolution(maps[0], maps[1], apix, cfg.low_resol_join_halves))
             fine_step = self._fine_step(ctx.grid, sampling.level)
+            whole_norm = distributed.gather_shards(intensity.norm, ctx.total)
             metrics = {"resolution_A": res, "r_max_px": r_max, "r_coarse_px": e.r_coarse, "level": sampling.level,
                        "local": sampling.local, "fine_step_deg": fine_step,
                        "offset_step_px": sampling.offset_step, "offset_range_px": sampling.offset_range,
                        "rot_change_deg": change_deg, "origin_change_px": change_px, "acc_rot_deg": e.acc_rot,
-                       "acc_trans_px": e.acc_trans, "max_prob_mean": float(ctx.stats["max_prob"].mean()),
-                       "n_significant_mean": float(ctx.stats["n_sig"].mean()), "slices_projected": e.projected,
-                       "norm_correction_sd": float(intensity.norm.std()) if len(intensity.norm) > 1 else 0.0,
+                       "acc_trans_px": e.acc_trans, "max_prob_mean": stats[2] / ctx.total,
+                       "n_significant_mean": stats[3] / ctx.total, "slices_projected": int(stats[4]),
+                       "norm_correction_sd": float(whole_norm.std()) if len(whole_norm) > 1 else 0.0,
                        "group_scale_min": float(intensity.scale.min()), "group_scale_max": float(intensity.scale.max()),
                        **m_state.metrics, "final_pass": final_pass}
             converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
@@ -424,13 +433,15 @@ class RelionRefineEngine:
                 iteration=it, resolution_A=res, r_max_px=r_max, rot_change_deg=change_deg,
                 origin_change_px=change_px, healpix_order=cfg.healpix_order + sampling.level + 1, fsc=fsc.copy(),
                 ssnr=ssnr, tau2=tau2, sigma2=sigma2.cpu().numpy().astype(np.float64)))
-            state = {"refs": [m.cpu() for m in refs], "rot": rot.cpu(), "origins": origins.cpu(),
+            whole_rot = distributed.gather_shards(rot, ctx.total).cpu()
+            state = {"refs": [m.cpu() for m in refs], "rot": whole_rot,
+                     "origins": distributed.gather_shards(origins, ctx.total).cpu(),
                      "sigma2": sigma2.cpu(), "sampling": sampling.__dict__.copy(), "fsc": fsc.tolist(),
                      "history": [h.as_state() for h in history], "iteration": it,
                      "final_pass": converged and not final_pass, "m_step": m_state.as_state(),
-                     "intensity": intensity.as_state()}
+                     "intensity": {**intensity.as_state(), "norm": whole_norm.cpu()}}
             reporter.step(1, res=round(res, 2), level=metrics["level"])
-            reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=rot,
+            reporter.end_epoch(it, metrics, volume=0.5 * (refs[0] + refs[1]), voxel_size=apix, rotations=whole_rot,
                                state=state, last=final_pass or (not converged and it >= cfg.epochs))
             if final_pass:
                 break
@@ -442,29 +453,37 @@ class RelionRefineEngine:
                             intensity, reporter)
 
     def _setup(self, data: ParticleStack, cfg: RefineConfig) -> RunContext:
-        """Check the options and prepare what every iteration reads."""
+        """Check the options and prepare what every iteration reads: under torchrun
+        (:mod:`cryocli.distributed`) only this rank's share of the particles, split into the half sets drawn
+        over the whole set."""
         torch.manual_seed(cfg.seed)
         dev = self.device
         subset = data.ensure_half_sets(cfg.seed).numpy()
-        parts = prepare_particles(data, cfg, dev)
+        for h in (1, 2):
+            if (subset == h).sum() < 2:
+                raise CryocliError(f"rlnRandomSubset: each half set needs at least 2 particles, found "
+                                   f"{(subset == 1).sum()} in half 1 and {(subset == 2).sum()} in half 2",
+                                   getattr(data.table, "path", None))
+        ranks = distributed.current()
+        rows = distributed.shard(np.arange(len(data)), ranks)
+        sharded = ranks.world_size > 1
+        local = ParticleStack(data.table.subset(rows), data.datadir) if sharded else data
+        parts = prepare_particles(local, cfg, dev, across_ranks=sharded)
         n, apix = parts.box, parts.pixel_size
         diameter = cfg.particle_diameter or 0.8 * n * apix
-        halves = [torch.as_tensor(np.flatnonzero(subset == h), device=dev) for h in (1, 2)]
-        if min(len(h) for h in halves) < 2:
-            raise CryocliError(f"rlnRandomSubset: each half set needs at least 2 particles, found "
-                               f"{len(halves[0])} in half 1 and {len(halves[1])} in half 2",
-                               getattr(data.table, "path", None))
+        halves = [torch.as_tensor(np.flatnonzero(subset[rows] == h), device=dev) for h in (1, 2)]
         groups = self._optics_groups(data)
         return RunContext(
             cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev), n=n, apix=apix, diameter=diameter,
             mask=(self._solvent_mask(cfg.solvent_mask, n, apix).to(dev) if cfg.solvent_mask is not None else
                   soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)),
             sym_ops=None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev),
-            groups=groups, n_groups=int(groups.max()) + 1,
+            groups=groups[torch.as_tensor(rows, dtype=torch.long)], n_groups=int(groups.max()) + 1,
             grid=SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32),
             max_level=MAX_ORDER - cfg.healpix_order - 1, halves=halves,
             generator=torch.Generator().manual_seed(cfg.seed),
-            stats={k: torch.zeros(len(parts), device=dev) for k in ("max_prob", "n_sig", "loglik")})
+            stats={k: torch.zeros(len(parts), device=dev) for k in ("max_prob", "n_sig", "loglik")},
+            rows=rows, total=len(data), sharded=sharded)
 
     def _e_step(self, ctx: RunContext, refs: list[Tensor], rot: Tensor, origins: Tensor, sigma2: Tensor,
                 intensity: IntensityCorrections, sampling: Sampling, r_max: int, first: bool) -> EStepOutcome:
@@ -483,12 +502,20 @@ class RelionRefineEngine:
                 self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, intensity, rot, origins, out, searcher,
                                   sampling, bps, r_max)
             if h == 0:
-                out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:cfg.accuracy_particles], sigma2,
-                                                            intensity, out.rot)
+                # the first accuracy_particles of half 1, shared between the ranks (the same particles)
+                share = -(-cfg.accuracy_particles // distributed.current().world_size)
+                out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:share], sigma2, intensity, out.rot)
             out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
-            out.trilinear.append(bps[0].symmetrised())
-            out.accumulators.append(bps[-1].symmetrised() if len(bps) > 1 else out.trilinear[-1])
+            out.trilinear.append(self._summed(bps[0].symmetrised()))
+            out.accumulators.append(self._summed(bps[-1].symmetrised()) if len(bps) > 1 else out.trilinear[-1])
+        out.noise.sum_over_ranks()
         return out
+
+    @staticmethod
+    def _summed(accumulator: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One half's backprojection ``(data, weight)`` summed over the ranks (torchrun; unchanged alone)."""
+        return (distributed.all_reduce_sum(accumulator[0].contiguous()),
+                distributed.all_reduce_sum(accumulator[1].contiguous()))
 
     @staticmethod
     def _gold_standard_fsc(trilinear: list[tuple[Tensor, Tensor]], n: int, r_max: int,
@@ -528,13 +555,18 @@ class RelionRefineEngine:
                                       r_max, ctx.cfg, joined=True)
         halves, regularised = self.written_half_maps(refs, trilinear, n, r_max, apix, ctx.cfg)
         halfmaps = threshold_crossing(half_map_fsc(halves[0], halves[1]), n, apix, 0.143).resolution
-        columns = {"rlnMaxValueProbDistribution": ctx.stats["max_prob"].cpu().numpy(),
-                   "rlnNrOfSignificantSamples": ctx.stats["n_sig"].cpu().numpy().astype(np.int64),
-                   "rlnLogLikeliContribution": ctx.stats["loglik"].cpu().numpy()}
+
+        def whole(t: Tensor) -> np.ndarray:
+            return distributed.gather_shards(t, ctx.total).cpu().numpy()
+
+        columns = {"rlnMaxValueProbDistribution": whole(ctx.stats["max_prob"]),
+                   "rlnNrOfSignificantSamples": whole(ctx.stats["n_sig"]).astype(np.int64),
+                   "rlnLogLikeliContribution": whole(ctx.stats["loglik"])}
         if intensity.do_norm:
-            columns["rlnNormCorrection"] = intensity.norm.cpu().numpy().astype(np.float64)
+            columns["rlnNormCorrection"] = whole(intensity.norm).astype(np.float64)
         return Reconstruction(
-            volume=final.cpu(), voxel_size=apix, rotations=rot.cpu(), origins_angstrom=origins.cpu(),
+            volume=final.cpu(), voxel_size=apix, rotations=torch.as_tensor(whole(rot)),
+            origins_angstrom=torch.as_tensor(whole(origins)),
             half_volumes=(halves[0].cpu(), halves[1].cpu()),
             regularised_half_volumes=None if regularised is None else (regularised[0].cpu(), regularised[1].cpu()),
             particle_columns=columns,
@@ -600,9 +632,9 @@ class RelionRefineEngine:
         vol = lowpass_filter(vol, apix, cfg.ini_lowpass).to(torch.float32)
         return vol.to(self.device)
 
-    def _intensity_start(self, data: ParticleStack, cfg: RefineConfig) -> IntensityCorrections:
+    def _intensity_start(self, data: ParticleStack, cfg: RefineConfig, rows: np.ndarray) -> IntensityCorrections:
         groups, names = intensity_groups(data.table.particles)
-        return IntensityCorrections.start(groups, names, cfg.norm, cfg.scale, self.device)
+        return IntensityCorrections.start(groups, names, cfg.norm, cfg.scale, self.device, rows)
 
     @staticmethod
     def _optics_groups(data: ParticleStack) -> Tensor:
@@ -659,17 +691,25 @@ class RelionRefineEngine:
 
     def _accuracy(self, searcher: PoseSearcher, ctx: RunContext, idx: Tensor, sigma2: Tensor,
                   intensity: IntensityCorrections, rot: Tensor) -> tuple[float, float]:
-        """RELION's expected angular (degrees) and translational (pixels) accuracy on particles ``idx``."""
+        """RELION's expected angular (degrees) and translational (pixels) accuracy: the mean over particles
+        ``idx`` of every rank."""
         _, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
         sig = sigma2_on_pixels(sigma2, ctx.n, ctx.groups[idx.cpu()].to(self.device)).to(torch.float32)
         px = searcher.fine_pixels
-        return expected_accuracy(searcher.volume_ft, px, 2, rot[idx], None if ctf is None else px.take(ctf),
-                                 1.0 / px.take(sig), ctx.generator)
+        acc_rot, acc_trans = particle_accuracies(searcher.volume_ft, px, 2, rot[idx],
+                                                 None if ctf is None else px.take(ctf), 1.0 / px.take(sig),
+                                                 ctx.generator)
+        total_rot, total_trans, count = distributed.sum_over_ranks(
+            [float(acc_rot.sum()), float(acc_trans.sum()), float(len(idx))], self.device)
+        return total_rot / count, total_trans / count
 
 
 @dataclass
 class RunContext:
-    """What every iteration of a refine run reads: options, particles, geometry, half sets, statistics."""
+    """What every iteration of a refine run reads: options, particles, geometry, half sets, statistics.
+
+    Under torchrun ``parts``, ``groups``, ``halves`` (positions in ``parts``) and ``stats`` are this rank's share:
+    the particles at ``rows`` ``(N_rank,)`` of the ``total`` in the run (``sharded``); alone, all of them."""
 
     cfg: RefineConfig
     parts: PreparedParticles
@@ -686,6 +726,9 @@ class RunContext:
     halves: list[Tensor]
     generator: torch.Generator
     stats: dict[str, Tensor]
+    rows: np.ndarray
+    total: int
+    sharded: bool
 
 
 @dataclass

@@ -1,14 +1,17 @@
-"""How `reconstruct` scales: peak memory against the particle count, and throughput on 1 and 2 ranks.
+"""How `reconstruct` and `refine` scale: peak memory against the particle count, and throughput on 1 and 2 ranks.
 
-    .venv/bin/python benchmarks/scale.py [--counts 10000,40000,160000] [--box 32] [--ranks 1,2]
+    .venv/bin/python benchmarks/scale.py [--counts 10000,40000,160000] [--refine-counts 1000,4000,16000]
+                                         [--box 32] [--ranks 1,2] [--commands reconstruct,refine]
 
 For each particle count, simulates that many 4AKE particles (CTF, SNR 0.1, random poses) with `cryocli
-simulate`, then times `cryocli reconstruct --halves` on them as one process and under `torchrun
---nproc_per_node=R` (gloo on the CPU, nccl on GPUs), each in its own process tree. Peak memory is the largest
-resident set of the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU the
-command's own peak is not visible from outside, so the column is host memory. Memory should not grow with
-the particle count (the images stream from the memory-mapped stack in batches); the STAR table itself does.
-Only `reconstruct` runs data-parallel so far; the engines are issue 15's next steps.
+simulate`, then times, as one process and under `torchrun --nproc_per_node=R` (gloo on the CPU, nccl on GPUs),
+each in its own process tree: `cryocli reconstruct --halves`, and one iteration of `cryocli refine --method relion
+--preload no` from the ground truth (low-passed to 40 A by refine; a global search over the whole HEALPix order-2
+grid, the costliest iteration of a run). Peak memory is the largest resident set of the process and its
+descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not visible from
+outside, so the column is host memory. Memory should not grow with the particle count (the images stream from
+the memory-mapped stack in batches); the STAR table and the per-particle state (poses, CTF parameters) do.
+abinitio does not run data-parallel yet.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from harness import print_table
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = [("particles", "particles", "d"), ("box", "box", "d"), ("ranks", "ranks", "d"), ("time s", "seconds", ".2f"),
+COLUMNS = [("command", "command", "s"), ("particles", "particles", "d"), ("box", "box", "d"), ("ranks", "ranks", "d"), ("time s", "seconds", ".2f"),
            ("particles/s", "throughput", ".0f"), ("peak RSS MB", "peak_mb", ".0f"),
            ("vs smallest", "memory_ratio", ".2f")]
 
@@ -45,32 +48,44 @@ def run_measured(argv: list[str], cwd: Path) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--counts", default="10000,40000,160000", help="particle counts (comma-separated)")
+    p.add_argument("--counts", default="10000,40000,160000", help="particle counts for reconstruct")
+    p.add_argument("--refine-counts", default="1000,4000,16000", help="particle counts for refine (one iteration)")
+    p.add_argument("--commands", default="reconstruct,refine", help="which commands to measure")
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--apix", type=float, default=2.4, help="pixel size of the simulated particles (A)")
     p.add_argument("--ranks", default="1,2", help="process counts to run reconstruct with (comma-separated)")
     args = p.parse_args()
     rows = []
+    commands = args.commands.split(",")
+    counts = {"reconstruct": [int(c) for c in args.counts.split(",")],
+              "refine": [int(c) for c in args.refine_counts.split(",")]}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for count in [int(c) for c in args.counts.split(",")]:
+        for count in sorted({c for command in commands for c in counts[command]}):
             sim = work / f"sim{count}"
             subprocess.run([sys.executable, "-m", "cryocli", "--quiet", "simulate",
                             str(REPO / "cryocli" / "data" / "4ake_adk_open.pdb"), "-o", str(sim), "-n", str(count),
                             "--box", str(args.box), "--apix", str(args.apix), "--snr", "0.1"], check=True, cwd=work,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
-            for ranks in [int(r) for r in args.ranks.split(",")]:
-                out = work / f"map{count}_{ranks}.mrc"
-                command = ["-m", "cryocli", "--quiet", "reconstruct", str(sim / "particles.star"), "-o", str(out),
-                           "--halves"]
-                launcher = [sys.executable] if ranks == 1 else [
-                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                seconds, peak = run_measured([*launcher, *command], work)
-                rows.append({"particles": count, "box": args.box, "ranks": ranks, "seconds": seconds,
-                             "throughput": count / seconds, "peak_mb": peak})
-                print(rows[-1], file=sys.stderr)
+            for command in commands:
+                if count not in counts[command]:
+                    continue
+                for ranks in [int(r) for r in args.ranks.split(",")]:
+                    out = work / f"{command}{count}_{ranks}"
+                    if command == "reconstruct":
+                        argv = ["reconstruct", str(sim / "particles.star"), "-o", f"{out}.mrc", "--halves"]
+                    else:
+                        argv = ["refine", str(sim / "particles.star"), "--ref", str(sim / "ground_truth.mrc"), "-o",
+                                str(out), "--max-iter", "1", "--preload", "no"]
+                    launcher = [sys.executable] if ranks == 1 else [
+                        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                    seconds, peak = run_measured([*launcher, "-m", "cryocli", "--quiet", *argv], work)
+                    rows.append({"command": command, "particles": count, "box": args.box, "ranks": ranks,
+                                 "seconds": seconds, "throughput": count / seconds, "peak_mb": peak})
+                    print(rows[-1], file=sys.stderr)
     for row in rows:
-        base = min((r for r in rows if r["ranks"] == row["ranks"]), key=lambda r: r["particles"])
+        base = min((r for r in rows if r["ranks"] == row["ranks"] and r["command"] == row["command"]),
+                   key=lambda r: r["particles"])
         row["memory_ratio"] = row["peak_mb"] / base["peak_mb"]
     print_table(rows, COLUMNS)
 

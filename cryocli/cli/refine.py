@@ -73,6 +73,10 @@ def refine(
     force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
                                "(the old one stays until the new run succeeds)."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    preload: str = typer.Option("auto", "--preload", help="Hold the prepared particles and their transforms in "
+                                "memory (on the device): yes, no (read them from the stacks every iteration; memory "
+                                "does not grow with the particle count), auto (yes while they take at most 1 GiB "
+                                "per process)."),
 ) -> None:
     """Gold-standard 3D refinement from an initial reference (the help text is built by _help)."""
     with guarded():
@@ -89,7 +93,7 @@ def refine(
         "tv_iters": tv_iters, "tv_lr": tv_lr,
         "solvent_mask": str(solvent_mask) if solvent_mask is not None else None,
         "solvent_correct_fsc": solvent_correct_fsc or None,
-        "norm": norm, "scale": scale, "minimum_angular_sampling": minimum_angular_sampling,
+        "norm": norm, "scale": scale, "minimum_angular_sampling": minimum_angular_sampling, "preload": preload,
     }
     summary = run_engine_command("refine", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass)

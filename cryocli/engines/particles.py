@@ -70,20 +70,9 @@ def protein_is_dark(mean_image: Tensor, pixel_size: float, lowpass_angstrom: flo
     return bool(centre < ring)
 
 
-def prepare_particles(data: ParticleStack, config: EngineConfig, device: torch.device,
-                      progress: Callable[[int], None] | None = None, chunk: int = 1024,
-                      across_ranks: bool = False) -> PreparedParticles:
-    """Read, Fourier-crop (``config.box``), normalise and sign-correct every particle of ``data``.
-
-    Per image the background (pixels beyond 0.4 box from the centre) is brought to mean 0; all images are
-    divided by the background standard deviation over the dataset, so white noise has unit variance.
-    The sign is ``config.invert`` when set, otherwise detected by :func:`protein_is_dark`.
-    Images are kept on ``device``. ``progress(k)`` is called with the number of particles read.
-    ``across_ranks``: ``data`` is this rank's share of a torchrun run (:mod:`cryocli.distributed`); the standard
-    deviation and the mean image are then those of all ranks' particles, so every rank normalises alike.
-    """
-    rows = np.arange(len(data))
-    if len(rows) == 0:
+def _check_preparable(data: ParticleStack, config: EngineConfig) -> tuple[int, float]:
+    """The box (pixels) and pixel size (Angstrom) the particles are prepared at; refuses what cannot be."""
+    if len(data) == 0:
         raise CryocliError("no particles to process", data.table.path)
     box = int(config.box) if config.box else data.box
     if box > data.box:
@@ -97,28 +86,121 @@ def prepare_particles(data: ParticleStack, config: EngineConfig, device: torch.d
     if config.use_ctf and _premultiplied(data):
         raise CryocliError("CTF-premultiplied particles (rlnCtfDataAreCtfPremultiplied = 1) are not supported",
                            data.table.path)
-    pixel_size = data.pixel_size * data.box / box
+    return box, data.pixel_size * data.box / box
+
+
+def _centred_images(data: ParticleStack, rows: np.ndarray, box: int, mask: Tensor, device: torch.device) -> Tensor:
+    """The particles at ``rows`` read, Fourier-cropped to ``box`` and with their background mean at 0,
+    ``(B, box, box)`` float32 on ``device``."""
+    imgs = data.images(rows).to(device)
+    imgs = fourier_crop_images(imgs, box) if box != data.box else imgs
+    return imgs - imgs[:, mask].mean(1)[:, None, None]
+
+
+def _sign(config: EngineConfig, mean_image: Tensor, pixel_size: float) -> bool:
+    return bool(config.invert if config.invert is not None else protein_is_dark(mean_image, pixel_size))
+
+
+def prepare_particles(data: ParticleStack, config: EngineConfig, device: torch.device,
+                      progress: Callable[[int], None] | None = None, chunk: int = 1024,
+                      across_ranks: bool = False) -> PreparedParticles:
+    """Read, Fourier-crop (``config.box``), normalise and sign-correct every particle of ``data``.
+
+    Per image the background (pixels beyond 0.4 box from the centre) is brought to mean 0; all images are
+    divided by the background standard deviation over the dataset, so white noise has unit variance.
+    The sign is ``config.invert`` when set, otherwise detected by :func:`protein_is_dark`.
+    Images are kept on ``device``. ``progress(k)`` is called with the number of particles read.
+    ``across_ranks``: ``data`` is this rank's share of a torchrun run (:mod:`cryocli.distributed`); the standard
+    deviation and the mean image are then those of all ranks' particles, so every rank normalises alike.
+    """
+    box, pixel_size = _check_preparable(data, config)
+    rows = np.arange(len(data))
     mask = background_mask(box, device=device)
     parts = []
     for start in range(0, len(rows), chunk):
-        imgs = data.images(rows[start:start + chunk]).to(device)
-        imgs = fourier_crop_images(imgs, box) if box != data.box else imgs
-        imgs = imgs - imgs[:, mask].mean(1)[:, None, None]
-        parts.append(imgs)
+        parts.append(_centred_images(data, rows[start:start + chunk], box, mask, device))
         if progress is not None:
-            progress(len(imgs))
+            progress(len(parts[-1]))
     images = torch.cat(parts)
     std, mean_image = _background_std_and_mean(images, mask, across_ranks)
     if not math.isfinite(std) or std <= 0:
         raise CryocliError("the particle images have no variance in their background", data.table.path)
     images = images / std
-    inverted = config.invert if config.invert is not None else protein_is_dark(mean_image / std, pixel_size)
+    inverted = _sign(config, mean_image / std, pixel_size)
     if inverted:
         images = -images
     ctf = data.ctf_params.index(torch.from_numpy(rows)).to(device) if config.use_ctf and data.ctf_params is not None \
         else None
     return PreparedParticles(images=images.contiguous(), ctf=ctf, pixel_size=float(pixel_size), box=box,
                              inverted=bool(inverted), rows=rows)
+
+
+class StreamedImages:
+    """Prepared particle images read from the stacks when asked for, never all held: indexing by particle
+    ``(B,)`` (tensor, array or slice) gives ``(B, box, box)`` float32 on ``device``, read, cropped, background
+    centred, divided by ``std`` and sign-corrected as :func:`prepare_particles` does; ``shape`` is that of the whole
+    ``(N, box, box)``. Reads come from the memory-mapped stacks (the page cache keeps what fits)."""
+
+    def __init__(self, data: ParticleStack, box: int, std: float, inverted: bool, device: torch.device) -> None:
+        self.data, self.box, self.std, self.inverted, self.device = data, box, std, inverted, device
+        self.shape = (len(data), box, box)
+        self._mask = background_mask(box, device=device)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Tensor | np.ndarray | slice) -> Tensor:
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(
+            index.cpu() if isinstance(index, Tensor) else index)
+        images = _centred_images(self.data, rows, self.box, self._mask, self.device) / self.std
+        return -images if self.inverted else images
+
+
+@dataclass
+class StreamedParticles:
+    """Particles ready for an engine, their images read per batch (:class:`StreamedImages`); the other fields
+    are those of :class:`PreparedParticles`."""
+
+    images: StreamedImages
+    ctf: CTFParams | None
+    pixel_size: float
+    box: int
+    inverted: bool
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def stream_particles(data: ParticleStack, config: EngineConfig, device: torch.device, chunk: int = 1024,
+                     across_ranks: bool = False) -> StreamedParticles:
+    """:func:`prepare_particles` without holding the images: one pass over the stacks, ``chunk`` at a time, for
+    the background's standard deviation and the mean image (the contrast sign), then images read per batch.
+    Memory does not grow with the particle count beyond the per-particle CTF parameters."""
+    box, pixel_size = _check_preparable(data, config)
+    rows = np.arange(len(data))
+    mask = background_mask(box, device=device)
+    moments = np.zeros(3)
+    mean_sum = torch.zeros((box, box), dtype=torch.float64, device=device)
+    for start in range(0, len(rows), chunk):
+        images = _centred_images(data, rows[start:start + chunk], box, mask, device)
+        moments += _background_moments(images, mask)
+        mean_sum += images.sum(0).to(torch.float64)
+    particles = float(len(rows))
+    if across_ranks:
+        from cryocli import distributed
+
+        *summed, particles = distributed.sum_over_ranks([*moments.tolist(), particles], device)
+        moments = np.asarray(summed)
+        distributed.all_reduce_sum(mean_sum)
+    std = _std_from_moments(*moments.tolist())
+    if not math.isfinite(std) or std <= 0:
+        raise CryocliError("the particle images have no variance in their background", data.table.path)
+    inverted = _sign(config, (mean_sum / (particles * std)).to(torch.float32), pixel_size)
+    ctf = data.ctf_params.index(torch.from_numpy(rows)).to(device) if config.use_ctf and data.ctf_params is not None \
+        else None
+    return StreamedParticles(images=StreamedImages(data, box, std, inverted, device), ctf=ctf,
+                             pixel_size=float(pixel_size), box=box, inverted=inverted, rows=rows)
 
 
 def _background_std_and_mean(images: Tensor, mask: Tensor, across_ranks: bool) -> tuple[float, Tensor]:
@@ -128,13 +210,20 @@ def _background_std_and_mean(images: Tensor, mask: Tensor, across_ranks: bool) -
         return float(images[:, mask].std()), images.mean(0)
     from cryocli import distributed
 
+    moments = distributed.sum_over_ranks([*_background_moments(images, mask), float(len(images))], images.device)
+    mean_image = distributed.all_reduce_sum(images.sum(0).to(torch.float64).contiguous()) / moments[3]
+    return _std_from_moments(*moments[:3]), mean_image.to(images.dtype)
+
+
+def _background_moments(images: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """Sum, sum of squares and number of the background pixels (``mask``) of ``images`` ``(B, n, n)``."""
     background = images[:, mask].to(torch.float64)
-    total, squares, count = distributed.sum_over_ranks(
-        [float(background.sum()), float((background * background).sum()), float(background.numel())], images.device)
-    std = math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
-    particles = distributed.sum_over_ranks([float(len(images))], images.device)[0]
-    mean_image = distributed.all_reduce_sum(images.sum(0).to(torch.float64).contiguous()) / particles
-    return std, mean_image.to(images.dtype)
+    return float(background.sum()), float((background * background).sum()), float(background.numel())
+
+
+def _std_from_moments(total: float, squares: float, count: float) -> float:
+    """The (unbiased) standard deviation of values with these sum, sum of squares and count."""
+    return math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
 
 
 def _premultiplied(data: ParticleStack) -> bool:

@@ -10,10 +10,15 @@ spectrum per optics group, shape ``(G, n // 2 + 1)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from cryocli.imaging.fourier import image_to_rfft, rfft_radius
+
+if TYPE_CHECKING:
+    from cryocli.engines.particles import StreamedImages
 
 
 def pixel_shells(n: int, device: torch.device | str | None = None) -> Tensor:
@@ -109,11 +114,12 @@ def sigma2_on_pixels(sigma2: Tensor, n: int, groups: Tensor) -> Tensor:
     return sigma2[groups.to(sigma2.device)][:, shells]
 
 
-def initial_sigma2(images: Tensor, groups: Tensor, n_groups: int, batch_size: int = 512,
+def initial_sigma2(images: Tensor | StreamedImages, groups: Tensor, n_groups: int, batch_size: int = 512,
                    across_ranks: bool = False) -> Tensor:
     """Starting noise spectrum from the particles' own power (``|X|^2 / 2`` per shell and group), ``(G, n//2+1)``.
 
-    images: real particle images ``(N, n, n)`` (centred layout of :mod:`cryocli.imaging.fourier`), read
+    images: real particle images ``(N, n, n)`` (centred layout of :mod:`cryocli.imaging.fourier`; a tensor or
+    images streamed from the stacks), read
     ``batch_size`` at a time; groups: optics group index ``(N,)``. At the low SNR of cryo-EM the image
     power is dominated by noise at all but the lowest shells; the first M-step replaces it with
     residual-based estimates, as RELION does after its first iteration. ``across_ranks``: ``images`` are this

@@ -56,7 +56,7 @@ from cryocli.engines.common.kernel_backprojection import (
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
-from cryocli.engines.particles import PreparedParticles, prepare_particles
+from cryocli.engines.particles import PreparedParticles, StreamedParticles, prepare_particles, stream_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.refine.intensity import IntensityAccumulator, IntensityCorrections, intensity_groups
@@ -86,6 +86,8 @@ from cryocli.io.mrc import read_map
 PATIENCE = 1
 #: Finest HEALPix order the auto-sampling goes to (0.47 degrees fine step).
 MAX_ORDER = 8
+#: ``preload = "auto"`` holds the particles while their images and transforms take at most this (bytes).
+PRELOAD_BYTES = 2**30
 
 
 @dataclass
@@ -110,6 +112,9 @@ class RefineConfig(EngineConfig):
     (``--norm``, ``--scale``; on, as in RELION's auto-refine job), see :mod:`cryocli.engines.refine.intensity`.
     minimum_angular_sampling: degrees (RELION's ``--minimum_angular_sampling``; 0: none): do not stop refining
     the angular sampling while the fine step is coarser than this, even when the accuracy estimate would.
+    preload: hold the prepared images and their transforms on the device (``yes``), read them from the stacks
+    every iteration (``no``: memory does not grow with the particle count), or ``auto``: yes while the images
+    and their transforms take at most :data:`PRELOAD_BYTES` (per torchrun rank).
 
     Why a cap of 300 significant samples where RELION's auto-refine has none: with a 40 A reference the first
     global iterations have a nearly flat posterior (about 60,000 of 97,000 coarse samples significant per
@@ -139,6 +144,7 @@ class RefineConfig(EngineConfig):
     incr_size: int = 10
     pose_estimate: str = "mean"
     accuracy_particles: int = 200
+    preload: str = "auto"
     solvent_mask: str | None = None
     solvent_correct_fsc: bool = False
     norm: bool = True
@@ -163,6 +169,8 @@ class RefineConfig(EngineConfig):
         positive(self, "low_resol_join_halves")
         if self.kernel not in ("trilinear", "gaussian"):
             raise unknown_choice("kernel", self.kernel, ("trilinear", "gaussian"))
+        if self.preload not in ("auto", "yes", "no"):
+            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
         if self.pose_estimate not in ("mean", "best"):
             raise unknown_choice("pose_estimate", self.pose_estimate, ("mean", "best"))
         within(self, "fraction", 1e-6, 1.0)
@@ -283,7 +291,8 @@ class ParticleSpectra:
     """The particles' half transforms and CTFs ``(B, n, n // 2 + 1)`` by index: computed once and kept when
     they fit in ``max_bytes`` (every EM iteration reads every particle), else computed per batch."""
 
-    def __init__(self, parts: PreparedParticles, device: torch.device, max_bytes: int = 2**30) -> None:
+    def __init__(self, parts: PreparedParticles | StreamedParticles, device: torch.device,
+                 max_bytes: int = 2**30) -> None:
         self.parts, self.device = parts, device
         n = parts.box
         self.n, self.apix = n, parts.pixel_size
@@ -468,13 +477,20 @@ class RelionRefineEngine:
         rows = distributed.shard(np.arange(len(data)), ranks)
         sharded = ranks.world_size > 1
         local = ParticleStack(data.table.subset(rows), data.datadir) if sharded else data
-        parts = prepare_particles(local, cfg, dev, across_ranks=sharded)
+        n = int(cfg.box) if cfg.box else data.box
+        # images (float32) and their half transforms (complex64) with CTFs (float32)
+        per_particle = 4 * n * n + 12 * n * (n // 2 + 1)
+        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * per_particle <= PRELOAD_BYTES)
+        parts: PreparedParticles | StreamedParticles = (
+            prepare_particles(local, cfg, dev, across_ranks=sharded) if held
+            else stream_particles(local, cfg, dev, across_ranks=sharded))
         n, apix = parts.box, parts.pixel_size
         diameter = cfg.particle_diameter or 0.8 * n * apix
         halves = [torch.as_tensor(np.flatnonzero(subset[rows] == h), device=dev) for h in (1, 2)]
         groups = self._optics_groups(data)
         return RunContext(
-            cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev), n=n, apix=apix, diameter=diameter,
+            cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev, max_bytes=(2**62 if held else 0)),
+            n=n, apix=apix, diameter=diameter,
             mask=(self._solvent_mask(cfg.solvent_mask, n, apix).to(dev) if cfg.solvent_mask is not None else
                   soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)),
             sym_ops=None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev),
@@ -712,7 +728,7 @@ class RunContext:
     the particles at ``rows`` ``(N_rank,)`` of the ``total`` in the run (``sharded``); alone, all of them."""
 
     cfg: RefineConfig
-    parts: PreparedParticles
+    parts: PreparedParticles | StreamedParticles
     spectra: ParticleSpectra
     n: int
     apix: float

@@ -18,6 +18,7 @@ ranks as soon as one exits with an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -136,3 +137,41 @@ def broadcast_object(obj: object) -> object:
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def average_gradients(parameters: Iterable[Tensor]) -> None:
+    """Replace every gradient of ``parameters`` by its mean over the ranks, in one collective (what
+    ``DistributedDataParallel`` does during the backward pass; here after it). Parameters without a gradient are
+    skipped: which ones have none is decided by the code path, the same on every rank. A no-op for one rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers of ``module`` on every rank, in place (as DDP does when it wraps a
+    module), so that all ranks start from the same random initialisation. A no-op for one rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """The floating-point buffers of ``module`` (batch-norm running statistics) averaged over the ranks, in
+    place, so that every rank evaluates the same network. A no-op for one rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= dist.get_world_size()

@@ -151,7 +151,7 @@ def test_auto_decoding_refines_perturbed_poses(small):
     poses = start.clone()
     shifts = torch.zeros(len(parts), 2)
     engine = CryoSpinEngine()
-    st = replace(engine._new_state(parts, replace(cfg, encoder_channels=(4,))), model=model, volume=vol,
+    st = replace(engine._new_state(parts, replace(cfg, encoder_channels=(4,)), len(parts)), model=model, volume=vol,
                  vol_opt=torch.optim.Adam(vol.parameters(), lr=0.0),  # volume fixed: this test is about the poses
                  poses=poses, shifts=shifts)
     for epoch in range(4):

@@ -215,7 +215,7 @@ def root(
 
 
 #: Subcommands that run data-parallel under torchrun (the others refuse to start there).
-DATA_PARALLEL_COMMANDS = ("reconstruct", "refine")
+DATA_PARALLEL_COMMANDS = ("reconstruct", "refine", "abinitio")
 
 
 def _join_torchrun(command: str | None) -> None:
@@ -235,7 +235,7 @@ def _join_torchrun(command: str | None) -> None:
         if command not in DATA_PARALLEL_COMMANDS:
             if os.environ.get("RANK", "0") != "0":
                 raise typer.Exit(EXIT_BAD_INPUT)
-            raise CryocliError(f"cryocli {command} does not run under torchrun yet (these do: "
+            raise CryocliError(f"cryocli {command} does not run under torchrun (these do: "
                                f"{', '.join(DATA_PARALLEL_COMMANDS)}); run it as one process")
         ranks, dev = distributed.setup(resolve_device())
     atexit.register(distributed.teardown)

@@ -72,6 +72,7 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
             raise CryocliError(f"--mass {mass_kda}: must be a positive number of kDa")
         device = resolve_device()
         engine = get_engine(method, kind, device=device)
+        refuse_torchrun_without_data_parallel(engine, f"{kind} --method {method}")
         config = build_config(engine, {**options, "seed": STATE.seed})
         request = RunRequest(particles=particles, out=out, command=f"{kind} --method {method}", datadir=datadir,
                              force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
@@ -84,6 +85,22 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
 
         outcome = run_to_directory(engine, config, request, err_console(), device, on_interrupt=kept)
     return {"command": kind, **outcome.summary}
+
+
+def refuse_torchrun_without_data_parallel(engine: Any, label: str) -> None:
+    """Under torchrun, stop an engine that does not share its particles over the ranks (its ``data_parallel``
+    is not set) instead of running one copy per rank: one error line from rank 0, exit 2 on every rank."""
+    import typer
+
+    from cryocli import distributed
+    from cryocli.cli.common import EXIT_BAD_INPUT
+
+    ranks = distributed.current()
+    if ranks.world_size == 1 or getattr(engine, "data_parallel", False):
+        return
+    if not ranks.main:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    raise CryocliError(f"cryocli {label} does not run under torchrun yet; run it as one process")
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -93,7 +93,9 @@ def within(config: Any, name: str, low: float, high: float) -> None:
 
 class Engine(Protocol):
     """A reconstruction method. ``run`` reads the particles, reports through ``reporter`` and returns the
-    result; it neither prints nor writes files."""
+    result; it neither prints nor writes files. An engine that sets the class attribute ``data_parallel = True``
+    shares its particles over torchrun's ranks (:mod:`cryocli.distributed`) and returns the same whole result on
+    every rank; under torchrun the others are refused."""
 
     name: ClassVar[str]
     kind: ClassVar[str]          # "abinitio" or "refine"

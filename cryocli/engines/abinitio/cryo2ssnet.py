@@ -53,9 +53,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from cryocli import distributed
+from cryocli.engines.abinitio import denoiser as denoiser_module
 from cryocli.engines.abinitio.cryospin import ImageModel
 from cryocli.engines.abinitio.denoiser import (
     MLPDenoiser,
@@ -201,16 +204,21 @@ class Cryo2SSNetState:
     encoder_error: Tensor
     agreed: bool = False
 
-    def checkpoint(self, epoch: int, setup: dict[str, Any]) -> dict[str, Any]:
-        """What ``--resume`` needs after ``epoch`` (with the data-derived settings ``setup``)."""
+    def checkpoint(self, epoch: int, setup: dict[str, Any], total: int) -> dict[str, Any]:
+        """What ``--resume`` needs after ``epoch`` (with the data-derived settings ``setup``). Under torchrun every
+        rank calls it: the per-particle state of all ``total`` particles is gathered from the ranks."""
+        def whole(t: Tensor) -> Tensor:
+            return distributed.gather_shards(t, total)
+
         return {"epoch": epoch, "setup": setup, "encoder": self.encoder.state_dict(),
                 "decoder": self.decoder.state_dict(), "enc_opt": self.enc_opt.state_dict(),
                 "dec_opt": self.dec_opt.state_dict(),
                 "denoiser": self.denoiser.state_dict() if self.denoiser is not None else None,
-                "poses": self.poses, "shifts": self.shifts, "encoder_error": self.encoder_error, "agreed": self.agreed}
+                "poses": whole(self.poses), "shifts": whole(self.shifts), "encoder_error": whole(self.encoder_error),
+                "agreed": self.agreed}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Take back a :meth:`checkpoint`."""
+    def restore(self, saved: dict[str, Any], rows: Tensor) -> None:
+        """Take back a :meth:`checkpoint`, for the particles at ``rows`` of the saved ones (this rank's)."""
         dev = self.poses.device
         self.encoder.load_state_dict(saved["encoder"])
         self.decoder.load_state_dict(saved["decoder"])
@@ -218,8 +226,8 @@ class Cryo2SSNetState:
         self.dec_opt.load_state_dict(saved["dec_opt"])
         if self.denoiser is not None and saved.get("denoiser") is not None:
             self.denoiser.load_state_dict(saved["denoiser"])
-        self.poses, self.shifts = saved["poses"].to(dev), saved["shifts"].to(dev)
-        self.encoder_error = saved["encoder_error"].to(dev)
+        self.poses, self.shifts = saved["poses"][rows].to(dev), saved["shifts"][rows].to(dev)
+        self.encoder_error = saved["encoder_error"][rows].to(dev)
         self.agreed = bool(saved["agreed"])
 
 
@@ -233,6 +241,8 @@ class Cryo2SSNetEngine:
                               "search over a hierarchical SO(3) grid (stage 1), then trained end to end with a "
                               "real-space voxel decoder (stage 2); unbiased normalised L2 loss.")
     config_class: ClassVar[type[EngineConfig]] = Cryo2SSNetConfig
+    #: Shares its particles over torchrun's ranks (:mod:`cryocli.distributed`).
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -244,21 +254,35 @@ class Cryo2SSNetEngine:
     def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction:
         cfg = config if isinstance(config, Cryo2SSNetConfig) else Cryo2SSNetConfig(**config.as_dict())
         cfg.validate()
-        # Host memory: the device sees one batch at a time.
-        parts = prepare_particles(data, cfg, torch.device("cpu"))
-        if len(parts) < 2:
+        if len(data) < 2:
             raise CryocliError("cryo2ssnet needs at least 2 particles", data.table.path)
+        # Under torchrun each rank holds its share of the particles and their state; the networks and the map are
+        # the same on every rank (rank 0's start and settings, then gradients averaged over the ranks every step).
+        ranks = distributed.current()
+        total = len(data)
+        rows = distributed.shard(np.arange(total), ranks)
+        if ranks.world_size > 1 and cfg.batch_size < 2 * ranks.world_size:
+            raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
+                              f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
+        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
+        # Host memory: the device sees one batch at a time.
+        parts = prepare_particles(local, cfg, torch.device("cpu"), across_ranks=ranks.world_size > 1)
         n, n_part, dev = parts.box, len(parts), self.device
         if n < 16:
             raise OptionError("box", n, "cryo2ssnet needs a box of at least 16 px (three pooling blocks)")
         saved = reporter.resume_state()
         setup = saved["setup"] if saved is not None else self._setup(parts, cfg)
+        setup = distributed.broadcast_object(setup)  # rank 0's estimates (from its share) for every rank
+        assert isinstance(setup, dict)
         reporter.event("cryo2ssnet_setup", **setup)
-        sched = Schedule.of(cfg, n_part)
+        sched = Schedule.of(cfg, total)
         st = self._new_state(parts, cfg, setup, sched)
+        for module in (st.encoder, st.decoder, st.denoiser):
+            if module is not None:
+                distributed.broadcast_module(module)
         start_epoch = 1
         if saved is not None:
-            st.restore(saved)
+            st.restore(saved, torch.as_tensor(rows, dtype=torch.long))
             start_epoch = int(saved["epoch"]) + 1
         elif st.denoiser is not None:
             self._train_denoiser(st.denoiser, parts, cfg, setup, reporter)
@@ -268,14 +292,19 @@ class Cryo2SSNetEngine:
         reporter.start(sched.epochs * sched.per_epoch, "cryo2ssnet", completed=(start_epoch - 1) * sched.per_epoch)
         last_loss = float("nan")
         for epoch in range(start_epoch, sched.epochs + 1):
-            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            seed = cfg.seed * 1000 + epoch
+            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(
+                seed if ranks.world_size == 1 else seed * 4099 + ranks.rank))
             metrics = self._epoch(st, parts, model, beam, cfg, setup, sched, epoch, order, reporter, last_loss)
             last_loss = metrics["loss"]
+            distributed.average_buffers(st.encoder)
+            state = st.checkpoint(epoch, setup, total)
             reporter.end_epoch(epoch, metrics, volume=st.decoder.to_map(), voxel_size=parts.pixel_size,
-                               rotations=st.poses, state=st.checkpoint(epoch, setup), last=epoch == sched.epochs)
+                               rotations=state["poses"], state=state, last=epoch == sched.epochs)
         return Reconstruction(volume=st.decoder.to_map().cpu().to(torch.float32), voxel_size=parts.pixel_size,
-                              rotations=st.poses.detach().cpu(),
-                              origins_angstrom=(st.shifts * parts.pixel_size).detach().cpu(),
+                              rotations=distributed.gather_shards(st.poses, total).detach().cpu(),
+                              origins_angstrom=(distributed.gather_shards(st.shifts, total)
+                                                * parts.pixel_size).detach().cpu(),
                               metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
                               inverted=parts.inverted,
                               method_summary={**setup, "epochs": sched.epochs, "steps": sched.epochs * sched.per_epoch,
@@ -318,12 +347,16 @@ class Cryo2SSNetEngine:
 
     def _train_denoiser(self, denoiser: MLPDenoiser, parts: PreparedParticles, cfg: Cryo2SSNetConfig,
                         setup: dict[str, Any], reporter: Reporter) -> None:
-        steps = cfg.denoiser_steps or denoiser_steps(len(parts))
+        world = distributed.current().world_size
+        steps = cfg.denoiser_steps or denoiser_steps(int(distributed.sum_over_ranks([float(len(parts))])[0]))
         reporter.start(steps, "cryo2ssnet denoiser")
-        gen = torch.Generator().manual_seed(cfg.seed + 17)
+        gen = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * distributed.current().rank)
         with torch.random.fork_rng(devices=[]):
+            # Under torchrun each rank draws its share of every batch from its particles; gradients are averaged.
             loss = train_denoiser(denoiser, lambda idx: parts.images[idx].to(self.device), len(parts), setup["snr"],
-                                  steps, gen, on_step=lambda: reporter.step(1))
+                                  steps, gen, batch_size=max(2, denoiser_module.PAPER_BATCH // world),
+                                  on_step=lambda: reporter.step(1),
+                                  sync_gradients=distributed.average_gradients if world > 1 else None)
         reporter.event("denoiser_trained", steps=steps, loss=float(loss))
 
     # ------------------------------------------------------------------------------------------- epochs
@@ -339,7 +372,9 @@ class Cryo2SSNetEngine:
         count = {"stage1": 0, "all": 0}
         denoised = 0
         st.encoder.train()
-        for k, idx_cpu in enumerate(torch.split(order, cfg.batch_size)):
+        batches = torch.split(order, cfg.batch_size) if distributed.current().world_size == 1 else \
+            torch.tensor_split(order, sched.per_epoch)  # every rank takes the one-process steps, a share of each batch
+        for k, idx_cpu in enumerate(batches):
             step = (epoch - 1) * sched.per_epoch + k + 1
             # Stage 2 assumes an encoder that has learned the poses (4.4): it waits for that when asked to.
             waiting = cfg.dhbs and cfg.switch_waits and not st.agreed
@@ -380,6 +415,7 @@ class Cryo2SSNetEngine:
             st.enc_opt.zero_grad(set_to_none=True)
             st.dec_opt.zero_grad(set_to_none=True)
             (loss + enc_loss).backward()
+            distributed.average_gradients([*st.encoder.parameters(), *st.decoder.parameters()])
             st.enc_opt.step()
             st.dec_opt.step()
             with torch.no_grad():
@@ -391,17 +427,23 @@ class Cryo2SSNetEngine:
             count["all"] += b
             # The live line shows the previous epoch's loss: no device-to-host sync per batch.
             reporter.step(1, stage="search" if stage1 else "end-to-end", loss=last_loss)
+        loss_sum, encoder_sum, beam_sum, polished_sum, seen, searched = distributed.sum_over_ranks(
+            [float(sums["loss"]), float(sums["encoder_loss"]), float(sums["beam_cost"]), float(sums["polished_cost"]),
+             float(count["all"]), float(count["stage1"])], dev)
         metrics: dict[str, Any] = {
-            "stage": "search" if count["stage1"] == count["all"] else "end-to-end" if count["stage1"] == 0 else "switch",
-            "loss": float(sums["loss"]) / count["all"],
-            "encoder_loss": float(sums["encoder_loss"]) / count["all"],
+            "stage": "search" if searched == seen else "end-to-end" if searched == 0 else "switch",
+            "loss": loss_sum / seen,
+            "encoder_loss": encoder_sum / seen,
             "denoised_batches": denoised,
         }
-        if count["stage1"]:
-            metrics["beam_cost"] = float(sums["beam_cost"]) / count["stage1"]
-            metrics["polished_cost"] = float(sums["polished_cost"]) / count["stage1"]
-            # The encoder's median distance to the searched poses (the paper's Fig. 3, as an angle).
-            disagreement = math.degrees(float(st.encoder_error.median()))
+        if searched:
+            metrics["beam_cost"] = beam_sum / searched
+            metrics["polished_cost"] = polished_sum / searched
+            # The encoder's median distance to the searched poses (the paper's Fig. 3, as an angle), over all ranks'
+            # particles, so that every rank decides the switch alike.
+            errors = distributed.gather_shards(
+                st.encoder_error, int(distributed.sum_over_ranks([float(len(st.encoder_error))])[0]))
+            disagreement = math.degrees(float(errors.median()))
             metrics["encoder_vs_search_deg"] = disagreement
             if disagreement <= cfg.agreement and not st.agreed:
                 st.agreed = True

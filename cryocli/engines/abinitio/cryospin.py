@@ -52,9 +52,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from cryocli import distributed
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
@@ -216,7 +218,8 @@ class CryoSpinState:
     parts: the prepared particles. model: the image comparison. volume / encoder and their optimisers.
     poses ``(N, 3, 3)`` RELION ``A`` and shifts ``(N, 2)`` pixels per particle; pose_adam / shift_adam: their
     per-particle Adam moments (stage 2). head_of ``(N,)``: the winning head of each particle (-1: the grid).
-    grid: the fixed candidate poses of stage 1 (``None``: off).
+    grid: the fixed candidate poses of stage 1 (``None``: off). total: particles in the run; under torchrun
+    ``parts`` and the per-particle tensors are this rank's share of them.
     """
 
     parts: PreparedParticles
@@ -232,27 +235,39 @@ class CryoSpinState:
     head_of: Tensor
     grid: CandidateGrid | None
     encoder_channels: tuple[int, ...]
+    total: int
 
-    def checkpoint(self, epoch: int, encoding: bool) -> dict[str, Any]:
-        """What ``--resume`` needs after ``epoch`` (the encoder only while it still trains)."""
+    def checkpoint(self, epoch: int, encoding: bool, total: int) -> dict[str, Any]:
+        """What ``--resume`` needs after ``epoch`` (the encoder only while it still trains). Under torchrun every
+        rank calls it: the per-particle state of all ``total`` particles is gathered from the ranks."""
+        def whole(t: Tensor) -> Tensor:
+            return distributed.gather_shards(t, total)
+
+        def whole_adam(adam: ParticleAdam) -> dict[str, Tensor | float]:
+            return {"m": whole(adam.m), "v": whole(adam.v), "steps": whole(adam.steps), "lr": adam.lr}
+
         return {"epoch": epoch, "volume": self.volume.state_dict(), "vol_opt": self.vol_opt.state_dict(),
                 "encoder": self.encoder.state_dict() if encoding else None,
                 "enc_opt": self.enc_opt.state_dict() if encoding else None,
-                "poses": self.poses, "shifts": self.shifts, "pose_adam": self.pose_adam.state(),
-                "shift_adam": self.shift_adam.state(), "head_of": self.head_of}
+                "poses": whole(self.poses), "shifts": whole(self.shifts), "pose_adam": whole_adam(self.pose_adam),
+                "shift_adam": whole_adam(self.shift_adam), "head_of": whole(self.head_of)}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Take back a :meth:`checkpoint`."""
+    def restore(self, saved: dict[str, Any], rows: Tensor) -> None:
+        """Take back a :meth:`checkpoint`, for the particles at ``rows`` of the saved ones (this rank's)."""
         dev = self.poses.device
+
+        def mine(adam: dict[str, Any]) -> dict[str, Any]:
+            return {**adam, "m": adam["m"][rows], "v": adam["v"][rows], "steps": adam["steps"][rows]}
+
         self.volume.load_state_dict(saved["volume"])
         self.vol_opt.load_state_dict(saved["vol_opt"])
         if saved.get("encoder") is not None:
             self.encoder.load_state_dict(saved["encoder"])
             self.enc_opt.load_state_dict(saved["enc_opt"])
-        self.poses, self.shifts = saved["poses"].to(dev), saved["shifts"].to(dev)
-        self.pose_adam = ParticleAdam.from_state(saved["pose_adam"], dev)
-        self.shift_adam = ParticleAdam.from_state(saved["shift_adam"], dev)
-        self.head_of = saved["head_of"].to(dev)
+        self.poses, self.shifts = saved["poses"][rows].to(dev), saved["shifts"][rows].to(dev)
+        self.pose_adam = ParticleAdam.from_state(mine(saved["pose_adam"]), dev)
+        self.shift_adam = ParticleAdam.from_state(mine(saved["shift_adam"]), dev)
+        self.head_of = saved["head_of"][rows].to(dev)
 
 
 @register_engine
@@ -264,6 +279,8 @@ class CryoSpinEngine:
     summary: ClassVar[str] = ("cryoSPIN (2024): multi-head CNN pose encoder with winner-takes-all loss, then "
                               "per-particle SGD on poses; explicit Hartley-space volume.")
     config_class: ClassVar[type[EngineConfig]] = CryoSpinConfig
+    #: Shares its particles over torchrun's ranks (:mod:`cryocli.distributed`).
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -272,20 +289,31 @@ class CryoSpinEngine:
     def run(self, data: ParticleStack, config: EngineConfig, reporter: Reporter) -> Reconstruction:
         cfg = config if isinstance(config, CryoSpinConfig) else CryoSpinConfig(**config.as_dict())
         cfg.validate()
-        parts = prepare_particles(data, cfg, self.device)
-        if len(parts) < 2:
+        if len(data) < 2:
             raise CryocliError("cryospin needs at least 2 particles", data.table.path)
-        st = self._new_state(parts, cfg)
+        # Under torchrun each rank holds its share of the particles and their state; the volume and the encoder
+        # are the same on every rank (rank 0's start, then gradients averaged over the ranks at every step).
+        ranks = distributed.current()
+        total = len(data)
+        rows = distributed.shard(np.arange(total), ranks)
+        if ranks.world_size > 1 and cfg.batch_size < 2 * ranks.world_size:
+            raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
+                              f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
+        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
+        parts = prepare_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1)
+        st = self._new_state(parts, cfg, total)
+        distributed.broadcast_module(st.volume)
+        distributed.broadcast_module(st.encoder)
         start_epoch = 1
         saved = reporter.resume_state()
         if saved is not None:
-            st.restore(saved)
+            st.restore(saved, torch.as_tensor(rows, dtype=torch.long))
             start_epoch = int(saved["epoch"]) + 1
         n, n_part = parts.box, len(parts)
-        steps_per_epoch = len(_batches(torch.arange(n_part), cfg.batch_size))
+        steps_per_epoch = len(_batches(torch.arange(total), cfg.batch_size))
         reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs + 1):
-            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(self.device)
+            order = _epoch_order(n_part, cfg.seed * 1000 + epoch, ranks).to(self.device)
             encoding = epoch <= cfg.switch_epoch
             st.model.set_radius(_encode_radius(cfg, n, parts.pixel_size))
             if encoding:
@@ -303,27 +331,31 @@ class CryoSpinEngine:
                 st.model.set_radius(_decode_radius(cfg, n, parts.pixel_size, epoch))
                 metrics = self._decoding_epoch(st, order, cfg, reporter)
             metrics["stage"] = "encode" if encoding else "decode"
+            distributed.average_buffers(st.encoder)
+            state = st.checkpoint(epoch, encoding, total)
             reporter.end_epoch(epoch, metrics, volume=st.volume.to_map(), voxel_size=parts.pixel_size,
-                               rotations=st.poses, state=st.checkpoint(epoch, encoding), last=epoch == cfg.epochs)
+                               rotations=state["poses"], state=state, last=epoch == cfg.epochs)
         if cfg.epochs <= cfg.switch_epoch:
             # Poses from the encoder only (a run stopped before the switch).
             self._assign_best_candidates(st, cfg)
         final = st.volume.to_map() if cfg.final_map == "decoder" else self._reconstruct(parts, st.poses, st.shifts)
-        usage = torch.bincount(st.head_of[st.head_of >= 0], minlength=cfg.heads).cpu().numpy() / n_part
+        head_of = distributed.gather_shards(st.head_of, total)
+        usage = torch.bincount(head_of[head_of >= 0], minlength=cfg.heads).cpu().numpy() / total
         return Reconstruction(volume=final.detach().cpu().to(torch.float32), voxel_size=parts.pixel_size,
-                              rotations=st.poses.detach().cpu(),
-                              origins_angstrom=(st.shifts * parts.pixel_size).detach().cpu(),
+                              rotations=distributed.gather_shards(st.poses, total).detach().cpu(),
+                              origins_angstrom=(distributed.gather_shards(st.shifts, total)
+                                                * parts.pixel_size).detach().cpu(),
                               metrics=[r for r in reporter.history if r.get("run") == reporter.run_name],
                               inverted=parts.inverted,
                               method_summary={"encoder_channels": list(st.encoder_channels),
                                               "encoder_lr": st.enc_opt.param_groups[0]["lr"],
                                               "head_usage": usage.round(4).tolist(),
-                                              "grid_share": round(float((st.head_of < 0).float().mean()), 4)})
+                                              "grid_share": round(float((head_of < 0).float().mean()), 4)})
 
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
         """Nothing beyond the configuration and the particles to check before a cryospin run."""
 
-    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig) -> CryoSpinState:
+    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig, total: int) -> CryoSpinState:
         """The random start: volume, encoder, optimisers, identity poses, zero origins."""
         dev, n, n_part = self.device, parts.box, len(parts)
         model = ImageModel(n, parts.pixel_size, dev)
@@ -344,7 +376,8 @@ class CryoSpinEngine:
             pose_adam=ParticleAdam.zeros(n_part, 3, cfg.pose_lr, dev),
             shift_adam=ParticleAdam.zeros(n_part, 2, cfg.shift_lr, dev),
             head_of=torch.zeros(n_part, dtype=torch.long, device=dev),
-            grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None, encoder_channels=channels)
+            grid=CandidateGrid(cfg.grid_order, dev) if cfg.grid_order >= 0 else None, encoder_channels=channels,
+            total=total)
 
     # ------------------------------------------------------------------------------------------- stages
     def _encoding_epoch(self, st: CryoSpinState, order: Tensor, cfg: CryoSpinConfig,
@@ -354,7 +387,7 @@ class CryoSpinEngine:
         vol_opt, enc_opt, poses, shifts, head_of = st.vol_opt, st.enc_opt, st.poses, st.shifts, st.head_of
         encoder.train()
         total, count, grid_wins = 0.0, 0, 0
-        for idx in _batches(order, cfg.batch_size):
+        for idx in _rank_batches(order, cfg.batch_size, st.total):
             images = parts.images[idx]
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
@@ -374,6 +407,7 @@ class CryoSpinEngine:
             enc_opt.zero_grad(set_to_none=True)
             vol_opt.zero_grad(set_to_none=True)
             (best_head.mean() + vol_loss).backward()
+            distributed.average_gradients([*encoder.parameters(), *volume.parameters()])
             enc_opt.step()
             vol_opt.step()
             with torch.no_grad():
@@ -384,8 +418,11 @@ class CryoSpinEngine:
             total += float(vol_loss.detach()) * b
             count += b
             reporter.step(1, stage="encode", loss=float(vol_loss.detach()))
-        usage = torch.bincount(head_of[head_of >= 0], minlength=cfg.heads).float() / len(head_of)
-        return {"loss": total / count, "head_usage_max": float(usage.max()), "grid_win_fraction": grid_wins / count}
+        usage = distributed.all_reduce_sum(torch.bincount(head_of[head_of >= 0], minlength=cfg.heads).float())
+        loss_sum, seen, wins, particles = distributed.sum_over_ranks(
+            [total, float(count), float(grid_wins), float(len(head_of))], head_of.device)
+        return {"loss": loss_sum / seen, "head_usage_max": float(usage.max()) / particles,
+                "grid_win_fraction": wins / seen}
 
     @torch.no_grad()
     def _assign_best_candidates(self, st: CryoSpinState, cfg: CryoSpinConfig) -> None:
@@ -415,7 +452,7 @@ class CryoSpinEngine:
         parts, model, volume, vol_opt = st.parts, st.model, st.volume, st.vol_opt
         poses, shifts, pose_adam, shift_adam = st.poses, st.shifts, st.pose_adam, st.shift_adam
         total, count, moved = 0.0, 0, 0.0
-        for idx in _batches(order, cfg.batch_size):
+        for idx in _rank_batches(order, cfg.batch_size, st.total):
             images = parts.images[idx]
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
@@ -447,13 +484,15 @@ class CryoSpinEngine:
                 loss = model.nll(slices, ctf, observed).mean()
                 vol_opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(volume.parameters())
                 vol_opt.step()
             with torch.no_grad():
                 moved += float(_angles_deg(start_r, r0).sum())
             total += float(loss.detach()) * b
             count += b
             reporter.step(1, stage="decode", loss=float(loss.detach()))
-        return {"loss": total / count, "pose_change_deg": moved / count}
+        loss_sum, seen, turned = distributed.sum_over_ranks([total, float(count), moved], poses.device)
+        return {"loss": loss_sum / seen, "pose_change_deg": turned / seen}
 
     # ------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
@@ -468,10 +507,25 @@ class CryoSpinEngine:
 
     @torch.no_grad()
     def _reconstruct(self, parts: PreparedParticles, poses: Tensor, shifts: Tensor) -> Tensor:
-        from cryocli.engines.common.reconstruct import reconstruct
+        from cryocli.engines.common.reconstruct import DirectFourierReconstructor, reconstruct
 
         origins = shifts * parts.pixel_size
-        return reconstruct(parts.images, poses, origins, parts.ctf, parts.pixel_size, device=parts.images.device)
+        if distributed.current().world_size == 1:
+            return reconstruct(parts.images, poses, origins, parts.ctf, parts.pixel_size, device=parts.images.device)
+        rec = DirectFourierReconstructor(parts.box, parts.pixel_size, device=parts.images.device)
+        for start in range(0, len(parts), 256):
+            rows = slice(start, start + 256)
+            rec.add(parts.images[rows], poses[rows], origins[rows],
+                    parts.ctf.index(rows) if parts.ctf is not None else None)
+        distributed.all_reduce_sum(rec.backprojector.accumulators)
+        return rec.reconstruct()
+
+
+def _epoch_order(n_part: int, seed: int, ranks: distributed.Ranks) -> Tensor:
+    """The order the particles of this rank (``n_part``) are visited in an epoch: a permutation drawn with
+    ``seed`` (and the rank, under torchrun)."""
+    generator = torch.Generator().manual_seed(seed if ranks.world_size == 1 else seed * 4099 + ranks.rank)
+    return torch.randperm(n_part, generator=generator)
 
 
 def _batches(order: Tensor, batch_size: int) -> list[Tensor]:
@@ -481,6 +535,16 @@ def _batches(order: Tensor, batch_size: int) -> list[Tensor]:
     if len(parts) > 1 and len(parts[-1]) == 1:
         parts[-2:] = [torch.cat(parts[-2:])]
     return parts
+
+
+def _rank_batches(order: Tensor, batch_size: int, total: int) -> list[Tensor]:
+    """This rank's batches of an epoch over its particles in ``order``. Alone: :func:`_batches`. Under torchrun
+    every rank takes as many steps as one process would over all ``total`` particles, each with its share of the
+    batch (about ``batch_size / world_size``), so the gradients averaged over the ranks are those of a batch of
+    ``batch_size`` and the optimisers see the one-process schedule."""
+    if distributed.current().world_size == 1:
+        return _batches(order, batch_size)
+    return list(torch.tensor_split(order, len(_batches(torch.arange(total), batch_size))))
 
 def _head_losses(model: ImageModel, hartley: Tensor, encoder: MultiHeadPoseEncoder, images: Tensor, spectra: Tensor,
                  ctf: Tensor | None, cfg: CryoSpinConfig) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,7 +25,7 @@ What the paper leaves open (its Table 3 of per-protein factors and mask radii is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -111,12 +111,15 @@ def denoiser_steps(n_particles: int) -> int:
 
 def train_denoiser(denoiser: MLPDenoiser, read_batch: Callable[[Tensor], Tensor], n_particles: int, snr: float,
                    steps: int, generator: torch.Generator, batch_size: int = PAPER_BATCH, lr: float = PAPER_LR,
-                   on_step: Callable[[], None] | None = None) -> Tensor:
+                   on_step: Callable[[], None] | None = None,
+                   sync_gradients: Callable[[Iterable[Tensor]], None] | None = None) -> Tensor:
     """Train ``denoiser`` in place on the particles; returns the mean loss of the last 10% of steps (a tensor).
 
     read_batch: particle ids ``(B,)`` -> prepared images ``(B, n, n)`` on the denoiser's device. Each step draws
     ``batch_size`` particles at random (``generator``, on the CPU), normalises them, and minimises eq. 12 between
     the normalised masked image (``N(mask * N(I))``, the target the network sees) and its output.
+    ``sync_gradients(parameters)``, when given, is called between the backward pass and the step (under torchrun:
+    :func:`cryocli.distributed.average_gradients`, each rank drawing from its own particles).
     """
     opt = torch.optim.Adam(denoiser.parameters(), lr=lr)
     denoiser.train()
@@ -129,6 +132,8 @@ def train_denoiser(denoiser: MLPDenoiser, read_batch: Callable[[Tensor], Tensor]
         loss = unbiased_l2(target, denoiser(x), snr).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if sync_gradients is not None:
+            sync_gradients(denoiser.parameters())
         opt.step()
         if step >= steps - tail:
             total = total + loss.detach()

@@ -328,6 +328,8 @@ class RelionRefineEngine:
     summary: ClassVar[str] = ("RELION 3D auto-refine: gold-standard expectation-maximisation over poses and "
                               "shifts, MAP reconstruction with tau^2 from the FSC (Scheres 2012).")
     config_class: ClassVar[type[EngineConfig]] = RefineConfig
+    #: Shares its particles over torchrun's ranks (:mod:`cryocli.distributed`).
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)

@@ -1,17 +1,20 @@
-"""How `reconstruct` and `refine` scale: peak memory against the particle count, and throughput on 1 and 2 ranks.
+"""How `reconstruct`, `refine` and `abinitio` scale: peak memory against the particle count, throughput on 1 and 2
+ranks.
 
     .venv/bin/python benchmarks/scale.py [--counts 10000,40000,160000] [--refine-counts 1000,4000,16000]
-                                         [--box 32] [--ranks 1,2] [--commands reconstruct,refine]
+                                         [--abinitio-counts 1000,4000,16000] [--box 32] [--ranks 1,2]
+                                         [--commands reconstruct,refine,abinitio]
 
-For each particle count, simulates that many 4AKE particles (CTF, SNR 0.1, random poses) with `cryocli
-simulate`, then times, as one process and under `torchrun --nproc_per_node=R` (gloo on the CPU, nccl on GPUs),
-each in its own process tree: `cryocli reconstruct --halves`, and one iteration of `cryocli refine --method relion
---preload no` from the ground truth (low-passed to 40 A by refine; a global search over the whole HEALPix order-2
-grid, the costliest iteration of a run). Peak memory is the largest resident set of the process and its
-descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not visible from
-outside, so the column is host memory. Memory should not grow with the particle count (the images stream from
-the memory-mapped stack in batches); the STAR table and the per-particle state (poses, CTF parameters) do.
-abinitio does not run data-parallel yet.
+For each particle count, simulates that many 4AKE particles (CTF, SNR 0.1, random poses) with `cryocli simulate`,
+then times, as one process and under `torchrun --nproc_per_node=R` (gloo on the CPU, nccl on GPUs), each in its own
+process tree: `cryocli reconstruct --halves`, and one iteration of `cryocli refine --method relion --preload no`
+from the ground truth (low-passed to 40 A by refine; a global search over the whole HEALPix order-2 grid, the
+costliest iteration of a run), and one epoch of `cryocli abinitio --method cryospin --preload no` (an auto-encoding
+epoch: encoder, candidate grid and decoder steps over every particle). Peak memory is the largest resident set of
+the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not
+visible from outside, so the column is host memory. Memory should not grow with the particle count (the images
+stream from the memory-mapped stack in batches); the STAR table and the per-particle state (poses, CTF parameters)
+do.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 from harness import print_table
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = [("command", "command", "s"), ("particles", "particles", "d"), ("box", "box", "d"), ("ranks", "ranks", "d"), ("time s", "seconds", ".2f"),
+COLUMNS = [("command", "command", "s"),
+           ("particles", "particles", "d"), ("box", "box", "d"), ("ranks", "ranks", "d"), ("time s", "seconds", ".2f"),
            ("particles/s", "throughput", ".0f"), ("peak RSS MB", "peak_mb", ".0f"),
            ("vs smallest", "memory_ratio", ".2f")]
 
@@ -50,7 +54,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="10000,40000,160000", help="particle counts for reconstruct")
     p.add_argument("--refine-counts", default="1000,4000,16000", help="particle counts for refine (one iteration)")
-    p.add_argument("--commands", default="reconstruct,refine", help="which commands to measure")
+    p.add_argument("--abinitio-counts", default="1000,4000,16000",
+                   help="particle counts for abinitio (cryospin, one epoch)")
+    p.add_argument("--commands", default="reconstruct,refine,abinitio", help="which commands to measure")
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--apix", type=float, default=2.4, help="pixel size of the simulated particles (A)")
     p.add_argument("--ranks", default="1,2", help="process counts to run reconstruct with (comma-separated)")
@@ -58,7 +64,8 @@ def main() -> None:
     rows = []
     commands = args.commands.split(",")
     counts = {"reconstruct": [int(c) for c in args.counts.split(",")],
-              "refine": [int(c) for c in args.refine_counts.split(",")]}
+              "refine": [int(c) for c in args.refine_counts.split(",")],
+              "abinitio": [int(c) for c in args.abinitio_counts.split(",")]}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for count in sorted({c for command in commands for c in counts[command]}):
@@ -74,9 +81,12 @@ def main() -> None:
                     out = work / f"{command}{count}_{ranks}"
                     if command == "reconstruct":
                         argv = ["reconstruct", str(sim / "particles.star"), "-o", f"{out}.mrc", "--halves"]
-                    else:
+                    elif command == "refine":
                         argv = ["refine", str(sim / "particles.star"), "--ref", str(sim / "ground_truth.mrc"), "-o",
                                 str(out), "--max-iter", "1", "--preload", "no"]
+                    else:
+                        argv = ["abinitio", str(sim / "particles.star"), "--method", "cryospin", "-o", str(out),
+                                "--epochs", "1", "--preload", "no"]
                     launcher = [sys.executable] if ranks == 1 else [
                         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                     seconds, peak = run_measured([*launcher, "-m", "cryocli", "--quiet", *argv], work)

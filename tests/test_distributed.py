@@ -227,14 +227,44 @@ def test_abinitio_under_torchrun_completes_and_resumes_on_one_process(tmp_path: 
     assert [row.split(",")[1] for row in metrics[1:]] == ["1", "2", "3"]
 
 
-def test_abinitio_methods_not_yet_data_parallel_refuse_torchrun(tmp_path: Path) -> None:
-    simulate_4ake(tmp_path / "sim", 20, snr=0.1, box=32, apix=3.6, seed=3)
-    run = _torchrun(["abinitio", "sim/particles.star", "-o", "run", "--method", "sagd"], tmp_path)
-    assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("cryocli: error")]
-    assert errors == ["cryocli: error: cryocli abinitio --method sagd does not run under torchrun yet; run it as one "
-                      "process"], run.stderr
-    assert not (tmp_path / "run").exists()
+def test_sagd_under_torchrun_takes_the_one_process_steps(tmp_path: Path) -> None:
+    """sagd on 2 gloo ranks, each with its share of every minibatch (the last, of 14 particles, too) and of the
+    held-out set: in the first pass every particle is evaluated at every quadrature point (no importance sampling
+    yet), so the summed gradients, line searches and held-out error are the one-process run's and so is the map, to
+    float32 round-off; the checkpoint then resumes in one process."""
+    simulate_4ake(tmp_path / "sim", 120, snr=0.1, box=32, apix=2.4, seed=3, shift_sigma=2.0)
+    args = ["abinitio", "sim/particles.star", "--method", "sagd", "--march-iter", "2", "--batch-size", "50"]
+    one = _cryocli(["--quiet", *args, "-o", "one", "--max-iter", "3"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(["--quiet", *args, "-o", "two", "--max-iter", "3"], tmp_path)
+    assert two.returncode == 0, two.stderr
+    a, b = (mrcfile.read(tmp_path / run / "map_unfil.mrc") for run in ("one", "two"))
+    assert float(np.abs(a - b).max()) < 1e-5 * float(np.abs(a).max())
+    rows = [(tmp_path / run / "metrics.csv").read_text().splitlines() for run in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 4  # header and iterations 1-3 (one pass: minibatches of 50, 50, 14)
+    resumed = _cryocli(["--quiet", *args, "-o", "two", "--max-iter", "6", "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((tmp_path / "two" / "metrics.csv").read_text().splitlines()) == 7
+
+
+def test_an_engine_without_data_parallel_is_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine shares its particles today; one that does not declare ``data_parallel`` is stopped under
+    torchrun: one error line from rank 0, a quiet exit 2 from the others, nothing for one process."""
+    import typer
+
+    from cryocli.cli.engine_command import refuse_torchrun_without_data_parallel
+    from cryocli.errors import CryocliError
+
+    class Plain:
+        name = "plain"
+
+    refuse_torchrun_without_data_parallel(Plain(), "abinitio --method plain")  # one process: runs
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(0, 2))
+    with pytest.raises(CryocliError, match="abinitio --method plain does not run under torchrun"):
+        refuse_torchrun_without_data_parallel(Plain(), "abinitio --method plain")
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(1, 2))
+    with pytest.raises(typer.Exit):
+        refuse_torchrun_without_data_parallel(Plain(), "abinitio --method plain")
 
 
 @pytest.mark.acceptance

@@ -110,6 +110,10 @@ def abinitio(
     decode_march_epochs: int | None = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
                                                       "auto-decoding epochs over which the compared band widens "
                                                       "to Nyquist [default: 6]."),
+    preload: str | None = typer.Option(None, "--preload", help="cryospin: hold the prepared particles in memory (on "
+                                       "the device): yes, no (read each batch from the stacks; memory does not grow "
+                                       "with the particle count), auto (yes while they take at most 1 GiB per "
+                                       "process) [default: auto]."),
     final_map: str | None = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
                                             "reconstruct (direct Fourier reconstruction at the final poses) "
                                             "[default: decoder]."),
@@ -199,7 +203,7 @@ def abinitio(
             "heads": heads, "switch_epoch": switch_epoch,
             "shifts": shifts, "pose_lr": pose_lr, "encoder_lr": encoder_lr,
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
-            "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map,
+            "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map, "preload": preload,
             "grid_order": grid_order, "encode_resolution": encode_resolution,
             "decode_march_epochs": decode_march_epochs,
             "steps": steps, "snr": _snr(snr), "stage1_fraction": stage1_fraction, "dhbs": dhbs,

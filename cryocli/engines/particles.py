@@ -24,6 +24,9 @@ from cryocli.imaging.ctf import CTFParams
 from cryocli.imaging.fourier import fourier_crop_images, radius_2d, rfft_frequencies
 from cryocli.io.dataset import ParticleStack
 
+#: ``preload = "auto"``: engines hold their prepared particles while these take at most this (bytes, per process).
+PRELOAD_BYTES = 2**30
+
 
 @dataclass
 class PreparedParticles:

@@ -60,7 +60,13 @@ from cryocli import distributed
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
-from cryocli.engines.particles import PreparedParticles, prepare_particles
+from cryocli.engines.particles import (
+    PRELOAD_BYTES,
+    PreparedParticles,
+    StreamedParticles,
+    prepare_particles,
+    stream_particles,
+)
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -90,7 +96,9 @@ class CryoSpinConfig(EngineConfig):
     see the module docstring; 2 = 4,608 poses about 15 degrees apart; -1: the paper's heads alone).
     encode_resolution: during auto-encoding compare only frequencies up to 1 / this (Angstrom; 0: all,
     as the paper). decode_march_epochs: auto-decoding widens the compared band from there to Nyquist over this
-    many epochs (0: Nyquist at once).
+    many epochs (0: Nyquist at once). preload: hold the prepared images on the device (``yes``), read each batch
+    from the stacks (``no``: memory does not grow with the particle count), or ``auto``: yes while they take at
+    most :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
     """
 
     epochs: int = 20
@@ -114,6 +122,7 @@ class CryoSpinConfig(EngineConfig):
     grid_order: int = 2
     encode_resolution: float = 12.0
     decode_march_epochs: int = 6
+    preload: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -126,6 +135,8 @@ class CryoSpinConfig(EngineConfig):
             positive(self, "encoder_lr")
         at_least(self, "pose_steps", 0)
         at_least(self, "volume_steps", 1)
+        if self.preload not in ("auto", "yes", "no"):
+            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
         if self.final_map not in ("decoder", "reconstruct"):
             raise unknown_choice("final_map", self.final_map, ("decoder", "reconstruct"))
         within(self, "grid_order", -1, 3)  # order 3: 294,912 candidate poses; -1 turns the grid off
@@ -222,7 +233,7 @@ class CryoSpinState:
     ``parts`` and the per-particle tensors are this rank's share of them.
     """
 
-    parts: PreparedParticles
+    parts: PreparedParticles | StreamedParticles
     model: ImageModel
     volume: HartleyVolume
     encoder: MultiHeadPoseEncoder
@@ -300,7 +311,11 @@ class CryoSpinEngine:
             raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
                               f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
         local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
-        parts = prepare_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1)
+        box = int(cfg.box) if cfg.box else data.box
+        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * 4 * box * box <= PRELOAD_BYTES)
+        parts: PreparedParticles | StreamedParticles = (
+            prepare_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1) if held
+            else stream_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1))
         st = self._new_state(parts, cfg, total)
         distributed.broadcast_module(st.volume)
         distributed.broadcast_module(st.encoder)
@@ -355,7 +370,8 @@ class CryoSpinEngine:
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
         """Nothing beyond the configuration and the particles to check before a cryospin run."""
 
-    def _new_state(self, parts: PreparedParticles, cfg: CryoSpinConfig, total: int) -> CryoSpinState:
+    def _new_state(self, parts: PreparedParticles | StreamedParticles, cfg: CryoSpinConfig,
+                   total: int) -> CryoSpinState:
         """The random start: volume, encoder, optimisers, identity poses, zero origins."""
         dev, n, n_part = self.device, parts.box, len(parts)
         model = ImageModel(n, parts.pixel_size, dev)
@@ -496,7 +512,8 @@ class CryoSpinEngine:
 
     # ------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
-    def _initial_amplitude(self, parts: PreparedParticles, model: ImageModel, sample: int = 2000) -> Tensor:
+    def _initial_amplitude(self, parts: PreparedParticles | StreamedParticles, model: ImageModel,
+                           sample: int = 2000) -> Tensor:
         """Expected slice amplitude per shell from up to ``sample`` particles (noise power = ``n^2`` per
         Fourier pixel for unit-variance white noise)."""
         take = torch.linspace(0, len(parts) - 1, min(sample, len(parts)), device=parts.images.device).long()
@@ -506,12 +523,12 @@ class CryoSpinEngine:
         return radial_amplitude_from_images(hartley, ctf, float(model.n**2), model.n // 2 + 3)
 
     @torch.no_grad()
-    def _reconstruct(self, parts: PreparedParticles, poses: Tensor, shifts: Tensor) -> Tensor:
-        from cryocli.engines.common.reconstruct import DirectFourierReconstructor, reconstruct
+    def _reconstruct(self, parts: PreparedParticles | StreamedParticles, poses: Tensor, shifts: Tensor) -> Tensor:
+        """The direct Fourier reconstruction at the poses (``final_map="reconstruct"``), streamed 256 particles at
+        a time; under torchrun from every rank's particles."""
+        from cryocli.engines.common.reconstruct import DirectFourierReconstructor
 
         origins = shifts * parts.pixel_size
-        if distributed.current().world_size == 1:
-            return reconstruct(parts.images, poses, origins, parts.ctf, parts.pixel_size, device=parts.images.device)
         rec = DirectFourierReconstructor(parts.box, parts.pixel_size, device=parts.images.device)
         for start in range(0, len(parts), 256):
             rows = slice(start, start + 256)

@@ -65,9 +65,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from cryocli import distributed
 from cryocli.engines.abinitio.importance_sampling import (
     DEFAULT_S0,
     ParticlePhi,
@@ -211,17 +213,28 @@ class SAGDState:
     best_volume: Tensor | None = None
     last_fraction: float = 1.0
 
-    def checkpoint(self, setup: dict[str, Any]) -> dict[str, Any]:
-        return {"setup": setup, "volume": self.volume, "sagd": self.sagd.state(), "phi": self.phi.state(),
-                "rotations": self.rotations, "shifts": self.shifts, "batch_level": list(self.batch_level),
+    def checkpoint(self, setup: dict[str, Any], total: int) -> dict[str, Any]:
+        """What ``--resume`` needs. Under torchrun every rank calls it: the per-particle state (poses, shifts, the
+        samplers' ``phi``) of all ``total`` particles is gathered from the ranks."""
+        def whole(t: Tensor) -> Tensor:
+            return distributed.gather_shards(t, total)
+
+        phi = {"level": whole(self.phi.level), "tau_prev": whole(self.phi.tau_prev),
+               "log_phi": {k: tuple(whole(t) for t in v) for k, v in sorted(self.phi.log_phi.items())}}
+        return {"setup": setup, "volume": self.volume, "sagd": self.sagd.state(), "phi": phi,
+                "rotations": whole(self.rotations), "shifts": whole(self.shifts), "batch_level": list(self.batch_level),
                 "passes": self.passes, "best_rremse": self.best_rremse, "stale": self.stale,
                 "last_rremse": self.last_rremse, "converged": self.converged, "best_volume": self.best_volume}
 
     @staticmethod
-    def restore(saved: dict[str, Any], device: torch.device) -> SAGDState:
+    def restore(saved: dict[str, Any], device: torch.device, rows: Tensor) -> SAGDState:
+        """Take back a :meth:`checkpoint`, for the particles at ``rows`` of the saved ones (this rank's)."""
+        phi = saved["phi"]
+        mine = {"level": phi["level"][rows], "tau_prev": phi["tau_prev"][rows],
+                "log_phi": {k: tuple(t[rows] for t in v) for k, v in phi["log_phi"].items()}}
         return SAGDState(saved["volume"].to(device), SAGD.from_state(saved["sagd"], device),
-                         ParticlePhi.from_state(saved["phi"], device), saved["rotations"].to(device),
-                         saved["shifts"].to(device), list(saved["batch_level"]), int(saved["passes"]),
+                         ParticlePhi.from_state(mine, device), saved["rotations"][rows].to(device),
+                         saved["shifts"][rows].to(device), list(saved["batch_level"]), int(saved["passes"]),
                          float(saved["best_rremse"]), int(saved["stale"]), float(saved["last_rremse"]),
                          bool(saved["converged"]),
                          None if saved.get("best_volume") is None else saved["best_volume"].to(device))
@@ -255,6 +268,8 @@ class SAGDEngine:
                               "prior by stochastic average gradient descent, poses and shifts marginalised by "
                               "importance-sampled quadrature, frequency marching 1/40 -> 1/10 A^-1, held-out RREMSE.")
     config_class: ClassVar[type[EngineConfig]] = SAGDConfig
+    #: Shares its particles over torchrun's ranks (:mod:`cryocli.distributed`).
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -269,23 +284,31 @@ class SAGDEngine:
         cfg = config if isinstance(config, SAGDConfig) else SAGDConfig(**config.as_dict())
         cfg.validate()
         dev = self.device
-        parts = prepare_particles(data, cfg, dev)
-        n_all = len(parts)
-        if n_all < 2:
+        if len(data) < 2:
             raise CryocliError("sagd needs at least 2 particles", data.table.path)
+        # Under torchrun each rank holds its share of the particles (and of every minibatch and the held-out set);
+        # the data terms of the gradient, the line search's objective and the held-out error are summed over the
+        # ranks, so every rank takes the same SAGD steps on the same map.
+        ranks = distributed.current()
+        self.total = len(data)
+        rows = distributed.shard(np.arange(self.total), ranks)
+        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
+        parts = prepare_particles(local, cfg, dev, across_ranks=ranks.world_size > 1)
         self._levels, self._kernels = {}, {}
         self.parts, self.cfg = parts, cfg
         saved = reporter.resume_state()
         setup = saved["setup"] if saved is not None else self._setup(parts, cfg)
+        setup = distributed.broadcast_object(setup)  # rank 0's random start and its scale, for every rank
+        assert isinstance(setup, dict)
         reporter.event("sagd_setup", **_plain(setup))
         self.setup = setup
         self.spectra = (image_to_rfft(parts.images) / parts.box).to(torch.complex64)
         self.prior = self._prior(setup)
-        held = torch.tensor(setup["held_out"], dtype=torch.long, device=dev)
-        batches = [torch.tensor(b, dtype=torch.long, device=dev) for b in setup["batches"]]
-        self.batches, self.held = batches, held
-        st = SAGDState.restore(saved, dev) if saved is not None else self._new_state(setup)
-        max_iter = cfg.max_iter if cfg.epochs is None else min(cfg.max_iter, cfg.epochs * len(batches))
+        self.held = self._mine(setup["held_out"])
+        self.batches = [self._mine(b) for b in setup["batches"]]
+        st = SAGDState.restore(saved, dev, torch.as_tensor(rows, dtype=torch.long)) if saved is not None \
+            else self._new_state(setup)
+        max_iter = cfg.max_iter if cfg.epochs is None else min(cfg.max_iter, cfg.epochs * len(self.batches))
         reporter.start(max_iter, "sagd", completed=st.sagd.tau)
         while st.sagd.tau < max_iter and not st.converged:
             self._pass(st, reporter, max_iter)
@@ -295,7 +318,8 @@ class SAGDEngine:
         omega = self._omega(max(1, st.sagd.tau))
         return Reconstruction(
             volume=st.volume.detach().cpu().to(torch.float32), voxel_size=parts.pixel_size,
-            rotations=st.rotations.detach().cpu(), origins_angstrom=(st.shifts * parts.pixel_size).detach().cpu(),
+            rotations=distributed.gather_shards(st.rotations, self.total).detach().cpu(),
+            origins_angstrom=(distributed.gather_shards(st.shifts, self.total) * parts.pixel_size).detach().cpu(),
             metrics=[r for r in reporter.history if r.get("run") == reporter.run_name], inverted=parts.inverted,
             converged=st.converged,
             method_summary={"sagd_iterations": st.sagd.tau, "sagd_passes": st.passes,
@@ -308,8 +332,8 @@ class SAGDEngine:
     def _setup(self, parts: PreparedParticles, cfg: SAGDConfig) -> dict[str, Any]:
         """Settings from the data (host syncs, once): noise sigma, sizes, held-out set and minibatches, the scaled
         random start and the priors' parameters."""
-        n, apix, n_all = parts.box, parts.pixel_size, len(parts)
-        sigma = float(parts.images[:, background_mask(n, device=parts.images.device)].std())
+        n, apix, n_all = parts.box, parts.pixel_size, self.total
+        sigma = self._noise_sigma(parts)
         diameter_a = float(cfg.particle_diameter) if cfg.particle_diameter else 0.8 * n * apix
         shift_sigma_a = float(cfg.shift_sigma) if cfg.shift_sigma is not None else 0.03 * n * apix
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -336,21 +360,50 @@ class SAGDEngine:
         setup["start"] = start
         return setup
 
+    @staticmethod
+    def _noise_sigma(parts: PreparedParticles) -> float:
+        """The standard deviation of the background pixels (beyond 0.4 box) over all particles (all ranks')."""
+        background = parts.images[:, background_mask(parts.box, device=parts.images.device)]
+        if distributed.current().world_size == 1:
+            return float(background.std())
+        background = background.to(torch.float64)
+        total, squares, count = distributed.sum_over_ranks(
+            [float(background.sum()), float((background * background).sum()), float(background.numel())],
+            parts.images.device)
+        return math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
+
+    def _mine(self, ids: list[int]) -> Tensor:
+        """This rank's positions (in its share of the particles) of the particles ``ids`` of the whole set: under
+        torchrun rank ``r`` of ``W`` holds particle ``g`` at ``g // W`` when ``g % W == r``."""
+        ranks = distributed.current()
+        g = torch.tensor(ids, dtype=torch.long)
+        return (g[g % ranks.world_size == ranks.rank] // ranks.world_size).to(self.device)
+
     def _start_scale(self, parts: PreparedParticles, start: Tensor, sigma: float, cfg: SAGDConfig,
                      gen: torch.Generator) -> float:
         """The factor that gives the start's projections (through the particles' CTFs) the images' signal power at
-        ``1 / res_start`` (the noise power ``sigma^2`` per pixel removed)."""
+        ``1 / res_start`` (the noise power ``sigma^2`` per pixel removed), over up to 512 particles drawn with
+        ``gen`` from the whole set (under torchrun each rank measures those it holds and the sums are added)."""
         n, dev = parts.box, self.device
         radius = self._radius(self._omega_bounds(parts, cfg)[0], parts)
         pixels = SearchPixels.build(n, radius, dev)
-        sample = torch.randperm(len(parts), generator=gen)[:512].to(dev)
-        x = pixels.take(image_to_rfft(parts.images[sample]) / n)
-        signal = float(((x.real**2 + x.imag**2) - sigma**2).sum(1).mean())
-        rot = random_rotations(sample.numel(), generator=gen, dtype=torch.float32).to(dev)
+        sample = torch.randperm(self.total, generator=gen)[:512]
+        rotations = random_rotations(sample.numel(), generator=gen, dtype=torch.float32)
+        ranks = distributed.current()
+        held = sample % ranks.world_size == ranks.rank
+        local = (sample[held] // ranks.world_size).to(dev)
+        x = pixels.take(image_to_rfft(parts.images[local]) / n)
         vft = fourier_volume(start.to(dev), PAD, radius + 1)
-        proj = project_pixels(vft, rot, pixels, PAD) / n
-        ctf = self._ctf(sample, pixels)
-        model = float((ctf**2 * (proj.real**2 + proj.imag**2)).sum(1).mean())
+        proj = project_pixels(vft, rotations[held].to(dev), pixels, PAD) / n
+        ctf = self._ctf(local, pixels)
+        signal_per = ((x.real**2 + x.imag**2) - sigma**2).sum(1)
+        model_per = (ctf**2 * (proj.real**2 + proj.imag**2)).sum(1)
+        if ranks.world_size == 1:
+            signal, model = float(signal_per.mean()), float(model_per.mean())
+        else:
+            signal_sum, model_sum, count = distributed.sum_over_ranks(
+                [float(signal_per.sum()), float(model_per.sum()), float(local.numel())], dev)
+            signal, model = signal_sum / count, model_sum / count
         if not (signal > 0 and model > 0):
             return 1.0 / max(float(start.sum()), 1.0)
         return math.sqrt(signal / model)
@@ -359,7 +412,7 @@ class SAGDEngine:
         return make_prior(self.cfg.prior, setup["prior_lambda"], setup["car_sigma"])
 
     def _new_state(self, setup: dict[str, Any]) -> SAGDState:
-        n, dev, n_all = self.parts.box, self.device, len(self.parts)
+        n, dev, n_all = self.parts.box, self.device, len(self.parts)  # this rank's particles
         volume = setup["start"].to(dev, torch.float32).clone()
         return SAGDState(volume=volume, sagd=SAGD.create(len(self.batches), (n, n, n), dev),
                          phi=ParticlePhi.empty(n_all, dev), rotations=torch.eye(3, device=dev).repeat(n_all, 1, 1),
@@ -446,33 +499,45 @@ class SAGDEngine:
 
     # ------------------------------------------------------------------------------------------- iterations
     def _iteration(self, st: SAGDState, k: int) -> dict[str, Any]:
-        """One SAGD iteration on minibatch ``k``; returns device and host figures for the metrics row."""
+        """One SAGD iteration on minibatch ``k``; returns device and host figures for the metrics row. Under
+        torchrun each rank works on its share of the minibatch (possibly none of it) and the data terms are summed."""
         tau = st.sagd.tau + 1
         omega = self._omega(tau)
         lv = self._level(omega)
         ids = self.batches[k]
-        sets = self._sets(ids, st.batch_level[k], lv, st.phi, self._generator(tau))
-        data = self._batch_pixels(ids, lv)
         log_w = (lv.quad.log_w_dir, lv.quad.log_w_psi, lv.quad.log_w_shift)
-        volume = st.volume.detach().requires_grad_(True)
-        res = marginal(data, self._project(volume, lv), lv.ramps, sets, log_w)
-        loss = -res.log_p.sum()
-        (grad,) = torch.autograd.grad(loss, volume)
+        alone = distributed.current().world_size == 1
         n_batches = len(self.batches)
+        if ids.numel() > 0:
+            sets = self._sets(ids, st.batch_level[k], lv, st.phi, self._generator(tau))
+            data = self._batch_pixels(ids, lv)
+            volume = st.volume.detach().requires_grad_(True)
+            res = marginal(data, self._project(volume, lv), lv.ramps, sets, log_w)
+            loss = -res.log_p.sum()
+            (grad,) = torch.autograd.grad(loss, volume)
+            fraction = (res.evaluated.to(torch.float32) / lv.quad.points).sum()
+        else:  # this rank holds none of the minibatch: it adds zeros to the sums
+            grad, loss, fraction = torch.zeros_like(st.volume), torch.zeros((), device=self.device), \
+                torch.zeros((), device=self.device)
+        distributed.all_reduce_sum(grad)  # the minibatch's data term over every rank's share of it
 
         def objective(v: Tensor) -> float:
             with torch.no_grad():
-                value = -marginal(data, self._project(v, lv), lv.ramps, sets, log_w).log_p.sum()
-                return float(value + self.prior.value(v) / n_batches)
+                value = -marginal(data, self._project(v, lv), lv.ramps, sets, log_w).log_p.sum() if ids.numel() \
+                    else torch.zeros((), device=v.device)
+                if alone:
+                    return float(value + self.prior.value(v) / n_batches)
+                return distributed.sum_over_ranks([float(value)], v.device)[0] + float(self.prior.value(v) / n_batches)
 
         with torch.no_grad():
             prior_grad = self.prior.grad(st.volume)
             st.volume, info = st.sagd.step(st.volume.detach(), k, grad, prior_grad, objective)
-            self._record(st, ids, lv, sets, res, tau)
+            if ids.numel() > 0:
+                self._record(st, ids, lv, sets, res, tau)
         st.batch_level[k] = lv.quad.level
-        fraction = (res.evaluated.to(torch.float32) / lv.quad.points).mean()
+        # sums over this rank's particles (the pass adds the ranks' once, at its end)
         return {"omega": omega, "level": lv.quad.level, "points": lv.quad.points, "fraction": fraction,
-                "loss": loss.detach() / ids.numel(), **info}
+                "loss": loss.detach(), "count": ids.numel(), **info}
 
     def _evaluate(self, st: SAGDState, ids_all: Tensor, group: int, tau: int, salt: int) -> Tensor:
         """E-step without gradients over ``ids_all`` (batches of ``batch_size``); records poses and ``phi``; returns
@@ -488,15 +553,19 @@ class SAGDEngine:
                 res = marginal(self._batch_pixels(ids, lv), proj, lv.ramps, sets, log_w)
                 self._record(st, ids, lv, sets, res, tau)
                 errors.append(res.expected_sq_error)
-        return torch.cat(errors)
+        return torch.cat(errors) if errors else torch.zeros(0, device=self.device)
 
     def _held_out_rremse(self, st: SAGDState) -> float:
-        if self.held.numel() == 0:
+        if int(self.setup["held_out_count"]) == 0:
             return math.nan
         tau = st.sagd.tau
         errors = self._evaluate(st, self.held, len(self.batches), tau, salt=1)
         st.batch_level[len(self.batches)] = self._level(self._omega(max(1, tau))).quad.level
-        return rremse(errors, self.setup["sigma"] ** 2, self._level(self._omega(max(1, tau))).pixels.index.numel())
+        pixels = self._level(self._omega(max(1, tau))).pixels.index.numel()
+        if distributed.current().world_size == 1:
+            return rremse(errors, self.setup["sigma"] ** 2, pixels)
+        total, count = distributed.sum_over_ranks([float(errors.sum()), float(errors.numel())], errors.device)
+        return math.sqrt(total / count / (self.setup["sigma"] ** 2 * pixels))
 
     def _pass(self, st: SAGDState, reporter: Reporter, max_iter: int) -> None:
         """One pass over the minibatches (in a seeded order), then the held-out RREMSE, the stopping rule, one metrics
@@ -524,8 +593,15 @@ class SAGDEngine:
             if st.last_rremse < st.best_rremse:
                 st.best_rremse = st.last_rremse
             st.converged = st.stale >= self.cfg.patience
-        fractions = torch.stack([r["fraction"] for r in rows]).tolist() if rows else []
-        losses = torch.stack([r["loss"] for r in rows]).tolist() if rows else []
+        fractions, losses = [], []
+        if rows:
+            # per-iteration sums of every rank's share of the minibatch, then per-particle means (one collective)
+            sums = distributed.all_reduce_sum(torch.stack(
+                [torch.stack([r["fraction"] for r in rows]).to(torch.float64),
+                 torch.stack([r["loss"] for r in rows]).to(torch.float64),
+                 torch.tensor([float(r["count"]) for r in rows], dtype=torch.float64, device=self.device)]))
+            fractions = (sums[0] / sums[2].clamp_min(1)).tolist()
+            losses = (sums[1] / sums[2].clamp_min(1)).tolist()
         if fractions:
             st.last_fraction = sum(fractions) / len(fractions)
         first = st.sagd.tau - len(rows) + 1
@@ -539,8 +615,8 @@ class SAGDEngine:
                        "rremse": st.last_rremse if end else math.nan}
             reporter.end_epoch(tau, metrics, volume=st.volume if end else None,
                                voxel_size=self.parts.pixel_size if end else None,
-                               rotations=st.rotations if end else None,
-                               state=st.checkpoint(self.setup) if end else None, last=end and finished)
+                               rotations=distributed.gather_shards(st.rotations, self.total) if end else None,
+                               state=st.checkpoint(self.setup, self.total) if end else None, last=end and finished)
 
     def _final_poses(self, st: SAGDState) -> None:
         """The most probable poses of every particle under the returned map: one E-step without gradients (training

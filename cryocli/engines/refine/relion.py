@@ -56,7 +56,13 @@ from cryocli.engines.common.kernel_backprojection import (
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
-from cryocli.engines.particles import PreparedParticles, StreamedParticles, prepare_particles, stream_particles
+from cryocli.engines.particles import (
+    PRELOAD_BYTES,
+    PreparedParticles,
+    StreamedParticles,
+    prepare_particles,
+    stream_particles,
+)
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.refine.intensity import IntensityAccumulator, IntensityCorrections, intensity_groups
@@ -86,8 +92,7 @@ from cryocli.io.mrc import read_map
 PATIENCE = 1
 #: Finest HEALPix order the auto-sampling goes to (0.47 degrees fine step).
 MAX_ORDER = 8
-#: ``preload = "auto"`` holds the particles while their images and transforms take at most this (bytes).
-PRELOAD_BYTES = 2**30
+
 
 
 @dataclass
@@ -114,7 +119,7 @@ class RefineConfig(EngineConfig):
     the angular sampling while the fine step is coarser than this, even when the accuracy estimate would.
     preload: hold the prepared images and their transforms on the device (``yes``), read them from the stacks
     every iteration (``no``: memory does not grow with the particle count), or ``auto``: yes while the images
-    and their transforms take at most :data:`PRELOAD_BYTES` (per torchrun rank).
+    and their transforms take at most :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
 
     Why a cap of 300 significant samples where RELION's auto-refine has none: with a 40 A reference the first
     global iterations have a nearly flat posterior (about 60,000 of 97,000 coarse samples significant per

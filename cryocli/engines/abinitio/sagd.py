@@ -96,7 +96,14 @@ from cryocli.engines.abinitio.sagd_poses import polish_poses
 from cryocli.engines.abinitio.sagd_priors import PRIORS, DensityPrior, make_prior
 from cryocli.engines.abinitio.sagd_quadrature import Quadrature, angular_step, build_quadrature, kernels, level_for
 from cryocli.engines.common.pose_search import SearchPixels, project_pixels
-from cryocli.engines.particles import PreparedParticles, background_mask, prepare_particles
+from cryocli.engines.particles import (
+    PRELOAD_BYTES,
+    PreparedParticles,
+    StreamedParticles,
+    background_mask,
+    prepare_particles,
+    stream_particles,
+)
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -129,6 +136,9 @@ class SAGDConfig(EngineConfig):
     2,000; 0: none, and the run stops at ``max_iter``). spheres: 30. shift_sigma: the shift prior's sigma in A
     (``None``: 3% of the box's field of view). shift_extent: the shift points' radius in shift sigmas (2.5).
     max_level: the finest quadrature level (4). patience: passes without improvement that stop the run (5).
+    preload: hold the prepared particles' transforms on the device (``yes``), read each minibatch from the stacks
+    (``no``: memory does not grow with the particle count), or ``auto``: yes while images and transforms take at
+    most :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
     """
 
     epochs: int | None = None  # type: ignore[assignment]
@@ -149,6 +159,7 @@ class SAGDConfig(EngineConfig):
     shift_extent: float = 2.5
     max_level: int = 4
     patience: int = 5
+    preload: str = "auto"
 
     def __post_init__(self) -> None:
         # No pass limit but max_iter: each pass takes at least one iteration. The run's bookkeeping (a finished run
@@ -181,6 +192,8 @@ class SAGDConfig(EngineConfig):
         positive(self, "shift_extent")
         within(self, "max_level", 0, 5)
         at_least(self, "patience", 1)
+        if self.preload not in ("auto", "yes", "no"):
+            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
 
 
 @dataclass
@@ -293,7 +306,13 @@ class SAGDEngine:
         self.total = len(data)
         rows = distributed.shard(np.arange(self.total), ranks)
         local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
-        parts = prepare_particles(local, cfg, dev, across_ranks=ranks.world_size > 1)
+        box = int(cfg.box) if cfg.box else data.box
+        # images (float32) and their half transforms (complex64)
+        held = cfg.preload == "yes" or (cfg.preload == "auto" and
+                                        len(local) * (4 * box * box + 8 * box * (box // 2 + 1)) <= PRELOAD_BYTES)
+        parts: PreparedParticles | StreamedParticles = (
+            prepare_particles(local, cfg, dev, across_ranks=ranks.world_size > 1) if held
+            else stream_particles(local, cfg, dev, across_ranks=ranks.world_size > 1))
         self._levels, self._kernels = {}, {}
         self.parts, self.cfg = parts, cfg
         saved = reporter.resume_state()
@@ -302,7 +321,8 @@ class SAGDEngine:
         assert isinstance(setup, dict)
         reporter.event("sagd_setup", **_plain(setup))
         self.setup = setup
-        self.spectra = (image_to_rfft(parts.images) / parts.box).to(torch.complex64)
+        self.spectra = (image_to_rfft(parts.images) / parts.box).to(torch.complex64) \
+            if isinstance(parts, PreparedParticles) else None
         self.prior = self._prior(setup)
         self.held = self._mine(setup["held_out"])
         self.batches = [self._mine(b) for b in setup["batches"]]
@@ -329,7 +349,7 @@ class SAGDEngine:
                             **_plain(setup)})
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self, parts: PreparedParticles, cfg: SAGDConfig) -> dict[str, Any]:
+    def _setup(self, parts: PreparedParticles | StreamedParticles, cfg: SAGDConfig) -> dict[str, Any]:
         """Settings from the data (host syncs, once): noise sigma, sizes, held-out set and minibatches, the scaled
         random start and the priors' parameters."""
         n, apix, n_all = parts.box, parts.pixel_size, self.total
@@ -361,15 +381,19 @@ class SAGDEngine:
         return setup
 
     @staticmethod
-    def _noise_sigma(parts: PreparedParticles) -> float:
-        """The standard deviation of the background pixels (beyond 0.4 box) over all particles (all ranks')."""
-        background = parts.images[:, background_mask(parts.box, device=parts.images.device)]
-        if distributed.current().world_size == 1:
-            return float(background.std())
-        background = background.to(torch.float64)
-        total, squares, count = distributed.sum_over_ranks(
-            [float(background.sum()), float((background * background).sum()), float(background.numel())],
-            parts.images.device)
+    def _noise_sigma(parts: PreparedParticles | StreamedParticles, chunk: int = 1024) -> float:
+        """The standard deviation of the background pixels (beyond 0.4 box) over all particles (all ranks'; streamed
+        ``chunk`` at a time when the particles are not held)."""
+        mask = background_mask(parts.box, device=parts.images.device)
+        if distributed.current().world_size == 1 and isinstance(parts, PreparedParticles):
+            return float(parts.images[:, mask].std())
+        total = squares = count = 0.0
+        for start in range(0, len(parts), chunk):
+            background = parts.images[start:start + chunk][:, mask].to(torch.float64)
+            total += float(background.sum())
+            squares += float((background * background).sum())
+            count += background.numel()
+        total, squares, count = distributed.sum_over_ranks([total, squares, count], parts.images.device)
         return math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
 
     def _mine(self, ids: list[int]) -> Tensor:
@@ -379,7 +403,7 @@ class SAGDEngine:
         g = torch.tensor(ids, dtype=torch.long)
         return (g[g % ranks.world_size == ranks.rank] // ranks.world_size).to(self.device)
 
-    def _start_scale(self, parts: PreparedParticles, start: Tensor, sigma: float, cfg: SAGDConfig,
+    def _start_scale(self, parts: PreparedParticles | StreamedParticles, start: Tensor, sigma: float, cfg: SAGDConfig,
                      gen: torch.Generator) -> float:
         """The factor that gives the start's projections (through the particles' CTFs) the images' signal power at
         ``1 / res_start`` (the noise power ``sigma^2`` per pixel removed), over up to 512 particles drawn with
@@ -419,7 +443,7 @@ class SAGDEngine:
                          shifts=torch.zeros(n_all, 2, device=dev), batch_level=[-1] * (len(self.batches) + 1))
 
     # ------------------------------------------------------------------------------------------- schedule
-    def _omega_bounds(self, parts: PreparedParticles, cfg: SAGDConfig) -> tuple[float, float]:
+    def _omega_bounds(self, parts: PreparedParticles | StreamedParticles, cfg: SAGDConfig) -> tuple[float, float]:
         nyquist = 1.0 / (2.0 * parts.pixel_size)
         end = min(1.0 / cfg.res_final, nyquist)
         return min(1.0 / cfg.res_start, end), end
@@ -432,7 +456,7 @@ class SAGDEngine:
         return self._radius(omega, self.parts) / (self.parts.box * self.parts.pixel_size)
 
     @staticmethod
-    def _radius(omega: float, parts: PreparedParticles) -> int:
+    def _radius(omega: float, parts: PreparedParticles | StreamedParticles) -> int:
         return int(min(parts.box // 2, max(2, round(omega * parts.box * parts.pixel_size))))
 
     def _level(self, omega: float) -> Level:
@@ -465,7 +489,9 @@ class SAGDEngine:
         return ctf_on_pixels(params, pixels, ids.numel(), self.parts.pixel_size, self.device)
 
     def _batch_pixels(self, ids: Tensor, lv: Level) -> BatchPixels:
-        return batch_pixels(self.spectra[ids], self._ctf(ids, lv.pixels), lv.pixels, self.setup["sigma"])
+        spectra = self.spectra[ids] if self.spectra is not None else \
+            (image_to_rfft(self.parts.images[ids]) / self.parts.box).to(torch.complex64)
+        return batch_pixels(spectra, self._ctf(ids, lv.pixels), lv.pixels, self.setup["sigma"])
 
     def _project(self, volume: Tensor, lv: Level) -> tuple[Tensor, Tensor]:
         return project_quadrature(volume, lv.quad.rotations, lv.pixels, lv.radius)

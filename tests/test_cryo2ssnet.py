@@ -274,6 +274,22 @@ def test_bad_options_name_the_flag(small, tmp_path):
 FAST = ["--steps", "10", "--batch-size", "40", "--beam-depth", "2", "--gd-steps", "2", "--denoiser-steps", "20"]
 
 
+def test_streamed_particles_give_the_run_of_preloaded_ones(small, tmp_path):
+    """--preload no reads every batch from the stacks and estimates the settings on the same particles (fewer than
+    SETUP_SAMPLE): the same run, to float32 round-off of the streamed normalisation."""
+    star = str(small / "particles.star")
+    for preload in ("yes", "no"):
+        r = runner.invoke(app, ["--quiet", "abinitio", star, "-m", "cryo2ssnet", "-o", str(tmp_path / preload),
+                                "--epochs", "2", "--preload", preload, *FAST])
+        assert r.exit_code == 0, r.output
+    held, streamed = (read_map(tmp_path / k / "map_unfil.mrc").data for k in ("yes", "no"))
+    assert float(np.abs(held - streamed).max()) <= 1e-3 * float(np.abs(held).max())
+    setups = [next(json.loads(x) for x in (tmp_path / k / "log.jsonl").read_text().splitlines()
+                   if json.loads(x)["event"] == "cryo2ssnet_setup") for k in ("yes", "no")]
+    assert setups[0]["denoiser_factor"] == setups[1]["denoiser_factor"]
+    assert setups[0]["snr"] == pytest.approx(setups[1]["snr"], rel=1e-4)
+
+
 def test_checkpoint_resume_and_snr_log(small, tmp_path):
     star = str(small / "particles.star")
     run = tmp_path / "run"

@@ -110,10 +110,10 @@ def abinitio(
     decode_march_epochs: int | None = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
                                                       "auto-decoding epochs over which the compared band widens "
                                                       "to Nyquist [default: 6]."),
-    preload: str | None = typer.Option(None, "--preload", help="cryospin, sagd: hold the prepared particles in memory (on "
-                                       "the device): yes, no (read each batch from the stacks; memory does not grow "
-                                       "with the particle count), auto (yes while they take at most 1 GiB per "
-                                       "process) [default: auto]."),
+    preload: str | None = typer.Option(None, "--preload", help="Hold the prepared particles in memory (cryospin "
+                                       "and sagd: on the device): yes, no (read each batch from the stacks; memory "
+                                       "does not grow with the particle count), auto (yes while they take at most "
+                                       "1 GiB per process) [default: auto]."),
     final_map: str | None = typer.Option(None, "--final-map", help="cryospin: decoder (the learned volume) or "
                                             "reconstruct (direct Fourier reconstruction at the final poses) "
                                             "[default: decoder]."),

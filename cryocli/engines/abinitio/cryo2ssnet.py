@@ -72,7 +72,14 @@ from cryocli.engines.abinitio.dhbs import BeamSearch, Denoise, adam_lr, identity
 from cryocli.engines.abinitio.s2s2 import S2S2Encoder
 from cryocli.engines.abinitio.unbiased_loss import estimate_snr, normalise, unbiased_l2
 from cryocli.engines.abinitio.voxel_decoder import VoxelDecoder, observed_images, render
-from cryocli.engines.particles import PreparedParticles, background_mask, prepare_particles
+from cryocli.engines.particles import (
+    PRELOAD_BYTES,
+    PreparedParticles,
+    StreamedParticles,
+    background_mask,
+    prepare_particles,
+    stream_particles,
+)
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -82,6 +89,8 @@ from cryocli.io.dataset import ParticleStack
 
 #: The paper's step budget and batch (B.2).
 PAPER_STEPS, PAPER_BATCH = 7500, 32
+#: Particles the data-derived settings (SNR, radius, denoiser factor) are estimated on when the particles stream.
+SETUP_SAMPLE = 10_000
 #: The decoder's learning rate is divided by this at the switch to stage 2 (B.2).
 DECODER_DECAY = 10.0
 #: Where the beam starts: "encoder" (the paper's c nearest cells of the encoder's pose), "global" (the c best of
@@ -106,7 +115,10 @@ class Cryo2SSNetConfig(EngineConfig):
     of the working box (``None``: box / 8). encoder_channels: filters of the three conv blocks (32, 64, 128).
     beam_start: "auto", "encoder" (the paper) or "global" (see the module docstring). agreement: degrees of median
     encoder-to-search distance at which the encoder counts as trained (10). switch_waits: stage 2 waits for that
-    (``False``: the paper's fixed switch).
+    (``False``: the paper's fixed switch). preload: hold the prepared images in host memory (``yes``), read each
+    batch from the stacks (``no``: memory does not grow with the particle count; the data-derived settings are then
+    estimated on :data:`SETUP_SAMPLE` particles spread over the set), or ``auto``: yes while they take at most
+    :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
     """
 
     epochs: int | None = None  # type: ignore[assignment]
@@ -132,6 +144,7 @@ class Cryo2SSNetConfig(EngineConfig):
     switch_waits: bool = True
     max_shift: float | None = None
     encoder_channels: tuple[int, ...] = (32, 64, 128)
+    preload: str = "auto"
 
     def validate(self) -> None:
         # The shared checks, with the epochs left to the step budget when not given.
@@ -162,6 +175,8 @@ class Cryo2SSNetConfig(EngineConfig):
             at_least(self, "max_shift", 0)
         if not self.encoder_channels or min(self.encoder_channels) < 1:
             raise OptionError("encoder_channels", self.encoder_channels, "expected positive filter counts")
+        if self.preload not in ("auto", "yes", "no"):
+            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
 
     def resolved_gd_lr(self) -> float:
         """The polishing rate used: ``gd_lr``, or 0.05 (vanilla) / :func:`~cryocli.engines.abinitio.dhbs.adam_lr`."""
@@ -265,8 +280,13 @@ class Cryo2SSNetEngine:
             raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
                               f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
         local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
-        # Host memory: the device sees one batch at a time.
-        parts = prepare_particles(local, cfg, torch.device("cpu"), across_ranks=ranks.world_size > 1)
+        # Host memory (or the stacks): the device sees one batch at a time.
+        box = int(cfg.box) if cfg.box else data.box
+        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * 4 * box * box <= PRELOAD_BYTES)
+        cpu = torch.device("cpu")
+        parts: PreparedParticles | StreamedParticles = (
+            prepare_particles(local, cfg, cpu, across_ranks=ranks.world_size > 1) if held
+            else stream_particles(local, cfg, cpu, across_ranks=ranks.world_size > 1))
         n, n_part, dev = parts.box, len(parts), self.device
         if n < 16:
             raise OptionError("box", n, "cryo2ssnet needs a box of at least 16 px (three pooling blocks)")
@@ -311,21 +331,26 @@ class Cryo2SSNetEngine:
                                               "stage1_steps": sched.stage1, "denoiser_steps_in_search": sched.denoise})
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self, parts: PreparedParticles, cfg: Cryo2SSNetConfig) -> dict[str, Any]:
-        """The settings taken from the data: SNR, particle radius, denoiser factor, shift bound (host syncs, once)."""
+    def _setup(self, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig) -> dict[str, Any]:
+        """The settings taken from the data: SNR, particle radius, denoiser factor, shift bound (host syncs, once);
+        from every particle held, or from :data:`SETUP_SAMPLE` spread over the set when they are streamed."""
         n = parts.box
         background = background_mask(n)
-        snr = float(cfg.snr) if cfg.snr is not None else estimate_snr(parts.images, background)
+        if isinstance(parts, PreparedParticles):
+            images = parts.images
+        else:
+            images = parts.images[torch.linspace(0, len(parts) - 1, min(len(parts), SETUP_SAMPLE)).long().unique()]
+        snr = float(cfg.snr) if cfg.snr is not None else estimate_snr(images, background)
         if cfg.particle_diameter is not None:
             radius = min(0.5 * n, 0.5 * cfg.particle_diameter / parts.pixel_size)
         else:
-            radius = estimate_particle_radius(parts.images, background)
-        factor = int(cfg.denoiser_factor) if cfg.denoiser_factor is not None else choose_factor(parts.images)
+            radius = estimate_particle_radius(images, background)
+        factor = int(cfg.denoiser_factor) if cfg.denoiser_factor is not None else choose_factor(images)
         max_shift = float(cfg.max_shift) if cfg.max_shift is not None else n / 8
         return {"snr": snr, "snr_source": "given" if cfg.snr is not None else "estimated",
                 "radius_px": float(radius), "denoiser_factor": factor, "max_shift_px": max_shift}
 
-    def _new_state(self, parts: PreparedParticles, cfg: Cryo2SSNetConfig, setup: dict[str, Any],
+    def _new_state(self, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig, setup: dict[str, Any],
                    sched: Schedule) -> Cryo2SSNetState:
         """The random start: encoder (PyTorch's default initialisation), decoder ``U(0, 0.1)`` in the particle
         radius, their optimisers, identity poses and zero shifts."""
@@ -345,7 +370,7 @@ class Cryo2SSNetEngine:
             poses=torch.eye(3, device=dev).repeat(n_part, 1, 1), shifts=torch.zeros(n_part, 2, device=dev),
             encoder_error=torch.full((n_part,), math.pi, device=dev))
 
-    def _train_denoiser(self, denoiser: MLPDenoiser, parts: PreparedParticles, cfg: Cryo2SSNetConfig,
+    def _train_denoiser(self, denoiser: MLPDenoiser, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig,
                         setup: dict[str, Any], reporter: Reporter) -> None:
         world = distributed.current().world_size
         steps = cfg.denoiser_steps or denoiser_steps(int(distributed.sum_over_ranks([float(len(parts))])[0]))
@@ -360,7 +385,7 @@ class Cryo2SSNetEngine:
         reporter.event("denoiser_trained", steps=steps, loss=float(loss))
 
     # ------------------------------------------------------------------------------------------- epochs
-    def _epoch(self, st: Cryo2SSNetState, parts: PreparedParticles, model: ImageModel, beam: BeamSearch,
+    def _epoch(self, st: Cryo2SSNetState, parts: PreparedParticles | StreamedParticles, model: ImageModel, beam: BeamSearch,
                cfg: Cryo2SSNetConfig, setup: dict[str, Any], sched: Schedule, epoch: int, order: Tensor,
                reporter: Reporter, last_loss: float) -> dict[str, Any]:
         """One pass over the particles in ``order``; stage and denoiser follow the global step."""

@@ -10,7 +10,8 @@ then times, as one process and under `torchrun --nproc_per_node=R` (gloo on the 
 process tree: `cryocli reconstruct --halves`, and one iteration of `cryocli refine --method relion --preload no`
 from the ground truth (low-passed to 40 A by refine; a global search over the whole HEALPix order-2 grid, the
 costliest iteration of a run), and one epoch of `cryocli abinitio --method cryospin --preload no` (an auto-encoding
-epoch: encoder, candidate grid and decoder steps over every particle). Peak memory is the largest resident set of
+epoch: encoder, candidate grid and decoder steps over every particle; `--abinitio-method sagd`: one pass over the
+minibatches and the final poses; `cryo2ssnet`: the denoiser's training and one epoch). Peak memory is the largest resident set of
 the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not
 visible from outside, so the column is host memory. Memory should not grow with the particle count (the images
 stream from the memory-mapped stack in batches); the STAR table and the per-particle state (poses, CTF parameters)
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--refine-counts", default="1000,4000,16000", help="particle counts for refine (one iteration)")
     p.add_argument("--abinitio-counts", default="1000,4000,16000",
                    help="particle counts for abinitio (cryospin, one epoch)")
+    p.add_argument("--abinitio-method", default="cryospin", help="abinitio method: cryospin, sagd or cryo2ssnet")
     p.add_argument("--commands", default="reconstruct,refine,abinitio", help="which commands to measure")
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--apix", type=float, default=2.4, help="pixel size of the simulated particles (A)")
@@ -85,12 +87,13 @@ def main() -> None:
                         argv = ["refine", str(sim / "particles.star"), "--ref", str(sim / "ground_truth.mrc"), "-o",
                                 str(out), "--max-iter", "1", "--preload", "no"]
                     else:
-                        argv = ["abinitio", str(sim / "particles.star"), "--method", "cryospin", "-o", str(out),
-                                "--epochs", "1", "--preload", "no"]
+                        argv = ["abinitio", str(sim / "particles.star"), "--method", args.abinitio_method, "-o",
+                                str(out), "--epochs", "1", "--preload", "no"]
                     launcher = [sys.executable] if ranks == 1 else [
                         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                     seconds, peak = run_measured([*launcher, "-m", "cryocli", "--quiet", *argv], work)
-                    rows.append({"command": command, "particles": count, "box": args.box, "ranks": ranks,
+                    label = command if command != "abinitio" else f"abinitio {args.abinitio_method}"
+                    rows.append({"command": label, "particles": count, "box": args.box, "ranks": ranks,
                                  "seconds": seconds, "throughput": count / seconds, "peak_mb": peak})
                     print(rows[-1], file=sys.stderr)
     for row in rows:

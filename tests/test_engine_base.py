@@ -12,7 +12,7 @@ import torch
 
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.analysis.ground_truth import GroundTruth
-from cryocli.engines.particles import prepare_particles, protein_is_dark
+from cryocli.engines.particles import prepare_particles, protein_is_dark, stream_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, engine_names, engine_summaries, get_engine
 from cryocli.engines.result import Reconstruction
@@ -94,6 +94,23 @@ def test_prepared_particles_have_unit_background_and_cropped_pixel_size(bright):
     assert cropped.pixel_size == pytest.approx(7.2)
     with pytest.raises(CryocliError, match="larger than the particle box"):
         prepare_particles(stack, EngineConfig(box=64), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("box,invert", [(32, None), (16, True)])
+def test_streamed_particles_equal_the_prepared_ones(dark, box, invert):
+    """stream_particles reads, crops and normalises on demand what prepare_particles holds: the same images for an
+    unsorted tensor index, an array and a slice, the same sign, pixel size and CTFs."""
+    stack = ParticleStack(read_star(dark / "particles.star"))
+    config = EngineConfig(box=box, invert=invert)
+    held = prepare_particles(stack, config, torch.device("cpu"))
+    streamed = stream_particles(stack, config, torch.device("cpu"), chunk=64)  # several chunks in the first pass
+    assert streamed.inverted == held.inverted and streamed.pixel_size == held.pixel_size
+    assert streamed.images.shape == tuple(held.images.shape) and len(streamed) == len(held)
+    idx = torch.tensor([299, 3, 150, 3, 0])
+    for index in (idx, idx.numpy(), slice(10, 20)):
+        assert torch.allclose(streamed.images[index], held.images[index], atol=1e-5, rtol=1e-5)
+    assert held.ctf is not None and streamed.ctf is not None
+    assert torch.equal(streamed.ctf.defocus_u, held.ctf.defocus_u)
 
 
 # ------------------------------------------------------------------------------------------------ decoder

@@ -248,11 +248,11 @@ class CryoSpinState:
     encoder_channels: tuple[int, ...]
     total: int
 
-    def checkpoint(self, epoch: int, encoding: bool, total: int) -> dict[str, Any]:
+    def checkpoint(self, epoch: int, encoding: bool) -> dict[str, Any]:
         """What ``--resume`` needs after ``epoch`` (the encoder only while it still trains). Under torchrun every
         rank calls it: the per-particle state of all ``total`` particles is gathered from the ranks."""
         def whole(t: Tensor) -> Tensor:
-            return distributed.gather_shards(t, total)
+            return distributed.gather_shards(t, self.total)
 
         def whole_adam(adam: ParticleAdam) -> dict[str, Tensor | float]:
             return {"m": whole(adam.m), "v": whole(adam.v), "steps": whole(adam.steps), "lr": adam.lr}
@@ -347,7 +347,7 @@ class CryoSpinEngine:
                 metrics = self._decoding_epoch(st, order, cfg, reporter)
             metrics["stage"] = "encode" if encoding else "decode"
             distributed.average_buffers(st.encoder)
-            state = st.checkpoint(epoch, encoding, total)
+            state = st.checkpoint(epoch, encoding)
             reporter.end_epoch(epoch, metrics, volume=st.volume.to_map(), voxel_size=parts.pixel_size,
                                rotations=state["poses"], state=state, last=epoch == cfg.epochs)
         if cfg.epochs <= cfg.switch_epoch:

@@ -94,7 +94,6 @@ PATIENCE = 1
 MAX_ORDER = 8
 
 
-
 @dataclass
 class RefineConfig(EngineConfig):
     """Options of the refine methods (defaults: RELION 5's auto-refine).
@@ -525,7 +524,7 @@ class RelionRefineEngine:
                 self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, intensity, rot, origins, out, searcher,
                                   sampling, bps, r_max)
             if h == 0:
-                # the first accuracy_particles of half 1, shared between the ranks (the same particles)
+                # about the first accuracy_particles of half 1, shared between the ranks
                 share = -(-cfg.accuracy_particles // distributed.current().world_size)
                 out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:share], sigma2, intensity, out.rot)
             out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected

@@ -91,20 +91,51 @@ def shard(indices: np.ndarray, ranks: Ranks | None = None) -> np.ndarray:
     return np.asarray(indices)[ranks.rank::ranks.world_size]
 
 
+def _several() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait until every rank is here (a no-op for one rank)."""
+    if _several():
+        dist.barrier()
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank stopped or timed out (gloo's and nccl's
+    errors), under a torchrun launch."""
+    if not launched() or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text
+
+
+def collective_device() -> torch.device:
+    """Where the process group's collectives run: this rank's GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Add ``tensor`` (contiguous) over all ranks, in place; returns it. A no-op for one rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # complex sums as their real and imaginary parts (a view: the sum lands in ``tensor``)
-        dist.all_reduce(torch.view_as_real(tensor) if tensor.is_complex() else tensor, op=dist.ReduceOp.SUM)
+    """Add ``tensor`` (contiguous) over all ranks, in place; returns it. A no-op for one rank. A tensor on another
+    device than the collectives' (host statistics under nccl) goes through a copy there."""
+    if _several():
+        where = collective_device()
+        work = tensor if tensor.device == where else tensor.to(where)
+        # complex sums as their real and imaginary parts (a view: the sum lands in ``work``)
+        dist.all_reduce(torch.view_as_real(work) if work.is_complex() else work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
 
 
-def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Sums of a few scalars ``values`` over all ranks (float64; one collective). The values unchanged for one
-    rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+def sum_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Sums of a few scalars ``values`` over all ranks (float64; one collective, on the collectives' device whatever
+    ``device`` says). The values unchanged for one rank."""
+    if not _several():
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [float(v) for v in t.cpu()]
 
@@ -120,19 +151,19 @@ def gather_shards(local: Tensor, total: int) -> Tensor:
         return local
     w = ranks.world_size
     longest = -(-total // w)
-    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=collective_device())
     padded[:len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(w)]
     dist.all_gather(parts, padded)
     whole = local.new_empty((total, *local.shape[1:]))
     for k, part in enumerate(parts):
-        whole[k::w] = part[:len(range(k, total, w))]
+        whole[k::w] = part[:len(range(k, total, w))].to(local.device)
     return whole
 
 
 def broadcast_object(obj: object) -> object:
     """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself for one rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return obj
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -143,12 +174,12 @@ def average_gradients(parameters: Iterable[Tensor]) -> None:
     """Replace every gradient of ``parameters`` by its mean over the ranks, in one collective (what
     ``DistributedDataParallel`` does during the backward pass; here after it). Parameters without a gradient are
     skipped: which ones have none is decided by the code path, the same on every rank. A no-op for one rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(collective_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     offset = 0
@@ -160,18 +191,22 @@ def average_gradients(parameters: Iterable[Tensor]) -> None:
 def broadcast_module(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers of ``module`` on every rank, in place (as DDP does when it wraps a
     module), so that all ranks start from the same random initialisation. A no-op for one rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return
+    where = collective_device()
     for tensor in module.state_dict().values():
-        dist.broadcast(tensor, src=0)
+        work = tensor if tensor.device == where else tensor.to(where)
+        dist.broadcast(work, src=0)
+        if work is not tensor:
+            tensor.copy_(work)
 
 
 def average_buffers(module: torch.nn.Module) -> None:
     """The floating-point buffers of ``module`` (batch-norm running statistics) averaged over the ranks, in
     place, so that every rank evaluates the same network. A no-op for one rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            all_reduce_sum(buffer)
             buffer /= dist.get_world_size()

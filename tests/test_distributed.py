@@ -267,6 +267,32 @@ def test_an_engine_without_data_parallel_is_refused_under_torchrun(monkeypatch: 
         refuse_torchrun_without_data_parallel(Plain(), "abinitio --method plain")
 
 
+def test_a_collective_broken_by_another_rank_is_one_error_line(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun, gloo's error when a peer died mid-collective becomes one error line and exit 1 (not a
+    traceback, not the bad-input code); other RuntimeErrors, and any error outside torchrun, go on as they are."""
+    import typer
+
+    from cryocli.cli.common import guarded
+
+    broken = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
+    assert not distributed.is_collective_failure(broken)  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_collective_failure(broken)
+    assert not distributed.is_collective_failure(RuntimeError("shape mismatch"))
+    with pytest.raises(typer.Exit) as stopped:
+        with guarded():
+            raise broken
+    assert stopped.value.exit_code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cryocli: error: the run stopped: a collective with the other "
+                                                   "ranks failed"), lines
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with guarded():
+            raise RuntimeError("shape mismatch")
+
+
 @pytest.mark.acceptance
 def test_cryospin_under_torchrun_meets_the_one_process_done_means(tmp_path: Path) -> None:
     """The done-means run of tests/test_cryospin.py (3,000 particles of 48 px, SNR 0.1, CTF, random start, shipped

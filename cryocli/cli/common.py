@@ -97,6 +97,15 @@ def guarded() -> Iterator[None]:
         yield
     except CryocliError as exc:
         raise fail(exc.message, exc.path) from None
+    except RuntimeError as exc:
+        from cryocli import distributed
+
+        if not distributed.is_collective_failure(exc):
+            raise
+        # Another rank stopped (its own error line says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT.
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]})")
+        raise typer.Exit(code=1) from None  # not bad input: the run broke off
 
 
 def emit_json(payload: dict[str, Any]) -> None:

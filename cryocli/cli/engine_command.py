@@ -73,6 +73,10 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
         device = resolve_device()
         engine = get_engine(method, kind, device=device)
         refuse_torchrun_without_data_parallel(engine, f"{kind} --method {method}")
+        # Every rank has checked the output folder before rank 0 creates it (else a slower rank would find it).
+        from cryocli import distributed
+
+        distributed.barrier()
         config = build_config(engine, {**options, "seed": STATE.seed})
         request = RunRequest(particles=particles, out=out, command=f"{kind} --method {method}", datadir=datadir,
                              force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,

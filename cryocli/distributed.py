@@ -91,6 +91,22 @@ def shard(indices: np.ndarray, ranks: Ranks | None = None) -> np.ndarray:
     return np.asarray(indices)[ranks.rank::ranks.world_size]
 
 
+def held_positions(ids: Tensor, ranks: Ranks | None = None) -> tuple[Tensor, Tensor]:
+    """Which of the particles ``ids`` ``(B,)`` (0-based, of the whole set) this rank holds under :func:`shard`, and
+    where in its share: ``(mask (B,) bool, positions (M,) long)``; particle ``g`` is at ``g // world_size`` of rank
+    ``g % world_size``."""
+    ranks = current() if ranks is None else ranks
+    mask = ids % ranks.world_size == ranks.rank
+    return mask, ids[mask] // ranks.world_size
+
+
+def rank_seed(seed: int, ranks: Ranks | None = None) -> int:
+    """A seed for this rank's own draws (its particles' order, its share of a batch): ``seed`` alone, a different
+    one per rank under torchrun."""
+    ranks = current() if ranks is None else ranks
+    return seed if ranks.world_size == 1 else seed * 4099 + ranks.rank
+
+
 def _several() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -29,16 +29,11 @@ PRELOAD_BYTES = 2**30
 
 
 @dataclass
-class PreparedParticles:
-    """Particles ready for an engine.
+class ParticleInfo:
+    """What prepared particles carry besides their images: per-particle CTF parameters ``(N,)`` or ``None``,
+    pixel_size in Angstrom after cropping, box in pixels, inverted (whether the images were multiplied by -1),
+    rows ``(N,)``: 0-based positions in the stack they were prepared from."""
 
-    images: ``(N, box, box)`` float32, background mean 0 and standard deviation 1 (over all particles),
-    protein bright at low frequency. ctf: per-particle parameters ``(N,)`` or ``None``. pixel_size:
-    Angstrom after cropping. inverted: whether the images were multiplied by -1. rows: ``(N,)``
-    0-based positions in the stack given to :func:`prepare_particles`.
-    """
-
-    images: Tensor
     ctf: CTFParams | None
     pixel_size: float
     box: int
@@ -46,7 +41,15 @@ class PreparedParticles:
     rows: np.ndarray
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.rows)
+
+
+@dataclass
+class PreparedParticles(ParticleInfo):
+    """Particles ready for an engine, held: images ``(N, box, box)`` float32, background mean 0 and standard
+    deviation 1 (over all particles), protein bright at low frequency."""
+
+    images: Tensor
 
 
 def background_mask(n: int, radius_fraction: float = 0.4, device: torch.device | str | None = None) -> Tensor:
@@ -160,19 +163,16 @@ class StreamedImages:
 
 
 @dataclass
-class StreamedParticles:
-    """Particles ready for an engine, their images read per batch (:class:`StreamedImages`); the other fields
-    are those of :class:`PreparedParticles`."""
+class StreamedParticles(ParticleInfo):
+    """Particles ready for an engine, their images read per batch (:class:`StreamedImages`)."""
 
     images: StreamedImages
-    ctf: CTFParams | None
-    pixel_size: float
-    box: int
-    inverted: bool
-    rows: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.images)
+
+#: Prepared particles, held or streamed.
+ParticleSet = PreparedParticles | StreamedParticles
+#: Values of the engines' ``preload`` option.
+PRELOAD_CHOICES = ("auto", "yes", "no")
 
 
 def stream_particles(data: ParticleStack, config: EngineConfig, device: torch.device, chunk: int = 1024,
@@ -187,7 +187,7 @@ def stream_particles(data: ParticleStack, config: EngineConfig, device: torch.de
     mean_sum = torch.zeros((box, box), dtype=torch.float64, device=device)
     for start in range(0, len(rows), chunk):
         images = _centred_images(data, rows[start:start + chunk], box, mask, device)
-        moments += _background_moments(images, mask)
+        moments += background_moments(images, mask)
         mean_sum += images.sum(0).to(torch.float64)
     particles = float(len(rows))
     if across_ranks:
@@ -196,7 +196,7 @@ def stream_particles(data: ParticleStack, config: EngineConfig, device: torch.de
         *summed, particles = distributed.sum_over_ranks([*moments.tolist(), particles], device)
         moments = np.asarray(summed)
         distributed.all_reduce_sum(mean_sum)
-    std = _std_from_moments(*moments.tolist())
+    std = std_from_moments(*moments.tolist())
     if not math.isfinite(std) or std <= 0:
         raise CryocliError("the particle images have no variance in their background", data.table.path)
     inverted = _sign(config, (mean_sum / (particles * std)).to(torch.float32), pixel_size)
@@ -213,18 +213,18 @@ def _background_std_and_mean(images: Tensor, mask: Tensor, across_ranks: bool) -
         return float(images[:, mask].std()), images.mean(0)
     from cryocli import distributed
 
-    moments = distributed.sum_over_ranks([*_background_moments(images, mask), float(len(images))], images.device)
+    moments = distributed.sum_over_ranks([*background_moments(images, mask), float(len(images))], images.device)
     mean_image = distributed.all_reduce_sum(images.sum(0).to(torch.float64).contiguous()) / moments[3]
-    return _std_from_moments(*moments[:3]), mean_image.to(images.dtype)
+    return std_from_moments(*moments[:3]), mean_image.to(images.dtype)
 
 
-def _background_moments(images: Tensor, mask: Tensor) -> tuple[float, float, float]:
+def background_moments(images: Tensor, mask: Tensor) -> tuple[float, float, float]:
     """Sum, sum of squares and number of the background pixels (``mask``) of ``images`` ``(B, n, n)``."""
     background = images[:, mask].to(torch.float64)
     return float(background.sum()), float((background * background).sum()), float(background.numel())
 
 
-def _std_from_moments(total: float, squares: float, count: float) -> float:
+def std_from_moments(total: float, squares: float, count: float) -> float:
     """The (unbiased) standard deviation of values with these sum, sum of squares and count."""
     return math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
 
@@ -244,3 +244,43 @@ def select_rows(data: ParticleStack, max_particles: int | None) -> np.ndarray:
     return np.arange(n)
 
 
+
+
+@dataclass
+class RankShare:
+    """This process's particles: ``parts``, the particles at ``rows`` ``(N_rank,)`` of the ``total`` given to
+    :func:`share_particles`; ``sharded``: under torchrun, where ``rows`` is this rank's :func:`~cryocli.distributed.shard`
+    (alone: all of them)."""
+
+    parts: ParticleSet
+    rows: np.ndarray
+    total: int
+    sharded: bool
+
+
+def share_particles(data: ParticleStack, config: EngineConfig, device: torch.device, preload: str,
+                    bytes_per_particle: Callable[[int], int] = lambda box: 4 * box * box) -> RankShare:
+    """This rank's share of ``data`` (all of it alone), prepared: held (:func:`prepare_particles`) when ``preload``
+    is ``yes``, or ``auto`` and they take at most :data:`PRELOAD_BYTES` (``bytes_per_particle(box)`` each, box in
+    pixels), else streamed (:func:`stream_particles`); normalised alike on every rank."""
+    from cryocli import distributed
+
+    ranks = distributed.current()
+    rows = distributed.shard(np.arange(len(data)), ranks)
+    sharded = ranks.world_size > 1
+    local = ParticleStack(data.table.subset(rows), data.datadir) if sharded else data
+    box = int(config.box) if config.box else data.box
+    held = preload == "yes" or (preload == "auto" and len(local) * bytes_per_particle(box) <= PRELOAD_BYTES)
+    parts: ParticleSet = (prepare_particles(local, config, device, across_ranks=sharded) if held
+                          else stream_particles(local, config, device, across_ranks=sharded))
+    return RankShare(parts, rows, len(data), sharded)
+
+
+def require_batch_share(batch_size: int) -> None:
+    """Refuse, under torchrun, a batch that leaves a rank fewer than 2 particles per step (batch norm needs 2)."""
+    from cryocli import distributed
+
+    world = distributed.current().world_size
+    if world > 1 and batch_size < 2 * world:
+        raise OptionError("batch_size", batch_size, f"at least 2 particles per rank under torchrun ({2 * world} for "
+                          f"{world} ranks)")

@@ -53,7 +53,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,12 +72,12 @@ from cryocli.engines.abinitio.s2s2 import S2S2Encoder
 from cryocli.engines.abinitio.unbiased_loss import estimate_snr, normalise, unbiased_l2
 from cryocli.engines.abinitio.voxel_decoder import VoxelDecoder, observed_images, render
 from cryocli.engines.particles import (
-    PRELOAD_BYTES,
+    PRELOAD_CHOICES,
+    ParticleSet,
     PreparedParticles,
-    StreamedParticles,
     background_mask,
-    prepare_particles,
-    stream_particles,
+    require_batch_share,
+    share_particles,
 )
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
@@ -175,8 +174,8 @@ class Cryo2SSNetConfig(EngineConfig):
             at_least(self, "max_shift", 0)
         if not self.encoder_channels or min(self.encoder_channels) < 1:
             raise OptionError("encoder_channels", self.encoder_channels, "expected positive filter counts")
-        if self.preload not in ("auto", "yes", "no"):
-            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
+        if self.preload not in PRELOAD_CHOICES:
+            raise unknown_choice("preload", self.preload, PRELOAD_CHOICES)
 
     def resolved_gd_lr(self) -> float:
         """The polishing rate used: ``gd_lr``, or 0.05 (vanilla) / :func:`~cryocli.engines.abinitio.dhbs.adam_lr`."""
@@ -273,20 +272,10 @@ class Cryo2SSNetEngine:
             raise CryocliError("cryo2ssnet needs at least 2 particles", data.table.path)
         # Under torchrun each rank holds its share of the particles and their state; the networks and the map are
         # the same on every rank (rank 0's start and settings, then gradients averaged over the ranks every step).
-        ranks = distributed.current()
-        total = len(data)
-        rows = distributed.shard(np.arange(total), ranks)
-        if ranks.world_size > 1 and cfg.batch_size < 2 * ranks.world_size:
-            raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
-                              f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
-        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
+        require_batch_share(cfg.batch_size)
         # Host memory (or the stacks): the device sees one batch at a time.
-        box = int(cfg.box) if cfg.box else data.box
-        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * 4 * box * box <= PRELOAD_BYTES)
-        cpu = torch.device("cpu")
-        parts: PreparedParticles | StreamedParticles = (
-            prepare_particles(local, cfg, cpu, across_ranks=ranks.world_size > 1) if held
-            else stream_particles(local, cfg, cpu, across_ranks=ranks.world_size > 1))
+        share = share_particles(data, cfg, torch.device("cpu"), cfg.preload)
+        parts, rows, total = share.parts, share.rows, share.total
         n, n_part, dev = parts.box, len(parts), self.device
         if n < 16:
             raise OptionError("box", n, "cryo2ssnet needs a box of at least 16 px (three pooling blocks)")
@@ -312,9 +301,8 @@ class Cryo2SSNetEngine:
         reporter.start(sched.epochs * sched.per_epoch, "cryo2ssnet", completed=(start_epoch - 1) * sched.per_epoch)
         last_loss = float("nan")
         for epoch in range(start_epoch, sched.epochs + 1):
-            seed = cfg.seed * 1000 + epoch
-            order = torch.randperm(n_part, generator=torch.Generator().manual_seed(
-                seed if ranks.world_size == 1 else seed * 4099 + ranks.rank))
+            generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed * 1000 + epoch))
+            order = torch.randperm(n_part, generator=generator)
             metrics = self._epoch(st, parts, model, beam, cfg, setup, sched, epoch, order, reporter, last_loss)
             last_loss = metrics["loss"]
             distributed.average_buffers(st.encoder)
@@ -331,7 +319,7 @@ class Cryo2SSNetEngine:
                                               "stage1_steps": sched.stage1, "denoiser_steps_in_search": sched.denoise})
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig) -> dict[str, Any]:
+    def _setup(self, parts: ParticleSet, cfg: Cryo2SSNetConfig) -> dict[str, Any]:
         """The settings taken from the data: SNR, particle radius, denoiser factor, shift bound (host syncs, once);
         from every particle held, or from :data:`SETUP_SAMPLE` spread over the set when they are streamed."""
         n = parts.box
@@ -350,7 +338,7 @@ class Cryo2SSNetEngine:
         return {"snr": snr, "snr_source": "given" if cfg.snr is not None else "estimated",
                 "radius_px": float(radius), "denoiser_factor": factor, "max_shift_px": max_shift}
 
-    def _new_state(self, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig, setup: dict[str, Any],
+    def _new_state(self, parts: ParticleSet, cfg: Cryo2SSNetConfig, setup: dict[str, Any],
                    sched: Schedule) -> Cryo2SSNetState:
         """The random start: encoder (PyTorch's default initialisation), decoder ``U(0, 0.1)`` in the particle
         radius, their optimisers, identity poses and zero shifts."""
@@ -370,12 +358,12 @@ class Cryo2SSNetEngine:
             poses=torch.eye(3, device=dev).repeat(n_part, 1, 1), shifts=torch.zeros(n_part, 2, device=dev),
             encoder_error=torch.full((n_part,), math.pi, device=dev))
 
-    def _train_denoiser(self, denoiser: MLPDenoiser, parts: PreparedParticles | StreamedParticles, cfg: Cryo2SSNetConfig,
+    def _train_denoiser(self, denoiser: MLPDenoiser, parts: ParticleSet, cfg: Cryo2SSNetConfig,
                         setup: dict[str, Any], reporter: Reporter) -> None:
         world = distributed.current().world_size
         steps = cfg.denoiser_steps or denoiser_steps(int(distributed.sum_over_ranks([float(len(parts))])[0]))
         reporter.start(steps, "cryo2ssnet denoiser")
-        gen = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * distributed.current().rank)
+        gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 17))
         with torch.random.fork_rng(devices=[]):
             # Under torchrun each rank draws its share of every batch from its particles; gradients are averaged.
             loss = train_denoiser(denoiser, lambda idx: parts.images[idx].to(self.device), len(parts), setup["snr"],
@@ -385,7 +373,7 @@ class Cryo2SSNetEngine:
         reporter.event("denoiser_trained", steps=steps, loss=float(loss))
 
     # ------------------------------------------------------------------------------------------- epochs
-    def _epoch(self, st: Cryo2SSNetState, parts: PreparedParticles | StreamedParticles, model: ImageModel, beam: BeamSearch,
+    def _epoch(self, st: Cryo2SSNetState, parts: ParticleSet, model: ImageModel, beam: BeamSearch,
                cfg: Cryo2SSNetConfig, setup: dict[str, Any], sched: Schedule, epoch: int, order: Tensor,
                reporter: Reporter, last_loss: float) -> dict[str, Any]:
         """One pass over the particles in ``order``; stage and denoiser follow the global step."""

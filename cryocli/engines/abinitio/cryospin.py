@@ -52,7 +52,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,13 +59,7 @@ from cryocli import distributed
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
-from cryocli.engines.particles import (
-    PRELOAD_BYTES,
-    PreparedParticles,
-    StreamedParticles,
-    prepare_particles,
-    stream_particles,
-)
+from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, require_batch_share, share_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -135,8 +128,8 @@ class CryoSpinConfig(EngineConfig):
             positive(self, "encoder_lr")
         at_least(self, "pose_steps", 0)
         at_least(self, "volume_steps", 1)
-        if self.preload not in ("auto", "yes", "no"):
-            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
+        if self.preload not in PRELOAD_CHOICES:
+            raise unknown_choice("preload", self.preload, PRELOAD_CHOICES)
         if self.final_map not in ("decoder", "reconstruct"):
             raise unknown_choice("final_map", self.final_map, ("decoder", "reconstruct"))
         within(self, "grid_order", -1, 3)  # order 3: 294,912 candidate poses; -1 turns the grid off
@@ -233,7 +226,7 @@ class CryoSpinState:
     ``parts`` and the per-particle tensors are this rank's share of them.
     """
 
-    parts: PreparedParticles | StreamedParticles
+    parts: ParticleSet
     model: ImageModel
     volume: HartleyVolume
     encoder: MultiHeadPoseEncoder
@@ -304,18 +297,9 @@ class CryoSpinEngine:
             raise CryocliError("cryospin needs at least 2 particles", data.table.path)
         # Under torchrun each rank holds its share of the particles and their state; the volume and the encoder
         # are the same on every rank (rank 0's start, then gradients averaged over the ranks at every step).
-        ranks = distributed.current()
-        total = len(data)
-        rows = distributed.shard(np.arange(total), ranks)
-        if ranks.world_size > 1 and cfg.batch_size < 2 * ranks.world_size:
-            raise OptionError("batch_size", cfg.batch_size, f"at least 2 particles per rank under torchrun "
-                              f"({2 * ranks.world_size} for {ranks.world_size} ranks)")
-        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
-        box = int(cfg.box) if cfg.box else data.box
-        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * 4 * box * box <= PRELOAD_BYTES)
-        parts: PreparedParticles | StreamedParticles = (
-            prepare_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1) if held
-            else stream_particles(local, cfg, self.device, across_ranks=ranks.world_size > 1))
+        require_batch_share(cfg.batch_size)
+        share = share_particles(data, cfg, self.device, cfg.preload)
+        parts, rows, total = share.parts, share.rows, share.total
         st = self._new_state(parts, cfg, total)
         distributed.broadcast_module(st.volume)
         distributed.broadcast_module(st.encoder)
@@ -328,7 +312,8 @@ class CryoSpinEngine:
         steps_per_epoch = len(_batches(torch.arange(total), cfg.batch_size))
         reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs + 1):
-            order = _epoch_order(n_part, cfg.seed * 1000 + epoch, ranks).to(self.device)
+            generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed * 1000 + epoch))
+            order = torch.randperm(n_part, generator=generator).to(self.device)
             encoding = epoch <= cfg.switch_epoch
             st.model.set_radius(_encode_radius(cfg, n, parts.pixel_size))
             if encoding:
@@ -370,7 +355,7 @@ class CryoSpinEngine:
     def check_inputs(self, data: ParticleStack, config: EngineConfig) -> None:
         """Nothing beyond the configuration and the particles to check before a cryospin run."""
 
-    def _new_state(self, parts: PreparedParticles | StreamedParticles, cfg: CryoSpinConfig,
+    def _new_state(self, parts: ParticleSet, cfg: CryoSpinConfig,
                    total: int) -> CryoSpinState:
         """The random start: volume, encoder, optimisers, identity poses, zero origins."""
         dev, n, n_part = self.device, parts.box, len(parts)
@@ -512,7 +497,7 @@ class CryoSpinEngine:
 
     # ------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
-    def _initial_amplitude(self, parts: PreparedParticles | StreamedParticles, model: ImageModel,
+    def _initial_amplitude(self, parts: ParticleSet, model: ImageModel,
                            sample: int = 2000) -> Tensor:
         """Expected slice amplitude per shell from up to ``sample`` particles (noise power = ``n^2`` per
         Fourier pixel for unit-variance white noise)."""
@@ -523,7 +508,7 @@ class CryoSpinEngine:
         return radial_amplitude_from_images(hartley, ctf, float(model.n**2), model.n // 2 + 3)
 
     @torch.no_grad()
-    def _reconstruct(self, parts: PreparedParticles | StreamedParticles, poses: Tensor, shifts: Tensor) -> Tensor:
+    def _reconstruct(self, parts: ParticleSet, poses: Tensor, shifts: Tensor) -> Tensor:
         """The direct Fourier reconstruction at the poses (``final_map="reconstruct"``), streamed 256 particles at
         a time; under torchrun from every rank's particles."""
         from cryocli.engines.common.reconstruct import DirectFourierReconstructor
@@ -536,13 +521,6 @@ class CryoSpinEngine:
                     parts.ctf.index(rows) if parts.ctf is not None else None)
         distributed.all_reduce_sum(rec.backprojector.accumulators)
         return rec.reconstruct()
-
-
-def _epoch_order(n_part: int, seed: int, ranks: distributed.Ranks) -> Tensor:
-    """The order the particles of this rank (``n_part``) are visited in an epoch: a permutation drawn with
-    ``seed`` (and the rank, under torchrun)."""
-    generator = torch.Generator().manual_seed(seed if ranks.world_size == 1 else seed * 4099 + ranks.rank)
-    return torch.randperm(n_part, generator=generator)
 
 
 def _batches(order: Tensor, batch_size: int) -> list[Tensor]:

@@ -97,12 +97,13 @@ from cryocli.engines.abinitio.sagd_priors import PRIORS, DensityPrior, make_prio
 from cryocli.engines.abinitio.sagd_quadrature import Quadrature, angular_step, build_quadrature, kernels, level_for
 from cryocli.engines.common.pose_search import SearchPixels, project_pixels
 from cryocli.engines.particles import (
-    PRELOAD_BYTES,
+    PRELOAD_CHOICES,
+    ParticleSet,
     PreparedParticles,
-    StreamedParticles,
     background_mask,
-    prepare_particles,
-    stream_particles,
+    background_moments,
+    share_particles,
+    std_from_moments,
 )
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
@@ -192,8 +193,8 @@ class SAGDConfig(EngineConfig):
         positive(self, "shift_extent")
         within(self, "max_level", 0, 5)
         at_least(self, "patience", 1)
-        if self.preload not in ("auto", "yes", "no"):
-            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
+        if self.preload not in PRELOAD_CHOICES:
+            raise unknown_choice("preload", self.preload, PRELOAD_CHOICES)
 
 
 @dataclass
@@ -302,17 +303,9 @@ class SAGDEngine:
         # Under torchrun each rank holds its share of the particles (and of every minibatch and the held-out set);
         # the data terms of the gradient, the line search's objective and the held-out error are summed over the
         # ranks, so every rank takes the same SAGD steps on the same map.
-        ranks = distributed.current()
-        self.total = len(data)
-        rows = distributed.shard(np.arange(self.total), ranks)
-        local = data if ranks.world_size == 1 else ParticleStack(data.table.subset(rows), data.datadir)
-        box = int(cfg.box) if cfg.box else data.box
-        # images (float32) and their half transforms (complex64)
-        held = cfg.preload == "yes" or (cfg.preload == "auto" and
-                                        len(local) * (4 * box * box + 8 * box * (box // 2 + 1)) <= PRELOAD_BYTES)
-        parts: PreparedParticles | StreamedParticles = (
-            prepare_particles(local, cfg, dev, across_ranks=ranks.world_size > 1) if held
-            else stream_particles(local, cfg, dev, across_ranks=ranks.world_size > 1))
+        # held: images (float32) and their half transforms (complex64)
+        share = share_particles(data, cfg, dev, cfg.preload, lambda box: 4 * box * box + 8 * box * (box // 2 + 1))
+        parts, rows, self.total = share.parts, share.rows, share.total
         self._levels, self._kernels = {}, {}
         self.parts, self.cfg = parts, cfg
         saved = reporter.resume_state()
@@ -349,7 +342,7 @@ class SAGDEngine:
                             **_plain(setup)})
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self, parts: PreparedParticles | StreamedParticles, cfg: SAGDConfig) -> dict[str, Any]:
+    def _setup(self, parts: ParticleSet, cfg: SAGDConfig) -> dict[str, Any]:
         """Settings from the data (host syncs, once): noise sigma, sizes, held-out set and minibatches, the scaled
         random start and the priors' parameters."""
         n, apix, n_all = parts.box, parts.pixel_size, self.total
@@ -381,29 +374,22 @@ class SAGDEngine:
         return setup
 
     @staticmethod
-    def _noise_sigma(parts: PreparedParticles | StreamedParticles, chunk: int = 1024) -> float:
+    def _noise_sigma(parts: ParticleSet, chunk: int = 1024) -> float:
         """The standard deviation of the background pixels (beyond 0.4 box) over all particles (all ranks'; streamed
         ``chunk`` at a time when the particles are not held)."""
         mask = background_mask(parts.box, device=parts.images.device)
         if distributed.current().world_size == 1 and isinstance(parts, PreparedParticles):
             return float(parts.images[:, mask].std())
-        total = squares = count = 0.0
+        moments = np.zeros(3)
         for start in range(0, len(parts), chunk):
-            background = parts.images[start:start + chunk][:, mask].to(torch.float64)
-            total += float(background.sum())
-            squares += float((background * background).sum())
-            count += background.numel()
-        total, squares, count = distributed.sum_over_ranks([total, squares, count], parts.images.device)
-        return math.sqrt(max(squares - total * total / count, 0.0) / max(count - 1.0, 1.0))
+            moments += background_moments(parts.images[start:start + chunk], mask)
+        return std_from_moments(*distributed.sum_over_ranks(moments.tolist()))
 
     def _mine(self, ids: list[int]) -> Tensor:
-        """This rank's positions (in its share of the particles) of the particles ``ids`` of the whole set: under
-        torchrun rank ``r`` of ``W`` holds particle ``g`` at ``g // W`` when ``g % W == r``."""
-        ranks = distributed.current()
-        g = torch.tensor(ids, dtype=torch.long)
-        return (g[g % ranks.world_size == ranks.rank] // ranks.world_size).to(self.device)
+        """This rank's positions (in its share of the particles) of the particles ``ids`` of the whole set."""
+        return distributed.held_positions(torch.tensor(ids, dtype=torch.long))[1].to(self.device)
 
-    def _start_scale(self, parts: PreparedParticles | StreamedParticles, start: Tensor, sigma: float, cfg: SAGDConfig,
+    def _start_scale(self, parts: ParticleSet, start: Tensor, sigma: float, cfg: SAGDConfig,
                      gen: torch.Generator) -> float:
         """The factor that gives the start's projections (through the particles' CTFs) the images' signal power at
         ``1 / res_start`` (the noise power ``sigma^2`` per pixel removed), over up to 512 particles drawn with
@@ -413,16 +399,15 @@ class SAGDEngine:
         pixels = SearchPixels.build(n, radius, dev)
         sample = torch.randperm(self.total, generator=gen)[:512]
         rotations = random_rotations(sample.numel(), generator=gen, dtype=torch.float32)
-        ranks = distributed.current()
-        held = sample % ranks.world_size == ranks.rank
-        local = (sample[held] // ranks.world_size).to(dev)
+        held, local = distributed.held_positions(sample)
+        local = local.to(dev)
         x = pixels.take(image_to_rfft(parts.images[local]) / n)
         vft = fourier_volume(start.to(dev), PAD, radius + 1)
         proj = project_pixels(vft, rotations[held].to(dev), pixels, PAD) / n
         ctf = self._ctf(local, pixels)
         signal_per = ((x.real**2 + x.imag**2) - sigma**2).sum(1)
         model_per = (ctf**2 * (proj.real**2 + proj.imag**2)).sum(1)
-        if ranks.world_size == 1:
+        if distributed.current().world_size == 1:
             signal, model = float(signal_per.mean()), float(model_per.mean())
         else:
             signal_sum, model_sum, count = distributed.sum_over_ranks(
@@ -443,7 +428,7 @@ class SAGDEngine:
                          shifts=torch.zeros(n_all, 2, device=dev), batch_level=[-1] * (len(self.batches) + 1))
 
     # ------------------------------------------------------------------------------------------- schedule
-    def _omega_bounds(self, parts: PreparedParticles | StreamedParticles, cfg: SAGDConfig) -> tuple[float, float]:
+    def _omega_bounds(self, parts: ParticleSet, cfg: SAGDConfig) -> tuple[float, float]:
         nyquist = 1.0 / (2.0 * parts.pixel_size)
         end = min(1.0 / cfg.res_final, nyquist)
         return min(1.0 / cfg.res_start, end), end
@@ -456,7 +441,7 @@ class SAGDEngine:
         return self._radius(omega, self.parts) / (self.parts.box * self.parts.pixel_size)
 
     @staticmethod
-    def _radius(omega: float, parts: PreparedParticles | StreamedParticles) -> int:
+    def _radius(omega: float, parts: ParticleSet) -> int:
         return int(min(parts.box // 2, max(2, round(omega * parts.box * parts.pixel_size))))
 
     def _level(self, omega: float) -> Level:

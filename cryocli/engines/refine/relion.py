@@ -56,13 +56,7 @@ from cryocli.engines.common.kernel_backprojection import (
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
-from cryocli.engines.particles import (
-    PRELOAD_BYTES,
-    PreparedParticles,
-    StreamedParticles,
-    prepare_particles,
-    stream_particles,
-)
+from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, PreparedParticles, share_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.refine.intensity import IntensityAccumulator, IntensityCorrections, intensity_groups
@@ -173,8 +167,8 @@ class RefineConfig(EngineConfig):
         positive(self, "low_resol_join_halves")
         if self.kernel not in ("trilinear", "gaussian"):
             raise unknown_choice("kernel", self.kernel, ("trilinear", "gaussian"))
-        if self.preload not in ("auto", "yes", "no"):
-            raise unknown_choice("preload", self.preload, ("auto", "yes", "no"))
+        if self.preload not in PRELOAD_CHOICES:
+            raise unknown_choice("preload", self.preload, PRELOAD_CHOICES)
         if self.pose_estimate not in ("mean", "best"):
             raise unknown_choice("pose_estimate", self.pose_estimate, ("mean", "best"))
         within(self, "fraction", 1e-6, 1.0)
@@ -295,7 +289,7 @@ class ParticleSpectra:
     """The particles' half transforms and CTFs ``(B, n, n // 2 + 1)`` by index: computed once and kept when
     they fit in ``max_bytes`` (every EM iteration reads every particle), else computed per batch."""
 
-    def __init__(self, parts: PreparedParticles | StreamedParticles, device: torch.device,
+    def __init__(self, parts: ParticleSet, device: torch.device,
                  max_bytes: int = 2**30) -> None:
         self.parts, self.device = parts, device
         n = parts.box
@@ -479,23 +473,16 @@ class RelionRefineEngine:
                 raise CryocliError(f"rlnRandomSubset: each half set needs at least 2 particles, found "
                                    f"{(subset == 1).sum()} in half 1 and {(subset == 2).sum()} in half 2",
                                    getattr(data.table, "path", None))
-        ranks = distributed.current()
-        rows = distributed.shard(np.arange(len(data)), ranks)
-        sharded = ranks.world_size > 1
-        local = ParticleStack(data.table.subset(rows), data.datadir) if sharded else data
-        n = int(cfg.box) if cfg.box else data.box
-        # images (float32) and their half transforms (complex64) with CTFs (float32)
-        per_particle = 4 * n * n + 12 * n * (n // 2 + 1)
-        held = cfg.preload == "yes" or (cfg.preload == "auto" and len(local) * per_particle <= PRELOAD_BYTES)
-        parts: PreparedParticles | StreamedParticles = (
-            prepare_particles(local, cfg, dev, across_ranks=sharded) if held
-            else stream_particles(local, cfg, dev, across_ranks=sharded))
+        # held: images (float32) and their half transforms (complex64) with CTFs (float32)
+        share = share_particles(data, cfg, dev, cfg.preload, lambda box: 4 * box * box + 12 * box * (box // 2 + 1))
+        parts, rows, sharded = share.parts, share.rows, share.sharded
         n, apix = parts.box, parts.pixel_size
         diameter = cfg.particle_diameter or 0.8 * n * apix
         halves = [torch.as_tensor(np.flatnonzero(subset[rows] == h), device=dev) for h in (1, 2)]
         groups = self._optics_groups(data)
         return RunContext(
-            cfg=cfg, parts=parts, spectra=ParticleSpectra(parts, dev, max_bytes=(2**62 if held else 0)),
+            cfg=cfg, parts=parts,
+            spectra=ParticleSpectra(parts, dev, max_bytes=(2**62 if isinstance(parts, PreparedParticles) else 0)),
             n=n, apix=apix, diameter=diameter,
             mask=(self._solvent_mask(cfg.solvent_mask, n, apix).to(dev) if cfg.solvent_mask is not None else
                   soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)),
@@ -734,7 +721,7 @@ class RunContext:
     the particles at ``rows`` ``(N_rank,)`` of the ``total`` in the run (``sharded``); alone, all of them."""
 
     cfg: RefineConfig
-    parts: PreparedParticles | StreamedParticles
+    parts: ParticleSet
     spectra: ParticleSpectra
     n: int
     apix: float

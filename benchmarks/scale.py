@@ -13,9 +13,9 @@ costliest iteration of a run), and one epoch of `cryocli abinitio --method cryos
 epoch: encoder, candidate grid and decoder steps over every particle; `--abinitio-method sagd`: one pass over the
 minibatches and the final poses; `cryo2ssnet`: the denoiser's training and one epoch). Peak memory is the largest resident set of
 the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not
-visible from outside, so the column is host memory. Memory should not grow with the particle count (the images
-stream from the memory-mapped stack in batches); the STAR table and the per-particle state (poses, CTF parameters)
-do.
+visible from outside, so the column is host memory. Memory should not grow with the particle count: the images
+stream from the memory-mapped stack in batches and reconstruct reads the STAR file in chunks; refine and abinitio
+hold the STAR table and the per-particle state (poses, CTF parameters), which grow with it.
 """
 
 from __future__ import annotations

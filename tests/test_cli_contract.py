@@ -433,8 +433,10 @@ def test_simulate_dataset_never_writes_nan_images(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value, words", [(float("nan"), "NaN or Inf"), (0.0, "all zero")])
 def test_reconstruct_never_writes_nan_or_empty_maps(tmp_path: Path, data, monkeypatch, value: float,
                                                      words: str) -> None:
-    monkeypatch.setattr("cryocli.engines.common.particles_reconstruct.reconstruct_sets",
-                        lambda *a, **k: [torch.full((24, 24, 24), value)])
+    from cryocli.engines.common.particles_reconstruct import ReconstructedSets
+
+    monkeypatch.setattr("cryocli.engines.common.particles_reconstruct.reconstruct_labelled",
+                        lambda *a, **k: ReconstructedSets([torch.full((24, 24, 24), value)], [10], 24, 4.0))
     out = tmp_path / "map.mrc"
     _one_error(_run("-q", "reconstruct", data.star, "-o", out), words, str(data.star))
     assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from cryocli.cli.common import (
@@ -54,11 +53,10 @@ def reconstruct(
 
     from cryocli import distributed
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
-    from cryocli.engines.common.particles_reconstruct import reconstruct_sets
+    from cryocli.engines.common.particles_reconstruct import labelled_chunks, reconstruct_labelled
     from cryocli.geometry.symmetry import symmetry_operators
-    from cryocli.io.dataset import ParticleStack
     from cryocli.io.mrc import write_map
-    from cryocli.io.star import read_star
+    from cryocli.io.star_chunks import read_star_chunks
 
     outputs = [out, *half_map_paths(out)] if halves else [out]
     with guarded():
@@ -79,44 +77,32 @@ def reconstruct(
         claim = (claim_outputs(outputs, is_dir=False, force=force, command=f"reconstruct {particles.name}") if main
                  else nullcontext())
         with claim:
-            stack = ParticleStack(read_star(particles, require_images=True), datadir=datadir)
-            if halves or subset is not None:
-                if stack.random_subset is None:
-                    stack.ensure_half_sets(seed=0)
-            subsets = stack.random_subset.numpy() if stack.random_subset is not None else None
-            if subset is None:
-                selected = np.arange(len(stack))
-            else:
-                assert subsets is not None  # ensure_half_sets above wrote rlnRandomSubset
-                selected = np.nonzero(subsets == subset)[0]
-            if selected.size == 0:
-                raise CryocliError(f"no particles with rlnRandomSubset {subset}", particles)
-            if halves:
-                assert subsets is not None  # ensure_half_sets above wrote rlnRandomSubset
-                h1, h2 = half_map_paths(out)
-                sets, paths = [np.nonzero(subsets == 1)[0], np.nonzero(subsets == 2)[0]], [h1, h2, out]
-            else:
-                sets, paths = [selected], [out]
-            with progress_bar(len(selected), "reconstruct") as advance:
-                volumes = reconstruct_sets(stack, sets, use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device,
-                                           batch_size=batch_size, progress=advance,
-                                           gridding_iterations=gridding_iterations, with_union=halves)
-            maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, volumes, strict=False)}
+            chunked = read_star_chunks(particles, require_images=True)
+            paths = [*half_map_paths(out), out] if halves else [out]
+            # The progress bar counts rows of the file: a --subset run passes over all of them.
+            with progress_bar(chunked.count, "reconstruct") as advance:
+                result = reconstruct_labelled(
+                    labelled_chunks(chunked, datadir, halves=halves, subset=subset), 2 if halves else 1,
+                    use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device, batch_size=batch_size,
+                    progress=advance, gridding_iterations=gridding_iterations, with_union=halves,
+                    empty=f"no particles with rlnRandomSubset {subset}" if subset is not None else None)
+            maps = {path: volume.detach().cpu().numpy() for path, volume in zip(paths, result.maps, strict=True)}
             cause = f"the particles, poses and CTF parameters in {particles}" + (", --maxres" if maxres else "")
             for path, volume in maps.items():
                 check_finite_output(volume, f"the map {path}", cause)
             for path, volume in maps.items():
                 if main:
-                    write_map(path, volume, stack.pixel_size, command=f"reconstruct {particles.name}")
+                    write_map(path, volume, result.pixel_size, command=f"reconstruct {particles.name}")
+    selected = sum(result.counts)
+    box, pixel_size = result.box, result.pixel_size
     con = out_console()
-    summary = {"command": "reconstruct", "particles": int(selected.size), "box": stack.box,
-               "pixel_size": stack.pixel_size, "sym": sym.upper(), "maps": [str(p) for p in maps]}
-    con.print(f"reconstructed {selected.size} particles ({stack.box} px, {stack.pixel_size:g} A/px, {sym.upper()}) "
-              f"-> {out}")
+    summary = {"command": "reconstruct", "particles": selected, "box": box, "pixel_size": pixel_size,
+               "sym": sym.upper(), "maps": [str(p) for p in maps]}
+    con.print(f"reconstructed {selected} particles ({box} px, {pixel_size:g} A/px, {sym.upper()}) -> {out}")
     if halves:
         h1, h2 = half_map_paths(out)
         curve = fsc_curve(maps[h1], maps[h2])
-        res = {t: threshold_crossing(curve, stack.box, stack.pixel_size, t) for t in (0.143, 0.5)}
+        res = {t: threshold_crossing(curve, box, pixel_size, t) for t in (0.143, 0.5)}
         summary["half_map_fsc"] = {"fsc": curve.tolist(), "resolution_0143": res[0.143].resolution,
                                    "resolution_05": res[0.5].resolution}
         con.print(f"half maps {h1.name}, {h2.name}: FSC 0.143 at {res[0.143].resolution:.2f} A, "

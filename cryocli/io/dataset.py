@@ -54,6 +54,17 @@ def resolve_stack_paths(table: ParticleTable, datadir: str | Path | None = None)
     return entries
 
 
+def half_set_split(count: int, seed: int = 0) -> np.ndarray:
+    """A deterministic balanced split of ``count`` particles into half sets 1 and 2, ``(count,)`` int64.
+
+    The split alternates 1, 2, 1, 2... along a permutation drawn with ``numpy.random.default_rng(seed)``, so
+    the halves differ in size by at most one particle.
+    """
+    subset = np.empty(count, dtype=np.int64)
+    subset[np.random.default_rng(seed).permutation(count)] = 1 + np.arange(count) % 2
+    return subset
+
+
 @dataclass
 class ParticleBatch:
     """One batch of particles on a device.
@@ -120,7 +131,7 @@ class ParticleStack:
     def _raise_for_particle(self, row: int, problem: str, tried: list[Path]) -> None:
         name = self._names[row]
         paths = ", ".join(str(p) for p in tried)
-        raise CryocliError(f"particle {row + 1} (rlnImageName {name}): {problem}; paths tried: {paths}",
+        raise CryocliError(f"particle {self.table.file_row(row)} (rlnImageName {name}): {problem}; paths tried: {paths}",
                            self.table.path)
 
     def _check_boxes(self, boxes: np.ndarray, rows: np.ndarray, allow_mismatch: bool) -> int:
@@ -195,7 +206,8 @@ class ParticleStack:
         bad = (values != 1) & (values != 2)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise CryocliError(f"rlnRandomSubset must be 1 or 2, found {values[row]} for particle {row + 1}",
+            raise CryocliError(f"rlnRandomSubset must be 1 or 2, found {values[row]} for particle "
+                               f"{self.table.file_row(row)}",
                                self.table.path)
         return torch.from_numpy(values)
 
@@ -208,9 +220,7 @@ class ParticleStack:
         existing = self.random_subset
         if existing is not None:
             return existing
-        n = len(self)
-        subset = np.empty(n, dtype=np.int64)
-        subset[np.random.default_rng(seed).permutation(n)] = 1 + np.arange(n) % 2
+        subset = half_set_split(len(self), seed)
         self.table.particles["rlnRandomSubset"] = subset
         return torch.from_numpy(subset.copy())
 
@@ -250,7 +260,7 @@ class ParticleStack:
             if not np.isfinite(block).all():
                 bad = chosen[np.flatnonzero(~np.isfinite(block).reshape(len(chosen), -1).all(axis=1))[0]]
                 raise CryocliError(f"NaN or Inf pixels in image {self._local[idx[bad]] + 1} "
-                                   f"(particle {idx[bad] + 1})", self._files[code])
+                                   f"(particle {self.table.file_row(int(idx[bad]))})", self._files[code])
             out[chosen] = block
         return torch.from_numpy(out)
 

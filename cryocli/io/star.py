@@ -131,7 +131,11 @@ class ParticleTable:
         return len(self.particles)
 
     # ----- optics per particle -------------------------------------------------------------------------
-    def _group_rows(self) -> np.ndarray:
+    def file_row(self, position: int) -> int:
+        """The 1-based row in the file (the particle number users see) of the particle at ``position``."""
+        return _row_label(self.particles, position)
+
+    def group_rows(self) -> np.ndarray:
         """Row of ``optics`` that applies to each particle, ``(N,)`` int."""
         if not self.optics_in_file:
             return _legacy_optics(self.particles)[1]
@@ -144,7 +148,7 @@ class ParticleTable:
         rows = pd.Index(groups).get_indexer(self.particles["rlnOpticsGroup"].to_numpy())
         if (rows < 0).any():
             first = int(np.flatnonzero(rows < 0)[0])
-            raise CryocliError(f"particle {first + 1} refers to optics group "
+            raise CryocliError(f"particle {self.file_row(first)} refers to optics group "
                                f"{self.particles['rlnOpticsGroup'].iloc[first]}, absent from data_optics "
                                f"(groups: {', '.join(map(str, groups))})", self.path)
         return rows
@@ -155,7 +159,7 @@ class ParticleTable:
         Same row order and index as ``particles``; for 3.0 files ``rlnOpticsGroup`` is the synthesised group
         and ``rlnImagePixelSize`` is derived when the file only gives magnification and detector pixel.
         """
-        rows = self._group_rows()
+        rows = self.group_rows()
         merged = self.particles.copy()
         per_group = self.optics.iloc[rows]
         for column in self.optics.columns:
@@ -165,7 +169,7 @@ class ParticleTable:
     def _per_particle(self, label: str) -> np.ndarray | None:
         """Values of ``label`` for every particle, from data_optics first, then the particle table."""
         if label in self.optics.columns and (self.optics_in_file or label not in self.particles.columns):
-            return self.optics[label].to_numpy()[self._group_rows()]
+            return self.optics[label].to_numpy()[self.group_rows()]
         if label in self.particles.columns:
             return self.particles[label].to_numpy()
         return None
@@ -190,7 +194,7 @@ class ParticleTable:
         valid = np.isfinite(values) & (values > 0)
         if not valid.all():
             first = int(np.flatnonzero(~valid)[0])
-            raise CryocliError(f"particle {first + 1}: pixel size {values[first]:g} A is not positive", self.path)
+            raise CryocliError(f"particle {self.file_row(first)}: pixel size {values[first]:g} A is not positive", self.path)
         return values
 
     def common_pixel_size(self) -> float:
@@ -307,7 +311,7 @@ class ParticleTable:
         bad = ~np.isfinite(numbers) | (numbers < 1) | (numbers != np.round(numbers)) | (paths == "")
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise CryocliError(f"particle {first + 1}: bad rlnImageName '{names.iloc[first]}' "
+            raise CryocliError(f"particle {self.file_row(first)}: bad rlnImageName '{names.iloc[first]}' "
                                "(expected index@path with a 1-based index)", self.path)
         return numbers.astype(np.int64) - 1, [str(p) for p in paths]
 
@@ -424,21 +428,21 @@ def read_star(path: str | Path, require_images: bool = False) -> ParticleTable:
     text = read_star_text(path)
     blocks = _parse_blocks(path, text, as_text=False)
     name, particles = _find_particle_block(blocks, path)
-    _validate(particles, f"data_{name}", path)
+    validate_frame(particles, f"data_{name}", path)
     if len(particles) == 0:
         raise CryocliError(f"the particle table data_{name} is empty", path)
     if require_images and "rlnImageName" not in particles.columns:
         raise CryocliError("no rlnImageName column: the STAR file does not say where the images are", path)
     optics = _as_frame(blocks.get("optics"))
-    version = _version(text, optics is not None)
+    version = star_version(text, optics is not None)
     source = replace(stamp, block=name) if stamp is not None else None
     if optics is not None:
-        _validate(optics, "data_optics", path)
-        _check_optics(optics, path)
+        validate_frame(optics, "data_optics", path)
+        check_optics(optics, path)
         table = ParticleTable(particles, optics, version, str(path), True, name, source)
     else:
         table = ParticleTable(particles, _legacy_optics(particles)[0], version, str(path), False, name, source)
-    table._group_rows()  # raises for particles whose optics group is unknown
+    table.group_rows()  # raises for particles whose optics group is unknown
     return table
 
 
@@ -510,7 +514,7 @@ def _find_particle_block(blocks: Mapping[str, Any], path: Path) -> tuple[str, pd
     raise CryocliError(f"no particle table in this STAR file (blocks: {found})", path)
 
 
-def _validate(frame: pd.DataFrame, block: str, path: Path) -> None:
+def validate_frame(frame: pd.DataFrame, block: str, path: Path) -> None:
     """Refuse duplicated columns, text in RELION's numeric columns and NaN/Inf in any numeric column."""
     duplicated = frame.columns[frame.columns.duplicated()]
     if len(duplicated):
@@ -523,17 +527,23 @@ def _validate(frame: pd.DataFrame, block: str, path: Path) -> None:
                 bad = np.flatnonzero((coerced.isna() & values.notna()).to_numpy())
                 first = int(bad[0]) if len(bad) else 0
                 raise CryocliError(f"column {column} in {block}: non-numeric value '{values.iloc[first]}' "
-                                   f"in row {first + 1}", path)
+                                   f"in row {_row_label(frame, first)}", path)
             continue
         if pd.api.types.is_bool_dtype(values):
             continue
         finite = np.isfinite(values.to_numpy(dtype=np.float64))
         if not finite.all():
             first = int(np.flatnonzero(~finite)[0])
-            raise CryocliError(f"column {column} in {block}: NaN or Inf value in row {first + 1}", path)
+            raise CryocliError(f"column {column} in {block}: NaN or Inf value in row {_row_label(frame, first)}", path)
 
 
-def _check_optics(optics: pd.DataFrame, path: Path) -> None:
+def _row_label(frame: pd.DataFrame, position: int) -> int:
+    """1-based row in the file of ``frame``'s row at ``position`` (its index, when that is the file's rows)."""
+    label = frame.index[position]
+    return int(label) + 1 if isinstance(label, (int, np.integer)) else position + 1
+
+
+def check_optics(optics: pd.DataFrame, path: Path) -> None:
     if len(optics) == 0:
         raise CryocliError("data_optics has no optics group", path)
     if "rlnOpticsGroup" not in optics.columns:
@@ -543,7 +553,7 @@ def _check_optics(optics: pd.DataFrame, path: Path) -> None:
         raise CryocliError(f"data_optics lists optics group {groups[groups.duplicated()].iloc[0]} twice", path)
 
 
-def _version(text: str, has_optics: bool) -> str:
+def star_version(text: str, has_optics: bool) -> str:
     match = _VERSION_RE.search(text)
     if match:
         number = int(match.group(1))

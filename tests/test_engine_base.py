@@ -4,6 +4,7 @@ checkpoints, the explicit Hartley decoder, the multi-head encoder and the per-pa
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.analysis.ground_truth import GroundTruth
-from cryocli.engines.particles import prepare_particles, protein_is_dark, stream_particles
+from cryocli.engines.particles import prefetching, prepare_particles, protein_is_dark, stream_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, engine_names, engine_summaries, get_engine
 from cryocli.engines.result import Reconstruction
@@ -111,6 +112,61 @@ def test_streamed_particles_equal_the_prepared_ones(dark, box, invert):
         assert torch.allclose(streamed.images[index], held.images[index], atol=1e-5, rtol=1e-5)
     assert held.ctf is not None and streamed.ctf is not None
     assert torch.equal(streamed.ctf.defocus_u, held.ctf.defocus_u)
+
+
+def test_prefetching_reads_each_batch_once_ahead_of_its_use(dark, monkeypatch):
+    """A loop over prefetching(...) gets the held images of each batch; every batch is read from the stacks once,
+    and the next batch is already queued (read in the background) when the loop body runs."""
+    stack = ParticleStack(read_star(dark / "particles.star"))
+    config = EngineConfig(box=32)
+    held = prepare_particles(stack, config, torch.device("cpu"))
+    streamed = stream_particles(stack, config, torch.device("cpu"))
+    reads: list[list[int]] = []
+    original = stack.images
+    monkeypatch.setattr(stack, "images", lambda rows: (reads.append(list(np.asarray(rows))), original(rows))[1])
+    batches = list(torch.randperm(len(stack), generator=torch.Generator().manual_seed(0)).split(37))
+    for k, idx in enumerate(prefetching(streamed.images, batches)):
+        queued = [rows.tolist() for rows, _ in streamed.images._pending]
+        if k + 1 < len(batches):
+            assert batches[k + 1].tolist() in queued  # the next batch is being read while this one is used
+        assert torch.allclose(streamed.images[idx], held.images[idx], atol=1e-5, rtol=1e-5)
+    assert sorted(map(tuple, reads)) == sorted(tuple(b.tolist()) for b in batches)  # each read once
+    assert list(prefetching(held.images, batches)) == batches  # held images: the batches as they are
+
+
+def test_read_ahead_reads_the_next_item_while_this_one_is_used():
+    from cryocli.io.read_ahead import read_ahead
+
+    started: list[int] = []
+
+    def read(k: int) -> int:
+        started.append(k)
+        if k == 4:
+            raise ValueError("bad item 4")
+        return k * k
+
+    seen = []
+    with pytest.raises(ValueError, match="bad item 4"):
+        for k, value in read_ahead(read, range(6)):
+            assert value == k * k
+            deadline = time.monotonic() + 10
+            while k + 1 not in started and time.monotonic() < deadline:
+                pass  # the next read starts in the background, without the caller asking for it
+            assert k + 1 in started
+            seen.append(k)
+    assert seen == [0, 1, 2, 3]  # the error is raised where item 4 would have been yielded
+
+
+def test_particle_stack_reads_from_two_threads_at_once(dark):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = ParticleStack(read_star(dark / "particles.star"))
+    expected = stack.images(np.arange(len(stack)))
+    batches = [np.random.default_rng(k).permutation(len(stack))[:50] for k in range(40)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(stack.images, batches))
+    for rows, images in zip(batches, results, strict=True):
+        assert torch.equal(images, expected[rows])
 
 
 # ------------------------------------------------------------------------------------------------ decoder

@@ -11,7 +11,8 @@ Units: pixel sizes in Angstrom, boxes in pixels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ from cryocli.io.dataset import ParticleStack
 
 #: ``preload = "auto"``: engines hold their prepared particles while these take at most this (bytes, per process).
 PRELOAD_BYTES = 2**30
+#: Batches :meth:`StreamedImages.prefetch` keeps queued: the one being read and the next.
+PREFETCH_DEPTH = 2
 
 
 @dataclass
@@ -98,8 +101,13 @@ def _check_preparable(data: ParticleStack, config: EngineConfig) -> tuple[int, f
 def _centred_images(data: ParticleStack, rows: np.ndarray, box: int, mask: Tensor, device: torch.device) -> Tensor:
     """The particles at ``rows`` read, Fourier-cropped to ``box`` and with their background mean at 0,
     ``(B, box, box)`` float32 on ``device``."""
-    imgs = data.images(rows).to(device)
-    imgs = fourier_crop_images(imgs, box) if box != data.box else imgs
+    return _centred(data.images(rows), data.box, box, mask, device)
+
+
+def _centred(images: Tensor, data_box: int, box: int, mask: Tensor, device: torch.device) -> Tensor:
+    """Images ``(B, data_box, data_box)`` as read, on ``device``, Fourier-cropped to ``box``, background mean 0."""
+    imgs = images.to(device, non_blocking=images.is_pinned())
+    imgs = fourier_crop_images(imgs, box) if box != data_box else imgs
     return imgs - imgs[:, mask].mean(1)[:, None, None]
 
 
@@ -145,21 +153,66 @@ class StreamedImages:
     """Prepared particle images read from the stacks when asked for, never all held: indexing by particle
     ``(B,)`` (tensor, array or slice) gives ``(B, box, box)`` float32 on ``device``, read, cropped, background
     centred, divided by ``std`` and sign-corrected as :func:`prepare_particles` does; ``shape`` is that of the whole
-    ``(N, box, box)``. Reads come from the memory-mapped stacks (the page cache keeps what fits)."""
+    ``(N, box, box)``. Reads come from the memory-mapped stacks (the page cache keeps what fits).
+
+    :meth:`prefetch` starts reading a batch in a background thread (:mod:`cryocli.io.read_ahead`); indexing with
+    the same particles next takes it, so a loop that announces its next batch (:func:`prefetching`) reads it while
+    the device computes on the current one."""
 
     def __init__(self, data: ParticleStack, box: int, std: float, inverted: bool, device: torch.device) -> None:
         self.data, self.box, self.std, self.inverted, self.device = data, box, std, inverted, device
         self.shape = (len(data), box, box)
         self._mask = background_mask(box, device=device)
+        self._pending: list[tuple[np.ndarray, Future[Tensor]]] = []
+        self._reader: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, index: Tensor | np.ndarray | slice) -> Tensor:
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(
+    def _rows(self, index: Tensor | np.ndarray | slice) -> np.ndarray:
+        return np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(
             index.cpu() if isinstance(index, Tensor) else index)
-        images = _centred_images(self.data, rows, self.box, self._mask, self.device) / self.std
+
+    def _read(self, rows: np.ndarray) -> Tensor:
+        """The images at ``rows`` as read from the stacks, on the host; pinned when they go to a GPU, so that
+        the copy does not block."""
+        images = self.data.images(rows)
+        return images.pin_memory() if self.device.type == "cuda" else images
+
+    def prefetch(self, index: Tensor | np.ndarray | slice) -> None:
+        """Queue the images of ``index`` for reading in the background (read in turn, one thread); at most
+        :data:`PREFETCH_DEPTH` batches wait, the oldest unclaimed one is dropped."""
+        rows = self._rows(index)
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryocli-read-ahead")
+        self._pending.append((rows, self._reader.submit(self._read, rows)))
+        del self._pending[:-PREFETCH_DEPTH]
+
+    def __getitem__(self, index: Tensor | np.ndarray | slice) -> Tensor:
+        rows = self._rows(index)
+        match = next((k for k, (queued, _) in enumerate(self._pending) if np.array_equal(queued, rows)), None)
+        read = self._pending.pop(match)[1].result() if match is not None else self._read(rows)
+        images = _centred(read, self.data.box, self.box, self._mask, self.device) / self.std
         return -images if self.inverted else images
+
+
+def prefetching(images: Tensor | StreamedImages, batches: Iterable[Tensor]) -> Iterator[Tensor]:
+    """The ``batches`` (particle indices), each yielded after streamed ``images`` have been asked to read the next
+    one (:meth:`StreamedImages.prefetch`); held images need no reading, and get the batches as they are."""
+    if not isinstance(images, StreamedImages):
+        yield from batches
+        return
+    upcoming = iter(batches)
+    current = next(upcoming, None)
+    if current is not None:
+        images.prefetch(current)
+    while current is not None:
+        # queued behind ``current``: read while the caller computes on it
+        following = next(upcoming, None)
+        if following is not None:
+            images.prefetch(following)
+        yield current
+        current = following
 
 
 @dataclass

@@ -13,6 +13,7 @@ Units: pixel size and shifts in Angstrom, box in pixels, rotations are RELION ``
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,6 +127,8 @@ class ParticleStack:
                                           f"({self._counts[code]} images)", self._tried[code])
         self._box = self._check_boxes(np.asarray(boxes), np.asarray(rows), allow_box_mismatch)
         self._handles: OrderedDict[int, Any] = OrderedDict()
+        # A read-ahead thread (cryocli.io.read_ahead) and the caller may read at once; the handles are shared.
+        self._read_lock = threading.Lock()
 
     # ----- validation ----------------------------------------------------------------------------------
     def _raise_for_particle(self, row: int, problem: str, tried: list[Path]) -> None:
@@ -240,8 +243,12 @@ class ParticleStack:
         """Images of the particles at 0-based ``indices`` as float32 ``(B, box, box)``, in the given order.
 
         Reads only those images, one fancy-indexed read per stack file. NaN/Inf pixels raise
-        :class:`CryocliError` naming the stack.
+        :class:`CryocliError` naming the stack. Safe to call from several threads (one read at a time).
         """
+        with self._read_lock:
+            return self._read_images(indices)
+
+    def _read_images(self, indices: Any) -> Tensor:
         idx = _as_index(indices, len(self))
         out = np.empty((len(idx), self._box, self._box), dtype=np.float32)
         if len(idx) == 0:

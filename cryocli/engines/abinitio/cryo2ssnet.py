@@ -76,6 +76,7 @@ from cryocli.engines.particles import (
     ParticleSet,
     PreparedParticles,
     background_mask,
+    prefetching,
     require_batch_share,
     share_particles,
 )
@@ -387,7 +388,7 @@ class Cryo2SSNetEngine:
         st.encoder.train()
         batches = torch.split(order, cfg.batch_size) if distributed.current().world_size == 1 else \
             torch.tensor_split(order, sched.per_epoch)  # every rank takes the one-process steps, a share of each batch
-        for k, idx_cpu in enumerate(batches):
+        for k, idx_cpu in enumerate(prefetching(parts.images, batches)):
             step = (epoch - 1) * sched.per_epoch + k + 1
             # Stage 2 assumes an encoder that has learned the poses (4.4): it waits for that when asked to.
             waiting = cfg.dhbs and cfg.switch_waits and not st.agreed

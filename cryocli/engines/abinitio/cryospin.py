@@ -59,7 +59,7 @@ from cryocli import distributed
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
-from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, require_batch_share, share_particles
+from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, prefetching, require_batch_share, share_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -388,7 +388,7 @@ class CryoSpinEngine:
         vol_opt, enc_opt, poses, shifts, head_of = st.vol_opt, st.enc_opt, st.poses, st.shifts, st.head_of
         encoder.train()
         total, count, grid_wins = 0.0, 0, 0
-        for idx in _rank_batches(order, cfg.batch_size, st.total):
+        for idx in prefetching(parts.images, _rank_batches(order, cfg.batch_size, st.total)):
             images = parts.images[idx]
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
@@ -433,8 +433,9 @@ class CryoSpinEngine:
         encoder.eval()
         n_part = len(parts)
         hartley = volume.hartley()
-        for start in range(0, n_part, cfg.batch_size):
-            idx = torch.arange(start, min(n_part, start + cfg.batch_size), device=poses.device)
+        batches = (torch.arange(start, min(n_part, start + cfg.batch_size), device=poses.device)
+                   for start in range(0, n_part, cfg.batch_size))
+        for idx in prefetching(parts.images, batches):
             images = parts.images[idx]
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
@@ -453,7 +454,7 @@ class CryoSpinEngine:
         parts, model, volume, vol_opt = st.parts, st.model, st.volume, st.vol_opt
         poses, shifts, pose_adam, shift_adam = st.poses, st.shifts, st.pose_adam, st.shift_adam
         total, count, moved = 0.0, 0, 0.0
-        for idx in _rank_batches(order, cfg.batch_size, st.total):
+        for idx in prefetching(parts.images, _rank_batches(order, cfg.batch_size, st.total)):
             images = parts.images[idx]
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)

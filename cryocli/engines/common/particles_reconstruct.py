@@ -22,6 +22,7 @@ from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS, Dire
 from cryocli.errors import CryocliError
 from cryocli.imaging.ctf import CTFParams
 from cryocli.io.dataset import ParticleStack, half_set_split
+from cryocli.io.read_ahead import read_ahead
 from cryocli.io.star import check_pixel_size
 from cryocli.io.star_chunks import ChunkedParticles
 
@@ -115,9 +116,8 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
             acc = _Accumulation(recs, stack.box, stack.pixel_size, premultiplied, table.path)
         else:
             acc.check(stack, premultiplied)
-        for start in range(0, mine_all.size, batch_size):
-            chunk = mine_all[start:start + batch_size]
-            images = stack.images(chunk)
+        batches = (mine_all[start:start + batch_size] for start in range(0, mine_all.size, batch_size))
+        for chunk, images in read_ahead(stack.images, batches):  # the next batch is read while this one is inserted
             for k, rec in enumerate(acc.recs):
                 mine = np.nonzero(labels[chunk] == k)[0]
                 if mine.size == 0:

@@ -56,7 +56,7 @@ from cryocli.engines.common.kernel_backprojection import (
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
-from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, PreparedParticles, share_particles
+from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, PreparedParticles, prefetching, share_particles
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.refine.intensity import IntensityAccumulator, IntensityCorrections, intensity_groups
@@ -507,8 +507,9 @@ class RelionRefineEngine:
             searcher = PoseSearcher(proj.volume_ft, n, 2, ctx.grid, sampling.level, r_max, sampling.offset_range,
                                     sampling.offset_step, cfg.fraction, cfg.max_significant, profile_scale=first,
                                     r_coarse=r_coarse)
-            for s in range(0, len(rows), cfg.batch_size):
-                self._estep_batch(rows[s:s + cfg.batch_size], ctx, sigma2, intensity, rot, origins, out, searcher,
+            batches = (rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size))
+            for batch in prefetching(ctx.parts.images, batches):
+                self._estep_batch(batch, ctx, sigma2, intensity, rot, origins, out, searcher,
                                   sampling, bps, r_max)
             if h == 0:
                 # about the first accuracy_particles of half 1, shared between the ranks

@@ -170,8 +170,13 @@ class StreamedImages:
         return self.shape[0]
 
     def _rows(self, index: Tensor | np.ndarray | slice) -> np.ndarray:
-        return np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(
-            index.cpu() if isinstance(index, Tensor) else index)
+        """The rows of ``index`` on the host; indices on a GPU are copied back (a wait for the device: loops pass
+        host indices, :func:`batches_with_images`)."""
+        if isinstance(index, slice):
+            return np.arange(len(self))[index]
+        if isinstance(index, Tensor) and index.device.type != "cpu":
+            index = index.cpu()
+        return np.asarray(index)
 
     def _read(self, rows: np.ndarray) -> Tensor:
         """The images at ``rows`` as read from the stacks, on the host; pinned when they go to a GPU, so that
@@ -220,6 +225,16 @@ class StreamedParticles(ParticleInfo):
     """Particles ready for an engine, their images read per batch (:class:`StreamedImages`)."""
 
     images: StreamedImages
+
+
+def batches_with_images(images: Tensor | StreamedImages, batches: Iterable[Tensor], device: torch.device
+                        ) -> Iterator[tuple[Tensor, Tensor]]:
+    """For each batch of particle indices ``(B,)`` held on the host: the indices on ``device`` (copied without
+    waiting for the device) and their images ``(B, box, box)`` on ``device``, streamed ones read a batch ahead
+    (:func:`prefetching`). Host indices let a streamed read start without asking the GPU where to read."""
+    for batch in prefetching(images, batches):
+        idx = batch.to(device, non_blocking=True)
+        yield idx, (images[batch] if isinstance(images, StreamedImages) else images[idx])
 
 
 #: Prepared particles, held or streamed.

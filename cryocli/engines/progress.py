@@ -34,6 +34,8 @@ from cryocli.engines.result import Reconstruction
 from cryocli.errors import CryocliError
 
 CHECKPOINT_VERSION = 2
+#: Seconds between redraws of the live metric line (each reads the values given to :meth:`Reporter.step`).
+LIVE_REFRESH_S = 0.25
 
 
 class RunFiles(Protocol):
@@ -74,6 +76,7 @@ class Reporter:
         self.last_truth_scores: dict[str, Any] | None = None
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._live_at = -float("inf")  # when the metric line was last drawn (time.monotonic)
         self._t0 = time.perf_counter()
         self.checkpointed = resume
         self._checkpoint: dict[str, Any] = {"version": CHECKPOINT_VERSION, "meta": self.meta, "runs": {},
@@ -142,10 +145,18 @@ class Reporter:
         self._task = self._progress.add_task(f"{description} [{self.run_name}]", total=total_steps,
                                              completed=completed, line="")
 
-    def step(self, k: int = 1, **live: float | str) -> None:
-        """Advance the bar by ``k`` steps; ``live`` values (loss, ...) replace the metric line."""
+    def step(self, k: int = 1, **live: float | str | Tensor) -> None:
+        """Advance the bar by ``k`` steps; ``live`` values (loss, ...) replace the metric line.
+
+        A value may be a 0-dim tensor on the engine's device: it is read (a host synchronisation on a GPU) only
+        when the line is redrawn, at most every :data:`LIVE_REFRESH_S` seconds, not at every step."""
         if self._progress is None or self._task is None:
             return
+        now = time.monotonic()
+        if now - self._live_at < LIVE_REFRESH_S:
+            self._progress.update(self._task, advance=k)
+            return
+        self._live_at = now
         line = "  ".join(f"{key} {_fmt(v)}" for key, v in live.items())
         self._progress.update(self._task, advance=k, line=line)
 
@@ -206,6 +217,8 @@ class Reporter:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, Tensor):
+        value = float(value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

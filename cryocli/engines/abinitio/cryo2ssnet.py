@@ -395,7 +395,7 @@ class Cryo2SSNetEngine:
             stage1 = step <= sched.stage1 or waiting
             for group in st.dec_opt.param_groups:
                 group["lr"] = base_lr if step <= sched.stage1 else base_lr / DECODER_DECAY
-            idx = idx_cpu.to(dev)
+            idx = idx_cpu.to(dev, non_blocking=True)
             images = parts.images[idx_cpu].to(dev, non_blocking=True)
             ctf = model.ctf(parts.ctf.index(idx_cpu).to(dev)) if parts.ctf is not None else None
             spectra = model.spectra(images)

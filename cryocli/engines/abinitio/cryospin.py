@@ -59,7 +59,13 @@ from cryocli import distributed
 from cryocli.engines.abinitio.particle_adam import ParticleAdam
 from cryocli.engines.common.encoders import MultiHeadPoseEncoder
 from cryocli.engines.common.hartley_volume import HartleyVolume, radial_amplitude_from_images
-from cryocli.engines.particles import PRELOAD_CHOICES, ParticleSet, prefetching, require_batch_share, share_particles
+from cryocli.engines.particles import (
+    PRELOAD_CHOICES,
+    ParticleSet,
+    batches_with_images,
+    require_batch_share,
+    share_particles,
+)
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine, unknown_choice, within
 from cryocli.engines.result import Reconstruction
@@ -313,7 +319,7 @@ class CryoSpinEngine:
         reporter.start(cfg.epochs * steps_per_epoch, "cryospin", completed=(start_epoch - 1) * steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs + 1):
             generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed * 1000 + epoch))
-            order = torch.randperm(n_part, generator=generator).to(self.device)
+            order = torch.randperm(n_part, generator=generator)  # on the host: batches are read from it
             encoding = epoch <= cfg.switch_epoch
             st.model.set_radius(_encode_radius(cfg, n, parts.pixel_size))
             if encoding:
@@ -387,9 +393,11 @@ class CryoSpinEngine:
         parts, model, volume, encoder, grid = st.parts, st.model, st.volume, st.encoder, st.grid
         vol_opt, enc_opt, poses, shifts, head_of = st.vol_opt, st.enc_opt, st.poses, st.shifts, st.head_of
         encoder.train()
-        total, count, grid_wins = 0.0, 0, 0
-        for idx in prefetching(parts.images, _rank_batches(order, cfg.batch_size, st.total)):
-            images = parts.images[idx]
+        # Sums stay on the device: reading them per batch would wait for the GPU at every step.
+        total, count = torch.zeros((), dtype=torch.float64, device=poses.device), 0
+        grid_wins = torch.zeros((), dtype=torch.float64, device=poses.device)
+        for idx, images in batches_with_images(parts.images, _rank_batches(order, cfg.batch_size, st.total),
+                                               poses.device):
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
             hartley = volume.hartley()
@@ -402,7 +410,7 @@ class CryoSpinEngine:
                 # ... while the volume is fitted at the best candidate of the heads and the fixed grid.
                 pose, shift, winner = grid.merge(model, hartley.detach(), spectra, ctf, shifts[idx], cfg.shifts,
                                                  best_head.detach(), pose, shift, winner)
-                grid_wins += int((winner < 0).sum())
+                grid_wins += (winner < 0).sum()
             slices = _project_grid(hartley, pose, model.n, model.r_max)
             vol_loss = model.nll(slices, ctf, model.observed(spectra, shift if cfg.shifts else None)).mean()
             enc_opt.zero_grad(set_to_none=True)
@@ -416,12 +424,12 @@ class CryoSpinEngine:
                 shifts[idx] = shift
                 head_of[idx] = winner
             b = len(idx)
-            total += float(vol_loss.detach()) * b
+            total += vol_loss.detach() * b
             count += b
-            reporter.step(1, stage="encode", loss=float(vol_loss.detach()))
+            reporter.step(1, stage="encode", loss=vol_loss.detach())
         usage = distributed.all_reduce_sum(torch.bincount(head_of[head_of >= 0], minlength=cfg.heads).float())
         loss_sum, seen, wins, particles = distributed.sum_over_ranks(
-            [total, float(count), float(grid_wins), float(len(head_of))], head_of.device)
+            [float(total), float(count), float(grid_wins), float(len(head_of))], head_of.device)
         return {"loss": loss_sum / seen, "head_usage_max": float(usage.max()) / particles,
                 "grid_win_fraction": wins / seen}
 
@@ -433,10 +441,8 @@ class CryoSpinEngine:
         encoder.eval()
         n_part = len(parts)
         hartley = volume.hartley()
-        batches = (torch.arange(start, min(n_part, start + cfg.batch_size), device=poses.device)
-                   for start in range(0, n_part, cfg.batch_size))
-        for idx in prefetching(parts.images, batches):
-            images = parts.images[idx]
+        batches = (torch.arange(start, min(n_part, start + cfg.batch_size)) for start in range(0, n_part, cfg.batch_size))
+        for idx, images in batches_with_images(parts.images, batches, poses.device):
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
             losses, rot, sh = _head_losses(model, hartley, encoder, images, spectra, ctf, cfg)
@@ -453,9 +459,10 @@ class CryoSpinEngine:
         """Stage 2: per-particle pose (and origin) steps then decoder steps, over the particles in ``order``."""
         parts, model, volume, vol_opt = st.parts, st.model, st.volume, st.vol_opt
         poses, shifts, pose_adam, shift_adam = st.poses, st.shifts, st.pose_adam, st.shift_adam
-        total, count, moved = 0.0, 0, 0.0
-        for idx in prefetching(parts.images, _rank_batches(order, cfg.batch_size, st.total)):
-            images = parts.images[idx]
+        total, count = torch.zeros((), dtype=torch.float64, device=poses.device), 0
+        moved = torch.zeros((), dtype=torch.float64, device=poses.device)
+        for idx, images in batches_with_images(parts.images, _rank_batches(order, cfg.batch_size, st.total),
+                                               poses.device):
             spectra = model.spectra(images)
             ctf = model.ctf(parts.ctf.index(idx) if parts.ctf is not None else None)
             b = len(idx)
@@ -489,11 +496,11 @@ class CryoSpinEngine:
                 distributed.average_gradients(volume.parameters())
                 vol_opt.step()
             with torch.no_grad():
-                moved += float(_angles_deg(start_r, r0).sum())
-            total += float(loss.detach()) * b
+                moved += _angles_deg(start_r, r0).sum()
+            total += loss.detach() * b
             count += b
-            reporter.step(1, stage="decode", loss=float(loss.detach()))
-        loss_sum, seen, turned = distributed.sum_over_ranks([total, float(count), moved], poses.device)
+            reporter.step(1, stage="decode", loss=loss.detach())
+        loss_sum, seen, turned = distributed.sum_over_ranks([float(total), float(count), float(moved)], poses.device)
         return {"loss": loss_sum / seen, "pose_change_deg": turned / seen}
 
     # ------------------------------------------------------------------------------------------- helpers

@@ -227,7 +227,7 @@ class SliceCache:
 
     def _project(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.projected += int(ids.numel())
-        rot = self.grid.rotations(self.level, ids).to(self.volume_ft.device, torch.float32)
+        rot = self.grid.rotations(self.level, ids, checked=False).to(self.volume_ft.device, torch.float32)
         proj = project_pixels(self.volume_ft, rot, self.pixels, self.pad)
         return proj.real.to(torch.float32), proj.imag.to(torch.float32), rot
 
@@ -418,7 +418,7 @@ class PoseSearcher:
         valid = torch.arange(k, device=cells.device)[None, :] < count[:, None]
         # Padded slots repeat the particle's best cell, so they cost no extra projection.
         cells = torch.where(valid, cells, cells[:, :1])
-        children = self.grid.children(self.level, cells)  # (B, K, 8)
+        children = self.grid.children(self.level, cells, checked=False)  # (B, K, 8); cells from the search
         rot = self.grid.rotations(self.level + 1, children, checked=False).to(self.device, torch.float32)  # (B,K,8,3,3)
         n_sub, m = self.sub.shape[0], c2inv.shape[1]
         per_sample = (8 + n_sub) * m * 4 * 4  # bytes of one coarse sample's images, slices and products

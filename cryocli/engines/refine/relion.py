@@ -305,7 +305,7 @@ class ParticleSpectra:
         images = torch.cat([image_to_rfft(self.parts.images[idx[s:s + 1024]]) for s in range(0, len(idx), 1024)])
         ctf = None
         if self.parts.ctf is not None:
-            ctf = torch.cat([compute_ctf(self.parts.ctf.index(idx[s:s + 1024].cpu()).to(self.device), self.n,
+            ctf = torch.cat([compute_ctf(self.parts.ctf.index(idx[s:s + 1024]).to(self.device), self.n,
                                          self.apix, device=self.device).to(torch.float32)
                              for s in range(0, len(idx), 1024)])
         return images, ctf
@@ -487,7 +487,7 @@ class RelionRefineEngine:
             mask=(self._solvent_mask(cfg.solvent_mask, n, apix).to(dev) if cfg.solvent_mask is not None else
                   soft_sphere(n, min(diameter / (2 * apix), n / 2 - 1), edge=min(5.0, n / 8), device=dev)),
             sym_ops=None if cfg.sym.upper() == "C1" else symmetry_operators(cfg.sym, torch.float32, dev),
-            groups=groups[torch.as_tensor(rows, dtype=torch.long)], n_groups=int(groups.max()) + 1,
+            groups=groups[torch.as_tensor(rows, dtype=torch.long)].to(dev), n_groups=int(groups.max()) + 1,
             grid=SO3Grid(cfg.healpix_order, device=dev, dtype=torch.float32),
             max_level=MAX_ORDER - cfg.healpix_order - 1, halves=halves,
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -670,7 +670,7 @@ class RelionRefineEngine:
         scale) and noise variances ``(B, n, n // 2 + 1)``, and optics groups ``(B,)``."""
         images, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
         ft = phase_shift(images, origins[idx] / ctx.apix, ctx.n)
-        g = ctx.groups[idx.cpu()].to(self.device)
+        g = ctx.groups[idx]
         return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
 
     def _estep_batch(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, intensity: IntensityCorrections,
@@ -704,7 +704,7 @@ class RelionRefineEngine:
         """RELION's expected angular (degrees) and translational (pixels) accuracy: the mean over particles
         ``idx`` of every rank."""
         _, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
-        sig = sigma2_on_pixels(sigma2, ctx.n, ctx.groups[idx.cpu()].to(self.device)).to(torch.float32)
+        sig = sigma2_on_pixels(sigma2, ctx.n, ctx.groups[idx]).to(torch.float32)
         px = searcher.fine_pixels
         acc_rot, acc_trans = particle_accuracies(searcher.volume_ft, px, 2, rot[idx],
                                                  None if ctf is None else px.take(ctf), 1.0 / px.take(sig),

@@ -301,8 +301,9 @@ class ParticleSpectra:
             all_idx = torch.arange(len(parts), device=device)
             self._images, self._ctf = self._compute(all_idx)
 
-    def _compute(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-        images = torch.cat([image_to_rfft(self.parts.images[idx[s:s + 1024]]) for s in range(0, len(idx), 1024)])
+    def _compute(self, idx: Tensor, host: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        read = idx if host is None else host  # streamed images are read by host indices (no wait for the GPU)
+        images = torch.cat([image_to_rfft(self.parts.images[read[s:s + 1024]]) for s in range(0, len(idx), 1024)])
         ctf = None
         if self.parts.ctf is not None:
             ctf = torch.cat([compute_ctf(self.parts.ctf.index(idx[s:s + 1024]).to(self.device), self.n,
@@ -310,10 +311,11 @@ class ParticleSpectra:
                              for s in range(0, len(idx), 1024)])
         return images, ctf
 
-    def get(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Half transforms (complex) and CTFs (float32, or None) of particles ``idx``."""
+    def get(self, idx: Tensor, host: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Half transforms (complex) and CTFs (float32, or None) of particles ``idx`` (on the device; ``host``:
+        the same indices on the host, to read streamed images by)."""
         if self._images is None:
-            return self._compute(idx)
+            return self._compute(idx, host)
         return self._images[idx], (self._ctf[idx] if self._ctf is not None else None)
 
 
@@ -507,10 +509,11 @@ class RelionRefineEngine:
             searcher = PoseSearcher(proj.volume_ft, n, 2, ctx.grid, sampling.level, r_max, sampling.offset_range,
                                     sampling.offset_step, cfg.fraction, cfg.max_significant, profile_scale=first,
                                     r_coarse=r_coarse)
-            batches = (rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size))
+            host_rows = rows.cpu()  # batches are cut on the host, so a streamed read needs nothing from the GPU
+            batches = (host_rows[s:s + cfg.batch_size] for s in range(0, len(rows), cfg.batch_size))
             for batch in prefetching(ctx.parts.images, batches):
-                self._estep_batch(batch, ctx, sigma2, intensity, rot, origins, out, searcher,
-                                  sampling, bps, r_max)
+                self._estep_batch(batch.to(self.device, non_blocking=True), ctx, sigma2, intensity, rot, origins, out,
+                                  searcher, sampling, bps, r_max, host=batch)
             if h == 0:
                 # about the first accuracy_particles of half 1, shared between the ranks
                 share = -(-cfg.accuracy_particles // distributed.current().world_size)
@@ -665,10 +668,11 @@ class RelionRefineEngine:
         return math.degrees(grid.psi_step(level + 1))
 
     def _batch_inputs(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, intensity: IntensityCorrections,
-                      origins: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+                      origins: Tensor, host: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Centred half transforms (divided by their normalisation correction), CTFs (times their group's
-        scale) and noise variances ``(B, n, n // 2 + 1)``, and optics groups ``(B,)``."""
-        images, ctf = intensity.apply(idx, *ctx.spectra.get(idx))
+        scale) and noise variances ``(B, n, n // 2 + 1)``, and optics groups ``(B,)``; ``host``: ``idx`` on the
+        host (:meth:`ParticleSpectra.get`)."""
+        images, ctf = intensity.apply(idx, *ctx.spectra.get(idx, host))
         ft = phase_shift(images, origins[idx] / ctx.apix, ctx.n)
         g = ctx.groups[idx]
         return ft, ctf, sigma2_on_pixels(sigma2, ctx.n, g).to(torch.float32), g
@@ -676,10 +680,10 @@ class RelionRefineEngine:
     def _estep_batch(self, idx: Tensor, ctx: RunContext, sigma2: Tensor, intensity: IntensityCorrections,
                      rot: Tensor, origins: Tensor,
                      out: EStepOutcome, searcher: PoseSearcher, sampling: Sampling, bps: list[BackProjectorLike],
-                     r_max: int) -> None:
+                     r_max: int, host: Tensor | None = None) -> None:
         """E-step of one batch, its backprojection and its noise residuals (at the most probable pose, on
-        the pixels the search compared)."""
-        ft, ctf, sig, g = self._batch_inputs(idx, ctx, sigma2, intensity, origins)
+        the pixels the search compared); ``host``: ``idx`` on the host."""
+        ft, ctf, sig, g = self._batch_inputs(idx, ctx, sigma2, intensity, origins, host)
         res = searcher.search(ft, ctf, sig, previous=rot[idx] if sampling.local else None)
         mean = ctx.cfg.pose_estimate == "mean"
         out.rot[idx] = (res.mean_rotations if mean else res.rotations).to(rot.dtype)

@@ -88,10 +88,10 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
     pass). ``empty``: the error when a set has no particles (default: "no particles selected to reconstruct
     from"). use_ctf: correct for the CTF (CryocliError naming the missing column when the STAR file has none);
     maxres in Angstrom; sym_ops ``(K, 3, 3)`` including the identity; ``progress(k)`` is called with the
-    particles done per batch. Under torchrun each rank takes the particles whose row in the file is its rank
-    modulo the number of ranks, and the accumulators are summed over the ranks before the maps are made, so
-    every rank returns the same maps (``progress`` then counts every rank's particles, assuming the ranks keep
-    pace).
+    particles done per batch (and with each chunk's particles left out, so that it counts every row). Under
+    torchrun each rank takes the particles whose row in the file is its rank modulo the number of ranks, and the
+    accumulators are summed over the ranks before the maps are made, so every rank returns the same maps
+    (``progress`` then counts every rank's particles, assuming the ranks keep pace).
     """
     ranks = distributed.current()
     acc: _Accumulation | None = None
@@ -105,6 +105,8 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
                                table.path)
         idx = np.nonzero(labels >= 0)[0]
         counts += np.bincount(labels[idx], minlength=n_sets)[:n_sets]
+        if progress is not None and idx.size < len(labels):
+            progress(int(len(labels) - idx.size))  # rows left out count as done: progress is over the file's rows
         if idx.size == 0:
             continue
         rows_in_file = table.particles.index.to_numpy()[idx].astype(np.int64)

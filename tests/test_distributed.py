@@ -267,6 +267,27 @@ def test_an_engine_without_data_parallel_is_refused_under_torchrun(monkeypatch: 
         refuse_torchrun_without_data_parallel(Plain(), "abinitio --method plain")
 
 
+def test_abinitio_refuses_an_engine_without_data_parallel_before_writing(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the command line, as rank 0 of 2: an engine that does not declare ``data_parallel`` (cryospin with
+    the flag taken off) stops with exit 2 and exactly one error line, and no run folder is made."""
+    from typer.testing import CliRunner
+
+    from cryocli.cli.app import app
+    from cryocli.engines.abinitio.cryospin import CryoSpinEngine
+
+    simulate_4ake(tmp_path / "sim", 20, snr=0.1, box=32, apix=3.6, seed=3)
+    monkeypatch.setattr(CryoSpinEngine, "data_parallel", False)
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(0, 2))
+    run = CliRunner().invoke(app, ["abinitio", str(tmp_path / "sim" / "particles.star"), "--method", "cryospin",
+                                   "-o", str(tmp_path / "run")])
+    assert run.exit_code == 2, run.output
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert errors == ["cryocli: error: cryocli abinitio --method cryospin does not run under torchrun yet; run it as "
+                      "one process"], run.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_collective_broken_by_another_rank_is_one_error_line(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Under torchrun, gloo's error when a peer died mid-collective becomes one error line and exit 1 (not a

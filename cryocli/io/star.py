@@ -55,6 +55,8 @@ NUMERIC_LABELS = frozenset({
 PARTICLE_MARKERS = ("rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnDefocusU", "rlnAnglePsi",
                     "rlnOriginX", "rlnOriginXAngst", "rlnOpticsGroup")
 
+#: The error for a particle table without ``rlnImageName`` where images are needed.
+NO_IMAGE_NAMES = "no rlnImageName column: the STAR file does not say where the images are"
 PIXEL_SIZE_TOLERANCE = 0.005
 WRITE_VERSION = "30001"
 _VERSION_RE = re.compile(r"^\s*#\s*version\s+(\d+)", re.MULTILINE)
@@ -299,8 +301,7 @@ class ParticleTable:
         single-image file (index 0).
         """
         if "rlnImageName" not in self.particles.columns:
-            raise CryocliError("no rlnImageName column: the STAR file does not say where the images are",
-                               self.path)
+            raise CryocliError(NO_IMAGE_NAMES, self.path)
         names = self.particles["rlnImageName"].astype(str)
         parts = names.str.partition("@")
         left, sep, right = parts[0], parts[1], parts[2]
@@ -432,7 +433,7 @@ def read_star(path: str | Path, require_images: bool = False) -> ParticleTable:
     if len(particles) == 0:
         raise CryocliError(f"the particle table data_{name} is empty", path)
     if require_images and "rlnImageName" not in particles.columns:
-        raise CryocliError("no rlnImageName column: the STAR file does not say where the images are", path)
+        raise CryocliError(NO_IMAGE_NAMES, path)
     optics = _as_frame(blocks.get("optics"))
     version = star_version(text, optics is not None)
     source = replace(stamp, block=name) if stamp is not None else None
@@ -477,7 +478,7 @@ def _parse_blocks(path: Path, text: str, as_text: bool) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True, parse_as_string=names)
     except Exception as exc:  # starfile and pandas raise many types (ParserError, TypeError, ValueError...)
-        raise CryocliError(f"not a readable STAR file ({type(exc).__name__}: {_first_line(exc)})", path) from exc
+        raise unreadable_star(exc, path) from exc
     finally:
         linecache.clearcache()
     if not isinstance(blocks, dict):
@@ -485,9 +486,10 @@ def _parse_blocks(path: Path, text: str, as_text: bool) -> dict[str, Any]:
     return blocks
 
 
-def _first_line(exc: Exception) -> str:
+def unreadable_star(exc: Exception, path: Path) -> CryocliError:
+    """The error for a file the STAR parser (``starfile``, pandas) could not read, naming the parser's complaint."""
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
+    return CryocliError(f"not a readable STAR file ({type(exc).__name__}: {text[0][:200] if text else ''})", path)
 
 
 def _as_frame(block: Any) -> pd.DataFrame | None:

@@ -26,12 +26,14 @@ import pandas as pd
 
 from cryocli.errors import CryocliError
 from cryocli.io.star import (
+    NO_IMAGE_NAMES,
     ParticleTable,
     SourceStamp,
     check_optics,
     read_star,
     read_star_text,
     star_version,
+    unreadable_star,
     validate_frame,
 )
 
@@ -110,11 +112,6 @@ def _numeric_where_possible(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _parse_error(exc: Exception, path: Path) -> CryocliError:
-    lines = str(exc).strip().splitlines()
-    return CryocliError(f"not a readable STAR file ({type(exc).__name__}: {lines[0][:200] if lines else ''})", path)
-
-
 @dataclass
 class ChunkedParticles:
     """The particles of a STAR file, read :data:`CHUNK_ROWS` at a time by :meth:`tables`.
@@ -127,7 +124,6 @@ class ChunkedParticles:
     count: int
     columns: list[str]
     rows_per_chunk: int
-    require_images: bool
     layout: LoopLayout | None = None
     whole: ParticleTable | None = None
     _optics: pd.DataFrame | None = None
@@ -156,7 +152,7 @@ class ChunkedParticles:
                         seen += len(frame)
                         yield table
         except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as exc:
-            raise _parse_error(exc, self.path) from exc
+            raise unreadable_star(exc, self.path) from exc
         if seen != self.count:
             raise CryocliError(f"data_particles has {seen} readable rows, not the {self.count} lines it holds "
                                "(the file changed while it was read?)", self.path)
@@ -176,20 +172,20 @@ def read_star_chunks(path: str | Path, rows: int | None = None, require_images: 
     layout = particle_loop_layout(path)
     if layout is None or layout.rows <= rows:
         table = read_star(path, require_images=require_images)
-        return ChunkedParticles(path, len(table), list(table.particles.columns), rows, require_images, whole=table)
+        return ChunkedParticles(path, len(table), list(table.particles.columns), rows, whole=table)
     if require_images and "rlnImageName" not in layout.columns:
-        raise CryocliError("no rlnImageName column: the STAR file does not say where the images are", path)
+        raise CryocliError(NO_IMAGE_NAMES, path)
     try:
         optics = pd.read_csv(io.StringIO("\n".join(layout.optics_lines) + "\n"), names=layout.optics_columns,
                              **_CSV_OPTIONS)
     except (pd.errors.ParserError, ValueError) as exc:
-        raise _parse_error(exc, path) from exc
+        raise unreadable_star(exc, path) from exc
     optics = _numeric_where_possible(optics)
     validate_frame(optics, "data_optics", path)
     check_optics(optics, path)
     if pd.Index(layout.columns).duplicated().any():
         validate_frame(pd.DataFrame(columns=layout.columns), "data_particles", path)
-    return ChunkedParticles(path, layout.rows, layout.columns, rows, require_images, layout=layout, _optics=optics,
+    return ChunkedParticles(path, layout.rows, layout.columns, rows, layout=layout, _optics=optics,
                             _version=star_version(layout.head, True),
                             _source=replace(SourceStamp.of(path, ""), block="particles"))
 

@@ -250,10 +250,10 @@ def test_backprojecting_a_batch_equals_backprojecting_its_particles_one_by_one(a
     sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
     res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
     together, alone = BackProjector(BOX), BackProjector(BOX)
-    backproject_samples([together], images, ctf, 1.0 / sigma2, res, None, 16)
+    backproject_samples([together], images, ctf, 1.0 / sigma2, res, 16)
     for i in range(8):
         q = slice(i, i + 1)
-        backproject_samples([alone], images[q], ctf[q], 1.0 / sigma2[q], res.rows(q), None, 16)
+        backproject_samples([alone], images[q], ctf[q], 1.0 / sigma2[q], res.rows(q), 16)
     for a, b in zip(together.symmetrised(), alone.symmetrised(), strict=True):
         assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
 

@@ -15,7 +15,9 @@ from cryocli.analysis.fsc import fsc_curve
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.imaging.ctf import CTFParams, compute_ctf
 from cryocli.imaging.fourier import image_to_rfft, rfft_to_image
-from cryocli.imaging.projector import BackProjector, Projector, half_plane_pixels
+from cryocli.geometry.symmetry import symmetry_operators
+from cryocli.imaging.point_group import symmetrise_accumulators
+from cryocli.imaging.projector import BackProjector, Projector, half_plane_pixels, rotations_with_symmetry
 from cryocli.engines.common.kernel_backprojection import BackProjectorLike, GaussianKernelBackProjector
 from cryocli.engines.common.reconstruct import DirectFourierReconstructor, reconstruct, soft_mask_outside_map
 from cryocli.io.mrc import read_map
@@ -260,3 +262,33 @@ def test_backprojectors_share_one_interface(cls):
     pixels.insert_pixels(slices.reshape(3, -1)[:, pix], weights.reshape(3, -1)[:, pix], rot, kx, ky)
     assert torch.allclose(whole.accumulators, pixels.accumulators, rtol=0, atol=1e-12)
     assert float(whole.weight.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("sym", ["C6", "D3", "O"])
+def test_point_group_on_the_grid_matches_inserting_every_operator(sym):
+    """Each image inserted once and the accumulators summed over the group on the grid (RELION's
+    ``BackProjector::symmetrise``) against each image inserted at every operator's pose ``A @ L``."""
+    n = 32
+    vol = blob_volume(n, seed=3, count=4, copies=6)
+    ops = symmetry_operators(sym, torch.float64)
+    rot = uniform_rotations(150, seed=4)
+    images = projections(vol, rot)
+    on_grid = reconstruct(images, rot, None, None, pixel_size=1.0, sym_ops=ops, dtype=torch.float64)
+    every_pose = reconstruct(images.repeat(ops.shape[0], 1, 1), rotations_with_symmetry(rot, ops), None, None,
+                             pixel_size=1.0, dtype=torch.float64)
+    between = shells_upto(fsc_curve(on_grid, every_pose), 1.0)
+    # The operators of O map grid points onto grid points, so its interpolation is exact; those of C6 and D3
+    # interpolate the accumulated grid, which RELION accepts. Measured: min FSC to Nyquist 0.9985 (C6), 0.9963 (D3),
+    # 1 - 7e-16 (O).
+    assert between.min() > (0.999999 if sym == "O" else 0.99)
+    # The result has the point group's symmetry: the map turned by an operator is the map.
+    turned = reconstruct(images, rot @ ops[1], None, None, pixel_size=1.0, sym_ops=ops, dtype=torch.float64)
+    assert shells_upto(fsc_curve(turned, on_grid), 0.8).min() > 0.99
+
+
+def test_point_group_leaves_c1_accumulators_alone():
+    data = torch.randn(9, 9, 9, dtype=torch.complex64)
+    weight = torch.rand(9, 9, 9)
+    for ops in (None, torch.eye(3)[None]):
+        out = symmetrise_accumulators(data, weight, ops, 3)
+        assert out[0] is data and out[1] is weight

@@ -4,11 +4,13 @@ Per particle (batched): half transform of the image (``rfft2`` of the image cent
 translation by ``+origin`` (:func:`cryocli.imaging.shifts.shift_to_center`), multiplication by the
 CTF (skipped for CTF-premultiplied data) with ``CTF^2`` accumulated as the weight, the zero
 frequency set to 0 (as RELION does before back-projecting), and trilinear insertion on the 2x padded
-Fourier grid at ``A @ L`` for every symmetry operator ``L`` (:class:`cryocli.imaging.projector.BackProjector`).
+Fourier grid at the particle's pose ``A`` (:class:`cryocli.imaging.projector.BackProjector`).
 
 At the end (:meth:`DirectFourierReconstructor.reconstruct`):
 
-1. Hermitian symmetrisation of the accumulators; voxels beyond ``R = round(pad * r_max)`` dropped.
+1. Hermitian symmetrisation of the accumulators, then, with a point group, their sum over its operators
+   (:func:`cryocli.imaging.point_group.symmetrise_accumulators`, RELION's ``BackProjector::symmetrise``);
+   voxels beyond ``R = round(pad * r_max)`` dropped.
 2. Division by the weights, either
    * ``gridding_iterations > 0`` (``relion_reconstruct --dont_skip_gridding``, 10 iterations): the iterative
      Pipe & Menon / Matej density compensation of RELION: ``w <- w / |(W w) * blob|`` with RELION's
@@ -41,13 +43,13 @@ from torch import Tensor
 
 from cryocli.imaging.ctf import CTFParams, compute_ctf
 from cryocli.imaging.fourier import centred_grid_3d, fft_to_volume, image_to_rfft, radius2_3d, radius_3d
+from cryocli.imaging.point_group import symmetrise_accumulators
 from cryocli.imaging.projector import (
     BackProjector,
     default_r_max,
     grid_radius,
     gridding_correct,
     padded_box,
-    rotations_with_symmetry,
 )
 from cryocli.imaging.shifts import shift_to_center
 
@@ -229,16 +231,13 @@ class DirectFourierReconstructor:
         if self.zero_dc:
             spectra[:, 0, 0] = 0
         rot = torch.as_tensor(rotations).to(device=self.device, dtype=self.dtype)
-        ops = [None] if self.sym_ops is None else list(self.sym_ops)
-        # One insertion per operator (a handful, up to 60) keeps memory at one batch of slices.
-        for op in ops:
-            posed = rot if op is None else rotations_with_symmetry(rot, op[None])
-            self.backprojector.insert(spectra, weights, posed)
+        self.backprojector.insert(spectra, weights, rot)  # once: the point group is applied in reconstruct()
         self.count += b
 
     def reconstruct(self, gridding_iterations: int = DEFAULT_GRIDDING_ITERATIONS) -> Tensor:
         """The map ``(n, n, n)`` ``[z, y, x]`` (dtype of the accumulators); see the module docstring."""
         data, weight = self.backprojector.symmetrised()
+        data, weight = symmetrise_accumulators(data, weight, self.sym_ops, grid_radius(self.n, self.pad, self.r_max))
         spectrum = weighted_spectrum(data, weight, self.n, self.pad, self.r_max, gridding_iterations)
         return spectrum_to_map(spectrum, self.n, self.pad).to(self.dtype)
 

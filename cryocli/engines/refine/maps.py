@@ -20,14 +20,14 @@ from cryocli.engines.common.pose_search import PoseSearchResult, SearchPixels, m
 from cryocli.engines.common.reconstruct import spectrum_to_map, weighted_spectrum
 from cryocli.imaging.filters import lowpass_weights
 from cryocli.imaging.fourier import radius2_3d, radius_3d
-from cryocli.imaging.projector import grid_radius, half_plane_pixels, padded_box, rotations_with_symmetry
+from cryocli.imaging.projector import grid_radius, half_plane_pixels, padded_box
 
 #: Bytes of the weighted, shifted images of one chunk of particles inserted together.
 INSERT_BYTES = 256 * 2**20
 
 
 def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tensor, ctf: Tensor | None,
-                        inv_sigma2: Tensor, result: PoseSearchResult, sym_ops: Tensor | None, r_max: int) -> None:
+                        inv_sigma2: Tensor, result: PoseSearchResult, r_max: int) -> None:
     """Insert every significant sample of a batch with its posterior weight into each backprojector.
 
     images_ft ``(B, n, n // 2 + 1)`` centred on the search centre; ctf and inv_sigma2 the same shape;
@@ -35,7 +35,9 @@ def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tens
     with ``|k| <= r_max`` (Fourier pixels) are inserted. The samples of a particle that share a rotation
     (its sub-shifts), and those of all particles of the batch at the same rotation, are summed first,
     ``sum_is w_is CTF_i X_i e_s / sigma_i^2`` with weight ``sum_is w_is CTF_i^2 / sigma_i^2``, so each distinct
-    rotation is inserted once per batch (insertion is linear at a fixed rotation).
+    rotation is inserted once per batch (insertion is linear at a fixed rotation). Point-group symmetry is
+    applied to the accumulators afterwards (:func:`cryocli.imaging.point_group.symmetrise_accumulators`), as
+    RELION does, not by inserting every operator's pose.
     """
     b, n, _ = images_ft.shape
     pix, kx, ky = half_plane_pixels(n, r_max, skip_redundant=True, device=images_ft.device, dtype=torch.float32)
@@ -47,11 +49,11 @@ def backproject_samples(backprojectors: list[BackProjectorLike], images_ft: Tens
     for s in range(0, b, chunk):
         q = slice(s, s + chunk)
         _insert_chunk(backprojectors, pixels, images_ft[q], None if ctf is None else ctf[q], inv_sigma2[q],
-                      result.rows(q), sym_ops)
+                      result.rows(q))
 
 
 def _insert_chunk(backprojectors: list[BackProjectorLike], pixels: SearchPixels, images_ft: Tensor,
-                  ctf: Tensor | None, inv_sigma2: Tensor, result: PoseSearchResult, sym_ops: Tensor | None) -> None:
+                  ctf: Tensor | None, inv_sigma2: Tensor, result: PoseSearchResult) -> None:
     x = pixels.take(images_ft).to(torch.complex64)
     c = pixels.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
     inv = pixels.take(inv_sigma2).to(torch.float32)
@@ -64,11 +66,8 @@ def _insert_chunk(backprojectors: list[BackProjectorLike], pixels: SearchPixels,
     weights = torch.zeros((rotation.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
     weights.index_add_(0, member[ok], ((c * c * inv)[:, None, :] * w[:, :, None])[ok])
     rot = rotation.to(torch.float32)
-    ops = [None] if sym_ops is None else list(sym_ops)
-    for op in ops:
-        posed = rot if op is None else rotations_with_symmetry(rot, op[None].to(rot))
-        for backprojector in backprojectors:
-            backprojector.insert_pixels(data, weights, posed, pixels.kx, pixels.ky)
+    for backprojector in backprojectors:
+        backprojector.insert_pixels(data, weights, rot, pixels.kx, pixels.ky)
 
 
 def padded_shells(grid_size: int, n: int, pad: float, device: torch.device) -> Tensor:

@@ -77,7 +77,8 @@ from cryocli.imaging.ctf import compute_ctf
 from cryocli.imaging.filters import lowpass_filter
 from cryocli.imaging.fourier import fourier_resample_volume, image_to_rfft
 from cryocli.imaging.masks import soft_sphere
-from cryocli.imaging.projector import BackProjector, Projector
+from cryocli.imaging.point_group import symmetrise_accumulators
+from cryocli.imaging.projector import BackProjector, Projector, grid_radius
 from cryocli.imaging.shifts import phase_shift
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
@@ -519,10 +520,19 @@ class RelionRefineEngine:
                 share = -(-cfg.accuracy_particles // distributed.current().world_size)
                 out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:share], sigma2, intensity, out.rot)
             out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
-            out.trilinear.append(self._summed(bps[0].symmetrised()))
-            out.accumulators.append(self._summed(bps[-1].symmetrised()) if len(bps) > 1 else out.trilinear[-1])
+            out.trilinear.append(self._summed_symmetric(bps[0], ctx.sym_ops))
+            out.accumulators.append(self._summed_symmetric(bps[-1], ctx.sym_ops) if len(bps) > 1
+                                    else out.trilinear[-1])
         out.noise.sum_over_ranks()
         return out
+
+    @classmethod
+    def _summed_symmetric(cls, backprojector: BackProjectorLike, sym_ops: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One half's Hermitian-symmetrised accumulators summed over the ranks, then over the point group (RELION's
+        ``BackProjector::symmetrise``: each sample was inserted once, at its own pose)."""
+        data, weight = cls._summed(backprojector.symmetrised())
+        radius = grid_radius(backprojector.n, backprojector.pad, backprojector.r_max)
+        return symmetrise_accumulators(data, weight, sym_ops, radius)
 
     @staticmethod
     def _summed(accumulator: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -691,7 +701,7 @@ class RelionRefineEngine:
         ctx.stats["max_prob"][idx] = res.max_prob
         ctx.stats["n_sig"][idx] = res.n_significant.to(torch.float32)
         ctx.stats["loglik"][idx] = res.log_likelihood.to(torch.float32)
-        backproject_samples(bps, ft, ctf, 1.0 / sig, res, ctx.sym_ops, r_max)
+        backproject_samples(bps, ft, ctf, 1.0 / sig, res, r_max)
         px = searcher.fine_pixels
         model = res.best_projection * res.best_scale[:, None]
         if ctf is not None:

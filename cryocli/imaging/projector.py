@@ -42,8 +42,17 @@ from cryocli.imaging.fourier import centred_grid_2d, radius2_3d, radius_3d, volu
 
 # Interpolation points per grid_sample call: bounds the temporary grids to ~100 MB.
 DEFAULT_CHUNK_POINTS = 1 << 22
-# Points per index_add_ of the trilinear scatter: its corner weights and indices take ~100 bytes a point.
-SCATTER_CHUNK_POINTS = 1 << 18
+# Points per index_add_ of a scatter onto the grid. On the CPU a chunk whose temporaries stay in the core's cache is
+# faster: 1.28 M points of 64 px slices took 98 ms in chunks of 2^14 points against 144 ms in chunks of 2^18 with
+# the trilinear kernel, and 280 ms against 380 ms with the 27-point Gaussian one (2 cores). On a GPU large chunks
+# keep the kernel launches few.
+SCATTER_CHUNK_POINTS_CPU = 1 << 14
+SCATTER_CHUNK_POINTS_DEVICE = 1 << 20
+
+
+def scatter_chunk_points(device: torch.device) -> int:
+    """Points per scatter (``index_add_``) call on ``device``: cache-sized on the CPU, large elsewhere."""
+    return SCATTER_CHUNK_POINTS_CPU if device.type == "cpu" else SCATTER_CHUNK_POINTS_DEVICE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +188,8 @@ def slice_coordinates(rotations: Tensor, kx: Tensor, ky: Tensor, scale: float) -
     rotations: ``(B, 3, 3)`` RELION ``A``; kx, ky: ``(M,)`` Fourier pixels. Differentiable in ``rotations``.
     """
     a = rotations.to(kx.dtype)
-    return scale * (kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :])
+    # One batched matrix product: 4.8 x faster on the CPU than the same sum broadcast over the trailing axis of 3.
+    return torch.matmul(torch.stack([kx, ky], 1) * scale, a[:, :2, :])
 
 
 def _normalised_grid(coords: Tensor, grid: int) -> Tensor:
@@ -211,7 +221,7 @@ def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
 
 
 def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | None = None,
-                 chunk_points: int = SCATTER_CHUNK_POINTS) -> Tensor:
+                 chunk_points: int | None = None) -> Tensor:
     """Exact adjoint of :func:`sample_grid`: spread ``values (C, N)`` with the trilinear weights -> ``(C, G, G, G)``.
 
     coords ``(N, 3)`` as in :func:`sample_grid`; corners outside the grid are dropped, as ``grid_sample``'s
@@ -220,6 +230,7 @@ def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | N
     ``grid_sample``'s own input-gradient kernel, which runs on one thread (measured on 64 px slices).
     """
     c, g = values.shape[0], grid_size
+    chunk_points = scatter_chunk_points(values.device) if chunk_points is None else chunk_points
     if out is None:
         out = torch.zeros((c, g, g, g), dtype=values.dtype, device=values.device)
     flat_out = out.view(c, -1)

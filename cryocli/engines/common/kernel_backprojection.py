@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 
 from cryocli.imaging.fourier import radius_3d
-from cryocli.imaging.projector import default_r_max, fourier_grid_size, half_plane_pixels, padded_box, slice_coordinates
+from cryocli.imaging.projector import (
+    default_r_max,
+    fourier_grid_size,
+    half_plane_pixels,
+    padded_box,
+    scatter_chunk_points,
+    slice_coordinates,
+)
 
 #: The paper's bandwidth (padded Fourier voxels^2 in ``exp(-d^2 / h)``).
 DEFAULT_BANDWIDTH = 2.0
@@ -73,19 +80,22 @@ class BackProjectorLike(Protocol):
 class GaussianKernelBackProjector:
     """A :class:`BackProjectorLike` with the Gaussian kernel instead of the trilinear one.
 
-    n: box (pixels); pad: padding (2); r_max: Fourier radius in pixels (``n // 2``); bandwidth: ``h``.
+    n: box (pixels); pad: padding (2); r_max: Fourier radius in pixels (``n // 2``); bandwidth: ``h``;
+    chunk_points: pixels placed per scatter call (None: :func:`~cryocli.imaging.projector.scatter_chunk_points`).
     """
 
     def __init__(self, n: int, pad: float = 2, r_max: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, bandwidth: float = DEFAULT_BANDWIDTH,
-                 chunk_points: int = 1 << 20) -> None:
+                 chunk_points: int | None = None) -> None:
         self.n, self.pad = int(n), pad
         self.r_max = default_r_max(self.n) if r_max is None else int(r_max)
         self.grid_size = fourier_grid_size(self.n, pad, self.r_max)
         self.scale = padded_box(self.n, pad) / self.n
-        self.dtype, self.bandwidth, self.chunk_points = dtype, float(bandwidth), int(chunk_points)
+        self.dtype, self.bandwidth = dtype, float(bandwidth)
         g = self.grid_size
         self._acc = torch.zeros((3, g * g * g), dtype=dtype, device=device)
+        # Pixels placed per index_add_ (27 grid points each)
+        self.chunk_points = scatter_chunk_points(self._acc.device) if chunk_points is None else int(chunk_points)
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +127,7 @@ class GaussianKernelBackProjector:
         d = torch.arange(-1, 2, device=dev)
         offsets = ((d[:, None, None] * g + d[None, :, None]) * g + d[None, None, :]).reshape(-1)
         h = self.bandwidth
-        step = max(1, self.chunk_points // max(1, 27 * m))
+        step = max(1, self.chunk_points // max(1, m))
         for s in range(0, b, step):
             coords = slice_coordinates(rotations[s:s + step].to(device=dev, dtype=self.dtype), kx, ky, self.scale)
             coords = coords.reshape(-1, 3).T  # (3, N) as (x, y, z) voxels from the centre

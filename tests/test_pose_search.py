@@ -294,3 +294,25 @@ def test_noise_from_a_pixel_subset_matches_the_full_plane() -> None:
     shells = torch.floor(torch.sqrt(pixels.kx**2 + pixels.ky**2) + 0.5).long()
     part.add_pixels(pixels.take(ft).abs() ** 2, shells, groups)
     assert torch.allclose(part.sigma2()[:, 1:16], full.sigma2()[:, 1:16], rtol=0.15)
+
+
+def test_a_particles_search_does_not_depend_on_its_batch(adk_map: torch.Tensor) -> None:
+    """The fine pass scores only each particle's own significant samples: searched in a batch (padded to the
+    batch's largest count) or alone, a particle gets the same samples, weights and poses, globally and locally."""
+    proj, rot, shifts, ctf, images = _particles(adk_map, 8, 12.0, seed=6)
+    grid = SO3Grid(2, dtype=torch.float32)
+    sigma2 = torch.full(images.shape, 144.0 * BOX * BOX / 2)
+    for level, previous in ((0, None), (1, rot)):
+        searcher = PoseSearcher(proj.volume_ft, BOX, 2, grid, level, 16, 5, 2)
+        batch = searcher.search(images, ctf, sigma2, previous=previous)
+        counts = batch.n_significant
+        assert int(counts.min()) < int(counts.max())  # the batch really pads some particles
+        for i in range(8):
+            q = slice(i, i + 1)
+            alone = searcher.search(images[q], ctf[q], sigma2[q], previous=None if previous is None else previous[q])
+            n = alone.sample_weights.shape[1]
+            assert torch.equal(alone.sample_ids[0], batch.sample_ids[i, :n])
+            assert torch.allclose(alone.sample_weights[0], batch.sample_weights[i, :n], rtol=1e-4, atol=1e-5)
+            assert bool((batch.sample_weights[i, n:] == 0).all())
+            assert torch.allclose(alone.mean_rotations[0], batch.mean_rotations[i], atol=1e-5)
+            assert torch.allclose(alone.log_likelihood[0], batch.log_likelihood[i], rtol=1e-5)

@@ -410,31 +410,29 @@ class PoseSearcher:
                     count: Tensor, log_marginal: Tensor, centres: Tensor | None) -> PoseSearchResult:
         """Fine pass over the children of the significant coarse samples ``cells`` ``(B, K)`` (level ids).
 
-        The fine log-likelihoods ``(B, K, S, 8)`` are computed in blocks of particles and coarse samples whose
+        Only the ``count`` significant samples of each particle are scored (``K`` is the batch's largest count,
+        1.7 x the mean on set_3j9g's last iterations): the (particle, sample) pairs are scored in blocks whose
         temporaries (shifted images, slices, products) stay within ``FINE_PASS_BYTES``, so the memory does not
         grow with the number of significant samples; the posterior over all of them is then formed at once.
         """
         b, k = cells.shape
         valid = torch.arange(k, device=cells.device)[None, :] < count[:, None]
-        # Padded slots repeat the particle's best cell, so they cost no extra projection.
+        # Padded slots repeat the particle's best cell (they are never scored, but their rotations are formed).
         cells = torch.where(valid, cells, cells[:, :1])
         children = self.grid.children(self.level, cells, checked=False)  # (B, K, 8); cells from the search
         rot = self.grid.rotations(self.level + 1, children, checked=False).to(self.device, torch.float32)  # (B,K,8,3,3)
         n_sub, m = self.sub.shape[0], c2inv.shape[1]
-        per_sample = (8 + n_sub) * m * 4 * 4  # bytes of one coarse sample's images, slices and products
-        k_chunk = max(1, min(k, FINE_PASS_BYTES // max(1, per_sample)))
-        b_chunk = max(1, FINE_PASS_BYTES // max(1, per_sample * k_chunk))
-        loglik = torch.empty((b, k, n_sub, 8), device=self.device)
-        scale = torch.empty_like(loglik)
-        for p0 in range(0, b, b_chunk):
-            q = slice(p0, p0 + b_chunk)
-            for k0 in range(0, k, k_chunk):
-                r = slice(k0, k0 + k_chunk)
-                loglik[q, r], scale[q, r] = self._fine_log_likelihoods((xw[0][q], xw[1][q]), c2inv[q], x2[q],
-                                                                       children[q, r], coarse_t[q, r])
+        per_pair = ((8 + n_sub) * 4 + 3) * m * 4  # bytes of one pair's images, slices and products
+        chunk = max(1, FINE_PASS_BYTES // max(1, per_pair))
+        pb, pk = valid.nonzero(as_tuple=True)  # pairs in row-major order
+        loglik = torch.full((b, k, n_sub, 8), -math.inf, device=self.device)
+        scale = torch.ones_like(loglik)
+        for p0 in range(0, pb.shape[0], chunk):
+            qb, qk = pb[p0:p0 + chunk], pk[p0:p0 + chunk]
+            loglik[qb, qk], scale[qb, qk] = self._fine_log_likelihoods((xw[0][qb], xw[1][qb]), c2inv[qb], x2[qb],
+                                                                       children[qb, qk], coarse_t[qb, qk])
         if centres is not None:
             loglik = loglik + self._log_prior(rot, centres)[:, :, None, :]
-        loglik = loglik.masked_fill(~valid[:, :, None, None], -math.inf)
         shifts = self.shifts[coarse_t][:, :, None, :] + self.sub[None, None]  # (B, K, S, 2)
         flat = loglik.reshape(b, -1)
         idx, weights, _ = significant_samples(flat, self.fraction, self.max_significant)
@@ -456,21 +454,15 @@ class PoseSearcher:
 
     def _fine_log_likelihoods(self, xw: tuple[Tensor, Tensor], c2inv: Tensor, x2: Tensor, children: Tensor,
                               coarse_t: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-likelihoods and intensity scales ``(b, k, S, 8)`` of a block: weighted images ``(b, M)`` x 2,
-        ``c2inv`` ``(b, M)``, ``x2`` ``(b,)``, the children ``(b, k, 8)`` of coarse samples at shifts
-        ``coarse_t`` ``(b, k)`` (indices into the shift grid), each at its 4 sub-shifts."""
-        b, k = children.shape[:2]
-        pr, pi, _ = self.fine_cache.get(children)  # (b, k, 8, M) x 2
+        """Log-likelihoods and intensity scales ``(P, S, 8)`` of ``P`` (particle, coarse sample) pairs: each pair's
+        weighted image ``(P, M)`` x 2, ``c2inv`` ``(P, M)`` and ``x2`` ``(P,)``, the children ``(P, 8)`` of its
+        coarse sample at shift ``coarse_t`` ``(P,)`` (an index into the shift grid), each at its ``S`` sub-shifts."""
+        pr, pi, _ = self.fine_cache.get(children)  # (P, 8, M) x 2
         fr, fi = self._fine_ramp
-        wr, wi = _times((xw[0][:, None, None, :], xw[1][:, None, None, :]), (fr[coarse_t], fi[coarse_t]))
-        m = pr.shape[-1]
-        n_sub = wr.shape[2]
-        wr, wi = wr.reshape(b * k, n_sub, m), wi.reshape(b * k, n_sub, m)
-        pr, pi = pr.reshape(b * k, 8, m), pi.reshape(b * k, 8, m)
-        cross = (torch.bmm(wr, pr.transpose(1, 2)) + torch.bmm(wi, pi.transpose(1, 2))).reshape(b, k, n_sub, 8)
-        power = (pr * pr + pi * pi).reshape(b, k * 8, m)
-        norm = torch.bmm(power, c2inv[:, :, None]).reshape(b, k, 8)
-        return _combine(cross, norm[:, :, None, :], x2[:, None, None, None], self.profile_scale)
+        wr, wi = _times((xw[0][:, None, :], xw[1][:, None, :]), (fr[coarse_t], fi[coarse_t]))  # (P, S, M)
+        cross = torch.bmm(wr, pr.transpose(1, 2)) + torch.bmm(wi, pi.transpose(1, 2))  # (P, S, 8)
+        norm = torch.bmm(pr * pr + pi * pi, c2inv[:, :, None])[..., 0]  # (P, 8)
+        return _combine(cross, norm[:, None, :], x2[:, None, None], self.profile_scale)
 
     def _local_mean(self, prob: Tensor, rot: Tensor, shifts: Tensor, best: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean rotation and shift over the fine samples within one coarse step of ``best``.

@@ -58,13 +58,15 @@ def _insert_chunk(backprojectors: list[BackProjectorLike], pixels: SearchPixels,
     c = pixels.take(ctf).to(torch.float32) if ctf is not None else torch.ones(x.shape, device=x.device)
     inv = pixels.take(inv_sigma2).to(torch.float32)
     rotation, member = merge_samples(result)
-    w = result.sample_weights.to(torch.float32)
-    contrib = (x * c * inv)[:, None, :] * pixels.ramp(result.sample_shifts) * w[:, :, None]  # (B, S, M)
-    ok = member >= 0
+    # Only the samples with weight: a particle's row is padded to the batch's largest count of samples.
+    pb, ps = (member >= 0).nonzero(as_tuple=True)
+    w = result.sample_weights.to(torch.float32)[pb, ps, None]
+    rows = member[pb, ps]
+    contrib = (x * c * inv)[pb] * pixels.ramp(result.sample_shifts[pb, ps]) * w  # (P, M)
     data = torch.zeros((rotation.shape[0], x.shape[1]), dtype=torch.complex64, device=x.device)
-    data.index_add_(0, member[ok], contrib[ok])
+    data.index_add_(0, rows, contrib)
     weights = torch.zeros((rotation.shape[0], x.shape[1]), dtype=torch.float32, device=x.device)
-    weights.index_add_(0, member[ok], ((c * c * inv)[:, None, :] * w[:, :, None])[ok])
+    weights.index_add_(0, rows, (c * c * inv)[pb] * w)
     rot = rotation.to(torch.float32)
     for backprojector in backprojectors:
         backprojector.insert_pixels(data, weights, rot, pixels.kx, pixels.ky)

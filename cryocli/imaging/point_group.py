@@ -53,15 +53,15 @@ def symmetrise_accumulators(data: Tensor, weight: Tensor, sym_ops: Tensor | None
     channels = torch.cat([torch.view_as_real(data).permute(3, 0, 1, 2), weight[None]]).contiguous()  # (3, G, G, G)
     inside = (radius2_3d(g, data.device, torch.int64) <= radius * radius).reshape(-1)
     where = inside.nonzero().squeeze(1)
-    # (x, y, z) offsets from the centre of the voxels within the radius
-    zyx = torch.stack([where // (g * g), (where // g) % g, where % g], 1)
-    xyz = (zyx.flip(1) - g // 2).to(real)
     summed = channels.reshape(3, -1).clone()
-    for s in range(0, xyz.shape[0], _CHUNK_POINTS):
-        points = xyz[s:s + _CHUNK_POINTS]
+    ops = ops.to(device=data.device, dtype=real)
+    for s in range(0, where.shape[0], _CHUNK_POINTS):
+        flat = where[s:s + _CHUNK_POINTS]
+        # (x, y, z) offsets from the centre of these voxels, made a chunk at a time to bound the memory
+        points = (torch.stack([flat % g, (flat // g) % g, flat // (g * g)], 1) - g // 2).to(real)
         total = torch.zeros((3, points.shape[0]), dtype=real, device=data.device)
-        for op in ops.to(device=data.device, dtype=real):
+        for op in ops:
             total += sample_grid(channels, points @ op.T)  # D(L k) for the row vectors k
-        summed[:, where[s:s + _CHUNK_POINTS]] += total
+        summed[:, flat] += total
     summed = summed.reshape(3, g, g, g)
     return torch.complex(summed[0], summed[1]), summed[2]

@@ -44,10 +44,10 @@ from cryocli.imaging.fourier import centred_grid_2d, radius2_3d, radius_3d, volu
 DEFAULT_CHUNK_POINTS = 1 << 22
 # Points per index_add_ of a scatter onto the grid. On the CPU a chunk whose temporaries stay in the core's cache is
 # faster: 1.28 M points of 64 px slices took 98 ms in chunks of 2^14 points against 144 ms in chunks of 2^18 with
-# the trilinear kernel, and 280 ms against 380 ms with the 27-point Gaussian one (2 cores). On a GPU large chunks
-# keep the kernel launches few.
+# the trilinear kernel, and 280 ms against 380 ms with the 27-point Gaussian one (2 cores). On a GPU larger chunks
+# keep the kernel launches few (2^18, the size all devices used before; ~200 MB of temporaries for the Gaussian one).
 SCATTER_CHUNK_POINTS_CPU = 1 << 14
-SCATTER_CHUNK_POINTS_DEVICE = 1 << 20
+SCATTER_CHUNK_POINTS_DEVICE = 1 << 18
 
 
 def scatter_chunk_points(device: torch.device) -> int:

@@ -5,9 +5,11 @@
 Each box size runs in its own subprocess so that the peak memory it reports (CUDA: peak allocated;
 CPU: growth of the process's peak resident set during the timed work) belongs to that size alone.
 Columns: slices/s of the forward projection (``Projector.project``), seconds to insert the slices with
-weights (``BackProjector.insert``), seconds of the backward pass of ``sum |project(V, A)|^2`` with
-respect to both the Fourier volume and the rotations, and the peak memory. Times are the best of
-``--repeats`` runs after one warm-up.
+weights (``BackProjector.insert``) and with the Gaussian kernel of ``refine --method sparse-tv``
+(``GaussianKernelBackProjector.insert``), seconds of the backward pass of ``sum |project(V, A)|^2`` with
+respect to both the Fourier volume and the rotations, seconds to sum the accumulators over the point
+group O (24 operators, :func:`cryocli.imaging.point_group.symmetrise_accumulators`), and the peak memory.
+Times are the best of ``--repeats`` runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import time
 import torch
 from harness import print_table, run_isolated
 
+from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector
 from cryocli.geometry.rotations import euler_to_matrix
-from cryocli.imaging.projector import BackProjector, Projector, project_volume_ft
+from cryocli.geometry.symmetry import symmetry_operators
+from cryocli.imaging.point_group import symmetrise_accumulators
+from cryocli.imaging.projector import BackProjector, Projector, grid_radius, project_volume_ft
 
 
 def _sync(device: torch.device) -> None:
@@ -55,6 +60,8 @@ def measure(n: int, slices: int, device: torch.device, repeats: int) -> dict:
     spectra = projector.project(rotations)
     weights = torch.ones(spectra.shape, device=device)
     backprojector = BackProjector(n, device=device)
+    kernel = GaussianKernelBackProjector(n, device=device)
+    ops = symmetry_operators("O", torch.float32, device)
     leaf = projector.volume_ft.clone().requires_grad_(True)
     rot_leaf = rotations.clone().requires_grad_(True)
 
@@ -69,14 +76,18 @@ def measure(n: int, slices: int, device: torch.device, repeats: int) -> dict:
         base_cuda = torch.cuda.memory_allocated(device)
     forward_s = _best_time(lambda: projector.project(rotations), device, repeats)
     insert_s = _best_time(lambda: backprojector.insert(spectra, weights, rotations), device, repeats)
+    kernel_s = _best_time(lambda: kernel.insert(spectra, weights, rotations), device, repeats)
     backward_s = _best_time(backward, device, repeats)
+    data, weight = backprojector.symmetrised()
+    radius = grid_radius(n, backprojector.pad, backprojector.r_max)
+    symmetrise_s = _best_time(lambda: symmetrise_accumulators(data, weight, ops, radius), device, repeats)
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
     else:
         peak_mb = _peak_rss_mb() - base_rss
     return {"n": n, "slices": slices, "device": str(device), "threads": torch.get_num_threads(),
             "forward_slices_per_s": slices / forward_s, "forward_s": forward_s, "insert_s": insert_s,
-            "backward_s": backward_s, "peak_mb": peak_mb}
+            "kernel_insert_s": kernel_s, "backward_s": backward_s, "symmetrise_o_s": symmetrise_s, "peak_mb": peak_mb}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"projector benchmark: {args.slices} slices, device {args.device}, torch {torch.__version__}, "
           f"{rows[0]['threads']} threads")
     print_table(rows, [("box", "n", "d"), ("forward slices/s", "forward_slices_per_s", ".0f"),
-                       ("insert (s)", "insert_s", ".3f"), ("backward (s)", "backward_s", ".3f"),
+                       ("insert (s)", "insert_s", ".3f"), ("Gaussian insert (s)", "kernel_insert_s", ".3f"),
+                       ("backward (s)", "backward_s", ".3f"), ("sum over O (s)", "symmetrise_o_s", ".3f"),
                        ("peak memory (MB)", "peak_mb", ".0f")])
 
 

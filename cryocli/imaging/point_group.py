@@ -9,7 +9,7 @@ weights ``W`` on the padded Fourier grid by their sums over the group,
 with ``D(L k)`` read by trilinear interpolation of the grid (``symmetrise_nonhelical``), within the
 grid's radius ``R`` (padded Fourier voxels). A contribution inserted at ``k`` reappears at ``L^T k`` for
 every ``L``, which is where inserting at the pose ``A L`` would have put it
-(:func:`cryocli.imaging.projector.rotations_with_symmetry`), up to one trilinear interpolation of the
+(:func:`cryocli.geometry.symmetry.equivalent_poses`), up to one trilinear interpolation of the
 accumulated grid. The cost is ``K - 1`` interpolations of the grid per reconstruction instead of ``K``
 insertions of every image.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cryocli.imaging.fourier import radius2_3d
-from cryocli.imaging.projector import sample_grid
+from cryocli.imaging.projector import channels_first, sample_grid
 
 # Grid points interpolated per call: bounds the temporaries to ~100 MB.
 _CHUNK_POINTS = 1 << 21
@@ -50,7 +50,7 @@ def symmetrise_accumulators(data: Tensor, weight: Tensor, sym_ops: Tensor | None
         return data, weight
     g = data.shape[-1]
     real = weight.dtype
-    channels = torch.cat([torch.view_as_real(data).permute(3, 0, 1, 2), weight[None]]).contiguous()  # (3, G, G, G)
+    channels = torch.cat([channels_first(data), channels_first(weight)]).contiguous()  # (Re, Im, W) (3, G, G, G)
     inside = (radius2_3d(g, data.device, torch.int64) <= radius * radius).reshape(-1)
     where = inside.nonzero().squeeze(1)
     summed = channels.reshape(3, -1).clone()

@@ -197,7 +197,7 @@ def _normalised_grid(coords: Tensor, grid: int) -> Tensor:
     return (coords + (grid // 2)) * (2.0 / (grid - 1)) - 1.0
 
 
-def _channels_first(volume: Tensor) -> Tensor:
+def channels_first(volume: Tensor) -> Tensor:
     """``(C, G, G, G)`` real view: complex -> (Re, Im) channels (no copy), real ``(G, G, G)`` -> one channel."""
     if volume.is_complex():
         return torch.view_as_real(volume).permute(3, 0, 1, 2)
@@ -266,7 +266,7 @@ def sample_slices(volume: Tensor, rotations: Tensor, kx: Tensor, ky: Tensor, sca
     for channel volumes. Differentiable in ``volume`` and ``rotations``.
     """
     _check_rotations(rotations)
-    channels = _channels_first(volume)
+    channels = channels_first(volume)
     g = channels.shape[-1]
     if channels.dim() != 4 or channels.shape[-3:] != (g, g, g):
         raise ValueError(f"volume must be a cube (G, G, G) or (C, G, G, G), got {tuple(volume.shape)}")
@@ -449,15 +449,3 @@ class BackProjector:
     def accumulators(self) -> Tensor:
         """The raw ``(3, G, G, G)`` accumulator (Re data, Im data, weight), e.g. for ``all_reduce`` in place."""
         return self._acc
-
-
-def rotations_with_symmetry(rotations: Tensor, sym_ops: Tensor | None) -> Tensor:
-    """All symmetry-equivalent poses ``A @ L`` for ``L`` in ``sym_ops (K, 3, 3)``: ``(K * B, 3, 3)``.
-
-    A map with ``V(L x) = V(x)`` projects identically at ``A`` and ``A L^T``; over a group both
-    ``L`` and ``L^T`` are members, so inserting at ``A @ L`` for every ``L`` gives every equivalent view.
-    """
-    if sym_ops is None:
-        return rotations
-    ops = sym_ops.to(device=rotations.device, dtype=rotations.dtype)
-    return (rotations[None] @ ops[:, None]).reshape(-1, 3, 3)

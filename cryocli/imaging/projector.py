@@ -33,6 +33,7 @@ to the Fourier volume (a leaf an engine can optimise) and to the rotation matric
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,17 +43,21 @@ from cryocli.imaging.fourier import centred_grid_2d, radius2_3d, radius_3d, volu
 
 # Interpolation points per grid_sample call: bounds the temporary grids to ~100 MB.
 DEFAULT_CHUNK_POINTS = 1 << 22
-# Points per index_add_ of a scatter onto the grid. On the CPU a chunk whose temporaries stay in the core's cache is
-# faster: 1.28 M points of 64 px slices took 98 ms in chunks of 2^14 points against 144 ms in chunks of 2^18 with
-# the trilinear kernel, and 280 ms against 380 ms with the 27-point Gaussian one (2 cores). On a GPU larger chunks
-# keep the kernel launches few (2^18, the size all devices used before; ~200 MB of temporaries for the Gaussian one).
-SCATTER_CHUNK_POINTS_CPU = 1 << 14
+# Grid updates (points x kernel neighbours) per index_add_ of a scatter onto the grid on the CPU: a chunk whose
+# temporaries stay in the core's cache is faster. Measured on 2 cores, 1.28 M pixels of 64 px slices: the trilinear
+# kernel (8 neighbours) 177 / 143 / 134 / 139 / 171 ms in chunks of 2^13 ... 2^17 points, the 27-point Gaussian one
+# 351 / 405 / 470 ms in chunks of 2^14 / 2^15 / 2^16 points; sagd's gradient (5.9 M points on a 39^3 grid) 0.46 s in
+# chunks of 2^14 points against 0.39 s in chunks of 2^16. About 2^19 updates suits all three.
+SCATTER_CHUNK_UPDATES_CPU = 1 << 19
+# Points per scatter on a GPU, whatever the kernel: large chunks keep the kernel launches few (~200 MB of
+# temporaries for the Gaussian kernel).
 SCATTER_CHUNK_POINTS_DEVICE = 1 << 18
 
 
-def scatter_chunk_points(device: torch.device) -> int:
-    """Points per scatter (``index_add_``) call on ``device``: cache-sized on the CPU, large elsewhere."""
-    return SCATTER_CHUNK_POINTS_CPU if device.type == "cpu" else SCATTER_CHUNK_POINTS_DEVICE
+def scatter_chunk_points(device: torch.device, neighbours: int = 8) -> int:
+    """Points per scatter (``index_add_``) call on ``device`` for a kernel spreading each point over ``neighbours``
+    grid points (8 trilinear, 27 Gaussian): cache-sized on the CPU, large elsewhere."""
+    return max(1, SCATTER_CHUNK_UPDATES_CPU // neighbours) if device.type == "cpu" else SCATTER_CHUNK_POINTS_DEVICE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,10 +219,34 @@ def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
     coords are ``(x, y, z)`` voxel offsets from the centre index ``G // 2``; points whose neighbours
     fall outside the grid read zeros there. Differentiable in both arguments (``grid_sample``).
     """
+    if torch.is_grad_enabled() and channels.requires_grad and not coords.requires_grad:
+        # The map's gradient alone (sagd's and cryo2ssnet's decoder steps): the index_add_ adjoint instead of
+        # grid_sample's input-gradient kernel, which runs on one thread on the CPU.
+        return _SampleGridMapGradient.apply(channels, coords)
+    return _grid_sample(channels, coords)
+
+
+def _grid_sample(channels: Tensor, coords: Tensor) -> Tensor:
     g = channels.shape[-1]
     grid = _normalised_grid(coords.to(channels.dtype), g).reshape(1, 1, 1, -1, 3)
     out = functional.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(channels.shape[0], -1)
+
+
+class _SampleGridMapGradient(torch.autograd.Function):
+    """:func:`sample_grid` differentiable in the map only, its backward :func:`scatter_grid` (the exact adjoint)."""
+
+    @staticmethod
+    def forward(ctx: Any, channels: Tensor, coords: Tensor) -> Tensor:
+        ctx.save_for_backward(coords)
+        ctx.grid_size = channels.shape[-1]
+        return _grid_sample(channels, coords)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        (coords,) = ctx.saved_tensors
+        return scatter_grid(grad_out.contiguous(), coords, ctx.grid_size), None
 
 
 def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | None = None,

@@ -95,7 +95,7 @@ class GaussianKernelBackProjector:
         g = self.grid_size
         self._acc = torch.zeros((3, g * g * g), dtype=dtype, device=device)
         # Pixels placed per index_add_ (27 grid points each)
-        self.chunk_points = scatter_chunk_points(self._acc.device) if chunk_points is None else int(chunk_points)
+        self.chunk_points = scatter_chunk_points(self._acc.device, 27) if chunk_points is None else int(chunk_points)
 
     @property
     def device(self) -> torch.device:

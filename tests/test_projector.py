@@ -266,29 +266,6 @@ def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype, device):
     assert abs(float(lhs - rhs)) < tol * float(lhs.abs())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("coords_grad", [False, True])
-def test_sample_grid_map_gradient_is_grid_samples(device, coords_grad):
-    """With the map alone differentiable, sample_grid's backward is the index_add_ scatter (faster on the CPU): the
-    same map gradient as grid_sample's autograd, to round-off, and double precision passes gradcheck. With the
-    coordinates differentiable too (pose gradients), grid_sample's autograd gives both."""
-    gen = torch.Generator().manual_seed(6)
-    g = 9
-    x = torch.randn(2, g, g, g, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
-    coords = ((torch.rand(600, 3, generator=gen, dtype=torch.float64) * 2 - 1) * 5.5).to(device)
-    coords.requires_grad_(coords_grad)
-    upstream = torch.randn(2, 600, generator=gen, dtype=torch.float64).to(device)
-    ours = torch.autograd.grad(sample_grid(x, coords), [x, coords] if coords_grad else [x], upstream)
-    grid = _normalised_grid(coords, g).reshape(1, 1, 1, -1, 3)
-    plain = torch.nn.functional.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    ref = torch.autograd.grad(plain.reshape(2, -1), [x, coords] if coords_grad else [x], upstream)
-    for a, b in zip(ours, ref, strict=True):
-        assert float((a - b).abs().max()) < 1e-12 * float(b.abs().max())
-    if not coords_grad:
-        small = x[:, :5, :5, :5].detach().clone().requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda v: sample_grid(v, coords[:50] * 0.6), (small,))
-
-
 def test_gradients_wrt_rotations_and_volume():
     torch.manual_seed(2)
     n = 8

@@ -33,7 +33,6 @@ to the Fourier volume (a leaf an engine can optimise) and to the rotation matric
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,8 +45,7 @@ DEFAULT_CHUNK_POINTS = 1 << 22
 # Grid updates (points x kernel neighbours) per index_add_ of a scatter onto the grid on the CPU: a chunk whose
 # temporaries stay in the core's cache is faster. Measured on 2 cores, 1.28 M pixels of 64 px slices: the trilinear
 # kernel (8 neighbours) 177 / 143 / 134 / 139 / 171 ms in chunks of 2^13 ... 2^17 points, the 27-point Gaussian one
-# 351 / 405 / 470 ms in chunks of 2^14 / 2^15 / 2^16 points; sagd's gradient (5.9 M points on a 39^3 grid) 0.46 s in
-# chunks of 2^14 points against 0.39 s in chunks of 2^16. About 2^19 updates suits all three.
+# 351 / 405 / 470 ms in chunks of 2^14 / 2^15 / 2^16 points. About 2^19 updates suits both.
 SCATTER_CHUNK_UPDATES_CPU = 1 << 19
 # Points per scatter on a GPU, whatever the kernel: large chunks keep the kernel launches few (~200 MB of
 # temporaries for the Gaussian kernel).
@@ -219,34 +217,10 @@ def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
     coords are ``(x, y, z)`` voxel offsets from the centre index ``G // 2``; points whose neighbours
     fall outside the grid read zeros there. Differentiable in both arguments (``grid_sample``).
     """
-    if torch.is_grad_enabled() and channels.requires_grad and not coords.requires_grad:
-        # The map's gradient alone (sagd's and cryo2ssnet's decoder steps): the index_add_ adjoint instead of
-        # grid_sample's input-gradient kernel, which runs on one thread on the CPU.
-        return _SampleGridMapGradient.apply(channels, coords)
-    return _grid_sample(channels, coords)
-
-
-def _grid_sample(channels: Tensor, coords: Tensor) -> Tensor:
     g = channels.shape[-1]
     grid = _normalised_grid(coords.to(channels.dtype), g).reshape(1, 1, 1, -1, 3)
     out = functional.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(channels.shape[0], -1)
-
-
-class _SampleGridMapGradient(torch.autograd.Function):
-    """:func:`sample_grid` differentiable in the map only, its backward :func:`scatter_grid` (the exact adjoint)."""
-
-    @staticmethod
-    def forward(ctx: Any, channels: Tensor, coords: Tensor) -> Tensor:
-        ctx.save_for_backward(coords)
-        ctx.grid_size = channels.shape[-1]
-        return _grid_sample(channels, coords)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        (coords,) = ctx.saved_tensors
-        return scatter_grid(grad_out.contiguous(), coords, ctx.grid_size), None
 
 
 def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | None = None,

@@ -96,27 +96,41 @@ def test_sparse_tv_step_lowers_the_objective_and_sparsifies() -> None:
 def test_sampling_refines_only_after_no_gain_and_no_large_changes() -> None:
     s = Sampling(level=0, local=False, offset_range=5.0, offset_step=2.0)
     # Resolution improves: keep the sampling.
-    assert not update_sampling(s, 10.0, 30.0, 1.0, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
+    assert not update_sampling(s, 10.0, 20, 30.0, 1.0, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
     # No gain, but the poses still move a lot (more than 40% of the fine step and not within 3% of the
     # smallest change so far): keep the sampling.
-    assert not update_sampling(s, 10.5, 20.0, 0.9, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
+    assert not update_sampling(s, 10.5, 19, 20.0, 0.9, 6.0, 0.5, 7.5, 5, 1) and s.level == 0
     # No gain and changes below 40% of the fine step: one HEALPix order finer, local, finer translations.
-    assert not update_sampling(s, 10.4, 2.0, 0.3, 6.0, 0.5, 7.5, 5, 1)
+    assert not update_sampling(s, 10.4, 19, 2.0, 0.3, 6.0, 0.5, 7.5, 5, 1)
     assert s.level == 1 and s.local and s.offset_step < 2.0 and s.offset_range >= 1.5 * s.offset_step
     assert s.iters_without_gain == 0 and s.iters_without_change == 0
     # The fine step (3.75) is below 75% of the accuracy (6 deg): after one more quiet iteration, converged.
-    assert not update_sampling(s, 9.0, 1.0, 0.1, 6.0, 0.5, 3.75, 5, 1)
-    assert update_sampling(s, 9.2, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1)
+    assert not update_sampling(s, 9.0, 22, 1.0, 0.1, 6.0, 0.5, 3.75, 5, 1)
+    assert update_sampling(s, 9.2, 21, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1)
     assert s.level == 1
 
 
+def test_resolution_gain_is_counted_in_whole_shells_as_relion() -> None:
+    """RELION's resolution is a whole Fourier shell: a crossing that creeps outwards within the previous
+    iteration's shell is no gain, one shell further is, and the comparison is with the previous iteration."""
+    s = Sampling(level=2, local=True, offset_range=2.0, offset_step=1.0)
+    update_sampling(s, 10.50, 19, 0.1, 0.05, 0.8, 0.5, 0.47, 5, 1)
+    assert s.iters_without_gain == 0 and s.last_shell == 19
+    update_sampling(s, 10.45, 19, 0.1, 0.05, 0.8, 0.5, 0.47, 5, 1)
+    assert s.iters_without_gain == 1 and s.best_resolution == 10.45
+    s.iters_without_gain = 0
+    update_sampling(s, 10.90, 18, 5.0, 0.05, 0.8, 0.5, 0.47, 5, 1)
+    update_sampling(s, 10.60, 19, 5.0, 0.05, 0.8, 0.5, 0.47, 5, 1)  # back to shell 19: beyond the previous one
+    assert s.iters_without_gain == 0
+
+
 def test_minimum_angular_sampling_keeps_refining_past_the_accuracy_estimate() -> None:
-    s = Sampling(level=1, local=True, offset_range=2.0, offset_step=1.0, best_resolution=9.0, iters_without_gain=1,
-                 iters_without_change=1)
+    s = Sampling(level=1, local=True, offset_range=2.0, offset_step=1.0, best_resolution=9.0, last_shell=22,
+                 iters_without_gain=1, iters_without_change=1)
     # 3.75 deg is below 75% of the 6 deg accuracy, but --minimum-angular-sampling 2 asks for a finer step.
-    assert not update_sampling(s, 9.2, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1, minimum_step_deg=2.0) and s.level == 2
+    assert not update_sampling(s, 9.2, 21, 0.9, 0.1, 6.0, 0.5, 3.75, 5, 1, minimum_step_deg=2.0) and s.level == 2
     s.iters_without_gain = s.iters_without_change = 1
-    assert update_sampling(s, 9.2, 0.5, 0.1, 6.0, 0.5, 1.875, 5, 1, minimum_step_deg=2.0)
+    assert update_sampling(s, 9.2, 21, 0.5, 0.1, 6.0, 0.5, 1.875, 5, 1, minimum_step_deg=2.0)
 
 
 def test_pose_changes_use_relions_euler_axes_distance() -> None:

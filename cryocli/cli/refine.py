@@ -44,8 +44,10 @@ def refine(
                                "rlnGroupScaleCorrection in model.star."),
     particle_diameter: float | None = typer.Option(None, "--particle-diameter", help="Soft spherical mask "
                                                       "on the references (A) [default: 0.8 x box]."),
-    kernel: str | None = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear or gaussian "
-                                         "[default: trilinear for relion, gaussian for sparse-tv]."),
+    kernel: str | None = typer.Option(None, "--kernel", help="Backprojection kernel: trilinear (RELION's), "
+                                         "gaussian (Luo's Gaussian, applied on the grid to the trilinear "
+                                         "accumulators) or gaussian-insert (the paper's 27 points per pixel; "
+                                         "slower) [default: trilinear for relion, gaussian for sparse-tv]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Particles per E-step batch [64]."),
     box: int | None = typer.Option(None, "--box", min=8, help="Fourier-crop the particles (and reference) to "
                                       "this box (pixels)."),

@@ -14,6 +14,21 @@ them. In real space the kernel multiplies the map by the kernel's Fourier transf
 That division amplifies the noise near the box edge (about 3 x at ``r = n / 2`` for ``n = 64``), so an
 unmasked FSC of such maps comes out lower than of trilinear ones at the same poses; the refine engines
 therefore take their gold-standard FSC from trilinear accumulators kept alongside.
+
+Two forms of the kernel, the refine engines' ``--kernel`` choices:
+
+* ``gaussian-insert`` (:class:`GaussianKernelBackProjector`): the paper's own form, every pixel spread over
+  its 27 nearest grid points with the exact Gaussian weight; an ``index_add_`` of 27 x 3 values per pixel,
+  the most expensive step of a sparse-tv E-step.
+* ``gaussian`` (:func:`kernel_on_grid`, the default): the same Gaussian sampled at the integer offsets
+  ``{-1, 0, 1}^3`` and interpolated trilinearly between them, ``K(c - g) = sum_d exp(-|d|^2 / h) T(c - g - d)``
+  (``T`` the trilinear hat). Its accumulators are the trilinear ones convolved with the 3 x 3 x 3 samples,
+  which the refine engines keep anyway, so it costs a separable 3-tap convolution of the grid (about 20 ms
+  at 64 px) instead of a second insertion. Each axis's factor differs from the exact Gaussian's by at most
+  0.081 of its peak (at offsets near 0.43 voxels, between the samples), and the kernel reaches half a
+  voxel further on each axis than the paper's 27 points (to 2 voxels instead of 1.5); its
+  real-space envelope is the trilinear ``sinc^2(r / P)`` times the samples' transform,
+  ``prod_axes (1 + 2 q cos(2 pi x / P)) / (1 + 2 q)``, ``q = exp(-1 / h)`` (:func:`grid_kernel_envelope`).
 """
 
 from __future__ import annotations
@@ -190,4 +205,44 @@ def kernel_gridding_correction(n: int, pad: float = 2, bandwidth: float = DEFAUL
         return (1.0 / env).to(torch.float32)
     p = padded_box(n, pad)
     sinc2 = torch.sinc(radius_3d(n, device, torch.float64) / p) ** 2
+    return (sinc2 / env).to(torch.float32)
+
+
+def kernel_on_grid(volume: Tensor, bandwidth: float = DEFAULT_BANDWIDTH) -> Tensor:
+    """Accumulators ``(G, G, G)`` (complex data or real weights) convolved with the Gaussian's samples
+    ``exp(-d^2 / h)`` at the offsets ``d`` in -1, 0, 1 on each axis (separable; zero beyond the grid).
+
+    Applied to trilinear accumulators this gives the ``gaussian`` kernel's (the module docstring). The kernel
+    is symmetric, so it commutes with the Hermitian symmetrisation: either may come first.
+    """
+    q = math.exp(-1.0 / bandwidth)
+    out = volume
+    for dim in range(volume.dim()):
+        size = out.shape[dim]
+        smoothed = out.clone()
+        smoothed.narrow(dim, 1, size - 1).add_(out.narrow(dim, 0, size - 1), alpha=q)
+        smoothed.narrow(dim, 0, size - 1).add_(out.narrow(dim, 1, size - 1), alpha=q)
+        out = smoothed
+    return out
+
+
+def grid_kernel_envelope(n: int, pad: float = 2, bandwidth: float = DEFAULT_BANDWIDTH,
+                         device: torch.device | str | None = None) -> Tensor:
+    """Real-space attenuation ``(n, n, n)`` float64 of the ``gaussian`` kernel (:func:`kernel_on_grid` after
+    trilinear insertion) on a map: ``sinc^2(r / P)`` (the trilinear part, radial as RELION's gridding
+    correction) times ``prod_axes (1 + 2 q cos(2 pi x / P)) / (1 + 2 q)``, ``x`` voxels from the centre."""
+    p = padded_box(n, pad)
+    q = math.exp(-1.0 / bandwidth)
+    x = torch.arange(n, device=device, dtype=torch.float64) - n // 2
+    axis = (1.0 + 2.0 * q * torch.cos(2.0 * math.pi * x / p)) / (1.0 + 2.0 * q)
+    samples = axis[:, None, None] * axis[None, :, None] * axis[None, None, :]
+    return torch.sinc(radius_3d(n, device, torch.float64) / p) ** 2 * samples
+
+
+def grid_kernel_correction(n: int, pad: float = 2, bandwidth: float = DEFAULT_BANDWIDTH,
+                           device: torch.device | str | None = None) -> Tensor:
+    """Factor ``(n, n, n)`` float32 that turns a map corrected for trilinear gridding into one corrected for
+    the ``gaussian`` kernel: one over the samples' part of :func:`grid_kernel_envelope`."""
+    env = grid_kernel_envelope(n, pad, bandwidth, device)
+    sinc2 = torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, pad)) ** 2
     return (sinc2 / env).to(torch.float32)

@@ -7,7 +7,9 @@ Per iteration, for each half set (``rlnRandomSubset``, drawn if absent) independ
   SO3Grid coarse level at first, local searches around the previous pose once the sampling is refined)
   and in-plane shifts around the current origin; posterior weights over the significant samples.
 * M-step: backprojection of ``CTF X / sigma^2`` with the posterior weights (trilinear, as RELION; with
-  ``--kernel gaussian`` also Luo's Gaussian kernel, whose accumulators then make the maps), the
+  ``--kernel gaussian`` the trilinear accumulators convolved with Luo's Gaussian kernel's samples make the
+  maps, with ``--kernel gaussian-insert`` a second insertion with the paper's 27-point kernel; see
+  :mod:`cryocli.engines.common.kernel_backprojection`), the
   gold-standard FSC of the two unregularised trilinear half reconstructions (``relion_reconstruct``'s
   maps at the current poses, so that the resolution measures the poses the same way for every method and
   kernel), and the MAP reconstruction with ``tau^2 = tau2_fudge * SSNR / <weight>`` from that FSC
@@ -48,11 +50,13 @@ import torch
 from torch import Tensor
 
 from cryocli import distributed
-from cryocli.analysis.fsc import corrected_masked_fsc, threshold_crossing
+from cryocli.analysis.fsc import corrected_masked_fsc, relion_resolution_shell, threshold_crossing
 from cryocli.engines.common.kernel_backprojection import (
     BackProjectorLike,
     GaussianKernelBackProjector,
+    grid_kernel_correction,
     kernel_gridding_correction,
+    kernel_on_grid,
 )
 from cryocli.engines.common.noise_model import NoiseAccumulator, initial_sigma2, sigma2_on_pixels
 from cryocli.engines.common.pose_search import PoseSearcher, coarse_radius, particle_accuracies
@@ -87,6 +91,9 @@ from cryocli.io.mrc import read_map
 PATIENCE = 1
 #: Finest HEALPix order the auto-sampling goes to (0.47 degrees fine step).
 MAX_ORDER = 8
+#: Backprojection kernels (:mod:`cryocli.engines.common.kernel_backprojection`): RELION's trilinear one, Luo's
+#: Gaussian applied on the grid to the trilinear accumulators, and Luo's Gaussian inserted at 27 points per pixel.
+KERNELS = ("trilinear", "gaussian", "gaussian-insert")
 
 
 @dataclass
@@ -98,7 +105,7 @@ class RefineConfig(EngineConfig):
     sym: point group (C1). healpix_order: HEALPix order of the coarse global search (2: 15 degrees
     coarse, 7.5 degrees after oversampling). offset_range, offset_step: translational search in pixels
     of the data (5, 2). particle_diameter: Angstrom (None: 0.8 x the box). low_resol_join_halves: Angstrom
-    (40). kernel: backprojection kernel, trilinear or gaussian. fraction, max_significant: significant
+    (40). kernel: backprojection kernel, one of :data:`KERNELS`. fraction, max_significant: significant
     samples (0.999, 300; 0: no cap, as RELION's auto-refine ``--maxsig -1``; see below). local_from_level:
     first grid level searched locally (1: HEALPix order 3).
     incr_size: Fourier pixels compared beyond the current resolution (10). pose_estimate: ``mean`` (the
@@ -166,8 +173,8 @@ class RefineConfig(EngineConfig):
         if self.particle_diameter is not None:
             positive(self, "particle_diameter")
         positive(self, "low_resol_join_halves")
-        if self.kernel not in ("trilinear", "gaussian"):
-            raise unknown_choice("kernel", self.kernel, ("trilinear", "gaussian"))
+        if self.kernel not in KERNELS:
+            raise unknown_choice("kernel", self.kernel, KERNELS)
         if self.preload not in PRELOAD_CHOICES:
             raise unknown_choice("preload", self.preload, PRELOAD_CHOICES)
         if self.pose_estimate not in ("mean", "best"):
@@ -228,7 +235,8 @@ class Sampling:
     """Auto-sampling state (RELION's ``HealpixSampling`` + convergence counters).
 
     level: coarse SO3Grid level; local: local searches; offset_range, offset_step: translational grid in
-    pixels of the working box (the fine step is half the step); best_resolution: Angstrom.
+    pixels of the working box (the fine step is half the step); best_resolution: Angstrom; last_shell: the
+    previous iteration's resolution shell (RELION's ``current_resolution``, in Fourier pixels).
     """
 
     level: int
@@ -236,28 +244,33 @@ class Sampling:
     offset_range: float
     offset_step: float
     best_resolution: float = math.inf
+    last_shell: int = -1
     iters_without_gain: int = 0
     iters_without_change: int = 0
     smallest_rot_change: float = 999.0
     smallest_offset_change: float = 999.0
 
 
-def update_sampling(s: Sampling, resolution: float, change_deg: float, change_px: float, acc_rot: float,
+def update_sampling(s: Sampling, resolution: float, shell: int, change_deg: float, change_px: float, acc_rot: float,
                     acc_trans: float, fine_step_deg: float, max_level: int, local_from_level: int,
                     minimum_step_deg: float = 0.0) -> bool:
     """RELION's auto-refine bookkeeping after one iteration (``updateOverallChangesInHiddenVariables``,
     ``updateAngularSampling``, ``checkConvergence``); refines ``s`` in place and returns True once converged.
 
-    resolution: Angstrom; change_deg: mean angular change of the poses; change_px: RMS change of the
+    resolution: Angstrom; shell: the last Fourier shell (pixels) before the gold-standard FSC first drops below
+    0.143 (:func:`~cryocli.analysis.fsc.relion_resolution_shell`). As RELION's ``updateCurrentResolution``, the
+    resolution has improved only when this shell is beyond the previous iteration's: RELION's resolution is a
+    whole shell, so a crossing creeping outwards within one shell is no gain (counting it as one kept
+    sparse-tv on set_3j9g iterating to the epoch limit, 24 iterations where 17 reached the same map).
+    change_deg: mean angular change of the poses; change_px: RMS change of the
     origins per coordinate (pixels); acc_rot (degrees), acc_trans (pixels): estimated accuracies;
     fine_step_deg: the current fine angular step. minimum_step_deg: RELION's ``--minimum_angular_sampling``
     (0: none): the sampling keeps being refined while the fine step is coarser than it, whatever the accuracy
     estimate says.
     """
-    if resolution < s.best_resolution - 1e-6:
-        s.best_resolution, s.iters_without_gain = resolution, 0
-    else:
-        s.iters_without_gain += 1
+    s.best_resolution = min(s.best_resolution, resolution)
+    s.iters_without_gain = 0 if shell > s.last_shell else s.iters_without_gain + 1
+    s.last_shell = shell
     fine_px = s.offset_step / 2.0
     small_rot = change_deg < 0.4 * fine_step_deg or 1.03 * change_deg >= s.smallest_rot_change
     small_trans = change_px < 0.4 * fine_px or 1.03 * change_px >= s.smallest_offset_change
@@ -338,18 +351,21 @@ class RelionRefineEngine:
     # ------------------------------------------------------------------------------------------ M-step hooks
     def new_backprojectors(self, n: int, cfg: RefineConfig) -> list[BackProjectorLike]:
         """The trilinear backprojector (RELION's, whose unregularised halves give the gold-standard FSC),
-        and the Gaussian-kernel one when ``--kernel gaussian`` makes the maps."""
+        and the paper's 27-point Gaussian-kernel one when ``--kernel gaussian-insert`` makes the maps (``gaussian``
+        makes them from the trilinear accumulators, :meth:`_map_accumulators`)."""
         bps: list[BackProjectorLike] = [BackProjector(n, device=self.device)]
-        if cfg.kernel == "gaussian":
+        if cfg.kernel == "gaussian-insert":
             bps.append(GaussianKernelBackProjector(n, device=self.device))
         return bps
 
     def gridding_fix(self, volume: Tensor, cfg: RefineConfig) -> Tensor:
         """Replace the trilinear (sinc^2) gridding correction by the Gaussian kernel's where that kernel is used."""
-        if cfg.kernel != "gaussian":
-            return volume
         n = volume.shape[-1]
-        return volume * kernel_gridding_correction(n, trilinear=True, device=volume.device)
+        if cfg.kernel == "gaussian":
+            return volume * grid_kernel_correction(n, device=volume.device)
+        if cfg.kernel == "gaussian-insert":
+            return volume * kernel_gridding_correction(n, trilinear=True, device=volume.device)
+        return volume
 
     def new_m_step_state(self) -> MStepState:
         """The M-step's state at the start of a run."""
@@ -436,9 +452,9 @@ class RelionRefineEngine:
                        "norm_correction_sd": float(whole_norm.std()) if len(whole_norm) > 1 else 0.0,
                        "group_scale_min": float(intensity.scale.min()), "group_scale_max": float(intensity.scale.max()),
                        **m_state.metrics, "final_pass": final_pass}
-            converged = final_pass or update_sampling(sampling, res, change_deg, change_px, e.acc_rot, e.acc_trans,
-                                                      fine_step, ctx.max_level, cfg.local_from_level,
-                                                      cfg.minimum_angular_sampling)
+            converged = final_pass or update_sampling(sampling, res, relion_resolution_shell(fsc), change_deg,
+                                                      change_px, e.acc_rot, e.acc_trans, fine_step, ctx.max_level,
+                                                      cfg.local_from_level, cfg.minimum_angular_sampling)
             ssnr = fsc_to_ssnr(fsc, cfg.tau2_fudge)
             tau2 = np.mean([shell_tau2(w, n, 2, ssnr, r_max) for _, w in accumulators], axis=0)
             history.append(ModelIteration(
@@ -520,19 +536,30 @@ class RelionRefineEngine:
                 share = -(-cfg.accuracy_particles // distributed.current().world_size)
                 out.acc_rot, out.acc_trans = self._accuracy(searcher, ctx, rows[:share], sigma2, intensity, out.rot)
             out.projected += searcher.coarse_cache.projected + searcher.fine_cache.projected
-            out.trilinear.append(self._summed_symmetric(bps[0], ctx.sym_ops))
-            out.accumulators.append(self._summed_symmetric(bps[-1], ctx.sym_ops) if len(bps) > 1
-                                    else out.trilinear[-1])
+            trilinear = self._summed(bps[0].symmetrised())
+            out.trilinear.append(self._point_group(trilinear, bps[0], ctx.sym_ops))
+            out.accumulators.append(out.trilinear[-1] if cfg.kernel == "trilinear"
+                                    else self._map_accumulators(trilinear, bps, ctx.sym_ops, cfg))
         out.noise.sum_over_ranks()
         return out
 
-    @classmethod
-    def _summed_symmetric(cls, backprojector: BackProjectorLike, sym_ops: Tensor | None) -> tuple[Tensor, Tensor]:
-        """One half's Hermitian-symmetrised accumulators summed over the ranks, then over the point group (RELION's
-        ``BackProjector::symmetrise``: each sample was inserted once, at its own pose)."""
-        data, weight = cls._summed(backprojector.symmetrised())
+    @staticmethod
+    def _point_group(accumulator: tuple[Tensor, Tensor], backprojector: BackProjectorLike,
+                     sym_ops: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Hermitian-symmetrised accumulators summed over the point group (RELION's ``BackProjector::symmetrise``:
+        each sample was inserted once, at its own pose)."""
         radius = grid_radius(backprojector.n, backprojector.pad, backprojector.r_max)
-        return symmetrise_accumulators(data, weight, sym_ops, radius)
+        return symmetrise_accumulators(accumulator[0], accumulator[1], sym_ops, radius)
+
+    @classmethod
+    def _map_accumulators(cls, trilinear: tuple[Tensor, Tensor], bps: list[BackProjectorLike],
+                          sym_ops: Tensor | None, cfg: RefineConfig) -> tuple[Tensor, Tensor]:
+        """The Gaussian kernel's accumulators the maps are made from, summed over the ranks and the point group:
+        the ``trilinear`` ones (Hermitian-symmetrised, summed over the ranks) convolved with the Gaussian's samples
+        for ``gaussian``, the second backprojector's for ``gaussian-insert``."""
+        if cfg.kernel == "gaussian":
+            return cls._point_group((kernel_on_grid(trilinear[0]), kernel_on_grid(trilinear[1])), bps[0], sym_ops)
+        return cls._point_group(cls._summed(bps[-1].symmetrised()), bps[-1], sym_ops)
 
     @staticmethod
     def _summed(accumulator: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryocli.engines.common.kernel_backprojection import kernel_envelope
+from cryocli.engines.common.kernel_backprojection import grid_kernel_envelope, kernel_envelope
 from cryocli.engines.protocol import EngineConfig, at_least, positive, register_engine
 from cryocli.engines.refine.maps import fsc_to_ssnr, join_low_resolution, map_reconstruct, unregularised_map
 from cryocli.engines.refine.relion import MStepState, RefineConfig, RelionRefineEngine
@@ -367,6 +367,8 @@ class SparseTVRefineEngine(RelionRefineEngine):
 
     def _envelope(self, n: int, cfg: RefineConfig, device: torch.device) -> Tensor:
         if cfg.kernel == "gaussian":
+            return grid_kernel_envelope(n, 2, device=device)
+        if cfg.kernel == "gaussian-insert":
             return kernel_envelope(n, 2, device=device)
         return torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, 2)) ** 2
 

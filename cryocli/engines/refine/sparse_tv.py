@@ -38,7 +38,8 @@ are ranked after a third of the inner iterations and only the best one is carrie
 FISTA state continues exactly), which makes the search cost about 1.7 solves per half instead of 3.
 Only this one number per half is chosen from the other half's data. The scaled values (eps, eps',
 alpha, beta, gamma, mu and the held-out scores) are logged in the metrics. The Gaussian kernel
-(``--kernel gaussian``) is this method's default backprojection.
+(``--kernel gaussian``, applied on the grid to the trilinear accumulators; ``gaussian-insert`` for the paper's
+27-point insertion, see :mod:`cryocli.engines.common.kernel_backprojection`) is this method's default backprojection.
 """
 
 from __future__ import annotations

@@ -206,9 +206,9 @@ def protease(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_refine_c2_protease(protease: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     """The HIV protease dimer (22 kDa, C2 axis turned onto z, RELION's convention) refines with --sym C2.
 
-    From the truth filtered to 20 A (1,000 particles, 64 px at 2.5 A/px, SNR 0.1). Measured (2 cores):
-    sparse-tv 2.42 degrees median rotation error modulo C2, gold standard and FSC 0.5 vs truth 5.00 A;
-    relion 3.5 degrees, 5.09 / 5.11 A. Why relion does not reach 3 degrees here, in numbers: with the
+    From the truth filtered to 20 A (1,000 particles, 64 px at 2.5 A/px, SNR 0.1). Measured (2 cores, 2026-12-07):
+    sparse-tv 2.52 degrees median rotation error modulo C2, gold standard and FSC 0.5 vs truth 5.00 A (154 s);
+    relion 3.49 degrees, 5.08 / 5.10 A (101 s). Why relion does not reach 3 degrees here, in numbers: with the
     exact truth as the map, the best poses (a dense local search at the true shifts) are 2.1 degrees off;
     with relion's own map they are 3.46 degrees off, and relion's poses are 3.47-3.54, so relion is at the
     limit its map sets, and a finer sampling does not help (--minimum-angular-sampling 1.9: 3.49). A better

@@ -5,8 +5,9 @@
 Each box size runs in its own subprocess so that the peak memory it reports (CUDA: peak allocated;
 CPU: growth of the process's peak resident set during the timed work) belongs to that size alone.
 Columns: slices/s of the forward projection (``Projector.project``), seconds to insert the slices with
-weights (``BackProjector.insert``) and with the Gaussian kernel of ``refine --method sparse-tv``
-(``GaussianKernelBackProjector.insert``), seconds of the backward pass of ``sum |project(V, A)|^2`` with
+weights (``BackProjector.insert``) and with the paper's 27-point Gaussian kernel (``--kernel gaussian-insert``,
+``GaussianKernelBackProjector.insert``), seconds to apply the Gaussian on the grid to the trilinear data and weights
+(``--kernel gaussian``, sparse-tv's default, :func:`kernel_on_grid`), seconds of the backward pass of ``sum |project(V, A)|^2`` with
 respect to both the Fourier volume and the rotations, seconds to sum the accumulators over the point
 group O (24 operators, :func:`cryocli.imaging.point_group.symmetrise_accumulators`), and the peak memory.
 Times are the best of ``--repeats`` runs after one warm-up.
@@ -22,7 +23,7 @@ import time
 import torch
 from harness import print_table, run_isolated
 
-from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector
+from cryocli.engines.common.kernel_backprojection import GaussianKernelBackProjector, kernel_on_grid
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.geometry.symmetry import symmetry_operators
 from cryocli.imaging.point_group import symmetrise_accumulators
@@ -81,13 +82,14 @@ def measure(n: int, slices: int, device: torch.device, repeats: int) -> dict:
     data, weight = backprojector.symmetrised()
     radius = grid_radius(n, backprojector.pad, backprojector.r_max)
     symmetrise_s = _best_time(lambda: symmetrise_accumulators(data, weight, ops, radius), device, repeats)
+    grid_kernel_s = _best_time(lambda: (kernel_on_grid(data), kernel_on_grid(weight)), device, repeats)
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
     else:
         peak_mb = _peak_rss_mb() - base_rss
     return {"n": n, "slices": slices, "device": str(device), "threads": torch.get_num_threads(),
             "forward_slices_per_s": slices / forward_s, "forward_s": forward_s, "insert_s": insert_s,
-            "kernel_insert_s": kernel_s, "backward_s": backward_s, "symmetrise_o_s": symmetrise_s, "peak_mb": peak_mb}
+            "kernel_insert_s": kernel_s, "grid_kernel_s": grid_kernel_s, "backward_s": backward_s, "symmetrise_o_s": symmetrise_s, "peak_mb": peak_mb}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{rows[0]['threads']} threads")
     print_table(rows, [("box", "n", "d"), ("forward slices/s", "forward_slices_per_s", ".0f"),
                        ("insert (s)", "insert_s", ".3f"), ("Gaussian insert (s)", "kernel_insert_s", ".3f"),
+                       ("Gaussian on grid (s)", "grid_kernel_s", ".3f"),
                        ("backward (s)", "backward_s", ".3f"), ("sum over O (s)", "symmetrise_o_s", ".3f"),
                        ("peak memory (MB)", "peak_mb", ".0f")])
 

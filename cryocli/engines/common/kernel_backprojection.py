@@ -27,8 +27,9 @@ Two forms of the kernel, the refine engines' ``--kernel`` choices:
   64 px, 156 ms at 128 px on 2 cores, ``benchmarks/projector.py``) instead of a second insertion. Each
   axis's factor differs from the exact Gaussian's by at most 0.081 of its peak (at offsets near 0.43
   voxels, between the samples), and the kernel reaches half a voxel further on each axis than the paper's
-  27 points (to 2 voxels instead of 1.5); its real-space envelope is the trilinear ``sinc^2(r / P)`` times the samples' transform,
-  ``prod_axes (1 + 2 q cos(2 pi x / P)) / (1 + 2 q)``, ``q = exp(-1 / h)`` (:func:`grid_kernel_envelope`).
+  27 points (to 2 voxels instead of 1.5); its real-space envelope is the trilinear ``sinc^2(r / P)`` times
+  the samples' transform, ``prod_axes (1 + 2 q cos(2 pi x / P)) / (1 + 2 q)``, ``q = exp(-1 / h)``
+  (:func:`grid_kernel_envelope`).
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def update_sampling(s: Sampling, resolution: float, shell: int, change_deg: floa
     0.143 (:func:`~cryocli.analysis.fsc.relion_resolution_shell`). As RELION's ``updateCurrentResolution``, the
     resolution has improved only when this shell is beyond the previous iteration's: RELION's resolution is a
     whole shell, so a crossing creeping outwards within one shell is no gain (counting it as one kept
-    sparse-tv on set_3j9g iterating to the epoch limit, 24 iterations where 17 reached the same map).
+    sparse-tv on set_3j9g iterating to the epoch limit, 24 iterations where 13 reach the same map).
     change_deg: mean angular change of the poses; change_px: RMS change of the
     origins per coordinate (pixels); acc_rot (degrees), acc_trans (pixels): estimated accuracies;
     fine_step_deg: the current fine angular step. minimum_step_deg: RELION's ``--minimum_angular_sampling``

@@ -197,14 +197,6 @@ def test_streamed_particles_give_the_run_of_preloaded_ones(reference: Path, tmp_
     assert np.allclose(held_t[angles].astype(float), streamed_t[angles].astype(float), atol=1e-3)
 
 
-def test_unknown_preload_is_one_error_line(reference: Path, tmp_path: Path) -> None:
-    r = runner.invoke(app, ["refine", str(REAL), "--ref", str(reference), "-o", str(tmp_path / "run"), "--preload",
-                            "sometimes"])
-    assert r.exit_code == 2
-    assert "--preload" in r.output and "sometimes" in r.output
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("method", ["relion", "sparse-tv"])
 def test_every_kernel_choice_runs_and_takes_effect(reference: Path, tmp_path: Path, method: str) -> None:
     """--kernel trilinear, gaussian (the Gaussian's samples applied on the grid to the trilinear accumulators) and
@@ -226,9 +218,9 @@ def test_every_kernel_choice_runs_and_takes_effect(reference: Path, tmp_path: Pa
     assert all(0.9 < v < 1 - 1e-6 for v in cc.values()), cc
 
 
-def test_unknown_kernel_is_one_error_line(reference: Path, tmp_path: Path) -> None:
-    r = runner.invoke(app, ["refine", str(REAL), "--ref", str(reference), "-o", str(tmp_path / "run"), "--kernel",
-                            "cubic"])
+@pytest.mark.parametrize(("option", "value"), [("--preload", "sometimes"), ("--kernel", "cubic")])
+def test_unknown_choice_is_one_error_line(reference: Path, tmp_path: Path, option: str, value: str) -> None:
+    r = runner.invoke(app, ["refine", str(REAL), "--ref", str(reference), "-o", str(tmp_path / "run"), option, value])
     assert r.exit_code == 2
-    assert "--kernel" in r.output and "cubic" in r.output
+    assert option in r.output and value in r.output
     assert not (tmp_path / "run").exists()

@@ -227,23 +227,26 @@ def kernel_on_grid(volume: Tensor, bandwidth: float = DEFAULT_BANDWIDTH) -> Tens
     return out
 
 
+def _samples_transform(n: int, pad: float, bandwidth: float, device: torch.device | str | None) -> Tensor:
+    """The Gaussian's samples' part of :func:`grid_kernel_envelope`, ``(n, n, n)`` float64."""
+    p = padded_box(n, pad)
+    q = math.exp(-1.0 / bandwidth)
+    x = torch.arange(n, device=device, dtype=torch.float64) - n // 2
+    axis = (1.0 + 2.0 * q * torch.cos(2.0 * math.pi * x / p)) / (1.0 + 2.0 * q)
+    return axis[:, None, None] * axis[None, :, None] * axis[None, None, :]
+
+
 def grid_kernel_envelope(n: int, pad: float = 2, bandwidth: float = DEFAULT_BANDWIDTH,
                          device: torch.device | str | None = None) -> Tensor:
     """Real-space attenuation ``(n, n, n)`` float64 of the ``gaussian`` kernel (:func:`kernel_on_grid` after
     trilinear insertion) on a map: ``sinc^2(r / P)`` (the trilinear part, radial as RELION's gridding
     correction) times ``prod_axes (1 + 2 q cos(2 pi x / P)) / (1 + 2 q)``, ``x`` voxels from the centre."""
-    p = padded_box(n, pad)
-    q = math.exp(-1.0 / bandwidth)
-    x = torch.arange(n, device=device, dtype=torch.float64) - n // 2
-    axis = (1.0 + 2.0 * q * torch.cos(2.0 * math.pi * x / p)) / (1.0 + 2.0 * q)
-    samples = axis[:, None, None] * axis[None, :, None] * axis[None, None, :]
-    return torch.sinc(radius_3d(n, device, torch.float64) / p) ** 2 * samples
+    sinc2 = torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, pad)) ** 2
+    return sinc2 * _samples_transform(n, pad, bandwidth, device)
 
 
 def grid_kernel_correction(n: int, pad: float = 2, bandwidth: float = DEFAULT_BANDWIDTH,
                            device: torch.device | str | None = None) -> Tensor:
     """Factor ``(n, n, n)`` float32 that turns a map corrected for trilinear gridding into one corrected for
     the ``gaussian`` kernel: one over the samples' part of :func:`grid_kernel_envelope`."""
-    env = grid_kernel_envelope(n, pad, bandwidth, device)
-    sinc2 = torch.sinc(radius_3d(n, device, torch.float64) / padded_box(n, pad)) ** 2
-    return (sinc2 / env).to(torch.float32)
+    return (1.0 / _samples_transform(n, pad, bandwidth, device)).to(torch.float32)

@@ -22,8 +22,8 @@ cryo2ssnet rows (the paper's ablations, on the same simulated set): ``default`` 
 for the first third of stage 1), ``no-dhbs`` (end to end only, twice the steps, 5.2), ``no-gd`` (no gradient
 polishing, 5.3), ``adam`` (Adam polishing, 5.3), ``denoiser-off`` / ``denoiser-all`` (the denoiser never / for
 all of stage 1, 5.4), ``paper-start`` (the beam always starts at the encoder's pose and stage 2 starts on
-schedule: the paper's method without cryocli's additions) and ``cryospin`` (cryospin's defaults on the same data,
-for comparison). ``--steps`` sets cryo2ssnet's step budget (the paper's 7,500 by default).
+schedule), ``free-density`` (the decoder's voxels unconstrained, as in the paper) and ``cryospin`` (cryospin's
+defaults on the same data, for comparison). ``--steps`` sets cryo2ssnet's step budget (the paper's 7,500 by default).
 
 Default cases: 64 px with 10,000 particles on the CPU, plus 128 px with 50,000 particles when CUDA is
 present. The pixel size scales with the box so the field of view is fixed (115.2 A). Each case runs
@@ -65,7 +65,8 @@ def cryo2ssnet_setup(variant: str, args: argparse.Namespace, device: torch.devic
     changes = {"default": {}, "no-dhbs": {"dhbs": False, "steps": 2 * args.steps}, "no-gd": {"gd_steps": 0},
                "adam": {"gd": "adam"}, "denoiser-off": {"denoiser_fraction": 0.0},
                "denoiser-all": {"denoiser_fraction": 1.0},
-               "paper-start": {"beam_start": "encoder", "switch_waits": False}}
+               "paper-start": {"beam_start": "encoder", "switch_waits": False},
+               "free-density": {"constrain_density": False}}
     if variant not in changes:
         raise SystemExit(f"unknown cryo2ssnet variant {variant}; choose from {', '.join([*changes, 'cryospin'])}")
     return Cryo2SSNetEngine(device), Cryo2SSNetConfig(**{**base, **changes[variant]})

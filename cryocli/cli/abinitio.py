@@ -74,8 +74,8 @@ def abinitio(
                                                    "also its quadrature levels, shift step and random spheres (the "
                                                    "default overestimates a small particle in a large box and makes "
                                                    "the finest level 8x larger: give it on a CPU); cryo2ssnet: the "
-                                                   "decoder's sphere and denoiser mask [default: 0.8 x box; "
-                                                   "cryo2ssnet: estimated from the data]."),
+                                                   "decoder's sphere, its support and the denoiser mask [default: "
+                                                   "0.8 x box; cryo2ssnet: estimated from the data]."),
     mass: float | None = typer.Option(None, "--mass", help="Mass of the molecule in kDa, for the contour level "
                                       "in the summary and report.png [default: from the particle diameter]."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Run without CTF correction (only for particles without "
@@ -139,6 +139,12 @@ def abinitio(
     switch_waits: bool | None = typer.Option(None, "--switch-waits/--fixed-switch", help="cryo2ssnet: stage 2 "
                                              "waits until the encoder agrees with the search, or starts at its "
                                              "scheduled step as in the paper [default: --switch-waits]."),
+    constrain_density: bool | None = typer.Option(None, "--constrain-density/--free-density", help="cryo2ssnet: "
+                                                  "after every step, zero the decoder's density outside a soft "
+                                                  "sphere (the --particle-diameter, or 1.25 x the estimated "
+                                                  "particle radius) and below 0 (RELION masks its references, "
+                                                  "SAGD truncates negative density); --free-density: the paper's unconstrained voxels "
+                                                  "[default: --constrain-density]."),
     gd: str | None = typer.Option(None, "--gd", help="cryo2ssnet: pose polishing after the beam search: gd (the "
                                   "paper's vanilla gradient descent) or adam (its better variant) [default: gd]."),
     gd_steps: int | None = typer.Option(None, "--gd-steps", help="cryo2ssnet: polishing steps, 0 for none "
@@ -208,7 +214,8 @@ def abinitio(
             "decode_march_epochs": decode_march_epochs,
             "steps": steps, "snr": _snr(snr), "stage1_fraction": stage1_fraction, "dhbs": dhbs,
             "beam_width": beam_width, "beam_depth": beam_depth, "beam_start": beam_start, "agreement": agreement,
-            "switch_waits": switch_waits, "gd": gd, "gd_steps": gd_steps, "gd_lr": gd_lr, "balance": balance,
+            "switch_waits": switch_waits, "constrain_density": constrain_density, "gd": gd, "gd_steps": gd_steps,
+            "gd_lr": gd_lr, "balance": balance,
             "denoiser_factor": denoiser_factor, "denoiser_fraction": denoiser_fraction,
             "denoiser_steps": denoiser_steps, "max_shift": max_shift,
             "max_iter": max_iter, "res_start": res_start, "res_final": res_final, "march_iter": march_iter,
@@ -243,7 +250,8 @@ def _help() -> str:
             "the encoder (--no-shifts for centred particles), estimates the SNR (--snr) and chooses the denoiser's "
             "factor and mask radius from the data, keeps the paper's fixed step budget whatever the number of "
             "particles (--steps), starts the beam from the whole base grid until the encoder agrees with the search "
-            "and lets stage 2 wait for that agreement (--beam-start, --agreement, --fixed-switch; see the README).\n\n"
+            "and lets stage 2 wait for that agreement (--beam-start, --agreement, --fixed-switch), and keeps the "
+            "decoder's density inside a sphere and non-negative (--free-density for the paper's; see the README).\n\n"
             "sagd follows the paper and its supplement (minibatches of 200, eps = max(1/16, 2^(1 - floor(tau/150))), "
             "a line search for L every 20 iterations, three importance samplers with s0 = 10, omega from 1/40 to 1/10 "
             "A^-1, 100 held-out particles). cryocli chooses what the paper leaves open (the omega schedule, the "

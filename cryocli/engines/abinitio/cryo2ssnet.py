@@ -41,6 +41,9 @@ What cryocli adds (each written down where it is made):
   from 22 to 129 degrees. The decoder's rate still drops at the scheduled step. ``beam_start="encoder",
   switch_waits=False`` is the paper as written.
 * Coarse levels compare only the frequencies their cell size resolves (:meth:`BeamSearch.band`).
+* The density is kept inside a soft sphere and non-negative after every step (``constrain_density``,
+  :class:`~cryocli.engines.abinitio.voxel_decoder.DensityConstraint`): the sphere of the given particle diameter,
+  or :data:`~cryocli.engines.abinitio.voxel_decoder.SUPPORT_SCALE` x the estimated radius.
 
 Particles are prepared once in host memory (:func:`~cryocli.engines.particles.prepare_particles`) and go
 to the device a batch at a time; per-particle poses ``(N, 3, 3)`` and shifts ``(N, 2)`` (pixels) live in
@@ -70,7 +73,13 @@ from cryocli.engines.abinitio.denoiser import (
 from cryocli.engines.abinitio.dhbs import BeamSearch, Denoise, adam_lr, identity
 from cryocli.engines.abinitio.s2s2 import S2S2Encoder
 from cryocli.engines.abinitio.unbiased_loss import estimate_snr, normalise, unbiased_l2
-from cryocli.engines.abinitio.voxel_decoder import VoxelDecoder, observed_images, render
+from cryocli.engines.abinitio.voxel_decoder import (
+    SUPPORT_SCALE,
+    DensityConstraint,
+    VoxelDecoder,
+    observed_images,
+    render,
+)
 from cryocli.engines.particles import (
     PRELOAD_CHOICES,
     ParticleSet,
@@ -115,10 +124,11 @@ class Cryo2SSNetConfig(EngineConfig):
     of the working box (``None``: box / 8). encoder_channels: filters of the three conv blocks (32, 64, 128).
     beam_start: "auto", "encoder" (the paper) or "global" (see the module docstring). agreement: degrees of median
     encoder-to-search distance at which the encoder counts as trained (10). switch_waits: stage 2 waits for that
-    (``False``: the paper's fixed switch). preload: hold the prepared images in host memory (``yes``), read each
-    batch from the stacks (``no``: memory does not grow with the particle count; the data-derived settings are then
-    estimated on :data:`SETUP_SAMPLE` particles spread over the set), or ``auto``: yes while they take at most
-    :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
+    (``False``: the paper's fixed switch). constrain_density: after every step, zero the density outside its support
+    sphere and below 0 (``False``: the paper's unconstrained voxels). preload: hold the prepared images in host
+    memory (``yes``), read each batch from the stacks (``no``: memory does not grow with the particle count; the
+    data-derived settings are then estimated on :data:`SETUP_SAMPLE` particles spread over the set), or ``auto``: yes
+    while they take at most :data:`~cryocli.engines.particles.PRELOAD_BYTES` (per torchrun rank).
     """
 
     epochs: int | None = None  # type: ignore[assignment]
@@ -142,6 +152,7 @@ class Cryo2SSNetConfig(EngineConfig):
     beam_start: str = "auto"
     agreement: float = 10.0
     switch_waits: bool = True
+    constrain_density: bool = True
     max_shift: float | None = None
     encoder_channels: tuple[int, ...] = (32, 64, 128)
     preload: str = "auto"
@@ -207,7 +218,8 @@ class Schedule:
 @dataclass
 class Cryo2SSNetState:
     """A run's state between epochs. poses ``(N, 3, 3)`` RELION ``A``; shifts ``(N, 2)`` pixels ``[x, y]``;
-    denoiser ``None`` when the schedule never uses it."""
+    denoiser ``None`` when the schedule never uses it; constraint: what the density is projected onto after each
+    step (``None``: nothing; derived from the settings, not checkpointed)."""
 
     encoder: S2S2Encoder
     decoder: VoxelDecoder
@@ -217,6 +229,7 @@ class Cryo2SSNetState:
     poses: Tensor
     shifts: Tensor
     encoder_error: Tensor
+    constraint: DensityConstraint | None = None
     agreed: bool = False
 
     def checkpoint(self, epoch: int, setup: dict[str, Any], total: int) -> dict[str, Any]:
@@ -332,17 +345,20 @@ class Cryo2SSNetEngine:
         snr = float(cfg.snr) if cfg.snr is not None else estimate_snr(images, background)
         if cfg.particle_diameter is not None:
             radius = min(0.5 * n, 0.5 * cfg.particle_diameter / parts.pixel_size)
+            support = radius  # the user's mask diameter, as RELION masks its references
         else:
             radius = estimate_particle_radius(images, background)
+            support = SUPPORT_SCALE * radius
         factor = int(cfg.denoiser_factor) if cfg.denoiser_factor is not None else choose_factor(images)
         max_shift = float(cfg.max_shift) if cfg.max_shift is not None else n / 8
         return {"snr": snr, "snr_source": "given" if cfg.snr is not None else "estimated",
-                "radius_px": float(radius), "denoiser_factor": factor, "max_shift_px": max_shift}
+                "radius_px": float(radius), "support_radius_px": float(support), "denoiser_factor": factor,
+                "max_shift_px": max_shift}
 
     def _new_state(self, parts: ParticleSet, cfg: Cryo2SSNetConfig, setup: dict[str, Any],
                    sched: Schedule) -> Cryo2SSNetState:
         """The random start: encoder (PyTorch's default initialisation), decoder ``U(0, 0.1)`` in the particle
-        radius, their optimisers, identity poses and zero shifts."""
+        radius, their optimisers, identity poses and zero shifts; the density's constraint."""
         dev, n, n_part = self.device, parts.box, len(parts)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         decoder = VoxelDecoder(n, setup["radius_px"], gen, dev)
@@ -357,7 +373,10 @@ class Cryo2SSNetEngine:
             enc_opt=torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr),
             dec_opt=torch.optim.Adam(decoder.parameters(), lr=float(cfg.lr or 1e-2)),
             poses=torch.eye(3, device=dev).repeat(n_part, 1, 1), shifts=torch.zeros(n_part, 2, device=dev),
-            encoder_error=torch.full((n_part,), math.pi, device=dev))
+            encoder_error=torch.full((n_part,), math.pi, device=dev),
+            # Checkpoints from before the support radius was a setting: the estimate's scale.
+            constraint=DensityConstraint.of(n, setup.get("support_radius_px", SUPPORT_SCALE * setup["radius_px"]),
+                                            device=dev) if cfg.constrain_density else None)
 
     def _train_denoiser(self, denoiser: MLPDenoiser, parts: ParticleSet, cfg: Cryo2SSNetConfig,
                         setup: dict[str, Any], reporter: Reporter) -> None:
@@ -432,6 +451,8 @@ class Cryo2SSNetEngine:
             distributed.average_gradients([*st.encoder.parameters(), *st.decoder.parameters()])
             st.enc_opt.step()
             st.dec_opt.step()
+            if st.constraint is not None:
+                st.constraint.apply_(st.decoder.density)
             with torch.no_grad():
                 st.poses[idx] = rot.detach()
                 st.shifts[idx] = shift.detach()

@@ -20,6 +20,8 @@ image is transformed back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +34,12 @@ from cryocli.imaging.projector import full_plane_pixels, padded_box, sample_slic
 PAD = 2
 #: The paper's initial density range (B.2).
 INIT_HIGH = 0.1
+#: The support's radius over the estimated particle radius (which holds 80% of the images' signal variance, so lies
+#: inside the particle's edge): on 2,000 simulated 4AKE particles of 32 px, 1.0 x gave 11.3 degrees median rotation
+#: error against 9.9 for 1.25 x (the README's Cryo2SSNet section).
+SUPPORT_SCALE = 1.25
+#: Width of the support's raised-cosine edge, in voxels.
+SUPPORT_EDGE = 3.0
 
 
 class VoxelDecoder(nn.Module):
@@ -54,6 +62,41 @@ class VoxelDecoder(nn.Module):
     def to_map(self) -> Tensor:
         """The density ``(n, n, n)`` as a map (a detached copy)."""
         return self.density.detach().clone()
+
+
+@dataclass(frozen=True)
+class DensityConstraint:
+    """What the decoder's density is projected onto after every optimiser step (cryocli's addition; the paper only
+    starts the density at 0 outside a sphere, B.2): 0 outside a soft sphere (``support``, ``(n, n, n)`` weights in
+    [0, 1], or ``None``), and non-negative when ``positive``, as SAGD truncates negative density after each iteration
+    (Punjani et al. 2017, "negative density is physically unrealistic").
+
+    Why: Adam moves every voxel by about its learning rate per step whatever its gradient, so voxels that only noise
+    reaches (the solvent, negative density) fill with it, and the beam search then matches noise. On simulated 4AKE
+    from a random start (SNR 0.1, CTF, shipped defaults) the constraint took the median rotation error from 16.4 to
+    9.9 degrees (2,000 particles of 32 px, 300 steps) and from 26.7 to 4.1 degrees (2,000 of 48 px, 250 steps).
+    """
+
+    support: Tensor | None
+    positive: bool
+
+    @staticmethod
+    def of(n: int, radius: float, positive: bool = True, device: torch.device | str | None = None
+           ) -> DensityConstraint:
+        """The support of radius ``radius`` voxels (at most ``n / 2 - SUPPORT_EDGE``) with a :data:`SUPPORT_EDGE`
+        soft edge, for a box of ``n`` voxels."""
+        from cryocli.imaging.masks import soft_sphere
+
+        inner = min(float(radius), n / 2 - SUPPORT_EDGE)
+        return DensityConstraint(soft_sphere(n, inner, edge=SUPPORT_EDGE, device=device), positive)
+
+    @torch.no_grad()
+    def apply_(self, density: Tensor) -> None:
+        """Project ``density`` ``(n, n, n)`` in place."""
+        if self.support is not None:
+            density.mul_(self.support)
+        if self.positive:
+            density.clamp_(min=0.0)
 
 
 def render(grid: Tensor, rotations: Tensor, ctf: Tensor | None, n: int, band: int | None = None) -> Tensor:

@@ -18,8 +18,8 @@ from cryocli.imaging.fourier import (centred_grid_3d, fft_to_volume, fourier_res
 from cryocli.imaging.hartley import (hartley_from_rfft, hartley_to_image, hartley_to_volume, hartley_volume,
                                      image_to_hartley, project_hartley, volume_to_hartley)
 from cryocli.imaging.projector import (BackProjector, Projector, backproject_slices_ft, fourier_grid_size,
-                                       fourier_volume, project_volume_ft, sample_grid, scatter_grid,
-                                       _normalised_grid)
+                                       fourier_volume, project_volume_ft, sample_grid, sampling_parts,
+                                       scatter_grid, _normalised_grid)
 from cryocli.imaging.shifts import phase_shift, shift_from_center, shift_to_center
 from cryocli.io.mrc import read_map
 from tests.conftest import ASPIRE, DEVICES, EXTERNAL, RELION_SET, need
@@ -264,6 +264,32 @@ def test_scatter_grid_is_grid_samples_adjoint_also_off_the_grid(dtype, device):
     x = torch.randn(2, g, g, g, generator=gen, dtype=dtype)
     lhs, rhs = (sample_grid(x, coords) * values).double().sum(), (x * ours).double().sum()
     assert abs(float(lhs - rhs)) < tol * float(lhs.abs())
+
+
+@pytest.mark.parametrize("n_points", [4096 * 3 + 7, 100])
+def test_sample_grid_cut_over_threads_is_bitwise_the_one_entry_sampling(n_points):
+    """On the CPU, sample_grid cuts the points into one grid_sample batch entry per thread (when the volume needs no
+    gradient): the values and the coordinates' gradients are those of one entry to the bit, also for a point count
+    the threads do not divide and for too few points to cut."""
+    gen = torch.Generator().manual_seed(5)
+    channels = torch.randn(2, 31, 31, 31, generator=gen)
+    coords = ((torch.rand(n_points, 3, generator=gen) * 2 - 1) * 16).requires_grad_(True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (3, 1):
+            torch.set_num_threads(t)
+            expected = 1 if t == 1 or n_points < 4096 else 3
+            assert sampling_parts(channels, n_points) == expected
+            values = sample_grid(channels, coords)
+            (grad,) = torch.autograd.grad((values * values).sum(), coords)
+            results.append((values, grad))
+            assert sampling_parts(channels.requires_grad_(True), n_points) == 1
+            channels = channels.detach()
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0][0].shape == (2, n_points)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_gradients_wrt_rotations_and_volume():

@@ -217,10 +217,35 @@ def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
     coords are ``(x, y, z)`` voxel offsets from the centre index ``G // 2``; points whose neighbours
     fall outside the grid read zeros there. Differentiable in both arguments (``grid_sample``).
     """
-    g = channels.shape[-1]
-    grid = _normalised_grid(coords.to(channels.dtype), g).reshape(1, 1, 1, -1, 3)
-    out = functional.grid_sample(channels[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(channels.shape[0], -1)
+    g, c, n = channels.shape[-1], channels.shape[0], coords.shape[0]
+    grid = _normalised_grid(coords.to(channels.dtype), g)
+    parts = sampling_parts(channels, n)
+    if parts == 1:
+        out = functional.grid_sample(channels[None], grid.reshape(1, 1, 1, -1, 3), mode="bilinear",
+                                     padding_mode="zeros", align_corners=True)
+        return out.reshape(c, -1)
+    # PyTorch's CPU kernel for 3D grid_sample runs its batch in parallel and each batch entry on one thread: the
+    # points are cut into `parts` batch entries that all read the same volume (expanded, not copied). Every point is
+    # interpolated exactly as in one entry, so values and coordinate gradients are the same to the bit.
+    pad = (-n) % parts
+    if pad:
+        grid = torch.cat([grid, grid.new_zeros(pad, 3)])
+    out = functional.grid_sample(channels[None].expand(parts, -1, -1, -1, -1), grid.reshape(parts, 1, 1, -1, 3),
+                                 mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.permute(1, 0, 2, 3, 4).reshape(c, -1)[:, :n]
+
+
+#: Fewest points per batch entry worth a thread of :func:`sample_grid` (below it the threads' start-up dominates).
+MIN_POINTS_PER_PART = 4096
+
+
+def sampling_parts(channels: Tensor, n_points: int) -> int:
+    """Batch entries :func:`sample_grid` cuts ``n_points`` into: the CPU's threads when the volume ``channels`` needs
+    no gradient (an expanded volume's gradient would be summed from one copy per entry), else 1; always 1 on a GPU,
+    whose kernel is parallel over the points."""
+    if channels.device.type != "cpu" or channels.requires_grad:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_points // MIN_POINTS_PER_PART))
 
 
 def scatter_grid(values: Tensor, coords: Tensor, grid_size: int, out: Tensor | None = None,

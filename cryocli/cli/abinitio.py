@@ -143,8 +143,8 @@ def abinitio(
                                                   "after every step, zero the decoder's density outside a soft "
                                                   "sphere (the --particle-diameter, or 1.25 x the estimated "
                                                   "particle radius) and below 0 (RELION masks its references, "
-                                                  "SAGD truncates negative density); --free-density: the paper's unconstrained voxels "
-                                                  "[default: --constrain-density]."),
+                                                  "SAGD truncates negative density); --free-density: the paper's "
+                                                  "unconstrained voxels [default: --constrain-density]."),
     gd: str | None = typer.Option(None, "--gd", help="cryo2ssnet: pose polishing after the beam search: gd (the "
                                   "paper's vanilla gradient descent) or adam (its better variant) [default: gd]."),
     gd_steps: int | None = typer.Option(None, "--gd-steps", help="cryo2ssnet: polishing steps, 0 for none "

@@ -27,6 +27,7 @@ from cryocli.errors import OptionError
 from cryocli.geometry.rotations import axis_angle_to_matrix, geodesic_distance, random_rotations
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.imaging.ctf import CTFParams
+from cryocli.imaging.fourier import radius_3d
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.simulate import render_clean
 from cryocli.io.dataset import ParticleStack
@@ -247,8 +248,7 @@ def test_density_constraint_projects_onto_the_support_and_positivity(positive):
     density = torch.randn(n, n, n, generator=torch.Generator().manual_seed(0))
     before = density.clone()
     DensityConstraint.of(n, radius, positive=positive).apply_(density)
-    z, y, x = torch.meshgrid(*(torch.arange(n) - n // 2,) * 3, indexing="ij")
-    r = (x * x + y * y + z * z).sqrt()
+    r = radius_3d(n)
     inside, outside = r <= radius, r >= radius + SUPPORT_EDGE
     assert torch.all(density[outside] == 0)
     kept = before[inside].clamp(min=0) if positive else before[inside]

@@ -284,8 +284,7 @@ def test_sample_grid_cut_over_threads_is_bitwise_the_one_entry_sampling(n_points
             values = sample_grid(channels, coords)
             (grad,) = torch.autograd.grad((values * values).sum(), coords)
             results.append((values, grad))
-            assert sampling_parts(channels.requires_grad_(True), n_points) == 1
-            channels = channels.detach()
+            assert sampling_parts(channels.clone().requires_grad_(True), n_points) == 1
     finally:
         torch.set_num_threads(threads)
     assert results[0][0].shape == (2, n_points)

@@ -219,14 +219,10 @@ def sample_grid(channels: Tensor, coords: Tensor) -> Tensor:
     """
     g, c, n = channels.shape[-1], channels.shape[0], coords.shape[0]
     grid = _normalised_grid(coords.to(channels.dtype), g)
-    parts = sampling_parts(channels, n)
-    if parts == 1:
-        out = functional.grid_sample(channels[None], grid.reshape(1, 1, 1, -1, 3), mode="bilinear",
-                                     padding_mode="zeros", align_corners=True)
-        return out.reshape(c, -1)
     # PyTorch's CPU kernel for 3D grid_sample runs its batch in parallel and each batch entry on one thread: the
     # points are cut into `parts` batch entries that all read the same volume (expanded, not copied). Every point is
     # interpolated exactly as in one entry, so values and coordinate gradients are the same to the bit.
+    parts = sampling_parts(channels, n)
     pad = (-n) % parts
     if pad:
         grid = torch.cat([grid, grid.new_zeros(pad, 3)])

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from cryocli.engines.abinitio.cryospin import ImageModel
 from cryocli.engines.abinitio.unbiased_loss import normalise
 from cryocli.imaging.hartley import hartley_to_image, hartley_volume, project_hartley
+from cryocli.imaging.masks import soft_sphere
 from cryocli.imaging.projector import full_plane_pixels, padded_box, sample_slices
 
 #: Zero padding of the Hartley grid (RELION's default oversampling of the reference).
@@ -48,8 +49,6 @@ class VoxelDecoder(nn.Module):
     def __init__(self, n: int, radius: float, generator: torch.Generator,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        from cryocli.imaging.masks import soft_sphere
-
         self.n = int(n)
         start = torch.rand((n, n, n), generator=generator) * INIT_HIGH * soft_sphere(n, radius)
         self.density = nn.Parameter(start.to(device=device, dtype=torch.float32))
@@ -85,8 +84,6 @@ class DensityConstraint:
            ) -> DensityConstraint:
         """The support of radius ``radius`` voxels (at most ``n / 2 - SUPPORT_EDGE``) with a :data:`SUPPORT_EDGE`
         soft edge, for a box of ``n`` voxels."""
-        from cryocli.imaging.masks import soft_sphere
-
         inner = min(float(radius), n / 2 - SUPPORT_EDGE)
         return DensityConstraint(soft_sphere(n, inner, edge=SUPPORT_EDGE, device=device), positive)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cryocli.engines.common.log_weights import exp_floored
+
 #: The paper's s0 (section 4, Fig. 6).
 DEFAULT_S0 = 10.0
 
@@ -78,7 +80,7 @@ def proposal(log_phi: Tensor, kernel: Tensor, alpha: Tensor, temperature: Tensor
     safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     t = temperature[:, None]
     scaled = torch.where(torch.isfinite(t), (log_phi - safe_top) / t.clamp(max=1e30), torch.zeros_like(log_phi))
-    annealed = torch.where(torch.isfinite(log_phi), torch.exp(scaled), torch.zeros_like(log_phi))
+    annealed = torch.where(torch.isfinite(log_phi), exp_floored(scaled), torch.zeros_like(log_phi))
     smoothed = annealed @ kernel
     z = smoothed.sum(1, keepdim=True)
     prior = torch.full_like(smoothed, 1.0 / m)

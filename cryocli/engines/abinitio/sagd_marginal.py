@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from cryocli.engines.abinitio.importance_sampling import SampleSet
+from cryocli.engines.common.log_weights import exp_floored
 from cryocli.engines.common.pose_search import SearchPixels, project_pixels
 from cryocli.imaging.ctf import CTFParams, ctf_at
 from cryocli.imaging.projector import fourier_volume
@@ -175,7 +176,7 @@ def _reduce(loglik: Tensor, sets: tuple[SampleSet, SampleSet, SampleSet], log_w:
     with torch.no_grad():
         flat = total.detach().reshape(b, -1)
         top = flat.max(1).values
-        terms = torch.exp(flat - top[:, None]).reshape(total.shape)
+        terms = exp_floored(flat - top[:, None]).reshape(total.shape)
         mass = terms.sum((1, 2, 3))
         log_p_value = top + torch.log(mass)
         weights = terms / mass[:, None, None, None]  # the posterior over the evaluated terms (eq. 18-19)

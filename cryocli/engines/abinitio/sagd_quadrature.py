@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from cryocli.engines.common.log_weights import softmax_floored
 from cryocli.engines.common.pose_search import shift_grid
 from cryocli.geometry.rotations import euler_to_matrix
 from cryocli.geometry.so3grid import healpix_npix, healpix_pix2ang, healpix_pix2vec
@@ -124,7 +125,7 @@ def _cached(level: int, diameter_px: float, shift_sigma_px: float, shift_extent_
 
 
 def _row_normalise(log_k: Tensor) -> Tensor:
-    return torch.softmax(log_k, dim=1)
+    return softmax_floored(log_k, dim=1)
 
 
 def direction_kernel(source: Tensor, target: Tensor, spacing: float) -> Tensor:

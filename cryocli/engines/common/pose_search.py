@@ -46,6 +46,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from cryocli.engines.common.log_weights import softmax_floored
 from cryocli.geometry.rotations import geodesic_distance, project_to_so3, rotation_about_axis
 from cryocli.geometry.so3grid import SO3Grid
 from cryocli.imaging.projector import DEFAULT_CHUNK_POINTS, half_plane_pixels, padded_box, sample_slices
@@ -185,7 +186,7 @@ def significant_samples(log_lik: Tensor, fraction: float, max_count: int) -> tup
     with the samples sorted by decreasing weight; weights are renormalised over the kept samples and 0 in
     padded slots (``K = max count``).
     """
-    prob = torch.softmax(log_lik, dim=1)
+    prob = softmax_floored(log_lik, dim=1)
     k = log_lik.shape[1] if max_count <= 0 else min(max_count, log_lik.shape[1])
     top, idx = torch.topk(prob, k, dim=1)
     before = torch.cumsum(top, dim=1) - top
@@ -441,7 +442,7 @@ class PoseSearcher:
         bidx = torch.arange(b, device=idx.device)[:, None]
         sample_rot = rot[bidx, kk, ii]
         best_scale = scale.reshape(b, -1).gather(1, idx[:, :1])[:, 0]
-        prob = torch.softmax(flat, 1)
+        prob = softmax_floored(flat, 1)
         mean_rot, mean_shift = self._local_mean(prob.reshape(b, k, n_sub, 8), rot, shifts, sample_rot[:, 0])
         sample_ids = children[bidx, kk, ii]
         best_re, best_im, _ = self.fine_cache.get(sample_ids[:, 0])

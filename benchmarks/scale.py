@@ -12,8 +12,8 @@ from the ground truth (low-passed to 40 A by refine; a global search over the wh
 costliest iteration of a run), and one epoch of `cryocli abinitio --method cryospin --preload no` (an auto-encoding
 epoch: encoder, candidate grid and decoder steps over every particle; `--abinitio-method sagd`: one pass over the
 minibatches and the final poses; `cryo2ssnet`: the denoiser's training and one epoch). Peak memory is the largest resident set of
-the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU the command's own peak is not
-visible from outside, so the column is host memory. Memory should not grow with the particle count: the images
+the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU, peak GPU MB is the
+command's own figure from its ``--json`` summary (``peak_device_memory_MB``: PyTorch's peak allocation, rank 0's). Memory should not grow with the particle count: the images
 stream from the memory-mapped stack in batches and reconstruct reads the STAR file in chunks; refine and abinitio
 hold the STAR table and the per-particle state (poses, CTF parameters), which grow with it.
 """
@@ -21,6 +21,7 @@ hold the STAR table and the per-particle state (poses, CTF parameters), which gr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,21 +35,26 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = [("command", "command", "s"),
            ("particles", "particles", "d"), ("box", "box", "d"), ("ranks", "ranks", "d"), ("time s", "seconds", ".2f"),
            ("particles/s", "throughput", ".0f"), ("peak RSS MB", "peak_mb", ".0f"),
-           ("vs smallest", "memory_ratio", ".2f")]
+           ("vs smallest", "memory_ratio", ".2f"), ("peak GPU MB", "peak_gpu_mb", ".0f")]
 
 
-def run_measured(argv: list[str], cwd: Path) -> tuple[float, float]:
-    """Run ``argv``; return (wall seconds, peak resident set in MiB of it and its descendants)."""
+def run_measured(argv: list[str], cwd: Path) -> tuple[float, float, float]:
+    """Run ``argv`` (a cryocli command with ``--json``); return (wall seconds, peak resident set in MiB of it and its
+    descendants, the peak GPU memory in MiB its summary reports, NaN on the CPU)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         print(stderr, file=sys.stderr)
         raise SystemExit(f"benchmark case failed: {' '.join(argv)}")
-    return seconds, usage.ru_maxrss / 1024.0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return seconds, usage.ru_maxrss / 1024.0, float(summary.get("peak_device_memory_MB", "nan"))
 
 
 def main() -> None:
@@ -91,10 +97,11 @@ def main() -> None:
                                 str(out), "--epochs", "1", "--preload", "no"]
                     launcher = [sys.executable] if ranks == 1 else [
                         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                    seconds, peak = run_measured([*launcher, "-m", "cryocli", "--quiet", *argv], work)
+                    seconds, peak, peak_gpu = run_measured([*launcher, "-m", "cryocli", "--json", *argv], work)
                     label = command if command != "abinitio" else f"abinitio {args.abinitio_method}"
                     rows.append({"command": label, "particles": count, "box": args.box, "ranks": ranks,
-                                 "seconds": seconds, "throughput": count / seconds, "peak_mb": peak})
+                                 "seconds": seconds, "throughput": count / seconds, "peak_mb": peak,
+                                 "peak_gpu_mb": peak_gpu})
                     print(rows[-1], file=sys.stderr)
     for row in rows:
         base = min((r for r in rows if r["ranks"] == row["ranks"] and r["command"] == row["command"]),

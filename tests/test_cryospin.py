@@ -24,7 +24,7 @@ from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 
-from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
+from .conftest import ASPIRE, CRYODRGN, DEVICES, need, simulate_4ake
 
 runner = CliRunner()
 
@@ -248,6 +248,9 @@ def test_halves_max_particles_and_ground_truth_outputs(small, tmp_path):
                  "metrics.csv", "log.jsonl", "checkpoint.pt"):
         assert (run / name).is_file(), name
     assert summary["particles"] == 120 and summary["box"] == 32
+    # The device it ran on; the peak GPU memory only where there is one (--device auto picks CUDA when present).
+    assert summary["device"].split(":")[0] == DEVICES[-1]
+    assert ("peak_device_memory_MB" in summary) == (DEVICES[-1] == "cuda")
     from tests.test_refine_cli import check_report_files
 
     check_report_files(run, 120)

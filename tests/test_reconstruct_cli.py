@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cryocli.analysis.fsc import fsc_curve, threshold_crossing
 from cryocli.cli.app import app
 from cryocli.imaging.filters import lowpass_filter
 from cryocli.io.mrc import read_map
-from tests.conftest import CRYOJAX, RELION_SET, need
+from tests.conftest import CRYOJAX, DEVICES, RELION_SET, need
 
 runner = CliRunner()
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "cryocli" / "data" / "4ake_adk_open.pdb"
@@ -46,6 +47,19 @@ def test_json_summary_reports_half_map_resolution(tmp_path: Path) -> None:
     assert summary["particles"] == 600 and len(summary["maps"]) == 3
     # --maxres 12 A: nothing beyond 12 A goes in, so the halves cannot agree beyond it.
     assert summary["half_map_fsc"]["resolution_0143"] >= 12 * 0.95
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_json_summary_names_the_device_and_its_peak_memory(tmp_path: Path, device: str) -> None:
+    res = runner.invoke(app, ["--json", "--device", device, "reconstruct", str(RELION_SET / "noisy" / "noisy.star"),
+                              "-o", str(tmp_path / "m.mrc")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["device"].split(":")[0] == device
+    if device == "cuda":  # at least the 64^3 complex accumulator of the 600 particles' insertions
+        assert 64**3 * 8 / 2**20 < summary["peak_device_memory_MB"] < torch.cuda.get_device_properties(0).total_memory / 2**20
+    else:
+        assert "peak_device_memory_MB" not in summary
 
 
 def test_real_trpv1_particles_correlate_with_the_published_map(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from cryocli.cli.common import (
     progress_bar,
     resolve_device,
 )
+from cryocli.device_memory import peak_device_memory_mb
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
 from cryocli.errors import CryocliError
 
@@ -97,7 +98,9 @@ def reconstruct(
     box, pixel_size = result.box, result.pixel_size
     con = out_console()
     summary = {"command": "reconstruct", "particles": selected, "box": box, "pixel_size": pixel_size,
-               "sym": sym.upper(), "maps": [str(p) for p in maps]}
+               "sym": sym.upper(), "maps": [str(p) for p in maps], "device": str(device)}
+    if (peak := peak_device_memory_mb(device)) is not None:
+        summary["peak_device_memory_MB"] = peak
     con.print(f"reconstructed {selected} particles ({box} px, {pixel_size:g} A/px, {sym.upper()}) -> {out}")
     if halves:
         h1, h2 = half_map_paths(out)

@@ -23,6 +23,7 @@ from rich.console import Console
 from cryocli import distributed
 from cryocli.analysis.contour import contour_level
 from cryocli.analysis.ground_truth import GroundTruth
+from cryocli.device_memory import peak_device_memory_mb
 from cryocli.engines.display_map import with_viewing_map
 from cryocli.engines.halves import run_engine, select_rows
 from cryocli.engines.progress import Reporter
@@ -128,7 +129,7 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
                                       device)
         scores = truth.score_map(result.volume, result.voxel_size) if truth is not None else None
         files = run_dir.write_result(result, table, request.command, scores)
-        summary = run_summary(engine.name, request, result, scores, truth, time.perf_counter() - t0)
+        summary = run_summary(engine.name, request, result, scores, truth, time.perf_counter() - t0, device)
         reporter.event("finish", **summary)
         run_dir.commit()
         summary["files"] = files
@@ -158,13 +159,15 @@ def follow_rank_zero(engine: Engine, config: EngineConfig, request: RunRequest, 
 
 
 def run_summary(method: str, request: RunRequest, result: Reconstruction, scores: dict[str, Any] | None,
-                truth: GroundTruth | None, elapsed_s: float) -> dict[str, Any]:
-    """The summary a run prints and logs: sizes, iterations, resolutions (gold standard, against the truth),
-    pose errors against the truth, and the method's own figures."""
+                truth: GroundTruth | None, elapsed_s: float, device: torch.device) -> dict[str, Any]:
+    """The summary a run prints and logs: sizes, iterations, time, peak GPU memory (on CUDA, this process's),
+    resolutions (gold standard, against the truth), pose errors against the truth, and the method's own figures."""
     s: dict[str, Any] = {"method": method, "out": str(request.out), "particles": int(result.rotations.shape[0]),
                          "box": result.box, "pixel_size": result.voxel_size, "iterations": result.iterations,
                          "converged": result.converged, "inverted": result.inverted,
-                         "seconds": round(elapsed_s, 2)}
+                         "seconds": round(elapsed_s, 2), "device": str(device)}
+    if (peak := peak_device_memory_mb(device)) is not None:
+        s["peak_device_memory_MB"] = peak
     if result.metrics and "loss" in result.metrics[-1]:
         s["final_loss"] = result.metrics[-1]["loss"]
     if result.resolution_A is not None:

@@ -2,8 +2,9 @@
 # Issue 15's GPU checks in one call, prepared for a session that is lent a GPU machine (which has PyTorch with CUDA,
 # typer, rich, pandas, scipy, matplotlib, pytest and pytest-xdist, but not starfile, mrcfile or gemmi, and no network).
 #
-# Here, once:   bash benchmarks/device_wheels.sh          # the three missing packages as wheels in .whl/ (ignored by git)
-# Then:         run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
+# Here, once:   bash benchmarks/device_prepare.sh   # the three missing packages as wheels in .whl/, ../shared/data in
+#                                                   # .device_shared/ (both ignored by git; about 60 MB with the repo)
+# Then:         run(command="bash benchmarks/device_check.sh", carry=[".whl", ".device_shared"], timeout_s=600)
 # Parts:        bash benchmarks/device_check.sh [tests] [cryospin] [scale]   (default: all three, about 8 minutes at most)
 #
 # 1. tests: the suite with --device auto, so every engine the tests run goes to CUDA (4 xdist workers share the GPU;
@@ -21,8 +22,13 @@ parts=${*:-tests cryospin scale}
 
 if ! python3 -c "import starfile, mrcfile, gemmi" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "device_check: no wheels in .whl/ (run benchmarks/device_wheels.sh here and carry .whl)"; exit 1; }
+        || { echo "device_check: no wheels in .whl/ (run benchmarks/device_prepare.sh here and carry .whl)"; exit 1; }
     export PYTHONPATH=/tmp/site
+fi
+# The tests read ../shared beside the repo, as CI does.
+if [ ! -e ../shared ]; then
+    [ -d .device_shared/data ] || { echo "device_check: no .device_shared/ (run benchmarks/device_prepare.sh, carry it)"; exit 1; }
+    ln -s "$PWD/.device_shared" ../shared
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # The shell-chain test runs the console script, as a user does.

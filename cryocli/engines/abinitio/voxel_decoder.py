@@ -67,7 +67,7 @@ class VoxelDecoder(nn.Module):
 class DensityConstraint:
     """What the decoder's density is projected onto after every optimiser step (cryocli's addition; the paper only
     starts the density at 0 outside a sphere, B.2): 0 outside a soft sphere (``support``, ``(n, n, n)`` weights in
-    [0, 1], or ``None``), and non-negative when ``positive``, as SAGD truncates negative density after each iteration
+    [0, 1]), and non-negative when ``positive``, as SAGD truncates negative density after each iteration
     (Punjani et al. 2017, "negative density is physically unrealistic").
 
     Why: Adam moves every voxel by about its learning rate per step whatever its gradient, so voxels that only noise
@@ -76,7 +76,7 @@ class DensityConstraint:
     9.9 degrees (2,000 particles of 32 px, 300 steps) and from 26.7 to 4.1 degrees (2,000 of 48 px, 250 steps).
     """
 
-    support: Tensor | None
+    support: Tensor
     positive: bool
 
     @staticmethod
@@ -90,8 +90,7 @@ class DensityConstraint:
     @torch.no_grad()
     def apply_(self, density: Tensor) -> None:
         """Project ``density`` ``(n, n, n)`` in place."""
-        if self.support is not None:
-            density.mul_(self.support)
+        density.mul_(self.support)
         if self.positive:
             density.clamp_(min=0.0)
 

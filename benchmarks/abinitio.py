@@ -88,14 +88,14 @@ def sagd_setup(variant: str, args: argparse.Namespace, device: torch.device) -> 
 
 
 def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
-    from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
     from cryocli.analysis.ground_truth import GroundTruth
+    from cryocli.engines.abinitio.cryospin import CryoSpinConfig, CryoSpinEngine
     from cryocli.engines.halves import run_engine
     from cryocli.engines.progress import Reporter
     from cryocli.imaging.simulate import SimulationConfig, draw_geometry, simulate_dataset
     from cryocli.io.dataset import ParticleStack
-    from cryocli.io.mrc import read_map
     from cryocli.io.models import demo_model_path
+    from cryocli.io.mrc import read_map
     from cryocli.io.star import read_star
     from cryocli.io.volumes import load_volume
 
@@ -137,11 +137,12 @@ def run_case(box: int, particles: int, args: argparse.Namespace) -> dict:
     stages = [row.get("stage", "") for row in reporter.history]
     if "cryo2ssnet" in (args.method, args.variant):
         stages = ["encode" if s in ("search", "switch") else "decode" if s == "end-to-end" else s for s in stages]
-    enc = [t for t, s in zip(per_epoch, stages) if s == "encode"]
+    enc = [t for t, s in zip(per_epoch, stages, strict=False) if s == "encode"]
     enc = enc[1:] or enc  # the first epoch also reads and prepares the particles
-    dec = [t for t, s in zip(per_epoch, stages) if s == "decode"]
+    dec = [t for t, s in zip(per_epoch, stages, strict=False) if s == "decode"]
     peak = peak_memory_mb(dev)
-    reach = [t for t, row in zip(elapsed, reporter.history) if row.get("res_fsc05_A", float("inf")) <= 4 * apix]
+    reach = [t for t, row in zip(elapsed, reporter.history, strict=False)
+             if row.get("res_fsc05_A", float("inf")) <= 4 * apix]
     last_pass = [row for row in reporter.history if row.get("pass") == reporter.history[-1].get("pass")]
     sagd_row = args.method == "sagd" and args.variant not in ("cryospin", "cryo2ssnet")
     fraction = float(np.mean([row["fraction_evaluated"] for row in last_pass])) if sagd_row else float("nan")

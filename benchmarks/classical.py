@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from harness import peak_memory_mb, print_table, run_isolated
 
 from cryocli.analysis.fsc import fsc_curve, threshold_crossing
 from cryocli.engines.common.particles_reconstruct import reconstruct_sets
 from cryocli.imaging.simulate import SimulationConfig, draw_geometry, simulate_dataset
 from cryocli.io.dataset import ParticleStack
-from cryocli.io.mrc import read_map
 from cryocli.io.models import demo_model_path
+from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 from cryocli.io.volumes import load_volume
 

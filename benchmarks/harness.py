@@ -10,7 +10,8 @@ import json
 import resource
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -34,6 +35,6 @@ def run_isolated(argv: Sequence[str]) -> dict[str, Any]:
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
     """Print ``rows`` as a fixed-width table; ``columns`` are (header, key, format spec such as ".2f")."""
     widths = [max(len(h), 8) for h, _, _ in columns]
-    print(" ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths)))
+    print(" ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True)))
     for row in rows:
-        print(" ".join(f"{format(row[k], spec):>{w}}" for (_, k, spec), w in zip(columns, widths)))
+        print(" ".join(f"{format(row[k], spec):>{w}}" for (_, k, spec), w in zip(columns, widths, strict=True)))

@@ -89,7 +89,8 @@ def measure(n: int, slices: int, device: torch.device, repeats: int) -> dict:
         peak_mb = _peak_rss_mb() - base_rss
     return {"n": n, "slices": slices, "device": str(device), "threads": torch.get_num_threads(),
             "forward_slices_per_s": slices / forward_s, "forward_s": forward_s, "insert_s": insert_s,
-            "kernel_insert_s": kernel_s, "grid_kernel_s": grid_kernel_s, "backward_s": backward_s, "symmetrise_o_s": symmetrise_s, "peak_mb": peak_mb}
+            "kernel_insert_s": kernel_s, "grid_kernel_s": grid_kernel_s, "backward_s": backward_s,
+            "symmetrise_o_s": symmetrise_s, "peak_mb": peak_mb}
 
 
 def main(argv: list[str] | None = None) -> None:

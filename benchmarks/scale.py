@@ -11,11 +11,12 @@ process tree: `cryocli reconstruct --halves`, and one iteration of `cryocli refi
 from the ground truth (low-passed to 40 A by refine; a global search over the whole HEALPix order-2 grid, the
 costliest iteration of a run), and one epoch of `cryocli abinitio --method cryospin --preload no` (an auto-encoding
 epoch: encoder, candidate grid and decoder steps over every particle; `--abinitio-method sagd`: one pass over the
-minibatches and the final poses; `cryo2ssnet`: the denoiser's training and one epoch). Peak memory is the largest resident set of
-the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU, peak GPU MB is the
-command's own figure from its ``--json`` summary (``peak_device_memory_MB``: PyTorch's peak allocation, rank 0's). Memory should not grow with the particle count: the images
-stream from the memory-mapped stack in batches and reconstruct reads the STAR file in chunks; refine and abinitio
-hold the STAR table and the per-particle state (poses, CTF parameters), which grow with it.
+minibatches and the final poses; `cryo2ssnet`: the denoiser's training and one epoch). Peak memory is the largest
+resident set of the process and its descendants (one rank's, under torchrun), from ``wait4``; on a GPU, peak GPU MB is
+the command's own figure from its ``--json`` summary (``peak_device_memory_MB``: PyTorch's peak allocation, rank
+0's). Memory should not grow with the particle count: the images stream from the memory-mapped stack in batches and
+reconstruct reads the STAR file in chunks; refine and abinitio hold the STAR table and the per-particle state (poses,
+CTF parameters), which grow with it.
 """
 
 from __future__ import annotations

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Lint and type-check the library (configured in pyproject.toml), then the tests.
-.venv/bin/ruff check cryocli
+.venv/bin/ruff check cryocli benchmarks
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

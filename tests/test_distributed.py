@@ -1,5 +1,6 @@
 """Data-parallel runs under torchrun (gloo on the CPU): sharding; reconstruct and refine equal to one process; a
-killed rank ends the run, whose checkpoint resumes on another number of ranks."""
+killed rank, or a stalled one at the collective timeout, ends the run, whose checkpoint resumes on another number of
+ranks."""
 
 from __future__ import annotations
 
@@ -198,6 +199,49 @@ def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(re
     _assert_same_refinement(one, out)
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the ranks through /proc (Linux)")
+def test_a_stalled_rank_ends_the_run_at_the_collective_timeout_and_the_checkpoint_resumes(refine_set: Path) -> None:
+    """Rank 1 stopped (SIGSTOP: alive, so torchrun sees nothing wrong) after the first checkpoint: rank 0's next
+    collective gives up after CRYOCLI_COLLECTIVE_TIMEOUT (10 s here) with one error line that keeps the checkpoint,
+    and ``--resume`` in one process finishes the run with the uninterrupted run's result."""
+    import signal
+    import time
+
+    one = _one_process_refine(refine_set, "relion")
+    out = refine_set / "stalled"
+    args = ["refine", "sim/particles.star", "--ref", "sim/ground_truth.mrc", "-o", out.name, "--max-iter", "3"]
+    proc = subprocess.Popen(_torchrun_command(["--quiet", *args]), cwd=refine_set,
+                            env={**ENV, "CRYOCLI_COLLECTIVE_TIMEOUT": "10"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = _ranks_of(proc.pid)
+    assert proc.poll() is None and {0, 1} <= set(ranks), "the run ended before its first checkpoint"
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        # Rank 0 ends by itself: nothing but the timeout can end its wait for a rank that is alive but silent.
+        while Path(f"/proc/{ranks[0]}").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "torchrun ended before rank 0 did"
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)  # so that torchrun's SIGTERM ends it now
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("cryocli: error:")]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith("cryocli: error: the run stopped: a collective with the other ranks failed (")
+    assert "Timed out" in errors[0]  # gloo's own words: the timeout ended the wait
+    assert errors[0].endswith(f"the last checkpoint is kept in {out.name}; run the same command with --resume to "
+                              "continue"), errors[0]
+    assert (out / "checkpoint.pt").is_file()
+    resumed = _cryocli(["--quiet", *args, "--resume"], refine_set)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [row.split(",")[1] for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]
+    _assert_same_refinement(one, out)
+
+
 # ---------------------------------------------------------------------------------------------- abinitio
 ABINITIO_ARGS = {"cryospin": ["--switch-epoch", "1", "--batch-size", "50"],
                  "cryo2ssnet": ["--batch-size", "40", "--beam-depth", "2", "--gd-steps", "2", "--denoiser-steps", "20"]}
@@ -312,6 +356,15 @@ def test_a_collective_broken_by_another_rank_is_one_error_line(monkeypatch: pyte
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with guarded():
             raise RuntimeError("shape mismatch")
+    # Broken off by the run (cryocli.engines.runner): the line says whether a checkpoint was kept for --resume.
+    for kept, tail in ((Path("run"), "; the last checkpoint is kept in run; run the same command with --resume to "
+                                     "continue"),
+                       (None, "; it stopped before its first checkpoint; nothing was kept")):
+        with pytest.raises(typer.Exit):
+            with guarded():
+                raise distributed.CollectiveFailure(str(broken), kept)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].endswith(tail), lines
 
 
 @pytest.mark.acceptance

@@ -104,7 +104,11 @@ def guarded() -> Iterator[None]:
             raise
         # Another rank stopped (its own error line says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT.
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]})")
+        kept = ""
+        if isinstance(exc, distributed.CollectiveFailure):
+            kept = (f"; the last checkpoint is kept in {exc.kept}; run the same command with --resume to continue"
+                    if exc.kept is not None else "; it stopped before its first checkpoint; nothing was kept")
+        fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]}){kept}")
         raise typer.Exit(code=1) from None  # not bad input: the run broke off
 
 

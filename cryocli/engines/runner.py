@@ -95,7 +95,9 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     Bad input (particles, ground truth, run directory) is refused before the run directory is touched.
     If the run fails, what it made is removed (the previous run, with ``force``, stays as it was); if it is
     interrupted (``KeyboardInterrupt``) after its first checkpoint, the checkpoint stays for ``resume``, and
-    ``on_interrupt`` is called with the folder holding it (``None``: nothing was kept).
+    ``on_interrupt`` is called with the folder holding it (``None``: nothing was kept). A collective that fails
+    under torchrun (another rank died or stalled) keeps the checkpoint the same way and raises
+    :class:`cryocli.distributed.CollectiveFailure` naming the folder.
     """
     table, stack = open_particles(request)
     if config.use_ctf:
@@ -139,6 +141,13 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         if on_interrupt is not None:
             on_interrupt(run_dir.work if keep else None)
         raise
+    except RuntimeError as exc:
+        if not distributed.is_collective_failure(exc):
+            raise
+        # Another rank died or stalled: like an interrupt, the run broke off through no fault of its own, and a
+        # long run must be able to continue from its last checkpoint (--resume) rather than start again.
+        keep = reporter is not None and reporter.checkpointed
+        raise distributed.CollectiveFailure(str(exc), run_dir.work if keep else None) from exc
     finally:
         if reporter is not None:
             reporter.close()

@@ -168,9 +168,9 @@ def _ranks_of(parent: int) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the ranks through /proc (Linux)")
 def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(refine_set: Path) -> None:
-    """Rank 1 killed (SIGKILL) after the first checkpoint: torchrun stops rank 0, which says in one line that the
-    checkpoint is kept; the run exits non-zero well within the collective timeout. ``--resume`` in one process
-    finishes the run: the result of the uninterrupted one-process run."""
+    """Rank 1 killed (SIGKILL) after the first checkpoint: torchrun stops rank 0 (or its next collective fails),
+    which says in one line that the checkpoint is kept; the run exits non-zero well within the collective timeout.
+    ``--resume`` in one process finishes the run: the result of the uninterrupted one-process run."""
     import signal
     import time
 
@@ -190,8 +190,13 @@ def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(re
     assert proc.returncode != 0
     assert time.monotonic() - killed_at < 120  # CRYOCLI_COLLECTIVE_TIMEOUT; torchrun itself stops rank 0 sooner
     cryocli_lines = [line for line in stderr.splitlines() if line.startswith("cryocli:")]
-    assert cryocli_lines == [f"cryocli: interrupted (SIGTERM); the last checkpoint is kept in {out.name}; run the "
-                             "same command with --resume to continue"], stderr
+    hint = f"the last checkpoint is kept in {out.name}; run the same command with --resume to continue"
+    # torchrun's SIGTERM usually reaches rank 0 first; if rank 0's next collective finds the dead peer sooner, it
+    # ends with the collective's error line instead, which keeps the checkpoint the same way.
+    assert len(cryocli_lines) == 1 and (
+        cryocli_lines[0] == f"cryocli: interrupted (SIGTERM); {hint}"
+        or (cryocli_lines[0].startswith("cryocli: error: the run stopped: a collective with the other ranks failed")
+            and cryocli_lines[0].endswith(hint))), stderr
     resumed = _cryocli(["--quiet", *args, "--resume"], refine_set)
     assert resumed.returncode == 0, resumed.stderr
     epochs = [row.split(",")[1] for row in (out / "metrics.csv").read_text().splitlines()[1:]]

@@ -21,7 +21,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,21 +117,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-class CollectiveFailure(RuntimeError):
-    """A run broke off because a collective with the other ranks failed (a rank stopped, or stalled past
-    ``CRYOCLI_COLLECTIVE_TIMEOUT``): ``cause`` is the backend's message, ``kept`` the folder whose checkpoint stays
-    for ``--resume`` (None: the run had written none, and nothing was kept)."""
-
-    def __init__(self, cause: str, kept: Path | None) -> None:
-        super().__init__(cause)
-        self.cause, self.kept = cause, kept
-
-
 def is_collective_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because another rank stopped or timed out (gloo's and nccl's
-    errors, or a :class:`CollectiveFailure` made of one), under a torchrun launch."""
-    if isinstance(exc, CollectiveFailure):
-        return True
+    errors), under a torchrun launch."""
     if not launched() or not isinstance(exc, RuntimeError):
         return False
     text = str(exc)

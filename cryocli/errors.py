@@ -1,11 +1,13 @@
-"""The one error type cryocli raises for bad input.
+"""The error types cryocli raises: bad input, and a run broken off after it started.
 
 The CLI turns a :class:`CryocliError` into one line on stderr, ``cryocli: error: <file>: <problem>``,
-and exit code 2. Library users catch it like any exception.
+and exit code 2; a :class:`RunBrokenOff` into one line and exit code 1. Library users catch them like any
+exception.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -40,3 +42,39 @@ class OptionError(CryocliError):
     def as_flag(self, flag: str) -> CryocliError:
         """The same error in command-line terms: ``--flag value: problem``."""
         return CryocliError(f"{flag} {self.value}: {self.problem}", self.path)
+
+
+class RunBrokenOff(Exception):
+    """A run that stopped after it started, through no fault of its input: another torchrun rank failed or
+    stalled, or the device ran out of memory.
+
+    reason: what happened, one line; kept: the folder whose checkpoint stays for ``--resume`` (None: the run had
+    written none, and nothing was kept); advice: what to do before resuming (default: nothing, resume as it was).
+    """
+
+    def __init__(self, reason: str, kept: Path | None, advice: str = "") -> None:
+        self.reason, self.kept, self.advice = reason, kept, advice
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The single line shown to a user."""
+        if self.kept is None:
+            tail = "it stopped before its first checkpoint; nothing was kept"
+            return f"{self.reason}; {tail}" + (f"; {self.advice}" if self.advice else "")
+        resume = (f"{self.advice}, and add --resume to continue" if self.advice
+                  else "run the same command with --resume to continue")
+        return f"{self.reason}; the last checkpoint is kept in {self.kept}; {resume}"
+
+
+def memory_shortage(exc: BaseException) -> str | None:
+    """``exc`` as one line when it is PyTorch's report of an allocation that failed (a GPU's
+    ``OutOfMemoryError``, or the CPU allocator's error), else None."""
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "OutOfMemoryError":
+        # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ..." : the first two
+        # sentences say what and how much.
+        return ". ".join(text.split(". ")[:2])[:200]
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if isinstance(exc, RuntimeError) and cpu:
+        return f"out of memory on the CPU: an allocation of {int(cpu.group(1)) / 2**30:.2f} GiB failed"
+    return None

@@ -361,15 +361,22 @@ def test_a_collective_broken_by_another_rank_is_one_error_line(monkeypatch: pyte
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with guarded():
             raise RuntimeError("shape mismatch")
-    # Broken off by the run (cryocli.engines.runner): the line says whether a checkpoint was kept for --resume.
+    # Broken off inside a run (cryocli.engines.runner): the line says whether a checkpoint was kept for --resume.
+    from cryocli.engines.runner import broken_off
+    from cryocli.errors import RunBrokenOff
+
+    reason, advice = broken_off(broken)
+    assert reason is not None and reason.startswith("a collective with the other ranks failed (") and advice == ""
     for kept, tail in ((Path("run"), "; the last checkpoint is kept in run; run the same command with --resume to "
                                      "continue"),
                        (None, "; it stopped before its first checkpoint; nothing was kept")):
-        with pytest.raises(typer.Exit):
+        with pytest.raises(typer.Exit) as stopped:
             with guarded():
-                raise distributed.CollectiveFailure(str(broken), kept)
+                raise RunBrokenOff(reason, kept)
+        assert stopped.value.exit_code == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].endswith(tail), lines
+        assert len(lines) == 1 and lines[0].startswith("cryocli: error: the run stopped: a collective with the "
+                                                       "other ranks failed (") and lines[0].endswith(tail), lines
 
 
 @pytest.mark.acceptance

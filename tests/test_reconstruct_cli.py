@@ -104,3 +104,22 @@ def test_errors_exit_2_without_output(tmp_path: Path) -> None:
     res = _run("reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o", str(out))
     assert res.exit_code == 2 and "--force" in res.output
     assert out.read_text() == "existing"
+
+
+def test_memory_that_runs_out_is_one_line_without_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allocation the CPU allocator refuses (here a petabyte, asked for mid-reconstruction): one line saying what
+    failed and what needs less, exit 1 (the input was fine), no traceback, no map."""
+    import cryocli.engines.common.particles_reconstruct as module
+
+    def greedy(*args, **kwargs):
+        torch.empty(10**15, dtype=torch.uint8)
+
+    monkeypatch.setattr(module, "reconstruct_labelled", greedy)
+    out = tmp_path / "map.mrc"
+    res = runner.invoke(app, ["reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o", str(out)])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if line.startswith("cryocli:")]
+    assert lines == ["cryocli: error: out of memory on the CPU: an allocation of 931322.57 GiB failed; a smaller "
+                     "--batch-size needs less memory, where the command has one"], res.output
+    assert "Traceback" not in res.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from cryocli.cli.app import app
 from cryocli.engines.protocol import EngineConfig
 from cryocli.engines.result import Reconstruction
 from cryocli.engines.runner import RunRequest, run_to_directory
-from cryocli.errors import CryocliError
+from cryocli.errors import CryocliError, RunBrokenOff, memory_shortage
 from cryocli.io.locks import output_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,22 +186,45 @@ class _StoppingEngine:
             reporter.end_epoch(epoch, {"loss": 1.0}, state={"epoch": epoch})
         if config.error == "interrupt":
             raise KeyboardInterrupt
+        if config.error == "memory":
+            torch.empty(10**15, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
         raise CryocliError("the engine found bad input")
 
 
+STOP_ERRORS = {"interrupt": KeyboardInterrupt, "bad input": CryocliError, "memory": RunBrokenOff}
+
+
 @pytest.mark.parametrize("stop_after, error, kept", [(0, "interrupt", False), (2, "interrupt", True),
-                                                     (0, "bad input", False), (2, "bad input", False)])
+                                                     (0, "bad input", False), (2, "bad input", False),
+                                                     (0, "memory", False), (2, "memory", True)])
 def test_a_stopped_run_keeps_only_a_checkpoint_worth_resuming(sim, tmp_path, stop_after, error, kept):
+    """An interrupt or an allocation that failed keeps the checkpoint (if there is one) for --resume; bad input
+    found by the engine does not (resuming would meet it again)."""
     out = tmp_path / "run"
     request = RunRequest(particles=sim / "particles.star", out=out, command="abinitio --method stopping")
     told: list[Path | None] = []
-    with pytest.raises(KeyboardInterrupt if error == "interrupt" else CryocliError):
+    with pytest.raises(STOP_ERRORS[error]) as raised:
         run_to_directory(_StoppingEngine(), _StopConfig(stop_after=stop_after, error=error), request, None,
                          torch.device("cpu"), on_interrupt=told.append)
     assert out.exists() == kept
     if kept:
-        assert (out / "checkpoint.pt").is_file() and told == [out]
+        assert (out / "checkpoint.pt").is_file()
+        assert told == ([out] if error == "interrupt" else [])
+    if error == "memory":
+        assert raised.value.kept == (out if kept else None)
+        assert raised.value.line().startswith("out of memory on the CPU: an allocation of 931322.57 GiB failed; ")
     assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if kept else [])
+
+
+def test_memory_shortage_names_what_failed_and_nothing_else() -> None:
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(10**15, dtype=torch.uint8)
+    assert memory_shortage(cpu.value) == "out of memory on the CPU: an allocation of 931322.57 GiB failed"
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 75.11 GiB is ...")
+    assert memory_shortage(gpu) == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert memory_shortage(RuntimeError("shape mismatch")) is None
+    assert memory_shortage(ValueError("can't allocate memory: you tried to allocate 8 bytes")) is None
 
 
 def test_interrupt_says_what_was_kept(sim, tmp_path, monkeypatch):
@@ -221,6 +244,31 @@ def test_interrupt_says_what_was_kept(sim, tmp_path, monkeypatch):
     assert "interrupted" in r.output and "--resume" in r.output and str(out) in r.output
     monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", original)
     r = _abinitio(sim, out, "--resume")
+    assert r.exit_code == 0, r.output
+
+
+def test_device_out_of_memory_is_one_line_that_keeps_the_checkpoint(sim, tmp_path, monkeypatch):
+    """A GPU's OutOfMemoryError mid-run: one line (what failed, how to need less, where the checkpoint is), exit 1,
+    and a smaller --batch-size with --resume finishes the run."""
+    from cryocli.engines.abinitio.cryospin import CryoSpinEngine
+
+    original = CryoSpinEngine._decoding_epoch
+
+    def short_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", short_of_memory)
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["abinitio", str(sim / "particles.star"), "-o", str(out), *ABINITIO])
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.startswith("cryocli:")]
+    assert lines == [f"cryocli: error: the run stopped: CUDA out of memory. Tried to allocate 2.00 GiB; the last "
+                     f"checkpoint is kept in {out}; a smaller --batch-size (or --preload no) needs less memory, and "
+                     "add --resume to continue"], r.output
+    assert "Traceback" not in r.output
+    monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", original)
+    r = _abinitio(sim, out, "--resume", "--batch-size", "16")
     assert r.exit_code == 0, r.output
 
 

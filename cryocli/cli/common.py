@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cryocli.errors import CryocliError
+from cryocli.errors import CryocliError, RunBrokenOff, memory_shortage
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT): 128 + 2
@@ -92,23 +92,28 @@ def error_line(text: str, prefix: str = "cryocli: error:") -> None:
 
 @contextmanager
 def guarded() -> Iterator[None]:
-    """Turn CryocliError into one clear line and exit code 2; let typer's own exits pass."""
+    """Turn CryocliError into one clear line and exit code 2, a run broken off (RunBrokenOff, a failed collective, an
+    allocation that failed) into one line and exit code 1; let typer's own exits pass."""
     try:
         yield
     except CryocliError as exc:
         raise fail(exc.message, exc.path) from None
+    except RunBrokenOff as exc:
+        fail(f"the run stopped: {exc.line()}")
+        raise typer.Exit(code=1) from None  # not bad input: the run broke off
     except RuntimeError as exc:
         from cryocli import distributed
 
-        if not distributed.is_collective_failure(exc):
+        # Another rank stopped (its own error line says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT, or an
+        # allocation failed, outside a run that keeps checkpoints (those raise RunBrokenOff).
+        shortage = memory_shortage(exc)
+        if distributed.is_collective_failure(exc):
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]})")
+        elif shortage is not None:
+            fail(f"{shortage}; a smaller --batch-size needs less memory, where the command has one")
+        else:
             raise
-        # Another rank stopped (its own error line says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT.
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kept = ""
-        if isinstance(exc, distributed.CollectiveFailure):
-            kept = (f"; the last checkpoint is kept in {exc.kept}; run the same command with --resume to continue"
-                    if exc.kept is not None else "; it stopped before its first checkpoint; nothing was kept")
-        fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]}){kept}")
         raise typer.Exit(code=1) from None  # not bad input: the run broke off
 
 

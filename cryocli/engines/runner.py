@@ -29,7 +29,7 @@ from cryocli.engines.halves import run_engine, select_rows
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import Engine, EngineConfig
 from cryocli.engines.result import Reconstruction
-from cryocli.errors import CryocliError, OptionError
+from cryocli.errors import CryocliError, OptionError, RunBrokenOff, memory_shortage
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 from cryocli.io.run_directory import RunDirectory
@@ -96,8 +96,8 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     If the run fails, what it made is removed (the previous run, with ``force``, stays as it was); if it is
     interrupted (``KeyboardInterrupt``) after its first checkpoint, the checkpoint stays for ``resume``, and
     ``on_interrupt`` is called with the folder holding it (``None``: nothing was kept). A collective that fails
-    under torchrun (another rank died or stalled) keeps the checkpoint the same way and raises
-    :class:`cryocli.distributed.CollectiveFailure` naming the folder.
+    under torchrun (another rank died or stalled), or the device running out of memory, keeps the checkpoint
+    the same way and raises :class:`cryocli.errors.RunBrokenOff` naming the folder.
     """
     table, stack = open_particles(request)
     if config.use_ctf:
@@ -142,16 +142,28 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
             on_interrupt(run_dir.work if keep else None)
         raise
     except RuntimeError as exc:
-        if not distributed.is_collective_failure(exc):
+        reason, advice = broken_off(exc)
+        if reason is None:
             raise
-        # Another rank died or stalled: like an interrupt, the run broke off through no fault of its own, and a
-        # long run must be able to continue from its last checkpoint (--resume) rather than start again.
+        # Like an interrupt, the run broke off through no fault of its input: a long run must be able to continue
+        # from its last checkpoint (--resume) rather than start again.
         keep = reporter is not None and reporter.checkpointed
-        raise distributed.CollectiveFailure(str(exc), run_dir.work if keep else None) from exc
+        raise RunBrokenOff(reason, run_dir.work if keep else None, advice) from exc
     finally:
         if reporter is not None:
             reporter.close()
         run_dir.close(keep=keep)
+
+
+def broken_off(exc: RuntimeError) -> tuple[str | None, str]:
+    """Why a run broke off through no fault of its input, and what to do before resuming: a collective with the
+    other torchrun ranks failed, or the device ran out of memory. ``(None, "")`` for any other error."""
+    if distributed.is_collective_failure(exc):
+        return f"a collective with the other ranks failed ({' '.join(str(exc).split())[:200]})", ""
+    shortage = memory_shortage(exc)
+    if shortage is not None:
+        return shortage, "a smaller --batch-size (or --preload no) needs less memory"
+    return None, ""
 
 
 def follow_rank_zero(engine: Engine, config: EngineConfig, request: RunRequest, stack: ParticleStack) -> RunOutcome:

@@ -46,7 +46,7 @@ class OptionError(CryocliError):
 
 class RunBrokenOff(Exception):
     """A run that stopped after it started, through no fault of its input: another torchrun rank failed or
-    stalled, or the device ran out of memory.
+    stalled, the device ran out of memory, or the operating system refused a read or write (a full disk).
 
     reason: what happened, one line; kept: the folder whose checkpoint stays for ``--resume`` (None: the run had
     written none, and nothing was kept); advice: what to do before resuming (default: nothing, resume as it was).
@@ -78,3 +78,12 @@ def memory_shortage(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and cpu:
         return f"out of memory on the CPU: an allocation of {int(cpu.group(1)) / 2**30:.2f} GiB failed"
     return None
+
+
+def io_failure(exc: BaseException) -> str | None:
+    """``exc`` as one line when it is the operating system's refusal of a read or write (a full disk, a quota
+    exceeded, a file that went away), else None."""
+    if not isinstance(exc, OSError):
+        return None
+    what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    return f"{what} ({exc.filename})" if exc.filename else what

@@ -3,6 +3,7 @@ umask permissions, the same bytes for the same seed, bad values refused before a
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import json
 import os
@@ -188,18 +189,21 @@ class _StoppingEngine:
             raise KeyboardInterrupt
         if config.error == "memory":
             torch.empty(10**15, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
+        if config.error == "disk":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/map.mrc")
         raise CryocliError("the engine found bad input")
 
 
-STOP_ERRORS = {"interrupt": KeyboardInterrupt, "bad input": CryocliError, "memory": RunBrokenOff}
+STOP_ERRORS = {"interrupt": KeyboardInterrupt, "bad input": CryocliError, "memory": RunBrokenOff, "disk": RunBrokenOff}
 
 
 @pytest.mark.parametrize("stop_after, error, kept", [(0, "interrupt", False), (2, "interrupt", True),
                                                      (0, "bad input", False), (2, "bad input", False),
-                                                     (0, "memory", False), (2, "memory", True)])
+                                                     (0, "memory", False), (2, "memory", True),
+                                                     (2, "disk", True)])
 def test_a_stopped_run_keeps_only_a_checkpoint_worth_resuming(sim, tmp_path, stop_after, error, kept):
-    """An interrupt or an allocation that failed keeps the checkpoint (if there is one) for --resume; bad input
-    found by the engine does not (resuming would meet it again)."""
+    """An interrupt, an allocation that failed or a full disk keeps the checkpoint (if there is one) for --resume;
+    bad input found by the engine does not (resuming would meet it again)."""
     out = tmp_path / "run"
     request = RunRequest(particles=sim / "particles.star", out=out, command="abinitio --method stopping")
     told: list[Path | None] = []
@@ -210,9 +214,13 @@ def test_a_stopped_run_keeps_only_a_checkpoint_worth_resuming(sim, tmp_path, sto
     if kept:
         assert (out / "checkpoint.pt").is_file()
         assert told == ([out] if error == "interrupt" else [])
-    if error == "memory":
+    if error in ("memory", "disk"):
         assert raised.value.kept == (out if kept else None)
+    if error == "memory":
         assert raised.value.line().startswith("out of memory on the CPU: an allocation of 931322.57 GiB failed; ")
+    if error == "disk":
+        assert raised.value.line() == (f"No space left on device (run/map.mrc); the last checkpoint is kept in {out}; "
+                                       "run the same command with --resume to continue")
     assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if kept else [])
 
 

@@ -107,6 +107,33 @@ def test_refuses_existing_output_and_bad_snr(tmp_path: Path) -> None:
     assert not bad.exists() and not any(p.name.startswith(".bad") for p in tmp_path.iterdir())
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills up while the stacks are written: one line naming the file and the system's reason, exit 1
+    (the input was fine), and neither the output folder nor its temporary one is left."""
+    import errno
+    import os
+
+    import cryocli.imaging.simulate as simulate
+
+    written: list[Path] = []
+
+    def full_disk(path, *args, **kwargs):
+        written.append(Path(path))
+        if len(written) == 2:  # the second stack: a part of the output exists by then
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, *args, **kwargs)
+
+    real = simulate.write_stack
+    monkeypatch.setattr(simulate, "write_stack", full_disk)
+    out = tmp_path / "sim"
+    res = runner.invoke(app, ["--quiet", "simulate", str(DEMO_MODEL), "-o", str(out), "-n", "30", "--box", "32",
+                              "--apix", "3", "--stack-size", "10"])
+    assert len(written) == 2, res.output
+    assert res.exit_code == 1
+    assert res.output.strip() == f"cryocli: error: No space left on device ({written[1]})", res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_model_too_big_for_box_is_an_error(tmp_path: Path) -> None:
     res = _run("simulate", str(need(MODELS / "4ake_adk_open.pdb")), "-o", str(tmp_path / "x"), "-n", "5",
                "--box", "16", "--apix", "1")

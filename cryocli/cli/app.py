@@ -12,8 +12,9 @@ The run contract, kept here in one place for every subcommand (:class:`CryocliGr
   ``cryocli: error: <problem>``, exit code 2, as every other error;
 * Ctrl-C and SIGTERM print one line (``cryocli: interrupted; <hint>``) and exit 130 and 143, after the
   commands' ``finally`` blocks have removed their temporaries (SIGTERM raises :class:`Interrupted`);
-* a run broken off through no fault of its input (memory that ran out, a failed collective under torchrun) is
-  one line ``cryocli: error: ...`` and exit code 1 (:func:`cryocli.cli.common.guarded`).
+* a run broken off through no fault of its input (memory that ran out, a read or write the system refused, a
+  failed collective under torchrun) is one line ``cryocli: error: ...`` and exit code 1
+  (:func:`cryocli.cli.common.guarded`).
 """
 
 from __future__ import annotations

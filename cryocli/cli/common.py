@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cryocli.errors import CryocliError, RunBrokenOff, memory_shortage
+from cryocli.errors import CryocliError, RunBrokenOff, io_failure, memory_shortage
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT): 128 + 2
@@ -93,7 +93,8 @@ def error_line(text: str, prefix: str = "cryocli: error:") -> None:
 @contextmanager
 def guarded() -> Iterator[None]:
     """Turn CryocliError into one clear line and exit code 2, a run broken off (RunBrokenOff, a failed collective, an
-    allocation that failed) into one line and exit code 1; let typer's own exits pass."""
+    allocation that failed, a read or write the system refused) into one line and exit code 1; let typer's own exits
+    pass."""
     try:
         yield
     except CryocliError as exc:
@@ -115,6 +116,10 @@ def guarded() -> Iterator[None]:
         else:
             raise
         raise typer.Exit(code=1) from None  # not bad input: the run broke off
+    except OSError as exc:
+        # A read or write the operating system refused mid-command (a full disk, a quota): the input was fine.
+        fail(io_failure(exc) or str(exc))
+        raise typer.Exit(code=1) from None
 
 
 def emit_json(payload: dict[str, Any]) -> None:

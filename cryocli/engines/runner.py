@@ -29,7 +29,7 @@ from cryocli.engines.halves import run_engine, select_rows
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import Engine, EngineConfig
 from cryocli.engines.result import Reconstruction
-from cryocli.errors import CryocliError, OptionError, RunBrokenOff, memory_shortage
+from cryocli.errors import CryocliError, OptionError, RunBrokenOff, io_failure, memory_shortage
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 from cryocli.io.run_directory import RunDirectory
@@ -96,8 +96,9 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     If the run fails, what it made is removed (the previous run, with ``force``, stays as it was); if it is
     interrupted (``KeyboardInterrupt``) after its first checkpoint, the checkpoint stays for ``resume``, and
     ``on_interrupt`` is called with the folder holding it (``None``: nothing was kept). A collective that fails
-    under torchrun (another rank died or stalled), or the device running out of memory, keeps the checkpoint
-    the same way and raises :class:`cryocli.errors.RunBrokenOff` naming the folder.
+    under torchrun (another rank died or stalled), the device running out of memory, or a read or write the
+    operating system refused (a full disk) keeps the checkpoint the same way and raises
+    :class:`cryocli.errors.RunBrokenOff` naming the folder.
     """
     table, stack = open_particles(request)
     if config.use_ctf:
@@ -141,7 +142,7 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         if on_interrupt is not None:
             on_interrupt(run_dir.work if keep else None)
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         reason, advice = broken_off(exc)
         if reason is None:
             raise
@@ -155,9 +156,13 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         run_dir.close(keep=keep)
 
 
-def broken_off(exc: RuntimeError) -> tuple[str | None, str]:
+def broken_off(exc: BaseException) -> tuple[str | None, str]:
     """Why a run broke off through no fault of its input, and what to do before resuming: a collective with the
-    other torchrun ranks failed, or the device ran out of memory. ``(None, "")`` for any other error."""
+    other torchrun ranks failed, the device ran out of memory, or the operating system refused a read or write (a
+    full disk). ``(None, "")`` for any other error."""
+    failed_io = io_failure(exc)
+    if failed_io is not None:
+        return failed_io, ""
     if distributed.is_collective_failure(exc):
         return f"a collective with the other ranks failed ({' '.join(str(exc).split())[:200]})", ""
     shortage = memory_shortage(exc)

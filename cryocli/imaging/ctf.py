@@ -55,8 +55,11 @@ class CTFParams:
         values = dict(defocus_u=defocus_u, defocus_v=defocus_v, defocus_angle=defocus_angle, voltage=voltage,
                       cs=cs, amplitude_contrast=amplitude_contrast, phase_shift=phase_shift, bfactor=bfactor,
                       scale=scale)
-        # np.array copies: pandas 3 hands out read-only column arrays, which torch refuses to wrap.
-        tensors = {k: torch.as_tensor(np.array(v, dtype=np.float64), dtype=dtype).reshape(-1) for k, v in values.items()}
+        # np.array copies: pandas 3 hands out read-only column arrays, which torch refuses to wrap. Tensors go
+        # straight (numpy 2 warns when it converts them, their __array__ taking no copy argument).
+        tensors = {k: (v.detach().to(device="cpu", dtype=dtype) if torch.is_tensor(v)
+                       else torch.as_tensor(np.array(v, dtype=np.float64), dtype=dtype)).reshape(-1)
+                   for k, v in values.items()}
         b = max(t.shape[0] for t in tensors.values())
         return CTFParams(**{k: t.expand(b).clone() for k, t in tensors.items()})
 

@@ -36,7 +36,7 @@ from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 from cryocli.io.volumes import load_volume
 
-from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
+from .conftest import ASPIRE, CRYODRGN, DEVICES, need, simulate_4ake
 
 runner = CliRunner()
 
@@ -75,10 +75,11 @@ def small(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ parts
 
 
-def test_s2s2_head_returns_rotations():
+@pytest.mark.parametrize("device", DEVICES)
+def test_s2s2_head_returns_rotations(device: str) -> None:
     torch.manual_seed(0)
-    encoder = S2S2Encoder(32, predict_shifts=True, max_shift=4.0)
-    rot, shift = encoder(normalise(torch.randn(16, 32, 32)))
+    encoder = S2S2Encoder(32, predict_shifts=True, max_shift=4.0).to(device)
+    rot, shift = (t.cpu() for t in encoder(normalise(torch.randn(16, 32, 32).to(device))))
     eye = torch.eye(3).expand(16, 3, 3)
     assert torch.allclose(rot @ rot.transpose(1, 2), eye, atol=1e-5)
     assert torch.allclose(torch.linalg.det(rot), torch.ones(16), atol=1e-5)
@@ -87,24 +88,26 @@ def test_s2s2_head_returns_rotations():
     assert float(geodesic_distance(rot[0], rot[1]).detach()) > 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("level", [0, 1, 2])
-def test_base_grid_and_subdivision_tile_the_cells(level):
-    grid = SO3Grid(0)
+def test_base_grid_and_subdivision_tile_the_cells(level, device: str) -> None:
+    grid = SO3Grid(0, device=device)
     assert grid.n_cells(0) == 72
-    ids = torch.arange(grid.n_cells(level))
+    ids = torch.arange(grid.n_cells(level), device=device)
     children = grid.children(level, ids)
     assert children.shape == (grid.n_cells(level), 8)
     # The children of all cells are the next level, each exactly once.
-    assert torch.equal(torch.sort(children.reshape(-1)).values, torch.arange(grid.n_cells(level + 1)))
+    assert torch.equal(torch.sort(children.reshape(-1)).values.cpu(), torch.arange(grid.n_cells(level + 1)))
     # Every child is nearer its parent than the parent's cell radius (its covering radius).
     parent_rot = grid.rotations(level, ids, checked=False).to(torch.float64)[:, None].expand(-1, 8, -1, -1)
     child_rot = grid.rotations(level + 1, children).to(torch.float64)
-    dist = geodesic_distance(child_rot, parent_rot)
+    dist = geodesic_distance(child_rot, parent_rot).cpu()
     assert float(dist.max()) < grid.covering_radius(level)
-    assert torch.equal(grid.parent(level + 1, children), ids[:, None].expand(-1, 8))
+    assert torch.equal(grid.parent(level + 1, children).cpu(), ids[:, None].expand(-1, 8).cpu())
 
 
-def test_beam_search_finds_clean_poses_and_polishing_lowers_the_cost(ake32):
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_search_finds_clean_poses_and_polishing_lowers_the_cost(ake32, device: str) -> None:
     """Noise-free projections of the known map, encoder poses 20 degrees off, particles shifted by up to 1.5 px:
     the beam lands within the last level's cell of the true pose for nearly all particles (measured 62 of 64) and
     gradient descent lowers every particle's cost."""
@@ -113,33 +116,35 @@ def test_beam_search_finds_clean_poses_and_polishing_lowers_the_cost(ake32):
     g = torch.Generator().manual_seed(3)
     true_shift = (torch.rand(64, 2, generator=g) - 0.5) * 3.0
     images, rot, ctf_params = _clean(volume, apix, 64, seed=1, shifts_px=true_shift)
-    model = ImageModel(n, apix, torch.device("cpu"))
-    decoder = VoxelDecoder(n, 10.0, g)
+    model = ImageModel(n, apix, torch.device(device))
+    decoder = VoxelDecoder(n, 10.0, g, device)
     with torch.no_grad():
-        decoder.density.copy_(volume)
+        decoder.density.copy_(volume.to(device))
     grid = decoder.grid().detach()
-    spectra, ctf = model.spectra(images), model.ctf(ctf_params)
+    spectra, ctf = model.spectra(images.to(device)), model.ctf(ctf_params.to(device))
     search = BeamSearch(model, width=4, depth=5, gd_steps=20, gd_lr=0.05, max_shift=4.0, radius=10.0)
     guess = axis_angle_to_matrix(torch.randn(64, 3, generator=g) * math.radians(20) / math.sqrt(3)) @ rot
-    found, shift, beam_cost = search.beam(grid, spectra, ctf, guess, torch.zeros(64, 2), identity)
-    err = geodesic_distance(found, rot)
+    found, shift, beam_cost = search.beam(grid, spectra, ctf, guess.to(device), torch.zeros(64, 2, device=device),
+                                          identity)
+    err = geodesic_distance(found.cpu(), rot)
     within = (err <= search.final_cell_size()).float().mean()
     print(f"beam: {float(within):.3f} within the final cell ({math.degrees(search.final_cell_size()):.2f} deg), "
           f"median {math.degrees(float(err.median())):.2f} deg; shift error median "
-          f"{float((shift - true_shift).norm(dim=1).median()):.3f} px")
+          f"{float((shift.cpu() - true_shift).norm(dim=1).median()):.3f} px")
     assert within >= 0.9
-    assert float((shift - true_shift).norm(dim=1).median()) < 0.5
-    before = search.cost(grid, spectra, ctf, found, shift, identity)
-    assert torch.allclose(before, beam_cost, atol=1e-4)
+    assert float((shift.cpu() - true_shift).norm(dim=1).median()) < 0.5
+    before = search.cost(grid, spectra, ctf, found, shift, identity).cpu()
+    assert torch.allclose(before, beam_cost.cpu(), atol=1e-4)
     polished, polished_shift = search.polish(grid, spectra, ctf, found, shift, identity)
-    after = search.cost(grid, spectra, ctf, polished, polished_shift, identity)
+    after = search.cost(grid, spectra, ctf, polished, polished_shift, identity).cpu()
     print(f"polishing: cost {float(before.mean()):.5f} -> {float(after.mean()):.5f}, median error "
-          f"{math.degrees(float(geodesic_distance(polished, rot).median())):.2f} deg")
+          f"{math.degrees(float(geodesic_distance(polished.cpu(), rot).median())):.2f} deg")
     assert bool((after <= before + 1e-7).all()) and float(after.mean()) < 0.5 * float(before.mean())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("band", [3, 9, None])
-def test_hartley_scoring_equals_pixel_scoring(ake32, band):
+def test_hartley_scoring_equals_pixel_scoring(ake32, band, device: str) -> None:
     """Without a denoiser the beam scores with Hartley coefficients (Parseval): the costs of every rendering against
     every translated particle equal those of the normalised images over pixels, band-limited or not, and so does
     the polishing cost and its gradient in the pose."""
@@ -148,42 +153,45 @@ def test_hartley_scoring_equals_pixel_scoring(ake32, band):
     g = torch.Generator().manual_seed(5)
     images, rot, ctf_params = _clean(volume, apix, 6, seed=2)
     images = images + 0.3 * torch.randn(images.shape, generator=g)
-    model = ImageModel(n, apix, torch.device("cpu"))
-    decoder = VoxelDecoder(n, 10.0, g)
+    model = ImageModel(n, apix, torch.device(device))
+    decoder = VoxelDecoder(n, 10.0, g, device)
     grid = decoder.grid().detach()
-    spectra, ctf = model.spectra(images), model.ctf(ctf_params)
+    spectra, ctf = model.spectra(images.to(device)), model.ctf(ctf_params.to(device))
     search = BeamSearch(model, max_shift=4.0, radius=10.0)
     pixels = lambda x: x  # noqa: E731 - any function but `identity` takes the pixel path
-    poses = random_rotations(6 * 5, generator=g, dtype=torch.float32).reshape(6, 5, 3, 3)
-    shifts = (torch.rand(6, 4, 2, generator=g) - 0.5) * 6
+    poses = random_rotations(6 * 5, generator=g, dtype=torch.float32).reshape(6, 5, 3, 3).to(device)
+    shifts = ((torch.rand(6, 4, 2, generator=g) - 0.5) * 6).to(device)
     fast = pairwise_cost(search.models(grid, poses, ctf, band, identity), *search.observed(spectra, shifts, band, identity))
     slow = pairwise_cost(search.models(grid, poses, ctf, band, pixels), *search.observed(spectra, shifts, band, pixels))
     assert fast.shape == slow.shape == (6, 5, 4)
-    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
-    omega = torch.zeros(6, 3, requires_grad=True)
+    assert torch.allclose(fast.cpu(), slow.cpu(), rtol=1e-4, atol=1e-5)
+    omega = torch.zeros(6, 3, device=device, requires_grad=True)
     costs = []
     for denoise in (identity, pixels):
         c = search.cost(grid, spectra, ctf, axis_angle_to_matrix(omega) @ poses[:, 0], shifts[:, 0], denoise)
-        costs.append((c.detach(), torch.autograd.grad(c.sum(), omega)[0]))
+        costs.append((c.detach().cpu(), torch.autograd.grad(c.sum(), omega)[0].cpu()))
     assert torch.allclose(costs[0][0], costs[1][0], rtol=1e-4, atol=1e-5)
     assert torch.allclose(costs[0][1], costs[1][1], rtol=1e-3, atol=1e-5)
 
 
-def test_global_start_finds_poses_without_an_encoder(ake32):
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_start_finds_poses_without_an_encoder(ake32, device: str) -> None:
     """From the identity pose for every particle (an untrained encoder), the global start still finds them."""
     volume, apix = ake32
     images, rot, ctf_params = _clean(volume, apix, 32, seed=5)
-    model = ImageModel(32, apix, torch.device("cpu"))
-    decoder = VoxelDecoder(32, 10.0, torch.Generator().manual_seed(0))
+    model = ImageModel(32, apix, torch.device(device))
+    decoder = VoxelDecoder(32, 10.0, torch.Generator().manual_seed(0), device)
     with torch.no_grad():
-        decoder.density.copy_(volume)
+        decoder.density.copy_(volume.to(device))
     search = BeamSearch(model, max_shift=0.0, gd_steps=0)
-    found, _, _ = search.beam(decoder.grid().detach(), model.spectra(images), model.ctf(ctf_params),
-                              torch.eye(3).expand(32, 3, 3), torch.zeros(32, 2), identity, global_start=True)
-    assert float((geodesic_distance(found, rot) <= search.final_cell_size()).float().mean()) >= 0.9
+    found, _, _ = search.beam(decoder.grid().detach(), model.spectra(images.to(device)),
+                              model.ctf(ctf_params.to(device)), torch.eye(3, device=device).expand(32, 3, 3),
+                              torch.zeros(32, 2, device=device), identity, global_start=True)
+    assert float((geodesic_distance(found.cpu(), rot) <= search.final_cell_size()).float().mean()) >= 0.9
 
 
-def test_unbiased_loss_expectation_is_the_clean_l2():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unbiased_loss_expectation_is_the_clean_l2(device: str) -> None:
     """Monte Carlo over the noise: the mean of eq. 12 on noisy images equals the plain L2 of the clean image
     against the same model image, within three standard errors."""
     g = torch.Generator().manual_seed(0)
@@ -193,7 +201,7 @@ def test_unbiased_loss_expectation_is_the_clean_l2():
     model = normalise(clean + 0.8 * clean.std() * torch.randn(n, n, generator=g))  # a model image near the truth
     sigma = float(clean.std(unbiased=False)) / math.sqrt(snr)
     noisy = clean + sigma * torch.randn(draws, n, n, generator=g)
-    losses = unbiased_l2(normalise(noisy), model, snr)
+    losses = unbiased_l2(normalise(noisy.to(device)), model.to(device), snr).cpu()
     truth = float((normalise(clean) - model).square().mean())
     mean, se = float(losses.mean()), float(losses.std() / math.sqrt(draws))
     print(f"E[unbiased l2] {mean:.4f} +- {se:.4f}, clean l2 {truth:.4f}, plain l2 of noisy "
@@ -203,19 +211,21 @@ def test_unbiased_loss_expectation_is_the_clean_l2():
     assert abs(float((normalise(noisy) - model).square().mean((-2, -1)).mean()) - truth) > 10 * se
 
 
-def test_snr_estimate(ake32):
+@pytest.mark.parametrize("device", DEVICES)
+def test_snr_estimate(ake32, device: str) -> None:
     volume, apix = ake32
     images, _, _ = _clean(volume, apix, 600, seed=2)
     g = torch.Generator().manual_seed(1)
     signal = float(images.var(dim=(-2, -1), unbiased=False).mean())
     for snr in (0.05, 0.1, 1.0):
         noisy = images + math.sqrt(signal / snr) * torch.randn(images.shape, generator=g)
-        est = estimate_snr(noisy, background_mask(32))
+        est = estimate_snr(noisy.to(device), background_mask(32, device=device))
         print(f"SNR {snr}: estimated {est:.4f}")
         assert 0.85 * snr <= est <= 1.05 * snr  # measured 0.91-0.97 x: signal left in the noise estimate
 
 
-def test_denoiser_output_correlates_better_with_the_clean_images(ake32):
+@pytest.mark.parametrize("device", DEVICES)
+def test_denoiser_output_correlates_better_with_the_clean_images(ake32, device: str) -> None:
     volume, apix = ake32
     images, _, _ = _clean(volume, apix, 2000, seed=4)
     g = torch.Generator().manual_seed(2)
@@ -223,8 +233,8 @@ def test_denoiser_output_correlates_better_with_the_clean_images(ake32):
     noisy = images + sigma * torch.randn(images.shape, generator=g)
     mask = circular_mask(32, 11.0)
     torch.manual_seed(0)
-    denoiser = MLPDenoiser(32, 27, mask)
-    train_denoiser(denoiser, lambda idx: noisy[idx], len(noisy), 0.1, 400, torch.Generator().manual_seed(3),
+    denoiser = MLPDenoiser(32, 27, mask).to(device)
+    train_denoiser(denoiser, lambda idx: noisy[idx].to(device), len(noisy), 0.1, 400, torch.Generator().manual_seed(3),
                    lr=1e-3)
 
     def corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,7 +242,7 @@ def test_denoiser_output_correlates_better_with_the_clean_images(ake32):
 
     test = slice(0, 200)
     with torch.no_grad():
-        denoised = denoiser(normalise(noisy[test]))
+        denoised = denoiser(normalise(noisy[test].to(device))).cpu()
     target = images[test] * mask
     raw, den = float(corr(noisy[test] * mask, target).mean()), float(corr(denoised, target).mean())
     print(f"correlation with the clean images: noisy {raw:.3f}, denoised {den:.3f}")
@@ -242,12 +252,14 @@ def test_denoiser_output_correlates_better_with_the_clean_images(ake32):
 # ------------------------------------------------------------------------------------------------ options
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("positive", [True, False])
-def test_density_constraint_projects_onto_the_support_and_positivity(positive):
+def test_density_constraint_projects_onto_the_support_and_positivity(positive, device: str) -> None:
     n, radius = 24, 7.0
-    density = torch.randn(n, n, n, generator=torch.Generator().manual_seed(0))
-    before = density.clone()
-    DensityConstraint.of(n, radius, positive=positive).apply_(density)
+    before = torch.randn(n, n, n, generator=torch.Generator().manual_seed(0))
+    density = before.to(device, copy=True)
+    DensityConstraint.of(n, radius, positive=positive, device=device).apply_(density)
+    density = density.cpu()
     r = radius_3d(n)
     inside, outside = r <= radius, r >= radius + SUPPORT_EDGE
     assert torch.all(density[outside] == 0)
@@ -257,8 +269,9 @@ def test_density_constraint_projects_onto_the_support_and_positivity(positive):
     # the edge only shrinks values towards 0
     assert torch.all(density.abs() <= before.abs())
     # a radius beyond the box keeps the whole edge inside it
-    wide = torch.ones(n, n, n)
-    DensityConstraint.of(n, 100.0).apply_(wide)
+    wide = torch.ones(n, n, n, device=device)
+    DensityConstraint.of(n, 100.0, device=device).apply_(wide)
+    wide = wide.cpu()
     assert float(wide[0, 0, 0]) == 0.0 and float(wide[n // 2, n // 2, 1]) > 0
 
 

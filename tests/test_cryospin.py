@@ -122,7 +122,8 @@ def _viewing_figures(map_path: Path, truth_path: Path) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ stage 2
 
 
-def test_auto_decoding_refines_perturbed_poses(small):
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_decoding_refines_perturbed_poses(small, device: str) -> None:
     """From the true map and poses perturbed by 10 degrees, four epochs of five Adam steps per batch with the
     perturbation folded into R0 bring the poses back (the semi-amortized stage on its own).
 
@@ -131,11 +132,12 @@ def test_auto_decoding_refines_perturbed_poses(small):
     same set the error keeps falling, 0.7 degrees after 40 steps), so 5.6 is the per-image optimum here."""
     stack = ParticleStack(read_star(small / "particles.star"))
     cfg = CryoSpinConfig(batch_size=50)
-    parts = prepare_particles(stack, cfg, torch.device("cpu"))
+    dev = torch.device(device)
+    parts = prepare_particles(stack, cfg, dev)
     n = parts.box
-    truth = torch.tensor(read_map(small / "ground_truth.mrc").data)
-    model = ImageModel(n, parts.pixel_size, torch.device("cpu"))
-    vol = HartleyVolume(n, torch.ones(n // 2 + 3))
+    truth = torch.tensor(read_map(small / "ground_truth.mrc").data).to(device)
+    model = ImageModel(n, parts.pixel_size, dev)
+    vol = HartleyVolume(n, torch.ones(n // 2 + 3)).to(device)
     # The map in the units of the normalised images: scale by the least-squares fit to the data.
     grid = hartley_volume(truth, pad=1)
     with torch.no_grad():
@@ -143,14 +145,14 @@ def test_auto_decoding_refines_perturbed_poses(small):
         vol.exponent.zero_()
         obs = model.observed(model.spectra(parts.images), None)
         ctf = model.ctf(parts.ctf)
-        sl = vol.project(stack.rotations) * ctf
+        sl = vol.project(stack.rotations.to(device)) * ctf
         vol.mantissa.mul_(float((sl * obs * model.mask).sum() / (sl * sl * model.mask).sum()))
     g = torch.Generator().manual_seed(0)
     axis = torch.nn.functional.normalize(torch.randn(len(parts), 3, generator=g), dim=-1)
     start = axis_angle_to_matrix(axis * np.radians(10.0)) @ stack.rotations
-    poses = start.clone()
-    shifts = torch.zeros(len(parts), 2)
-    engine = CryoSpinEngine()
+    poses = start.to(device, copy=True)
+    shifts = torch.zeros(len(parts), 2, device=device)
+    engine = CryoSpinEngine(device)
     st = replace(engine._new_state(parts, replace(cfg, encoder_channels=(4,)), len(parts)), model=model, volume=vol,
                  vol_opt=torch.optim.Adam(vol.parameters(), lr=0.0),  # volume fixed: this test is about the poses
                  poses=poses, shifts=shifts)
@@ -158,37 +160,40 @@ def test_auto_decoding_refines_perturbed_poses(small):
         order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(epoch))
         engine._decoding_epoch(st, order, cfg, Reporter())
     before = np.degrees(geodesic_distance(start, stack.rotations).numpy())
-    after = np.degrees(geodesic_distance(poses, stack.rotations).numpy())
+    after = np.degrees(geodesic_distance(poses.cpu(), stack.rotations).numpy())
     print(f"median rotation error {np.median(before):.2f} -> {np.median(after):.2f} deg")
     assert np.median(after) < 6.5 and np.median(before) > 9.9
 
 
-def test_candidate_grid_scores_equal_direct_losses_and_find_poses(small):
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidate_grid_scores_equal_direct_losses_and_find_poses(small, device: str) -> None:
     """The grid's matrix-product scores equal the image model's loss evaluated pose by pose, the winner is the
     true minimum over the grid, and against the true map the winners lie within the grid's spacing of the
     true poses (order 2: 4,608 rotations about 15 degrees apart)."""
     from cryocli.engines.abinitio.cryospin import CandidateGrid, _project_grid
 
     stack = ParticleStack(read_star(small / "particles.star"))
-    parts = prepare_particles(stack, CryoSpinConfig(), torch.device("cpu"))
+    dev = torch.device(device)
+    parts = prepare_particles(stack, CryoSpinConfig(), dev)
     n = parts.box
-    model = ImageModel(n, parts.pixel_size, torch.device("cpu"), radius=n / 4)
-    hartley = hartley_volume(torch.tensor(read_map(small / "ground_truth.mrc").data), pad=1)
+    model = ImageModel(n, parts.pixel_size, dev, radius=n / 4)
+    hartley = hartley_volume(torch.tensor(read_map(small / "ground_truth.mrc").data).to(device), pad=1)
     idx = torch.arange(64)
-    spectra = model.spectra(parts.images[idx])
-    ctf = model.ctf(parts.ctf.index(idx))
+    true_rot = stack.rotations[idx]
+    spectra = model.spectra(parts.images[idx.to(device)])
+    ctf = model.ctf(parts.ctf.index(idx.to(device)))
     observed = model.observed(spectra, None)
     # The map in the units of the normalised images: the least-squares scale at the true poses.
-    sl = _project_grid(hartley, stack.rotations[idx], n) * ctf
+    sl = _project_grid(hartley, true_rot.to(device), n) * ctf
     hartley = hartley * float((sl * observed * model.mask).sum() / (sl * sl * model.mask).sum())
-    grid = CandidateGrid(2, torch.device("cpu"))
+    grid = CandidateGrid(2, dev)
     loss, pose = grid.best(model, hartley, spectra, ctf, None)
     direct = model.nll(_project_grid(hartley, pose, n, model.r_max), ctf, observed)
-    assert torch.allclose(loss, direct, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(loss.cpu(), direct.cpu(), rtol=1e-4, atol=1e-6)
     every = model.nll(_project_grid(hartley, grid.rotations, n, model.r_max)[None].expand(8, -1, -1, -1), ctf[:8],
                       observed[:8, None])
-    assert torch.allclose(every.min(1).values, loss[:8], rtol=1e-4, atol=1e-6)
-    errors = np.degrees(geodesic_distance(pose, stack.rotations[idx]).numpy())
+    assert torch.allclose(every.min(1).values.cpu(), loss[:8].cpu(), rtol=1e-4, atol=1e-6)
+    errors = np.degrees(geodesic_distance(pose.cpu(), true_rot).numpy())
     print(f"grid winners vs true poses: median {np.median(errors):.1f} deg")
     assert np.median(errors) < 15.0  # measured 11.6; random poses would give ~110
 

@@ -17,7 +17,7 @@ from cryocli.imaging.fourier import image_to_rfft
 from cryocli.imaging.projector import Projector
 from cryocli.imaging.shifts import shift_from_center
 from cryocli.io.mrc import read_map
-from tests.conftest import RELION_SET, need
+from tests.conftest import DEVICES, RELION_SET, need
 
 
 def _disc(n: int, r_max: float) -> torch.Tensor:
@@ -56,29 +56,32 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_ctf_matches_relion_formula_scalar_by_scalar(case):
+def test_ctf_matches_relion_formula_scalar_by_scalar(case: tuple[float, ...], device: str):
     rng = np.random.default_rng(1)
     kx = rng.uniform(-0.25, 0.25, 40)
     ky = rng.uniform(-0.25, 0.25, 40)
     kx[:3], ky[:3] = [0.0, 0.1, 0.0], [0.0, 0.0, -0.2]
-    params = CTFParams.build(*case)
-    got = ctf_at(params, torch.tensor(kx), torch.tensor(ky)).numpy()[0]
+    params = CTFParams.build(*case).to(device)
+    got = ctf_at(params, torch.tensor(kx).to(device), torch.tensor(ky).to(device)).cpu().numpy()[0]
     want = np.array([relion_ctf_scalar(a, b, *case) for a, b in zip(kx, ky)])
     np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)
 
 
-def test_ctf_zero_frequency_is_plus_q0():
-    params = CTFParams.build(12000.0, 11000.0, 10.0, 300.0, 2.7, 0.1)
-    zero = torch.zeros(1, dtype=torch.float64)
-    assert ctf_at(params, zero, zero).item() == pytest.approx(0.1, abs=1e-12)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctf_zero_frequency_is_plus_q0(device: str):
+    params = CTFParams.build(12000.0, 11000.0, 10.0, 300.0, 2.7, 0.1).to(device)
+    zero = torch.zeros(1, dtype=torch.float64).to(device)
+    assert ctf_at(params, zero, zero).cpu().item() == pytest.approx(0.1, abs=1e-12)
 
 
-def test_compute_ctf_grid_uses_fft_frequencies():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compute_ctf_grid_uses_fft_frequencies(device: str):
     """compute_ctf on the half-transform grid equals the scalar formula at (rfftfreq, fftfreq) / apix."""
     n, apix = 16, 1.7
     case = CASES[1]
-    grid = compute_ctf(CTFParams.build(*case), n, apix, dtype=torch.float64)[0].numpy()
+    grid = compute_ctf(CTFParams.build(*case).to(device), n, apix, device=device, dtype=torch.float64)[0].cpu().numpy()
     for iy in range(n):
         for ix in range(n // 2 + 1):
             ky = (iy if iy < (n + 1) // 2 else iy - n) / (n * apix)
@@ -108,43 +111,47 @@ def clean_set():
     return pure, image_to_rfft(images), ctf, apix
 
 
-def _ctf_error(clean_set, ctf: CTFParams) -> torch.Tensor:
-    """Per image: max |FFT(clean) / FFT(pure) - CTF| over pixels below 0.95 Nyquist with usable signal."""
+def _ctf_error(clean_set, ctf: CTFParams, device: str) -> torch.Tensor:
+    """Per image: max |FFT(clean) / FFT(pure) - CTF| over pixels below 0.95 Nyquist with usable signal (the CTF
+    computed on ``device``, the comparison on the CPU)."""
     pure, data, _, apix = clean_set
     n = data.shape[-2]
     ratio = (data / pure).real
     amp = pure.abs()
     usable = (amp > 1e-3 * amp.amax(dim=(1, 2), keepdim=True)) & _disc(n, 0.95 * n / 2)
-    model = compute_ctf(ctf, n, apix, dtype=torch.float64)
+    model = compute_ctf(ctf.to(device), n, apix, device=device, dtype=torch.float64).cpu()
     return torch.where(usable, (ratio - model).abs(), torch.zeros_like(model)).amax(dim=(1, 2))
 
 
-def test_ctf_reproduces_relion_project_images(clean_set):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctf_reproduces_relion_project_images(clean_set, device: str):
     """relion_project's CTF (clean.mrcs / pure projection) equals compute_ctf on every usable pixel of 600 images."""
-    err = _ctf_error(clean_set, clean_set[2])
+    err = _ctf_error(clean_set, clean_set[2], device)
     assert err.shape[0] == 600
     # Measured: max 1.9e-4 (float32 stack), median 2.5e-5.
     assert float(err.max()) < 1e-3
 
 
-def test_swapped_or_negated_astigmatism_is_detected(clean_set):
+@pytest.mark.parametrize("device", DEVICES)
+def test_swapped_or_negated_astigmatism_is_detected(clean_set, device: str):
     """The usual mistakes change the CTF visibly: the same check fails by a wide margin."""
     ctf = clean_set[2]
     swapped = dataclasses.replace(ctf, defocus_u=ctf.defocus_v, defocus_v=ctf.defocus_u)
     negated = dataclasses.replace(ctf, defocus_angle=-ctf.defocus_angle)
     # Measured medians over the 600 images: 0.29 (U/V swapped), 0.16 (angle negated) vs 2.5e-5.
-    assert float(_ctf_error(clean_set, swapped).median()) > 0.1
-    assert float(_ctf_error(clean_set, negated).median()) > 0.05
+    assert float(_ctf_error(clean_set, swapped, device).median()) > 0.1
+    assert float(_ctf_error(clean_set, negated, device).median()) > 0.05
 
 
-def test_clean_image_correlation_drops_for_wrong_ctf(clean_set):
+@pytest.mark.parametrize("device", DEVICES)
+def test_clean_image_correlation_drops_for_wrong_ctf(clean_set, device: str):
     """Fourier correlation (Nyquist/2 .. Nyquist) per image: exact CTF > 0.99999; wrong CTFs lose correlation."""
     pure, data, ctf, apix = clean_set
     n = data.shape[-2]
     band = _disc(n, n / 2 - 0.5) & ~_disc(n, n / 4)
 
     def corr(c: CTFParams) -> torch.Tensor:
-        a = (pure * compute_ctf(c, n, apix, dtype=torch.float64))[:, band]
+        a = (pure * compute_ctf(c.to(device), n, apix, device=device, dtype=torch.float64).cpu())[:, band]
         b = data[:, band]
         return (a * b.conj()).real.sum(-1) / torch.sqrt((a.abs() ** 2).sum(-1) * (b.abs() ** 2).sum(-1))
 

@@ -17,7 +17,7 @@ from cryocli.cli.app import app
 from cryocli.io.star import fsc_star_text
 from cryocli.imaging.fourier import fourier_resample_volume, shell_index_3d, volume_to_fft
 from cryocli.io.mrc import read_map, write_map
-from tests.conftest import CRYODRGN, RELION_SET, need
+from tests.conftest import CRYODRGN, DEVICES, RELION_SET, need
 
 runner = CliRunner()
 
@@ -37,17 +37,19 @@ def small_map() -> np.ndarray:
     return fourier_resample_volume(vol, 32).numpy()
 
 
-def test_identical_maps_give_one_everywhere(small_map):
-    f = fsc_curve(small_map, small_map.copy())
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_maps_give_one_everywhere(small_map: np.ndarray, device: str):
+    f = fsc_curve(torch.tensor(small_map).to(device), torch.tensor(small_map.copy()).to(device))
     assert f.shape == (17,)
     np.testing.assert_allclose(f, 1.0, atol=1e-12)
 
 
-def test_independent_noise_gives_zero_within_shell_statistics():
+@pytest.mark.parametrize("device", DEVICES)
+def test_independent_noise_gives_zero_within_shell_statistics(device: str):
     g = torch.Generator().manual_seed(7)
     a = torch.randn(40, 40, 40, generator=g, dtype=torch.float64)
     b = torch.randn(40, 40, 40, generator=g, dtype=torch.float64)
-    f = fsc_curve(a, b)[1:]
+    f = fsc_curve(a.to(device), b.to(device))[1:]
     count = shell_voxel_counts(40)[1:]
     assert np.all(np.abs(f) < 4 / np.sqrt(count))
     # The statistic is normalised: FSC^2 * count averages ~1 for independent noise (a curve of zeros fails).
@@ -55,33 +57,36 @@ def test_independent_noise_gives_zero_within_shell_statistics():
     assert 0.5 < z2 < 1.6, z2
 
 
-def test_fsc_matches_relion_unmasked_and_masked_columns(halves):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsc_matches_relion_unmasked_and_masked_columns(halves, device: str):
     h1, h2, mask, _, pp = halves
     fsc = pp["fsc"]
-    ours = fsc_curve(h1, h2)
+    ours = fsc_curve(torch.tensor(h1).to(device), torch.tensor(h2).to(device))
     np.testing.assert_allclose(ours, fsc["rlnFourierShellCorrelationUnmaskedMaps"], atol=2e-6)
-    masked = fsc_curve(h1 * mask, h2 * mask)
+    masked = fsc_curve(torch.tensor(h1 * mask).to(device), torch.tensor(h2 * mask).to(device))
     np.testing.assert_allclose(masked, fsc["rlnFourierShellCorrelationMaskedMaps"], atol=2e-6)
 
 
-def test_full_transform_sum_is_what_differs_from_relion(halves):
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_transform_sum_is_what_differs_from_relion(halves, device: str):
     """Why fsc_curve sums over the half transform: the full-transform sum misses RELION by ~0.01."""
     h1, h2, _, _, pp = halves
-    fa, fb = (volume_to_fft(torch.tensor(v, dtype=torch.float64)) for v in (h1, h2))
-    shells = shell_index_3d(64).reshape(-1)
+    fa, fb = (volume_to_fft(torch.tensor(v, dtype=torch.float64).to(device)) for v in (h1, h2))
+    shells = shell_index_3d(64, device).reshape(-1)
     keep = shells <= 32
 
     def ssum(v):
-        return torch.zeros(33, dtype=torch.float64).index_add_(0, shells[keep], v.reshape(-1)[keep])
+        return torch.zeros(33, dtype=torch.float64, device=device).index_add_(0, shells[keep], v.reshape(-1)[keep])
 
-    full = (ssum((fa * fb.conj()).real) / torch.sqrt(ssum(fa.abs() ** 2) * ssum(fb.abs() ** 2))).numpy()
+    full = (ssum((fa * fb.conj()).real) / torch.sqrt(ssum(fa.abs() ** 2) * ssum(fb.abs() ** 2))).cpu().numpy()
     diff = np.abs(full - pp["fsc"]["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy())
     assert diff.max() > 0.005
 
 
-def test_relion_resolution_rule_matches_readme(halves):
+@pytest.mark.parametrize("device", DEVICES)
+def test_relion_resolution_rule_matches_readme(halves, device: str):
     h1, h2, _, apix, _ = halves
-    f = fsc_curve(h1, h2)
+    f = fsc_curve(torch.tensor(h1).to(device), torch.tensor(h2).to(device))
     res = shell_resolution(64, apix)
     # README: unmasked half maps, 0.143 at 10.83 A and 0.5 at 18.77 A (last shell before the drop).
     assert res[relion_resolution_shell(f, 0.143)] == pytest.approx(10.83, abs=0.01)
@@ -113,18 +118,21 @@ def test_glibc_stream_matches_the_c_library():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_phase_randomisation_reproduces_relion(halves):
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase_randomisation_reproduces_relion(halves, device: str):
     h1, h2, mask, _, pp = halves
     fsc = pp["fsc"]
-    res = corrected_masked_fsc(h1, h2, mask)
+    res = corrected_masked_fsc(*(torch.tensor(v).to(device) for v in (h1, h2, mask)))
     assert res.randomize_at == 13  # RELION: rlnRandomiseFrom 21.661539 A = 281.6 / 13
     np.testing.assert_allclose(res.random_masked, fsc["rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"],
                                atol=1e-5)
     np.testing.assert_allclose(res.corrected, fsc["rlnFourierShellCorrelationCorrected"], atol=1e-5)
 
 
-def test_randomised_phases_keep_amplitudes_and_scramble_beyond_the_shell(small_map):
-    out = randomize_phases_beyond(small_map, 6, torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomised_phases_keep_amplitudes_and_scramble_beyond_the_shell(small_map: np.ndarray, device: str):
+    # The phases are drawn on the CPU from the generator and moved to the map's device.
+    out = randomize_phases_beyond(torch.tensor(small_map).to(device), 6, torch.Generator().manual_seed(1)).cpu()
     f = fsc_curve(small_map, out)
     np.testing.assert_allclose(f[:5], 1.0, atol=1e-9)  # |k| < 6 untouched (shell 5 lies below radius 5.5)
     assert np.all(np.abs(f[7:]) < 4 / np.sqrt(shell_voxel_counts(32)[7:]))

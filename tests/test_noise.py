@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ASPIRE, RELION_SET, need
+from tests.conftest import ASPIRE, DEVICES, RELION_SET, need
 from cryocli.errors import CryocliError
 from cryocli.imaging.fourier import fourier_crop_images
 from cryocli.imaging.noise import (add_white_noise, coloured_noise, estimate_snr, noise_sigma_for_snr, parse_snr,
@@ -49,11 +49,12 @@ def test_parse_snr_rejects(text: str) -> None:
         parse_snr(text)
 
 
-def test_snr_definition_matches_the_relion_reference_set(relion_pair) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_snr_definition_matches_the_relion_reference_set(relion_pair, device: str) -> None:
     """The RELION set was made at SNR 0.2 with this definition (README: achieved 0.2000, noise sd 3.560272e-3)."""
     clean, noisy = relion_pair
-    assert estimate_snr(clean, noisy) == pytest.approx(0.2000, abs=5e-4)
-    sigma = noise_sigma_for_snr(signal_variances(clean), 0.2)
+    assert estimate_snr(clean.to(device), noisy.to(device)) == pytest.approx(0.2000, abs=5e-4)
+    sigma = noise_sigma_for_snr(signal_variances(clean.to(device)), 0.2)
     realised = float((noisy - clean).std())
     assert sigma == pytest.approx(3.560272e-3, rel=1e-3)
     assert realised == pytest.approx(sigma, rel=1e-3)
@@ -65,28 +66,32 @@ def _clean_32px(clean: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.rot90(centre, k, dims=(-2, -1)) for k in range(4)])[:2000]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("snr", [0.05, 1.0])
-def test_white_noise_reaches_the_requested_snr(relion_pair, snr: float) -> None:
+def test_white_noise_reaches_the_requested_snr(relion_pair, snr: float, device: str) -> None:
     clean = _clean_32px(relion_pair[0])
     assert clean.shape == (2000, 32, 32)
-    sigma = noise_sigma_for_snr(signal_variances(clean), snr)
-    noisy = add_white_noise(clean, sigma, torch.Generator().manual_seed(7))
-    achieved = estimate_snr(clean, noisy)
+    sigma = noise_sigma_for_snr(signal_variances(clean.to(device)), snr)
+    # add_white_noise draws on the images' device, so its generator lives there (on the CPU: the same stream as ever).
+    noisy = add_white_noise(clean.to(device), sigma, torch.Generator(device=device).manual_seed(7))
+    achieved = estimate_snr(clean.to(device), noisy)
     assert abs(achieved / snr - 1) < 0.02
-    noise = noisy - clean
+    noise = noisy.cpu() - clean
     assert abs(float(noise.mean())) < 5 * sigma / math.sqrt(noise.numel())
-    assert torch.allclose(radial_power_spectrum(noise), torch.full((17,), sigma**2, dtype=noise.dtype), rtol=0.1)
+    spectrum = radial_power_spectrum(noise.to(device)).cpu()
+    assert torch.allclose(spectrum, torch.full((17,), sigma**2, dtype=noise.dtype), rtol=0.1)
 
 
-def test_white_noise_is_reproducible_and_inf_snr_is_clean(relion_pair) -> None:
-    clean = relion_pair[0][:10]
-    a = add_white_noise(clean, 1e-3, torch.Generator().manual_seed(3))
-    b = add_white_noise(clean, 1e-3, torch.Generator().manual_seed(3))
-    c = add_white_noise(clean, 1e-3, torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_white_noise_is_reproducible_and_inf_snr_is_clean(relion_pair, device: str) -> None:
+    clean = relion_pair[0][:10].to(device)
+    a = add_white_noise(clean, 1e-3, torch.Generator(device=device).manual_seed(3)).cpu()
+    b = add_white_noise(clean, 1e-3, torch.Generator(device=device).manual_seed(3)).cpu()
+    c = add_white_noise(clean, 1e-3, torch.Generator(device=device).manual_seed(4)).cpu()
     assert torch.equal(a, b) and not torch.equal(a, c)
     sigma = noise_sigma_for_snr(signal_variances(clean), parse_snr("inf"))
     assert sigma == 0.0
-    assert torch.equal(add_white_noise(clean, sigma), clean)
+    assert torch.equal(add_white_noise(clean, sigma).cpu(), clean.cpu())
     assert estimate_snr(clean, clean) == math.inf
 
 
@@ -102,13 +107,16 @@ def _steep_spectrum(n: int) -> torch.Tensor:
     return 1e-3 + torch.exp(-((k / (0.25 * n)) ** 2) * 4.6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n, kind", [(32, "real"), (33, "real"), (32, "steep")])
-def test_coloured_noise_has_the_requested_spectrum(n: int, kind: str) -> None:
+def test_coloured_noise_has_the_requested_spectrum(n: int, kind: str, device: str) -> None:
     target = _real_particle_spectrum(n) if kind == "real" else _steep_spectrum(n)
     assert float(target.max() / target.min()) > 5  # a genuinely coloured spectrum
-    noise = coloured_noise((4000, n, n), target, torch.Generator().manual_seed(11))
+    # coloured_noise draws on the spectrum's device, so its generator lives there (on the CPU: the same stream).
+    noise = coloured_noise((4000, n, n), target.to(device), torch.Generator(device=device).manual_seed(11))
     assert noise.shape == (4000, n, n) and noise.dtype == target.dtype
-    measured = radial_power_spectrum(noise)
+    measured = radial_power_spectrum(noise).cpu()
+    noise = noise.cpu()
     assert torch.all((measured / target - 1).abs() < 0.1)
     # Parseval: the pixel variance is the mean of the spectrum over the Fourier plane.
     full_plane = torch.fft.fftfreq(n, dtype=torch.float64)
@@ -117,20 +125,22 @@ def test_coloured_noise_has_the_requested_spectrum(n: int, kind: str) -> None:
     assert float(noise.var()) == pytest.approx(expected_var, rel=0.03)
 
 
-def test_flat_spectrum_is_white_noise_of_that_variance() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_spectrum_is_white_noise_of_that_variance(device: str) -> None:
     sigma = 0.7
-    noise = coloured_noise((2000, 32, 32), torch.full((17,), sigma**2, dtype=torch.float64),
-                           torch.Generator().manual_seed(5))
+    noise = coloured_noise((2000, 32, 32), torch.full((17,), sigma**2, dtype=torch.float64).to(device),
+                           torch.Generator(device=device).manual_seed(5)).cpu()
     assert float(noise.std()) == pytest.approx(sigma, rel=0.01)
     # White: neighbouring pixels uncorrelated.
     corr = float((noise[:, :, 1:] * noise[:, :, :-1]).mean() / noise.var())
     assert abs(corr) < 0.01
 
 
-def test_coloured_noise_rejects_bad_spectra() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_coloured_noise_rejects_bad_spectra(device: str) -> None:
     with pytest.raises(CryocliError):
-        coloured_noise((2, 32, 32), torch.ones(16))
+        coloured_noise((2, 32, 32), torch.ones(16).to(device))
     with pytest.raises(CryocliError):
-        coloured_noise((2, 32, 32), -torch.ones(17))
+        coloured_noise((2, 32, 32), -torch.ones(17).to(device))
     with pytest.raises(CryocliError):
-        coloured_noise((2, 32, 16), torch.ones(17))
+        coloured_noise((2, 32, 16), torch.ones(17).to(device))

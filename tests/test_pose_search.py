@@ -65,27 +65,34 @@ def _particles(vol: torch.Tensor, b: int, noise_sd: float, seed: int = 0):
     return proj, rot, shifts, ctf, images + noise
 
 
-def test_shift_grid_is_relion_translational_sampling() -> None:
-    grid = shift_grid(5, 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_shift_grid_is_relion_translational_sampling(device: str) -> None:
+    grid = shift_grid(5, 2, device).cpu()
     assert grid.shape == (21, 2)
     assert torch.equal(grid[0], torch.zeros(2))
     assert float(grid.norm(dim=1).max()) <= 5.0
     assert torch.allclose(torch.remainder(grid, 2), torch.zeros_like(grid))
 
 
-def test_likelihoods_match_direct_computation(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_likelihoods_match_direct_computation(adk_map: torch.Tensor, device: str) -> None:
     proj, rot, shifts, ctf, images = _particles(adk_map, 5, 1.0)
-    pixels = SearchPixels.build(BOX, 12)
-    x, c = pixels.take(images), pixels.take(ctf)
+    pixels = SearchPixels.build(BOX, 12, device)
+    x, c = pixels.take(images.to(device)), pixels.take(ctf.to(device))
     sigma2 = torch.rand(x.shape) + 0.5
-    inv = 1 / sigma2
-    offsets = shift_grid(3, 1.5)
-    cand = random_rotations(7, dtype=torch.float32)
-    p = project_pixels(proj.volume_ft, cand, pixels, 2)
+    inv = (1 / sigma2).to(device)
+    offsets = shift_grid(3, 1.5, device)
+    cand = random_rotations(7, dtype=torch.float32).to(device)
+    p = project_pixels(proj.volume_ft.to(device), cand, pixels, 2)
     weighted = (x * c * inv)[:, None, :] * pixels.ramp(offsets)[None]
     x2 = (inv * x.abs() ** 2).sum(1)
     got, _ = pose_log_likelihoods(weighted, p, c * c * inv, x2)
     got_local, _ = pose_log_likelihoods(weighted, p.expand(5, -1, -1), c * c * inv, x2)
+    prof, scale = pose_log_likelihoods(weighted, p, c * c * inv, x2, profile_scale=True)
+    got, got_local, prof, scale = got.cpu(), got_local.cpu(), prof.cpu(), scale.cpu()
+    # The direct sums on the CPU, from the same pixels, images, CTFs, noise and slices.
+    pixels, offsets = SearchPixels.build(BOX, 12), offsets.cpu()
+    x, c, inv, p = x.cpu(), c.cpu(), inv.cpu(), p.cpu()
     for b in range(5):
         for t in range(offsets.shape[0]):
             xs = x[b] * pixels.ramp(offsets[t])
@@ -93,7 +100,6 @@ def test_likelihoods_match_direct_computation(adk_map: torch.Tensor) -> None:
                 direct = -0.5 * float((inv[b] * (xs - c[b] * p[r]).abs() ** 2).sum())
                 assert got[b, t, r].item() == pytest.approx(direct, rel=1e-4, abs=1e-2)
                 assert got_local[b, t, r].item() == pytest.approx(direct, rel=1e-4, abs=1e-2)
-    prof, scale = pose_log_likelihoods(weighted, p, c * c * inv, x2, profile_scale=True)
     b, t, r = 2, 1, 3
     xs = x[b] * pixels.ramp(offsets[t])
     a = float(scale[b, t, r])
@@ -103,11 +109,13 @@ def test_likelihoods_match_direct_computation(adk_map: torch.Tensor) -> None:
     assert prof[b, t, r].item() == pytest.approx(best, rel=1e-4, abs=1e-2)
 
 
-def test_significant_samples_weights_sum_to_one() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_significant_samples_weights_sum_to_one(device: str) -> None:
     loglik = torch.randn(6, 500) * 5
     loglik[0] = -math.inf
     loglik[0, 3] = 0.0
-    idx, w, count = significant_samples(loglik, 0.999, 64)
+    idx, w, count = significant_samples(loglik.to(device), 0.999, 64)
+    idx, w, count = idx.cpu(), w.cpu(), count.cpu()
     assert torch.allclose(w.sum(1), torch.ones(6), atol=1e-6)
     assert int(count[0]) == 1 and int(idx[0, 0]) == 3
     prob = torch.softmax(loglik, 1)
@@ -118,75 +126,82 @@ def test_significant_samples_weights_sum_to_one() -> None:
         assert (w[b, :k] > 0).all() and (w[b, k:] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("noise_sd", [0.0, 1.0])
-def test_global_search_finds_the_poses(adk_map: torch.Tensor, noise_sd: float) -> None:
+def test_global_search_finds_the_poses(adk_map: torch.Tensor, noise_sd: float, device: str) -> None:
     # noise_sd 1.0 in real-space units of the map's projections: about SNR 0.5 per image at this box.
     proj, rot, shifts, ctf, images = _particles(adk_map, 48, noise_sd)
-    grid = SO3Grid(2, dtype=torch.float32)
+    grid = SO3Grid(2, device=device, dtype=torch.float32)
     sigma2 = torch.full(images.shape, max(noise_sd, 0.05) ** 2 * BOX * BOX / 2)
-    search = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, BOX // 2, 5, 2)
+    volume_ft, images, ctf, sigma2 = proj.volume_ft.to(device), images.to(device), ctf.to(device), sigma2.to(device)
+    search = PoseSearcher(volume_ft, BOX, 2, grid, 0, BOX // 2, 5, 2)
     res = search.search(images, ctf, sigma2)
-    err = torch.rad2deg(geodesic_distance(res.rotations.double(), rot.double()))
+    err = torch.rad2deg(geodesic_distance(res.rotations.cpu().double(), rot.double()))
     fine_step = math.degrees(grid.psi_step(1))
     assert float(err.median()) < fine_step
-    assert float((res.shifts - shifts).norm(dim=1).median()) < 1.0
-    assert torch.allclose(res.sample_weights.sum(1), torch.ones(48), atol=1e-5)
-    assert (res.n_significant >= 1).all() and (res.max_prob <= 1).all()
+    assert float((res.shifts.cpu() - shifts).norm(dim=1).median()) < 1.0
+    assert torch.allclose(res.sample_weights.cpu().sum(1), torch.ones(48), atol=1e-5)
+    assert (res.n_significant.cpu() >= 1).all() and (res.max_prob.cpu() <= 1).all()
     # Local search one level finer around the found poses (cells within two steps, uniform prior): errors
     # shrink to that level's scale.
-    local = PoseSearcher(proj.volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1, local_radius=2 * grid.cell_size(1),
+    local = PoseSearcher(volume_ft, BOX, 2, grid, 1, BOX // 2, 2, 1, local_radius=2 * grid.cell_size(1),
                          prior_sigma=0)
     centred = phase_shift(images, res.shifts, BOX)
     res2 = local.search(centred, ctf, sigma2, previous=res.rotations)
-    err2 = torch.rad2deg(geodesic_distance(res2.rotations.double(), rot.double()))
+    err2 = torch.rad2deg(geodesic_distance(res2.rotations.cpu().double(), rot.double()))
     assert float(err2.median()) < math.degrees(grid.psi_step(2))
     assert float(err2.median()) < float(err.median())
 
 
-def test_noise_model_recovers_white_noise_variance() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_model_recovers_white_noise_variance(device: str) -> None:
     gen = torch.Generator().manual_seed(3)
-    imgs = torch.randn((1000, 32, 32), generator=gen) * 2.0
+    imgs = (torch.randn((1000, 32, 32), generator=gen) * 2.0).to(device)
     ft = torch.fft.rfft2(imgs)
-    sigma2 = initial_sigma2(imgs, torch.zeros(1000, dtype=torch.long), 1)
+    sigma2 = initial_sigma2(imgs, torch.zeros(1000, dtype=torch.long, device=device), 1)
     # Per real/imaginary component the variance of the unnormalised DFT of white noise is n^2 s^2 / 2.
     expect = 32 * 32 * 4.0 / 2
-    assert np.allclose(sigma2[0, 2:16].numpy(), expect, rtol=0.05)
-    acc = NoiseAccumulator(32, 2)
-    acc.add(ft.abs() ** 2, torch.arange(1000) % 2)
+    assert np.allclose(sigma2[0, 2:16].cpu().numpy(), expect, rtol=0.05)
+    acc = NoiseAccumulator(32, 2, device)
+    acc.add(ft.abs() ** 2, torch.arange(1000, device=device) % 2)
     assert acc.sigma2().shape == (2, 17)
 
 
-def test_gaussian_kernel_backprojection_reconstructs_the_map(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_kernel_backprojection_reconstructs_the_map(adk_map: torch.Tensor, device: str) -> None:
     proj = Projector(adk_map)
     rot = random_rotations(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
-    bp = GaussianKernelBackProjector(BOX)
+    bp = GaussianKernelBackProjector(BOX, device=device)
     for s in range(0, 3000, 500):
-        bp.insert(proj.project(rot[s:s + 500]), None, rot[s:s + 500])
+        bp.insert(proj.project(rot[s:s + 500]).to(device), None, rot[s:s + 500].to(device))
     data, weight = bp.symmetrised()
     rec = spectrum_to_map(weighted_spectrum(data, weight, BOX, 2, BOX // 2), BOX, 2)
-    rec = rec * kernel_gridding_correction(BOX)
+    rec = (rec * kernel_gridding_correction(BOX, device=device)).cpu()
     cc = float(torch.corrcoef(torch.stack([rec.reshape(-1), adk_map.reshape(-1)]))[0, 1])
     assert cc > 0.97, cc
 
 
-def test_gaussian_kernel_on_the_grid_reconstructs_the_map(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_kernel_on_the_grid_reconstructs_the_map(adk_map: torch.Tensor, device: str) -> None:
     """``--kernel gaussian``: trilinear accumulators convolved with the Gaussian's samples, corrected by that
     kernel's envelope, give the map, as the paper's inserted kernel does; from noisy projections the two maps
     agree with each other better than with the truth."""
     proj = Projector(adk_map)
     gen = torch.Generator().manual_seed(5)
     rot = random_rotations(3000, generator=gen, dtype=torch.float32)
-    bp, inserted = BackProjector(BOX), GaussianKernelBackProjector(BOX)
+    bp, inserted = BackProjector(BOX, device=device), GaussianKernelBackProjector(BOX, device=device)
     for s in range(0, 3000, 500):
         slices = proj.project(rot[s:s + 500])
         noisy = slices + 0.5 * slices.abs().mean() * torch.randn(slices.shape, generator=gen, dtype=slices.dtype)
-        bp.insert(noisy, None, rot[s:s + 500])
-        inserted.insert(noisy, None, rot[s:s + 500])
+        bp.insert(noisy.to(device), None, rot[s:s + 500].to(device))
+        inserted.insert(noisy.to(device), None, rot[s:s + 500].to(device))
     data, weight = bp.symmetrised()
     rec = spectrum_to_map(weighted_spectrum(kernel_on_grid(data), kernel_on_grid(weight), BOX, 2, BOX // 2), BOX, 2)
-    grid_map = rec * grid_kernel_correction(BOX)
+    grid_map = (rec * grid_kernel_correction(BOX, device=device)).cpu()
+    rec = rec.cpu()
     data, weight = inserted.symmetrised()
-    insert_map = spectrum_to_map(weighted_spectrum(data, weight, BOX, 2, BOX // 2), BOX, 2) * kernel_gridding_correction(BOX)
+    insert_map = (spectrum_to_map(weighted_spectrum(data, weight, BOX, 2, BOX // 2), BOX, 2)
+                  * kernel_gridding_correction(BOX, device=device)).cpu()
 
     def cc(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])
@@ -267,23 +282,25 @@ def test_gaussian_kernel_insertion_matches_its_definition(device: str) -> None:
     assert torch.allclose(bp.accumulators.cpu(), ref, atol=1e-12)
 
 
-def test_slice_cache_projects_each_cell_once(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_cache_projects_each_cell_once(adk_map: torch.Tensor, device: str) -> None:
     proj = Projector(adk_map)
-    grid = SO3Grid(1, dtype=torch.float32)
-    pixels = SearchPixels.build(BOX, 12)
-    cache = SliceCache(proj.volume_ft, grid, 1, pixels, 2)
-    ids = torch.tensor([[5, 17, 5], [900, 17, 3]])
+    volume_ft = proj.volume_ft.to(device)
+    grid = SO3Grid(1, device=device, dtype=torch.float32)
+    pixels = SearchPixels.build(BOX, 12, device)
+    cache = SliceCache(volume_ft, grid, 1, pixels, 2)
+    ids = torch.tensor([[5, 17, 5], [900, 17, 3]], device=device)
     re, im, rot = cache.get(ids)
-    direct = project_pixels(proj.volume_ft, grid.rotations(1, ids), pixels, 2)
-    assert torch.allclose(torch.complex(re, im), direct, rtol=1e-5, atol=1e-3)
-    assert torch.allclose(rot, grid.rotations(1, ids).float())
+    direct = project_pixels(volume_ft, grid.rotations(1, ids), pixels, 2).cpu()
+    assert torch.allclose(torch.complex(re, im).cpu(), direct, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(rot.cpu(), grid.rotations(1, ids).float().cpu())
     assert cache.projected == 4
-    cache.get(torch.tensor([17, 900, 6]))
+    cache.get(torch.tensor([17, 900, 6], device=device))
     assert cache.projected == 5  # only cell 6 was new
     # A cache too small for a request projects it without keeping it, and still answers correctly.
-    tiny = SliceCache(proj.volume_ft, grid, 1, pixels, 2, max_bytes=1)
+    tiny = SliceCache(volume_ft, grid, 1, pixels, 2, max_bytes=1)
     re2, im2, _ = tiny.get(ids)
-    assert torch.allclose(torch.complex(re2, im2), direct, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(torch.complex(re2, im2).cpu(), direct, rtol=1e-5, atol=1e-3)
 
 
 def test_coarse_radius_is_relions_coarse_image_size() -> None:
@@ -293,94 +310,110 @@ def test_coarse_radius_is_relions_coarse_image_size() -> None:
     assert coarse_radius(64, 2.5, 15.0, 80.0, 14) == 14
 
 
-def test_merge_samples_groups_the_batch_by_rotation(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_samples_groups_the_batch_by_rotation(adk_map: torch.Tensor, device: str) -> None:
     proj, rot, shifts, ctf, images = _particles(adk_map, 8, 2.0, seed=3)
-    grid = SO3Grid(2, dtype=torch.float32)
+    grid = SO3Grid(2, device=device, dtype=torch.float32)
     sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
-    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
+    res = PoseSearcher(proj.volume_ft.to(device), BOX, 2, grid, 0, 16, 5, 2).search(images.to(device), ctf.to(device),
+                                                                                    sigma2.to(device))
     rotation, member = merge_samples(res)
-    ok = res.sample_weights > 0
+    rotation, member = rotation.cpu(), member.cpu()
+    weights, ids, rotations = res.sample_weights.cpu(), res.sample_ids.cpu(), res.sample_rotations.cpu()
+    ok = weights > 0
     assert int((member >= 0).sum()) == int(ok.sum())
     # One row per distinct fine cell of the whole batch, and every sample maps to its own rotation.
-    assert rotation.shape[0] == int(torch.unique(res.sample_ids[ok]).numel())
-    assert torch.allclose(rotation[member[ok]], res.sample_rotations[ok])
-    same = res.sample_ids[ok][:, None] == res.sample_ids[ok][None, :]
+    assert rotation.shape[0] == int(torch.unique(ids[ok]).numel())
+    assert torch.allclose(rotation[member[ok]], rotations[ok])
+    same = ids[ok][:, None] == ids[ok][None, :]
     assert torch.equal(same, member[ok][:, None] == member[ok][None, :])
     # Each particle's weights still sum to 1, so the rows' summed weights hold one unit per particle.
-    assert torch.allclose(res.sample_weights.sum(1), torch.ones(8), atol=1e-5)
-    per_row = torch.zeros(rotation.shape[0]).index_add_(0, member[ok], res.sample_weights[ok].float())
+    assert torch.allclose(weights.sum(1), torch.ones(8), atol=1e-5)
+    per_row = torch.zeros(rotation.shape[0]).index_add_(0, member[ok], weights[ok].float())
     assert float(per_row.sum()) == pytest.approx(8.0, abs=1e-4) and bool((per_row > 0).all())
 
 
-def test_backprojecting_a_batch_equals_backprojecting_its_particles_one_by_one(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_backprojecting_a_batch_equals_backprojecting_its_particles_one_by_one(adk_map: torch.Tensor,
+                                                                               device: str) -> None:
     proj, rot, shifts, ctf, images = _particles(adk_map, 8, 2.0, seed=5)
-    grid = SO3Grid(2, dtype=torch.float32)
+    grid = SO3Grid(2, device=device, dtype=torch.float32)
     sigma2 = torch.full(images.shape, 4.0 * BOX * BOX / 2)
-    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
-    together, alone = BackProjector(BOX), BackProjector(BOX)
+    images, ctf, sigma2 = images.to(device), ctf.to(device), sigma2.to(device)
+    res = PoseSearcher(proj.volume_ft.to(device), BOX, 2, grid, 0, 16, 5, 2).search(images, ctf, sigma2)
+    together, alone = BackProjector(BOX, device=device), BackProjector(BOX, device=device)
     backproject_samples([together], images, ctf, 1.0 / sigma2, res, 16)
     for i in range(8):
         q = slice(i, i + 1)
         backproject_samples([alone], images[q], ctf[q], 1.0 / sigma2[q], res.rows(q), 16)
-    for a, b in zip(together.symmetrised(), alone.symmetrised(), strict=True):
+    for a, b in zip((t.cpu() for t in together.symmetrised()), (t.cpu() for t in alone.symmetrised()), strict=True):
         assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
 
 
-def test_posterior_mean_pose_is_a_rotation_near_the_best(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_posterior_mean_pose_is_a_rotation_near_the_best(adk_map: torch.Tensor, device: str) -> None:
     proj, rot, shifts, ctf, images = _particles(adk_map, 32, 3.0, seed=4)
-    grid = SO3Grid(2, dtype=torch.float32)
+    grid = SO3Grid(2, device=device, dtype=torch.float32)
     sigma2 = torch.full(images.shape, 9.0 * BOX * BOX / 2)
-    res = PoseSearcher(proj.volume_ft, BOX, 2, grid, 0, BOX // 2, 5, 2).search(images, ctf, sigma2)
-    m = res.mean_rotations.double()
+    res = PoseSearcher(proj.volume_ft.to(device), BOX, 2, grid, 0, BOX // 2, 5, 2).search(
+        images.to(device), ctf.to(device), sigma2.to(device))
+    m = res.mean_rotations.cpu().double()
     assert torch.allclose(m @ m.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(32, 3, 3), atol=1e-5)
     assert torch.allclose(torch.det(m), torch.ones(32, dtype=torch.float64), atol=1e-5)
-    near = torch.rad2deg(geodesic_distance(m, res.rotations.double()))
+    near = torch.rad2deg(geodesic_distance(m, res.rotations.cpu().double()))
     assert float(near.max()) <= math.degrees(grid.cell_size(0)) + 1e-3
     err_mean = torch.rad2deg(geodesic_distance(m, rot.double()))
-    err_best = torch.rad2deg(geodesic_distance(res.rotations.double(), rot.double()))
+    err_best = torch.rad2deg(geodesic_distance(res.rotations.cpu().double(), rot.double()))
     assert float(err_mean.median()) <= float(err_best.median()) + 0.5
 
 
-def test_expected_accuracy_grows_with_the_noise(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_expected_accuracy_grows_with_the_noise(adk_map: torch.Tensor, device: str) -> None:
     proj, rot, _, ctf, _ = _particles(adk_map, 16, 1.0, seed=5)
-    pixels = SearchPixels.build(BOX, BOX // 2)
-    c = pixels.take(ctf)
+    volume_ft, rot = proj.volume_ft.to(device), rot.to(device)
+    pixels = SearchPixels.build(BOX, BOX // 2, device)
+    c = pixels.take(ctf.to(device))
     gen = torch.Generator().manual_seed(0)
-    low = expected_accuracy(proj.volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / BOX**2), gen)
-    high = expected_accuracy(proj.volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / (100 * BOX**2)), gen)
+    low = expected_accuracy(volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / BOX**2, device=device), gen)
+    high = expected_accuracy(volume_ft, pixels, 2, rot, c, torch.full(c.shape, 1.0 / (100 * BOX**2), device=device),
+                             gen)
     assert 0 < low[0] < high[0] and 0 < low[1] < high[1]
 
 
-def test_noise_from_a_pixel_subset_matches_the_full_plane() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_from_a_pixel_subset_matches_the_full_plane(device: str) -> None:
     gen = torch.Generator().manual_seed(7)
-    ft = torch.fft.rfft2(torch.randn((50, 32, 32), generator=gen))
-    groups = torch.arange(50) % 2
-    full = NoiseAccumulator(32, 2)
+    ft = torch.fft.rfft2(torch.randn((50, 32, 32), generator=gen).to(device))
+    groups = torch.arange(50, device=device) % 2
+    full = NoiseAccumulator(32, 2, device)
     full.add(ft.abs() ** 2, groups)
-    pixels = SearchPixels.build(32, 16)
-    part = NoiseAccumulator(32, 2)
+    pixels = SearchPixels.build(32, 16, device)
+    part = NoiseAccumulator(32, 2, device)
     shells = torch.floor(torch.sqrt(pixels.kx**2 + pixels.ky**2) + 0.5).long()
     part.add_pixels(pixels.take(ft).abs() ** 2, shells, groups)
-    assert torch.allclose(part.sigma2()[:, 1:16], full.sigma2()[:, 1:16], rtol=0.15)
+    assert torch.allclose(part.sigma2()[:, 1:16].cpu(), full.sigma2()[:, 1:16].cpu(), rtol=0.15)
 
 
-def test_a_particles_search_does_not_depend_on_its_batch(adk_map: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_particles_search_does_not_depend_on_its_batch(adk_map: torch.Tensor, device: str) -> None:
     """The fine pass scores only each particle's own significant samples: searched in a batch (padded to the
     batch's largest count) or alone, a particle gets the same samples, weights and poses, globally and locally."""
     proj, rot, shifts, ctf, images = _particles(adk_map, 8, 12.0, seed=6)
-    grid = SO3Grid(2, dtype=torch.float32)
+    grid = SO3Grid(2, device=device, dtype=torch.float32)
     sigma2 = torch.full(images.shape, 144.0 * BOX * BOX / 2)
-    for level, previous in ((0, None), (1, rot)):
-        searcher = PoseSearcher(proj.volume_ft, BOX, 2, grid, level, 16, 5, 2)
+    volume_ft, images, ctf, sigma2 = proj.volume_ft.to(device), images.to(device), ctf.to(device), sigma2.to(device)
+    for level, previous in ((0, None), (1, rot.to(device))):
+        searcher = PoseSearcher(volume_ft, BOX, 2, grid, level, 16, 5, 2)
         batch = searcher.search(images, ctf, sigma2, previous=previous)
-        counts = batch.n_significant
+        counts = batch.n_significant.cpu()
         assert int(counts.min()) < int(counts.max())  # the batch really pads some particles
         for i in range(8):
             q = slice(i, i + 1)
             alone = searcher.search(images[q], ctf[q], sigma2[q], previous=None if previous is None else previous[q])
             n = alone.sample_weights.shape[1]
-            assert torch.equal(alone.sample_ids[0], batch.sample_ids[i, :n])
-            assert torch.allclose(alone.sample_weights[0], batch.sample_weights[i, :n], rtol=1e-4, atol=1e-5)
-            assert bool((batch.sample_weights[i, n:] == 0).all())
-            assert torch.allclose(alone.mean_rotations[0], batch.mean_rotations[i], atol=1e-5)
-            assert torch.allclose(alone.log_likelihood[0], batch.log_likelihood[i], rtol=1e-5)
+            assert torch.equal(alone.sample_ids[0].cpu(), batch.sample_ids[i, :n].cpu())
+            assert torch.allclose(alone.sample_weights[0].cpu(), batch.sample_weights[i, :n].cpu(), rtol=1e-4,
+                                  atol=1e-5)
+            assert bool((batch.sample_weights[i, n:].cpu() == 0).all())
+            assert torch.allclose(alone.mean_rotations[0].cpu(), batch.mean_rotations[i].cpu(), atol=1e-5)
+            assert torch.allclose(alone.log_likelihood[0].cpu(), batch.log_likelihood[i].cpu(), rtol=1e-5)

@@ -79,14 +79,16 @@ def ribosome() -> torch.Tensor:
     return torch.from_numpy(read_map(need(RIBOSOME)).data.copy()).double()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["rln_proj_65", "rln_proj_65_centered", "rln_proj_65_shifted"])
-def test_relion_project_odd_box(ribosome, name):
+def test_relion_project_odd_box(ribosome: torch.Tensor, name: str, device: str):
     rot, origins, images = aspire_set(name)
     n = images.shape[-1]
     data = image_to_rfft(images)
     inside = nyquist_mask(n, n // 2)
-    model = simulate(ribosome, rot, origins)
-    at_relion_centre = phase_shift(model, RELION_ODD_IMAGE_OFFSET.expand(len(rot), 2), n)
+    model = simulate(ribosome.to(device), rot.to(device), origins.to(device))
+    at_relion_centre = phase_shift(model, RELION_ODD_IMAGE_OFFSET.expand(len(rot), 2).to(device), n).cpu()
+    model = model.cpu()
     corr = fourier_corr(at_relion_centre, data, inside)
     # Measured: 1.00000 for every image, scale 1.0000 (projection = line integral in voxel units).
     assert float(corr.min()) > 0.99
@@ -96,50 +98,55 @@ def test_relion_project_odd_box(ribosome, name):
     assert float(fourier_corr(model, data, inside).max()) < 0.95
 
 
-def test_relion_origins_move_the_particle_to_centre_minus_origin():
+@pytest.mark.parametrize("device", DEVICES)
+def test_relion_origins_move_the_particle_to_centre_minus_origin(device: str):
     """rln_proj_65_shifted = rln_proj_65_centered shifted by -origin; shift_to_center undoes it."""
     rot, origins, shifted = aspire_set("rln_proj_65_shifted")
     _, _, centred = aspire_set("rln_proj_65_centered")
     n = shifted.shape[-1]
     inside = nyquist_mask(n, n // 2)
-    recentred = shift_to_center(image_to_rfft(shifted), origins, 1.0)
+    recentred = shift_to_center(image_to_rfft(shifted).to(device), origins.to(device), 1.0).cpu()
     assert float(fourier_corr(recentred, image_to_rfft(centred), inside).min()) > 0.9999
-    wrong_way = shift_from_center(image_to_rfft(shifted), origins, 1.0)
+    wrong_way = shift_from_center(image_to_rfft(shifted).to(device), origins.to(device), 1.0).cpu()
     assert float(fourier_corr(wrong_way, image_to_rfft(centred), inside).max()) < 0.5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["rln_proj_64_centered", "rln_proj_64_shifted"])
-def test_relion_project_even_box_of_downsampled_map(ribosome, name):
+def test_relion_project_even_box_of_downsampled_map(ribosome: torch.Tensor, name: str, device: str):
     """ASPIRE's 64 px sets: the 65^3 map Fourier-cropped to 64^3 (ASPIRE's Volume.downsample) reproduces them."""
     rot, origins, images = aspire_set(name)
-    vol64 = fourier_resample_volume(ribosome, 64)
+    vol64 = fourier_resample_volume(ribosome.to(device), 64)
     data = image_to_rfft(images)
     inside = nyquist_mask(64, 32)
-    model = simulate(vol64, rot, origins)
+    model = simulate(vol64, rot.to(device), origins.to(device)).cpu()
     corr = fourier_corr(model, data, inside)
     assert float(corr.min()) > 0.99  # measured 1.00000
     assert torch.allclose(fit_scale(model, data, inside), torch.ones(len(rot), dtype=torch.float64), atol=1e-3)
 
 
-def test_relion_project_even_box_first_set_needs_half_voxel_map_shift(ribosome):
+@pytest.mark.parametrize("device", DEVICES)
+def test_relion_project_even_box_first_set_needs_half_voxel_map_shift(ribosome: torch.Tensor, device: str):
     """rln_proj_64 was made from a different downsampling: the 65^3 map moved by -1/2 voxel on x, y and z,
     then cropped to 64^3 (found by fitting per-image shifts: the 2D offsets are the projections of one 3D
     offset (-0.41, -0.47, -0.48) voxels). With that map every image matches."""
     rot, origins, images = aspire_set("rln_proj_64")
+    rot, origins, vol = rot.to(device), origins.to(device), ribosome.to(device)
     n65 = ribosome.shape[-1]
     k = torch.arange(n65, dtype=torch.float64) - n65 // 2
     half = 2j * math.pi * 0.5 / n65
     ramp = torch.exp(half * (k[:, None, None] + k[None, :, None] + k[None, None, :]))  # shift by -1/2 voxel
-    moved = fft_to_volume(volume_to_fft(ribosome) * ramp)
+    moved = fft_to_volume(volume_to_fft(vol) * ramp.to(device))
     data = image_to_rfft(images)
     inside = nyquist_mask(64, 32)
-    corr = fourier_corr(simulate(fourier_resample_volume(moved, 64), rot, origins), data, inside)
+    corr = fourier_corr(simulate(fourier_resample_volume(moved, 64), rot, origins).cpu(), data, inside)
     assert float(corr.min()) > 0.99  # measured 0.99999
-    plain = fourier_corr(simulate(fourier_resample_volume(ribosome, 64), rot, origins), data, inside)
+    plain = fourier_corr(simulate(fourier_resample_volume(vol, 64), rot, origins).cpu(), data, inside)
     assert float(plain.min()) < 0.99  # measured 0.951-0.992
 
 
-def test_ctf_projections_match_relion_clean_set():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctf_projections_match_relion_clean_set(device: str):
     """All 600 CTF-modulated, shifted projections of set_3j9g/map.mrc equal RELION's clean.mrcs."""
     star = starfile.read(need(RELION_SET / "clean" / "clean.star"))
     optics, parts = star["optics"], star["particles"]
@@ -151,7 +158,9 @@ def test_ctf_projections_match_relion_clean_set():
                           float(optics["rlnVoltage"].iloc[0]), float(optics["rlnSphericalAberration"].iloc[0]),
                           float(optics["rlnAmplitudeContrast"].iloc[0]), col(parts, "rlnPhaseShift"),
                           col(parts, "rlnCtfBfactor"))
-    model = shift_from_center(Projector(vol).project(rot), origins.float(), apix) * compute_ctf(ctf, 64, apix)
+    projections = Projector(vol.to(device)).project(rot.to(device))
+    ctf_images = compute_ctf(ctf.to(device), 64, apix, device=device)
+    model = (shift_from_center(projections, origins.float().to(device), apix) * ctf_images).cpu()
     data = image_to_rfft(torch.from_numpy(mrcfile.read(need(RELION_SET / "clean" / "clean.mrcs")).copy()))
     inside = nyquist_mask(64, 31.5)  # the Nyquist row/column is evaluated at +Nyquist by RELION
     corr = fourier_corr(model, data, inside)
@@ -183,12 +192,13 @@ def real_space_projection(volume: np.ndarray, a: np.ndarray) -> np.ndarray:
     return values.reshape(n, n, n).sum(axis=0)
 
 
-def test_fourier_slice_equals_real_space_rotate_and_sum():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fourier_slice_equals_real_space_rotate_and_sum(device: str):
     n = 64
     vol = blob_volume(n)
     rot = euler_to_matrix(torch.tensor([20.0, 130.0, 250.0]), torch.tensor([35.0, 80.0, 150.0]),
                           torch.tensor([300.0, 10.0, 75.0])).double()
-    fourier = rfft_to_image(Projector(vol).project(rot), n).numpy()
+    fourier = rfft_to_image(Projector(vol.to(device)).project(rot.to(device)), n).cpu().numpy()
     for i in range(len(rot)):
         real = real_space_projection(vol.numpy(), rot[i].numpy())
         c = np.corrcoef(fourier[i].ravel(), real.ravel())[0, 1]
@@ -203,7 +213,8 @@ def test_fourier_slice_equals_real_space_rotate_and_sum():
     assert np.corrcoef(fourier[0].ravel(), wrong.ravel())[0, 1] < 0.9
 
 
-def test_identity_projection_is_the_sum_over_z():
+@pytest.mark.parametrize("device", DEVICES)
+def test_identity_projection_is_the_sum_over_z(device: str):
     """A = I reads grid points only (no interpolation): inside the Nyquist circle (beyond it the projector
     returns zero, as RELION) the image is exactly sum_z of the map, and with RELION's gridding
     pre-correction sum_z of map / sinc^2(r / P)."""
@@ -211,27 +222,28 @@ def test_identity_projection_is_the_sum_over_z():
     vol = blob_volume(n, seed=3, sigma=2.0)
     eye = torch.eye(3, dtype=torch.float64)[None]
     inside = nyquist_mask(n, n // 2 - 0.5)
-    plain = Projector(vol, gridding_correction=False).project(eye)[0]
+    plain = Projector(vol.to(device), gridding_correction=False).project(eye.to(device))[0].cpu()
     expected = image_to_rfft(vol.sum(0))
     tol = 1e-12 * float(expected.abs().max())
     assert float((plain - expected)[inside].abs().max()) < tol
     assert float(plain[~nyquist_mask(n, n // 2)].abs().max()) == 0.0
-    corrected = Projector(vol).project(eye)[0]
+    corrected = Projector(vol.to(device)).project(eye.to(device))[0].cpu()
     r = torch.sqrt(sum(g**2 for g in torch.meshgrid(*(torch.arange(n, dtype=torch.float64) - n // 2,) * 3,
                                                      indexing="ij")))
     expected = image_to_rfft((vol / torch.sinc(r / (2 * n)) ** 2).sum(0))
     assert float((corrected - expected)[inside].abs().max()) < tol
 
 
-def test_adjoint_identity():
+@pytest.mark.parametrize("device", DEVICES)
+def test_adjoint_identity(device: str):
     torch.manual_seed(1)
     n, pad, b = 32, 2, 24
     g = fourier_grid_size(n, pad)
     x = torch.randn(g, g, g, dtype=torch.complex64)
     y = torch.randn(b, n, n // 2 + 1, dtype=torch.complex64)
     rot = euler_to_matrix(*(torch.rand(3, b) * torch.tensor([[360.0], [180.0], [360.0]]))).float()
-    px = project_volume_ft(x, rot, n, pad)
-    pty = backproject_slices_ft(y, rot, n, pad)
+    px = project_volume_ft(x.to(device), rot.to(device), n, pad).cpu()
+    pty = backproject_slices_ft(y.to(device), rot.to(device), n, pad).cpu()
     lhs = (px.conj() * y).sum().to(torch.complex128)
     rhs = (x.conj() * pty).sum().to(torch.complex128)
     assert abs(lhs - rhs) / abs(lhs) < 1e-5  # measured ~1e-7
@@ -291,11 +303,12 @@ def test_sample_grid_cut_over_threads_is_bitwise_the_one_entry_sampling(n_points
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_gradients_wrt_rotations_and_volume():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_wrt_rotations_and_volume(device: str):
     torch.manual_seed(2)
     n = 8
-    vol_ft = fourier_volume(blob_volume(n, seed=5, count=3, sigma=1.2))
-    angles = torch.tensor([[33.0, 71.0, 205.0], [140.0, 22.0, 310.0]], dtype=torch.float64)
+    vol_ft = fourier_volume(blob_volume(n, seed=5, count=3, sigma=1.2).to(device))
+    angles = torch.tensor([[33.0, 71.0, 205.0], [140.0, 22.0, 310.0]], dtype=torch.float64).to(device)
     rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]).double().requires_grad_(True)
 
     def f(r):
@@ -319,22 +332,23 @@ def test_gradients_wrt_rotations_and_volume():
 
     # Gradient in the volume is the adjoint applied to the output gradient.
     v = vol_ft.clone().requires_grad_(True)
-    y = torch.randn(2, n, n // 2 + 1, dtype=torch.complex128)
+    y = torch.randn(2, n, n // 2 + 1, dtype=torch.complex128).to(device)
     (project_volume_ft(v, rot.detach(), n).conj() * y).real.sum().backward()
     expected = backproject_slices_ft(y, rot.detach(), n)
-    assert torch.allclose(v.grad, expected, atol=1e-10)
+    assert torch.allclose(v.grad.cpu(), expected.cpu(), atol=1e-10)
 
 
-def test_backprojector_counts_each_fourier_pixel_once():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backprojector_counts_each_fourier_pixel_once(device: str):
     """A = I puts pixel (kx, ky) on voxel (2kx, 2ky, 0): after Hermitian symmetrisation every pixel of the
     full Fourier plane has weight 1 and value F(k) (the kx = 0 column not doubled), the origin weight 2."""
     n = 16
     img = blob_volume(n, seed=7)[n // 2]
     spec = image_to_rfft(img[None])
     eye = torch.eye(3, dtype=torch.float64)[None]
-    bp = BackProjector(n, dtype=torch.float64)
-    bp.insert(spec, None, eye)
-    data, weight = bp.symmetrised()
+    bp = BackProjector(n, dtype=torch.float64, device=device)
+    bp.insert(spec.to(device), None, eye.to(device))
+    data, weight = (t.cpu() for t in bp.symmetrised())
     c = bp.grid_size // 2
     full = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(img)))
     for ky in range(-(n // 2) + 1, n // 2):
@@ -346,43 +360,45 @@ def test_backprojector_counts_each_fourier_pixel_once():
             assert w == pytest.approx(expected_w, abs=1e-12)
             value = data[c, c + 2 * ky, c + 2 * kx] / w
             assert abs(value - full[n // 2 + ky, n // 2 + kx]) < 1e-9 * float(full.abs().max())
-    doubled = BackProjector(n, dtype=torch.float64)
-    doubled.insert(spec, None, eye, skip_redundant=False)
-    assert float(doubled.symmetrised()[1][c, c + 2, c]) == pytest.approx(2.0)  # what the skip prevents
+    doubled = BackProjector(n, dtype=torch.float64, device=device)
+    doubled.insert(spec.to(device), None, eye.to(device), skip_redundant=False)
+    assert float(doubled.symmetrised()[1].cpu()[c, c + 2, c]) == pytest.approx(2.0)  # what the skip prevents
 
 
-def test_hartley_round_trips_and_central_slice():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hartley_round_trips_and_central_slice(device: str):
     torch.manual_seed(3)
     img = torch.randn(3, 16, 16, dtype=torch.float64)
-    assert torch.allclose(hartley_to_image(image_to_hartley(img)), img, atol=1e-12)
+    assert torch.allclose(hartley_to_image(image_to_hartley(img.to(device))).cpu(), img, atol=1e-12)
     vol = blob_volume(16, seed=9)
-    assert torch.allclose(hartley_to_volume(volume_to_hartley(vol)), vol, atol=1e-12)
+    assert torch.allclose(hartley_to_volume(volume_to_hartley(vol.to(device))).cpu(), vol, atol=1e-12)
     # A centred, symmetric object has a real, even transform: Hartley = Fourier.
     f = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(img[0])))
-    assert torch.allclose(image_to_hartley(img[0]), f.real - f.imag, atol=1e-12)
+    assert torch.allclose(image_to_hartley(img[0].to(device)).cpu(), f.real - f.imag, atol=1e-12)
 
     n = 32
     vol = blob_volume(n, seed=11)
     rot = euler_to_matrix(torch.tensor([10.0, 200.0]), torch.tensor([60.0, 120.0]), torch.tensor([45.0, 300.0]))
     rot = rot.double()
-    slices = project_hartley(hartley_volume(vol), rot, n)
-    projections = Projector(vol).project(rot)
-    expected = hartley_from_rfft(projections, n)
+    slices = project_hartley(hartley_volume(vol.to(device)), rot.to(device), n).cpu()
+    projections = Projector(vol.to(device)).project(rot.to(device))
+    expected = hartley_from_rfft(projections, n).cpu()
     k = torch.arange(n) - n // 2
     inside = (k[:, None] ** 2 + k[None, :] ** 2) < (n // 2) ** 2
     diff = (slices - expected)[:, inside].abs().max()
     assert float(diff) < 1e-9 * float(expected.abs().max())
     # and the Hartley slice is the Hartley transform of the real-space projection.
     real = torch.from_numpy(real_space_projection(vol.numpy(), rot[0].numpy()))
-    ht = image_to_hartley(real)
+    ht = image_to_hartley(real.to(device)).cpu()
     c = np.corrcoef(slices[0][inside].numpy(), ht[inside].numpy())[0, 1]
     assert c > 0.99
 
 
-def test_radius_grids_are_exact_and_centred():
+@pytest.mark.parametrize("device", DEVICES)
+def test_radius_grids_are_exact_and_centred(device: str):
     for n in (7, 8):
-        r2 = radius2_3d(n, dtype=torch.int64)
-        z, y, x = centred_grid_3d(n, dtype=torch.int64)
+        r2 = radius2_3d(n, device=device, dtype=torch.int64).cpu()
+        z, y, x = (t.cpu() for t in centred_grid_3d(n, device=device, dtype=torch.int64))
         assert torch.equal(r2, x * x + y * y + z * z) and int(r2[n // 2, n // 2, n // 2]) == 0
-        assert torch.equal(radius2_3d(n, dtype=torch.float32), r2.float())
-        assert torch.equal(radius_3d(n, dtype=torch.float64), torch.sqrt(r2.double()))
+        assert torch.equal(radius2_3d(n, device=device, dtype=torch.float32).cpu(), r2.float())
+        assert torch.equal(radius_3d(n, device=device, dtype=torch.float64).cpu(), torch.sqrt(r2.double()))

@@ -21,7 +21,7 @@ from cryocli.imaging.projector import BackProjector, Projector, half_plane_pixel
 from cryocli.engines.common.kernel_backprojection import BackProjectorLike, GaussianKernelBackProjector
 from cryocli.engines.common.reconstruct import DirectFourierReconstructor, reconstruct, soft_mask_outside_map
 from cryocli.io.mrc import read_map
-from tests.conftest import RELION_SET, need
+from tests.conftest import DEVICES, RELION_SET, need
 
 
 def col(df, name: str) -> np.ndarray:
@@ -74,9 +74,11 @@ def synthetic():
     return vol, rot, projections(vol, rot)
 
 
-def test_recovers_known_map(synthetic):
+@pytest.mark.parametrize("device", DEVICES)
+def test_recovers_known_map(synthetic, device: str):
     vol, rot, images = synthetic
-    rec = reconstruct(images, rot, None, None, pixel_size=1.0, dtype=torch.float64)
+    rec = reconstruct(images.to(device), rot.to(device), None, None, pixel_size=1.0, device=device,
+                      dtype=torch.float64).cpu()
     fsc = fsc_curve(rec, vol)
     # Measured: FSC >= 0.99965 up to 0.8 Nyquist (0.895 at Nyquist), voxel correlation 0.99975, scale 0.9987.
     assert shells_upto(fsc, 0.8).min() > 0.9
@@ -86,25 +88,29 @@ def test_recovers_known_map(synthetic):
     assert scale == pytest.approx(1.0, abs=0.02)
 
 
-def test_gridding_iterations_also_recover_known_map(synthetic):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gridding_iterations_also_recover_known_map(synthetic, device: str):
     vol, rot, images = synthetic
-    rec = reconstruct(images, rot, None, None, pixel_size=1.0, gridding_iterations=10, dtype=torch.float64)
+    rec = reconstruct(images.to(device), rot.to(device), None, None, pixel_size=1.0, device=device,
+                      gridding_iterations=10, dtype=torch.float64).cpu()
     assert shells_upto(fsc_curve(rec, vol), 0.8).min() > 0.9
 
 
-def test_streaming_batches_equal_one_shot(synthetic):
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_batches_equal_one_shot(synthetic, device: str):
     vol, rot, images = synthetic
-    images, rot = images[:300], rot[:300]
+    images, rot = images[:300].to(device), rot[:300].to(device)
     seen = []
-    one = reconstruct(images, rot, None, None, pixel_size=1.0, batch_size=300)
+    one = reconstruct(images, rot, None, None, pixel_size=1.0, device=device, batch_size=300).cpu()
     batches = (images[s:s + 64] for s in range(0, 300, 64))
-    streamed = reconstruct(batches, rot, None, None, pixel_size=1.0,
-                           progress=lambda done, total: seen.append((done, total)))
+    streamed = reconstruct(batches, rot, None, None, pixel_size=1.0, device=device,
+                           progress=lambda done, total: seen.append((done, total))).cpu()
     assert torch.allclose(one, streamed, atol=1e-5 * float(one.abs().max()))
     assert seen[-1] == (300, 300) and len(seen) == 5
 
 
-def test_maxres_ignores_frequencies_beyond_it(synthetic):
+@pytest.mark.parametrize("device", DEVICES)
+def test_maxres_ignores_frequencies_beyond_it(synthetic, device: str):
     """With --maxres 4 A (1 A/px, box 32: radius ceil(32 / 4) = 8 px) the images' content beyond 8 px is
     never used: corrupting it leaves the map unchanged, while it changes the unlimited reconstruction."""
     vol, rot, images = synthetic
@@ -116,20 +122,24 @@ def test_maxres_ignores_frequencies_beyond_it(synthetic):
     beyond = (ky[:, None] ** 2 + kx[None, :] ** 2) > 8.5**2
     noise = torch.randn(spectra.shape, dtype=torch.complex128) * spectra.abs().max()
     corrupted = rfft_to_image(torch.where(beyond, spectra + noise, spectra), n)
-    limited = reconstruct(images, rot, None, None, pixel_size=1.0, maxres=4.0, dtype=torch.float64)
-    limited_bad = reconstruct(corrupted, rot, None, None, pixel_size=1.0, maxres=4.0, dtype=torch.float64)
+    images, corrupted, rot = images.to(device), corrupted.to(device), rot.to(device)
+    limited = reconstruct(images, rot, None, None, pixel_size=1.0, maxres=4.0, device=device,
+                          dtype=torch.float64).cpu()
+    limited_bad = reconstruct(corrupted, rot, None, None, pixel_size=1.0, maxres=4.0, device=device,
+                              dtype=torch.float64).cpu()
     assert torch.allclose(limited, limited_bad, atol=1e-10 * float(limited.abs().max()))
-    full = reconstruct(images, rot, None, None, pixel_size=1.0, dtype=torch.float64)
-    full_bad = reconstruct(corrupted, rot, None, None, pixel_size=1.0, dtype=torch.float64)
+    full = reconstruct(images, rot, None, None, pixel_size=1.0, device=device, dtype=torch.float64).cpu()
+    full_bad = reconstruct(corrupted, rot, None, None, pixel_size=1.0, device=device, dtype=torch.float64).cpu()
     assert float((full - full_bad).abs().max()) > 0.1 * float(full.abs().max())
     # Below the limit the limited map agrees with the full one (FSC over shells 1..6).
     assert fsc_curve(limited, full)[1:7].min() > 0.99
 
 
-def test_soft_mask_outside_map_matches_relion_definition():
+@pytest.mark.parametrize("device", DEVICES)
+def test_soft_mask_outside_map_matches_relion_definition(device: str):
     n = 16
     vol = torch.arange(n**3, dtype=torch.float64).reshape(n, n, n)
-    out = soft_mask_outside_map(vol)
+    out = soft_mask_outside_map(vol.to(device)).cpu()
     k = torch.arange(n, dtype=torch.float64) - n // 2
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
     inner, outer = r < n / 2, r > n / 2 + 3
@@ -150,7 +160,8 @@ def c4_operators() -> torch.Tensor:
     return euler_to_matrix(torch.tensor([0.0, 90.0, 180.0, 270.0]), torch.zeros(4), torch.zeros(4)).double()
 
 
-def test_c4_symmetrised_reconstruction():
+@pytest.mark.parametrize("device", DEVICES)
+def test_c4_symmetrised_reconstruction(device: str):
     n = 32
     vol = blob_volume(n, seed=8, count=4, copies=4)
     ops = c4_operators()
@@ -158,8 +169,10 @@ def test_c4_symmetrised_reconstruction():
     images = projections(vol, rot)
     # The map really is C4: its projections at A and A @ L are the same images.
     assert torch.allclose(projections(vol, rot[:3] @ ops[1]), images[:3], atol=1e-6 * float(images.abs().max()))
-    c1 = reconstruct(images, rot, None, None, pixel_size=1.0, dtype=torch.float64)
-    c4 = reconstruct(images, rot, None, None, pixel_size=1.0, sym_ops=ops, dtype=torch.float64)
+    c1 = reconstruct(images.to(device), rot.to(device), None, None, pixel_size=1.0, device=device,
+                     dtype=torch.float64).cpu()
+    c4 = reconstruct(images.to(device), rot.to(device), None, None, pixel_size=1.0, sym_ops=ops.to(device),
+                     device=device, dtype=torch.float64).cpu()
     fsc_c1, fsc_c4 = shells_upto(fsc_curve(c1, vol), 0.8), shells_upto(fsc_curve(c4, vol), 0.8)
     # 120 views leave gaps at high resolution that the 4 symmetry copies fill. Measured: min FSC up to
     # 0.8 Nyquist 0.9917 (C1) -> 0.9993 (C4), i.e. 1 - FSC ten times smaller.
@@ -168,7 +181,8 @@ def test_c4_symmetrised_reconstruction():
     # The other side (L @ A: an in-plane rotation of the image) is wrong and wrecks the map (measured
     # mean FSC 0.66, min 0.47, against 0.9996 / 0.9993).
     wrong_rot = (ops[:, None] @ rot[None]).reshape(-1, 3, 3)
-    wrong = reconstruct(images.repeat(4, 1, 1), wrong_rot, None, None, pixel_size=1.0, dtype=torch.float64)
+    wrong = reconstruct(images.repeat(4, 1, 1).to(device), wrong_rot.to(device), None, None, pixel_size=1.0,
+                        device=device, dtype=torch.float64).cpu()
     assert shells_upto(fsc_curve(wrong, vol), 0.8).mean() < 0.8
 
 
@@ -201,10 +215,12 @@ def compare(ours: torch.Tensor, reference_name: str) -> tuple[np.ndarray, float,
     return fsc, corr, scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("subset, reference", [(None, "rec.mrc"), (1, "rec_half1.mrc"), (2, "rec_half2.mrc")])
-def test_matches_relion_reconstruct_noisy(subset, reference):
+def test_matches_relion_reconstruct_noisy(subset: int | None, reference: str, device: str):
     images, rot, origins, ctf, apix = load_set("noisy", subset)
-    ours = reconstruct(images, rot, origins, ctf, apix)
+    ours = reconstruct(torch.from_numpy(images).to(device), rot.to(device), origins.to(device), ctf.to(device), apix,
+                       device=device).cpu()
     fsc, corr, scale = compare(ours, reference)
     # Measured (all / half1 / half2): FSC up to 0.9 Nyquist >= 0.99993 / 0.99994 / 0.99987 (0.990 / 0.993 /
     # 0.976 at Nyquist), voxel correlation 0.99964 / 0.99946 / 0.99877, scale 1.0001 / 1.0002 / 0.9999.
@@ -216,9 +232,11 @@ def test_matches_relion_reconstruct_noisy(subset, reference):
     assert scale == pytest.approx(1.0, abs=0.002)
 
 
-def test_matches_relion_reconstruct_clean_voxel_for_voxel():
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_relion_reconstruct_clean_voxel_for_voxel(device: str):
     images, rot, origins, ctf, apix = load_set("clean")
-    ours = reconstruct(images, rot, origins, ctf, apix)
+    ours = reconstruct(torch.from_numpy(images).to(device), rot.to(device), origins.to(device), ctf.to(device), apix,
+                       device=device).cpu()
     fsc, corr, scale = compare(ours, "rec_clean.mrc")
     # Measured: correlation 0.9999989, scale 1.00002, max |difference| 7.5e-4 of the map maximum,
     # FSC >= 0.99977 in every shell.
@@ -229,25 +247,31 @@ def test_matches_relion_reconstruct_clean_voxel_for_voxel():
     assert float(np.abs(ours.numpy() - ref).max()) < 2e-3 * float(np.abs(ref).max())
 
 
-def test_ctf_premultiplied_images_give_the_same_map():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctf_premultiplied_images_give_the_same_map(device: str):
     images, rot, origins, ctf, apix = load_set("clean")
     images, rot, origins, ctf = images[:100], rot[:100], origins[:100], ctf.index(slice(0, 100))
     n = images.shape[-1]
-    plain = reconstruct(images, rot, origins, ctf, apix, dtype=torch.float64)
+    rot_d, origins_d, ctf_d = rot.to(device), origins.to(device), ctf.to(device)
+    plain = reconstruct(torch.from_numpy(images).to(device), rot_d, origins_d, ctf_d, apix, device=device,
+                        dtype=torch.float64).cpu()
     spectra = image_to_rfft(torch.from_numpy(images.astype(np.float64)))
     premultiplied = rfft_to_image(spectra * compute_ctf(ctf, n, apix, dtype=torch.float64), n)
-    again = reconstruct(premultiplied, rot, origins, ctf, apix, ctf_premultiplied=True, dtype=torch.float64)
+    again = reconstruct(premultiplied.to(device), rot_d, origins_d, ctf_d, apix, device=device, ctf_premultiplied=True,
+                        dtype=torch.float64).cpu()
     assert torch.allclose(plain, again, atol=1e-9 * float(plain.abs().max()))
 
 
-def test_reconstructor_rejects_wrong_box():
-    rec = DirectFourierReconstructor(16, 1.0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstructor_rejects_wrong_box(device: str):
+    rec = DirectFourierReconstructor(16, 1.0, device=device)
     with pytest.raises(ValueError):
-        rec.add(torch.zeros(2, 18, 18), torch.eye(3).expand(2, 3, 3))
+        rec.add(torch.zeros(2, 18, 18).to(device), torch.eye(3).expand(2, 3, 3).to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", [BackProjector, GaussianKernelBackProjector])
-def test_backprojectors_share_one_interface(cls):
+def test_backprojectors_share_one_interface(cls: type, device: str):
     """Both backprojectors are BackProjectorLike, and inserting pixels is inserting the slices they come from."""
     n = 12
     gen = torch.Generator().manual_seed(0)
@@ -255,17 +279,19 @@ def test_backprojectors_share_one_interface(cls):
     slices = torch.complex(torch.randn(3, n, n // 2 + 1, generator=gen, dtype=torch.float64),
                            torch.randn(3, n, n // 2 + 1, generator=gen, dtype=torch.float64))
     weights = torch.rand(3, n, n // 2 + 1, generator=gen, dtype=torch.float64) - 0.2
-    whole, pixels = cls(n, dtype=torch.float64), cls(n, dtype=torch.float64)
+    rot, slices, weights = rot.to(device), slices.to(device), weights.to(device)
+    whole, pixels = cls(n, device=device, dtype=torch.float64), cls(n, device=device, dtype=torch.float64)
     assert isinstance(whole, BackProjectorLike)
     whole.insert(slices, weights, rot)
-    pix, kx, ky = half_plane_pixels(n, n // 2, skip_redundant=True, dtype=torch.float64)
+    pix, kx, ky = half_plane_pixels(n, n // 2, skip_redundant=True, device=device, dtype=torch.float64)
     pixels.insert_pixels(slices.reshape(3, -1)[:, pix], weights.reshape(3, -1)[:, pix], rot, kx, ky)
-    assert torch.allclose(whole.accumulators, pixels.accumulators, rtol=0, atol=1e-12)
+    assert torch.allclose(whole.accumulators.cpu(), pixels.accumulators.cpu(), rtol=0, atol=1e-12)
     assert float(whole.weight.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sym", ["C6", "D3", "O"])
-def test_point_group_on_the_grid_matches_inserting_every_operator(sym):
+def test_point_group_on_the_grid_matches_inserting_every_operator(sym: str, device: str):
     """Each image inserted once and the accumulators summed over the group on the grid (RELION's
     ``BackProjector::symmetrise``) against each image inserted at every operator's pose ``A @ L``."""
     n = 32
@@ -273,22 +299,26 @@ def test_point_group_on_the_grid_matches_inserting_every_operator(sym):
     ops = symmetry_operators(sym, torch.float64)
     rot = uniform_rotations(150, seed=4)
     images = projections(vol, rot)
-    on_grid = reconstruct(images, rot, None, None, pixel_size=1.0, sym_ops=ops, dtype=torch.float64)
+    images, rot, ops = images.to(device), rot.to(device), ops.to(device)
+    on_grid = reconstruct(images, rot, None, None, pixel_size=1.0, sym_ops=ops, device=device,
+                          dtype=torch.float64).cpu()
     every_pose = reconstruct(images.repeat_interleave(ops.shape[0], 0), equivalent_poses(rot, ops).reshape(-1, 3, 3),
-                             None, None, pixel_size=1.0, dtype=torch.float64)
+                             None, None, pixel_size=1.0, device=device, dtype=torch.float64).cpu()
     between = shells_upto(fsc_curve(on_grid, every_pose), 1.0)
     # The operators of O map grid points onto grid points, so its interpolation is exact; those of C6 and D3
     # interpolate the accumulated grid, which RELION accepts. Measured: min FSC to Nyquist 0.9985 (C6), 0.9963 (D3),
     # 1 - 7e-16 (O).
     assert between.min() > (0.999999 if sym == "O" else 0.99)
     # The result has the point group's symmetry: the map turned by an operator is the map.
-    turned = reconstruct(images, rot @ ops[1], None, None, pixel_size=1.0, sym_ops=ops, dtype=torch.float64)
+    turned = reconstruct(images, rot @ ops[1], None, None, pixel_size=1.0, sym_ops=ops, device=device,
+                         dtype=torch.float64).cpu()
     assert shells_upto(fsc_curve(turned, on_grid), 0.8).min() > 0.99
 
 
-def test_point_group_leaves_c1_accumulators_alone():
-    data = torch.randn(9, 9, 9, dtype=torch.complex64)
-    weight = torch.rand(9, 9, 9)
-    for ops in (None, torch.eye(3)[None]):
+@pytest.mark.parametrize("device", DEVICES)
+def test_point_group_leaves_c1_accumulators_alone(device: str):
+    data = torch.randn(9, 9, 9, dtype=torch.complex64).to(device)
+    weight = torch.rand(9, 9, 9).to(device)
+    for ops in (None, torch.eye(3)[None].to(device)):
         out = symmetrise_accumulators(data, weight, ops, 3)
         assert out[0] is data and out[1] is weight

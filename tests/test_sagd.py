@@ -42,7 +42,7 @@ from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
 from cryocli.io.volumes import load_volume
 
-from .conftest import ASPIRE, CRYODRGN, need, simulate_4ake
+from .conftest import ASPIRE, CRYODRGN, DEVICES, need, simulate_4ake
 
 runner = CliRunner()
 BOX, APIX = 32, 2.4
@@ -51,22 +51,26 @@ BOX, APIX = 32, 2.4
 # ------------------------------------------------------------------------------------------------ SAGD
 
 
-def _quadratic(seed: int = 0, batches: int = 6, dim: int = 12) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _quadratic(seed: int = 0, batches: int = 6, dim: int = 12, device: str = "cpu"
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random least-squares minibatches ``A_k (8, dim)``, ``b_k (8,)``, drawn on the CPU and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     a = [torch.randn(8, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) for _ in range(batches)]
     b = [torch.randn(8, generator=g, dtype=torch.float64) for _ in range(batches)]
-    return a, b
+    return [ak.to(device) for ak in a], [bk.to(device) for bk in b]
 
 
-def test_sagd_converges_to_the_minimiser_of_a_convex_problem():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sagd_converges_to_the_minimiser_of_a_convex_problem(device: str) -> None:
     """f = sum_k 0.5 |A_k x - b_k|^2 + 0.5 mu |x|^2 (the ridge term as the prior, its gradient added fresh at each
     step), six minibatches in a seeded random order: SAGD with its line search reaches the closed-form minimiser."""
-    a, b = _quadratic()
+    a, b = _quadratic(device=device)
     mu, k = 0.5, len(a)
-    h = sum(ak.T @ ak for ak in a) + mu * torch.eye(12, dtype=torch.float64)
-    x_star = torch.linalg.solve(h, sum(ak.T @ bk for ak, bk in zip(a, b, strict=True)))
-    opt = SAGD(torch.zeros((k, 12), dtype=torch.float64), torch.zeros(12, dtype=torch.float64), [False] * k)
-    x = torch.zeros(12, dtype=torch.float64)
+    h = sum(ak.T @ ak for ak in a) + mu * torch.eye(12, dtype=torch.float64, device=device)
+    x_star = torch.linalg.solve(h, sum(ak.T @ bk for ak, bk in zip(a, b, strict=True))).cpu()
+    opt = SAGD(torch.zeros((k, 12), dtype=torch.float64, device=device),
+               torch.zeros(12, dtype=torch.float64, device=device), [False] * k)
+    x = torch.zeros(12, dtype=torch.float64, device=device)
     order = torch.Generator().manual_seed(1)
     for _ in range(1500):
         j = int(torch.randint(k, (1,), generator=order))
@@ -77,19 +81,20 @@ def test_sagd_converges_to_the_minimiser_of_a_convex_problem():
         grad = a[j].T @ (a[j] @ x - b[j])
         x, info = opt.step(x, j, grad, mu * x, f_j, positive=False)
     assert info["eps"] == 1.0 / 16.0
-    assert float((x - x_star).norm() / x_star.norm()) < 1e-4
+    assert float((x.cpu() - x_star).norm() / x_star.norm()) < 1e-4
 
 
-def test_line_search_and_bisection_satisfy_the_sufficient_decrease():
+@pytest.mark.parametrize("device", DEVICES)
+def test_line_search_and_bisection_satisfy_the_sufficient_decrease(device: str) -> None:
     """For a quadratic the condition holds exactly when L >= g'Hg / |g|^2: the doubling search returns an L that
     satisfies it (and half of it does not), the bisection one within 1% of the threshold."""
-    a, b = _quadratic(seed=3, batches=1)
+    a, b = _quadratic(seed=3, batches=1, device=device)
     h = a[0].T @ a[0]
 
     def f(v: torch.Tensor) -> float:
         return float(0.5 * ((a[0] @ v - b[0]) ** 2).sum())
 
-    x = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(device)
     g = a[0].T @ (a[0] @ x - b[0])
     threshold = float(g @ h @ g / (g @ g))
     found, _ = line_search(f, x, f(x), g, 1e-3)
@@ -103,11 +108,12 @@ def test_line_search_and_bisection_satisfy_the_sufficient_decrease():
 # ------------------------------------------------------------------------------------------------ priors
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prior", [ExponentialPrior(3.0), CARPrior(0.7), UniformPrior()], ids=lambda p: p.name)
-def test_prior_gradients_match_finite_differences(prior):
+def test_prior_gradients_match_finite_differences(prior, device: str) -> None:
     g = torch.Generator().manual_seed(5)
-    volume = torch.rand((6, 6, 6), generator=g, dtype=torch.float64) + 0.1
-    grad = prior.grad(volume)
+    volume = (torch.rand((6, 6, 6), generator=g, dtype=torch.float64) + 0.1).to(device)
+    grad = prior.grad(volume).cpu()
     h = 1e-6
     for idx in [(0, 0, 0), (2, 3, 1), (5, 5, 5), (3, 0, 4)]:
         up, down = volume.clone(), volume.clone()
@@ -120,15 +126,16 @@ def test_prior_gradients_match_finite_differences(prior):
 # ------------------------------------------------------------------------------------------------ quadrature
 
 
-def test_kernels_are_normalised_and_peak_at_the_nearest_point():
-    coarse, fine = (build_quadrature(level, 25.0, 1.0, 2.5, torch.device("cpu")) for level in (1, 2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_are_normalised_and_peak_at_the_nearest_point(device: str) -> None:
+    coarse, fine = (build_quadrature(level, 25.0, 1.0, 2.5, torch.device(device)) for level in (1, 2))
     for old, new in ((coarse, fine), (fine, fine)):
-        for k in kernels(old, new):
+        for k in (kernel.cpu() for kernel in kernels(old, new)):
             assert torch.allclose(k.sum(1), torch.ones(k.shape[0]), atol=1e-5)
             assert bool((k >= 0).all())
     k_dir = direction_kernel(coarse.directions, fine.directions, coarse.dir_spacing)
     nearest = (coarse.directions @ fine.directions.T).argmax(1)
-    assert torch.equal(k_dir.argmax(1), nearest)
+    assert torch.equal(k_dir.argmax(1).cpu(), nearest.cpu())
     # The quadrature grows with omega: coarser levels for lower frequencies, capped.
     assert [level_for(w, 61.44, 4) for w in (1 / 40, 1 / 20, 1 / 10, 1 / 2)] == [0, 1, 2, 4]
     assert coarse.sizes == (48, 12, coarse.shifts.shape[0]) and fine.sizes[:2] == (192, 24)
@@ -163,11 +170,14 @@ def ake_particles():
     return images, ctf, truth, partly
 
 
-def _setting(images, ctf, level: int = 1, radius: int = 8):
-    quad = build_quadrature(level, 0.8 * BOX, 2.0 / APIX, 2.5 * 2.0 / APIX, torch.device("cpu"))
-    pixels = SearchPixels.build(BOX, radius)
-    data = batch_pixels(image_to_rfft(images) / BOX, ctf_on_pixels(ctf, pixels, images.shape[0], APIX,
-                                                                      torch.device("cpu")), pixels, 1.0)
+def _setting(images, ctf, level: int = 1, radius: int = 8, device: str = "cpu"):
+    """The quadrature, compared pixels, batch data and shift ramps of ``images`` and ``ctf`` (held on the CPU), all
+    on ``device``."""
+    dev = torch.device(device)
+    quad = build_quadrature(level, 0.8 * BOX, 2.0 / APIX, 2.5 * 2.0 / APIX, dev)
+    pixels = SearchPixels.build(BOX, radius, dev)
+    on_pixels = ctf_on_pixels(ctf.to(dev), pixels, images.shape[0], APIX, dev)
+    data = batch_pixels(image_to_rfft(images.to(dev)) / BOX, on_pixels, pixels, 1.0)
     return quad, pixels, data, pixels.ramp_parts(quad.shifts)
 
 
@@ -175,7 +185,8 @@ def _log_w(quad):
     return quad.log_w_dir, quad.log_w_psi, quad.log_w_shift
 
 
-def test_importance_sampled_likelihood_matches_the_exact_sum(ake_particles):
+@pytest.mark.parametrize("device", DEVICES)
+def test_importance_sampled_likelihood_matches_the_exact_sum(ake_particles, device: str) -> None:
     """The paper's Fig. 6 check, all frequencies to Nyquist: with s0 = 10 the importance-sampled log-likelihood is on
     average within 0.1% of the exact quadrature sum on a partly converged map, and for at least 95% of the particles
     (proposals from a first, exhaustive visit); the fraction of points evaluated falls as the proposal sharpens
@@ -184,29 +195,31 @@ def test_importance_sampled_likelihood_matches_the_exact_sum(ake_particles):
     Measured: log p about -881 nats per particle, median absolute error 0.19-0.25 nats, mean relative error
     0.025-0.032%, 96.5-100% of the 200 particles within 0.1%, the largest 0.09-0.15%; fractions evaluated 1.0, 0.96,
     0.70, 0.53, 0.51 at tau_prev 0, 300, 600, 1000, 3000. Even where every point is drawn (alpha = 1) the counts of the
-    draws carry the estimator's noise."""
+    draws carry the estimator's noise. The draws come from a generator on ``device``, as the engine's (multinomial
+    takes no generator of another device): on the CPU the same draws as before."""
     images, ctf, _, partly = ake_particles
-    quad, pixels, data, ramps = _setting(images, ctf, radius=BOX // 2)
-    proj = project_quadrature(partly, quad.rotations, pixels, BOX // 2)
+    quad, pixels, data, ramps = _setting(images, ctf, radius=BOX // 2, device=device)
+    proj = project_quadrature(partly.to(device), quad.rotations, pixels, BOX // 2)
     b = images.shape[0]
     full = tuple(full_set(w, b) for w in _log_w(quad))
     exact = marginal(data, proj, ramps, full, _log_w(quad))  # type: ignore[arg-type]
-    ids = torch.arange(b)
-    phi = ParticlePhi.empty(b, torch.device("cpu"))
+    exact_log_p = exact.log_p.cpu()
+    ids = torch.arange(b, device=device)
+    phi = ParticlePhi.empty(b, torch.device(device))
     phi.store(ids, quad.level, quad.sizes, tuple(scatter_log_phi(s, v) for s, v in zip(  # type: ignore[arg-type]
         full, (exact.log_phi_dir, exact.log_phi_psi, exact.log_phi_shift), strict=True)), 0)
     kern = kernels(quad, quad)
     fractions, errors = [], []
     for tau_prev in (0, 300, 600, 1000, 3000):
-        tp = torch.full((b,), tau_prev)
+        tp = torch.full((b,), tau_prev, device=device)
         alpha, temp = alpha_schedule(tp), temperature_schedule(tp)
-        gen = torch.Generator().manual_seed(tau_prev)
+        gen = torch.Generator(device=device).manual_seed(tau_prev)
         sets = tuple(draw(proposal(table, k, alpha, temp), w, 10.0, gen)
                      for table, k, w in zip(phi.log_phi[quad.level], kern, _log_w(quad), strict=True))
         est = marginal(data, proj, ramps, sets, _log_w(quad))  # type: ignore[arg-type]
-        rel = ((est.log_p - exact.log_p).abs() / exact.log_p.abs())
+        rel = ((est.log_p.cpu() - exact_log_p).abs() / exact_log_p.abs())
         errors.append((float(rel.mean()), float((rel <= 1e-3).to(torch.float64).mean()), float(rel.max())))
-        fractions.append(float((est.evaluated / quad.points).to(torch.float64).mean()))
+        fractions.append(float((est.evaluated.cpu() / quad.points).to(torch.float64).mean()))
     print(f"fractions evaluated {np.round(fractions, 4).tolist()}; relative errors (mean, share within 0.1%, "
           f"largest) {errors}")
     assert all(mean < 1e-3 and within >= 0.95 for mean, within, _ in errors)
@@ -214,15 +227,17 @@ def test_importance_sampled_likelihood_matches_the_exact_sum(ake_particles):
     assert fractions[-1] < 0.6 * fractions[0]
 
 
-def test_rremse_is_one_for_the_truth_and_above_for_a_wrong_map(ake_particles):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rremse_is_one_for_the_truth_and_above_for_a_wrong_map(ake_particles, device: str) -> None:
     images, ctf, truth, _ = ake_particles
-    quad, pixels, data, ramps = _setting(images, ctf, level=2)
+    quad, pixels, data, ramps = _setting(images, ctf, level=2, device=device)
     b = images.shape[0]
     full = tuple(full_set(w, b) for w in _log_w(quad))
     scores = {}
     wrong = random_spheres(BOX, 25.0, 30, torch.Generator().manual_seed(9))
     for name, volume in (("truth", truth), ("spheres", wrong * float(truth.std() / wrong.std()))):
-        res = marginal(data, project_quadrature(volume, quad.rotations, pixels, 8), ramps, full, _log_w(quad))  # type: ignore[arg-type]
+        proj = project_quadrature(volume.to(device), quad.rotations, pixels, 8)
+        res = marginal(data, proj, ramps, full, _log_w(quad))  # type: ignore[arg-type]
         scores[name] = rremse(res.expected_sq_error, 1.0, pixels.index.numel())
     print(scores)
     assert 0.97 <= scores["truth"] <= 1.02

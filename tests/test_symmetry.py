@@ -22,7 +22,7 @@ from cryocli.geometry.symmetry import (
 )
 from cryocli.io.mrc import read_map
 
-from .conftest import CRYOJAX, need
+from .conftest import CRYOJAX, DEVICES, need
 
 ORDERS = {"C1": 1, "C2": 2, "C7": 7, "C12": 12, "D1": 2, "D2": 4, "D7": 14, "T": 12, "O": 24,
           "I": 60, "I1": 60, "I2": 60, "I3": 60, "I4": 60}
@@ -147,7 +147,8 @@ def test_tetrahedral_and_octahedral_settings():
     assert all(_contains(o, torch.as_tensor(m), 1e-12) for m in signed_perms)
 
 
-def test_trpv1_map_has_relion_c4_about_z():
+@pytest.mark.parametrize("device", DEVICES)
+def test_trpv1_map_has_relion_c4_about_z(device: str):
     """TRPV1 (cryojax test map, a C4 tetramer) is invariant under RELION's C4 operators, not C3 or D4."""
     vol = np.asarray(read_map(need(CRYOJAX / "trpv1_volume.mrc")).data, dtype=np.float64)
     n = vol.shape[0]
@@ -167,15 +168,16 @@ def test_trpv1_map_has_relion_c4_about_z():
     assert min(c4) > 0.999, c4
     assert max(c3) < 0.7, c3
     assert max(d4_extra) < 0.5, d4_extra
-    sym = symmetrize_volume(torch.as_tensor(vol), symmetry_operators("C4")).numpy()
+    sym = symmetrize_volume(torch.as_tensor(vol).to(device), symmetry_operators("C4", device=device)).cpu().numpy()
     assert corr(sym, vol) > 0.999
 
 
-def test_symmetrize_volume_matches_scipy_and_is_idempotent():
+@pytest.mark.parametrize("device", DEVICES)
+def test_symmetrize_volume_matches_scipy_and_is_idempotent(device: str):
     gen = torch.Generator().manual_seed(0)
     vol = torch.rand(16, 16, 16, generator=gen, dtype=torch.float64)
     ops = symmetry_operators("I2")
-    ours = symmetrize_volume(vol, ops)
+    ours = symmetrize_volume(vol.to(device), ops.to(device)).cpu()
     centre = np.full(3, 8.0)
     ref = np.zeros((16, 16, 16))
     for op in ops.numpy():
@@ -184,14 +186,14 @@ def test_symmetrize_volume_matches_scipy_and_is_idempotent():
     ref /= len(ops)
     assert np.abs(ours.numpy() - ref).max() < 1e-10
     # Batched input gives the same maps.
-    assert torch.allclose(symmetrize_volume(torch.stack([vol, 2 * vol]), ops)[1], 2 * ours)
+    assert torch.allclose(symmetrize_volume(torch.stack([vol, 2 * vol]).to(device), ops.to(device))[1].cpu(), 2 * ours)
     # O on an odd box moves voxels onto voxels: exactly idempotent and invariant.
     odd = torch.rand(15, 15, 15, generator=gen, dtype=torch.float64)
-    o = symmetry_operators("O")
-    once = symmetrize_volume(odd, o)
-    assert (symmetrize_volume(once, o) - once).abs().max() < 1e-12
-    assert all((symmetrize_volume(once, op[None]) - once).abs().max() < 1e-12 for op in o)
-    assert (once - odd).abs().max() > 0.1
+    o = symmetry_operators("O", device=device)
+    once = symmetrize_volume(odd.to(device), o)
+    assert (symmetrize_volume(once, o).cpu() - once.cpu()).abs().max() < 1e-12
+    assert all((symmetrize_volume(once, op[None]).cpu() - once.cpu()).abs().max() < 1e-12 for op in o)
+    assert (once.cpu() - odd).abs().max() > 0.1
 
 
 def _project(volume: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
@@ -205,12 +207,13 @@ def _project(volume: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     return sampled.sum(0)
 
 
-def test_equivalent_poses_give_identical_projections():
+@pytest.mark.parametrize("device", DEVICES)
+def test_equivalent_poses_give_identical_projections(device: str):
     gen = torch.Generator().manual_seed(1)
-    o = symmetry_operators("O")
-    vol = symmetrize_volume(torch.rand(15, 15, 15, generator=gen, dtype=torch.float64), o)
+    o = symmetry_operators("O", device=device)
+    vol = symmetrize_volume(torch.rand(15, 15, 15, generator=gen, dtype=torch.float64).to(device), o).cpu()
     poses = random_rotations(3, generator=gen, dtype=torch.float64)
-    equivalents = equivalent_poses(poses, o)
+    equivalents = equivalent_poses(poses.to(device), o).cpu()
     assert equivalents.shape == (3, 24, 3, 3)
     for pose, group in zip(poses, equivalents):
         reference = _project(vol, pose)

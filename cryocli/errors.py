@@ -48,8 +48,8 @@ class RunBrokenOff(Exception):
     """A run that stopped after it started, through no fault of its input: another torchrun rank failed or
     stalled, the device ran out of memory, or the operating system refused a read or write (a full disk).
 
-    reason: what happened, one line; kept: the folder whose checkpoint stays for ``--resume`` (None: the run had
-    written none, and nothing was kept); advice: what to do before resuming (default: nothing, resume as it was).
+    reason, advice: :func:`broken_off`'s; kept: the folder whose checkpoint stays for ``--resume`` (None: the run had
+    written none, and nothing was kept).
     """
 
     def __init__(self, reason: str, kept: Path | None, advice: str = "") -> None:
@@ -87,3 +87,24 @@ def io_failure(exc: BaseException) -> str | None:
         return None
     what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
     return f"{what} ({exc.filename})" if exc.filename else what
+
+
+#: What helps when memory ran out: every command that runs out of memory has --batch-size.
+MEMORY_ADVICE = "a smaller --batch-size needs less memory"
+
+
+def broken_off(exc: BaseException) -> tuple[str, str] | None:
+    """Why a command broke off through no fault of its input, and what would help (``""``: nothing but trying
+    again): a read or write the operating system refused (a full disk), a collective with the other torchrun ranks
+    that failed, or memory that ran out. None for any other error."""
+    from cryocli import distributed  # torch.distributed, read only when there is an error to explain
+
+    failed_io = io_failure(exc)
+    if failed_io is not None:
+        return failed_io, ""
+    if distributed.is_collective_failure(exc):
+        return f"a collective with the other ranks failed ({' '.join(str(exc).split())[:200]})", ""
+    shortage = memory_shortage(exc)
+    if shortage is not None:
+        return shortage, MEMORY_ADVICE
+    return None

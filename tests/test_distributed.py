@@ -362,11 +362,12 @@ def test_a_collective_broken_by_another_rank_is_one_error_line(monkeypatch: pyte
         with guarded():
             raise RuntimeError("shape mismatch")
     # Broken off inside a run (cryocli.engines.runner): the line says whether a checkpoint was kept for --resume.
-    from cryocli.engines.runner import broken_off
-    from cryocli.errors import RunBrokenOff
+    from cryocli.errors import RunBrokenOff, broken_off
 
-    reason, advice = broken_off(broken)
-    assert reason is not None and reason.startswith("a collective with the other ranks failed (") and advice == ""
+    assert broken_off(RuntimeError("shape mismatch")) is None
+    why = broken_off(broken)
+    assert why is not None and why[0].startswith("a collective with the other ranks failed (") and why[1] == ""
+    reason = why[0]
     for kept, tail in ((Path("run"), "; the last checkpoint is kept in run; run the same command with --resume to "
                                      "continue"),
                        (None, "; it stopped before its first checkpoint; nothing was kept")):

@@ -119,7 +119,7 @@ def test_memory_that_runs_out_is_one_line_without_output(tmp_path: Path, monkeyp
     res = runner.invoke(app, ["reconstruct", str(RELION_SET / "noisy" / "noisy.star"), "-o", str(out)])
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.startswith("cryocli:")]
-    assert lines == ["cryocli: error: out of memory on the CPU: an allocation of 931322.57 GiB failed; a smaller "
-                     "--batch-size needs less memory, where the command has one"], res.output
+    assert lines == ["cryocli: error: the run stopped: out of memory on the CPU: an allocation of 931322.57 GiB "
+                     "failed; a smaller --batch-size needs less memory"], res.output
     assert "Traceback" not in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -272,8 +272,8 @@ def test_device_out_of_memory_is_one_line_that_keeps_the_checkpoint(sim, tmp_pat
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.startswith("cryocli:")]
     assert lines == [f"cryocli: error: the run stopped: CUDA out of memory. Tried to allocate 2.00 GiB; the last "
-                     f"checkpoint is kept in {out}; a smaller --batch-size (or --preload no) needs less memory, and "
-                     "add --resume to continue"], r.output
+                     f"checkpoint is kept in {out}; a smaller --batch-size needs less memory, and add --resume to "
+                     "continue"], r.output
     assert "Traceback" not in r.output
     monkeypatch.setattr(CryoSpinEngine, "_decoding_epoch", original)
     r = _abinitio(sim, out, "--resume", "--batch-size", "16")

@@ -130,7 +130,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch)
                               "--apix", "3", "--stack-size", "10"])
     assert len(written) == 2, res.output
     assert res.exit_code == 1
-    assert res.output.strip() == f"cryocli: error: No space left on device ({written[1]})", res.output
+    assert res.output.strip() == f"cryocli: error: the run stopped: No space left on device ({written[1]})", res.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cryocli.errors import CryocliError, RunBrokenOff, io_failure, memory_shortage
+from cryocli.errors import CryocliError, RunBrokenOff, broken_off
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT): 128 + 2
@@ -102,24 +102,14 @@ def guarded() -> Iterator[None]:
     except RunBrokenOff as exc:
         fail(f"the run stopped: {exc.line()}")
         raise typer.Exit(code=1) from None  # not bad input: the run broke off
-    except RuntimeError as exc:
-        from cryocli import distributed
-
-        # Another rank stopped (its own error line says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT, or an
-        # allocation failed, outside a run that keeps checkpoints (those raise RunBrokenOff).
-        shortage = memory_shortage(exc)
-        if distributed.is_collective_failure(exc):
-            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            fail(f"the run stopped: a collective with the other ranks failed ({cause[:200]})")
-        elif shortage is not None:
-            fail(f"{shortage}; a smaller --batch-size needs less memory, where the command has one")
-        else:
+    except (RuntimeError, OSError) as exc:
+        # Outside a run that keeps checkpoints (those raise RunBrokenOff): another rank stopped (its own error line
+        # says why) or stalled past CRYOCLI_COLLECTIVE_TIMEOUT, memory ran out, or the system refused a read or write.
+        why = broken_off(exc)
+        if why is None:
             raise
+        fail(f"the run stopped: {why[0]}" + (f"; {why[1]}" if why[1] else ""))
         raise typer.Exit(code=1) from None  # not bad input: the run broke off
-    except OSError as exc:
-        # A read or write the operating system refused mid-command (a full disk, a quota): the input was fine.
-        fail(io_failure(exc) or str(exc))
-        raise typer.Exit(code=1) from None
 
 
 def emit_json(payload: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from cryocli.engines.halves import run_engine, select_rows
 from cryocli.engines.progress import Reporter
 from cryocli.engines.protocol import Engine, EngineConfig
 from cryocli.engines.result import Reconstruction
-from cryocli.errors import CryocliError, OptionError, RunBrokenOff, io_failure, memory_shortage
+from cryocli.errors import CryocliError, OptionError, RunBrokenOff, broken_off
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import read_map
 from cryocli.io.run_directory import RunDirectory
@@ -143,32 +143,17 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
             on_interrupt(run_dir.work if keep else None)
         raise
     except (RuntimeError, OSError) as exc:
-        reason, advice = broken_off(exc)
-        if reason is None:
+        why = broken_off(exc)
+        if why is None:
             raise
         # Like an interrupt, the run broke off through no fault of its input: a long run must be able to continue
         # from its last checkpoint (--resume) rather than start again.
         keep = reporter is not None and reporter.checkpointed
-        raise RunBrokenOff(reason, run_dir.work if keep else None, advice) from exc
+        raise RunBrokenOff(why[0], run_dir.work if keep else None, why[1]) from exc
     finally:
         if reporter is not None:
             reporter.close()
         run_dir.close(keep=keep)
-
-
-def broken_off(exc: BaseException) -> tuple[str | None, str]:
-    """Why a run broke off through no fault of its input, and what to do before resuming: a collective with the
-    other torchrun ranks failed, the device ran out of memory, or the operating system refused a read or write (a
-    full disk). ``(None, "")`` for any other error."""
-    failed_io = io_failure(exc)
-    if failed_io is not None:
-        return failed_io, ""
-    if distributed.is_collective_failure(exc):
-        return f"a collective with the other ranks failed ({' '.join(str(exc).split())[:200]})", ""
-    shortage = memory_shortage(exc)
-    if shortage is not None:
-        return shortage, "a smaller --batch-size (or --preload no) needs less memory"
-    return None, ""
 
 
 def follow_rank_zero(engine: Engine, config: EngineConfig, request: RunRequest, stack: ParticleStack) -> RunOutcome:

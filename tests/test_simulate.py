@@ -301,3 +301,28 @@ def test_particles_png_is_byte_identical_for_the_same_seed_and_follows_the_umask
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "Particles", "ground_truth.mrc", "particles.png", "particles.star", "simulate.json"]
     assert matplotlib.image.imread(a).shape[:2] == _png_size(2, 6)
+
+
+def test_a_map_is_simulated_on_its_own_grid_unless_told_otherwise(tmp_path: Path) -> None:
+    """A map keeps its voxel size and box by default (it was resampled to 128 px at 0.8 A, cropping a 282 A
+    particle to 102 A); --apix alone keeps its field of view; a box that crops the map says so."""
+    source = need(RELION_SET / "map.mrc")
+    with mrcfile.open(source) as m:
+        truth, voxel = np.asarray(m.data, dtype=np.float64), float(m.voxel_size.x)
+    assert truth.shape == (64, 64, 64) and abs(voxel - 4.4) < 1e-4
+    common = ["-n", "20", "--snr", "inf", "--no-ctf"]
+    assert _run("simulate", str(source), "-o", str(tmp_path / "own"), *common).exit_code == 0
+    with mrcfile.open(tmp_path / "own" / "ground_truth.mrc") as m:
+        assert m.data.shape == (64, 64, 64) and abs(float(m.voxel_size.x) - voxel) < 1e-4
+        assert np.corrcoef(np.asarray(m.data, dtype=np.float64).ravel(), truth.ravel())[0, 1] > 0.9999
+    assert _run("simulate", str(source), "-o", str(tmp_path / "half"), "--apix", "8.8", *common).exit_code == 0
+    with mrcfile.open(tmp_path / "half" / "ground_truth.mrc") as m:
+        assert m.data.shape == (32, 32, 32) and abs(float(m.voxel_size.x) - 8.8) < 1e-4
+    cropped = runner.invoke(app, ["simulate", str(source), "-o", str(tmp_path / "crop"), "--box", "32", *common],
+                            catch_exceptions=False)
+    assert cropped.exit_code == 0, cropped.output
+    text = " ".join(cropped.output.split())
+    assert "warning: the 32 px box at 4.4 A/px (140.8 A) crops the 281.6 A map" in text, text
+    info = json.loads((tmp_path / "crop" / "simulate.json").read_text())
+    assert info["map_fraction_outside_box"] > 0.01
+    assert info["parameters"]["box"] == 32 and info["parameters"]["apix"] == 4.4

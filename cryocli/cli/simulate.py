@@ -12,6 +12,7 @@ from cryocli.cli.common import (
     check_number,
     claim_outputs,
     emit_json,
+    err_console,
     guarded,
     out_console,
     parse_range,
@@ -27,10 +28,12 @@ def simulate(
                              "ground_truth.mrc, simulate.json, and particles.png: the first particles without "
                              "CTF, with it, and with noise, to see what the SNR and defocus look like)."),
     n_particles: int = typer.Option(10000, "--n-particles", "-n", min=1, help="Number of particles."),
-    box: int | None = typer.Option(None, "--box", min=8, help="Box size in pixels [default: 128, or the "
-                                      "--poses-from STAR file's]."),
-    apix: float | None = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: 0.8, "
-                                         "or the --poses-from STAR file's]."),
+    box: int | None = typer.Option(None, "--box", min=8, help="Box size in pixels [default: the "
+                                      "--poses-from STAR file's; for a map, its own box, or its field of view at "
+                                      "--apix; 128 for an atomic model]."),
+    apix: float | None = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: "
+                                         "the --poses-from STAR file's; for a map, its own voxel size; 0.8 for an "
+                                         "atomic model]."),
     snr: str = typer.Option("0.1", "--snr", help="Signal-to-noise ratio, linear (0.1), in decibels (-10dB) or "
                             "inf (no noise). SNR = variance of the clean CTF-modulated projection over the whole "
                             "box / noise variance, averaged over the dataset."),
@@ -130,16 +133,17 @@ def _simulate(model: Path, out: Path, device, n_particles: int, box: int | None,
             apix = float(source.pixel_size[0])
             check_number("the pixel size of --poses-from", apix, gt=0, why="Angstrom; pass --apix")
         n_particles = len(geometry)
+    volume, source_info = load_volume(model, box, apix, resolution=resolution, center=not no_center)
+    box, apix = source_info.pop("box"), source_info.pop("apix")
+    _warn_if_cropped(source_info, box, apix)
     config = SimulationConfig(
-        n_particles=n_particles, box=box or 128, apix=apix or 0.8, snr=snr,
+        n_particles=n_particles, box=box, apix=apix, snr=snr,
         defocus=parse_range(defocus, "--defocus"), astigmatism=parse_range(astigmatism, "--astigmatism"),
         astig_angle=parse_range(astig_angle, "--astig-angle"), voltage=voltage, cs=cs,
         amp_contrast=amp_contrast, bfactor=bfactor, shift_sigma=shift_sigma, views=views, ctf=not no_ctf,
         invert=invert, seed=STATE.seed, stack_size=stack_size)
     if geometry is None:
         geometry = draw_geometry(config)
-    volume, source_info = load_volume(model, config.box, config.apix, resolution=resolution,
-                                      center=not no_center)
     if not np.isfinite(volume).all():
         raise CryocliError("the map holds NaN or Inf values", model)
     if not np.any(volume):
@@ -149,6 +153,20 @@ def _simulate(model: Path, out: Path, device, n_particles: int, box: int | None,
                                    extra_info={"model": str(model), "poses_from": str(poses_from or ""),
                                                **source_info})
     return summary, config
+
+
+# A map cropped by more than this share of its squared density loses part of the molecule, not only solvent noise.
+CROPPED_WARNING_FRACTION = 0.01
+
+
+def _warn_if_cropped(source_info: dict, box: int, apix: float) -> None:
+    """Say when the requested grid cuts off part of a map (an atomic model that does not fit is an error instead)."""
+    outside = source_info.get("map_fraction_outside_box", 0.0)
+    if outside > CROPPED_WARNING_FRACTION:
+        extent = source_info["map_box"] * source_info["map_voxel_size_A"]
+        err_console().print(f"[yellow]warning:[/] the {box} px box at {apix:g} A/px ({box * apix:g} A) crops the "
+                            f"{extent:g} A map: {100 * outside:.1f}% of its squared density is cut off; leave out "
+                            "--box and --apix to keep the map's own grid")
 
 
 def register(app: typer.Typer) -> None:

@@ -243,6 +243,29 @@ def test_held_out_data_prefer_the_regularised_map_when_the_data_are_noisy(device
     assert min(scores[0.3], scores[1.0]) < scores[100.0], scores
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_beta_still_matters_where_the_smoothing_covers_every_gradient(device: str) -> None:
+    """With mu growing as beta, a beta large enough to put every |grad x| below mu made the smoothed TV the
+    same quadratic for every beta: on a 32-px refine the beta search's held-out scores were equal to the last
+    digit. mu now stops at eps', so beta scales 100 and 200 (mu 16 and 32 eps' before) give different maps,
+    and the larger one smooths more."""
+    from cryocli.engines.refine.sparse_tv import forward_differences
+
+    _, vol = _normal_problem()
+    half = _noisy_half(vol, 11, 3.0, device)
+    start = solve_sparse_tv(half, torch.zeros_like(vol, device=device),
+                            scaled_parameters(half, vol.to(device), SparseTVConfig(alpha=0.0, beta=0.0, gamma=0.0)), 150)
+    maps, tv = {}, {}
+    for scale in (100.0, 200.0):
+        params = scaled_parameters(half, start, SparseTVConfig(), scale)
+        assert params.mu <= params.eps_prime * (1 + 1e-9)
+        maps[scale] = solve_sparse_tv(half, start, params, 30, start=start)
+        tv[scale] = float(forward_differences(maps[scale]).pow(2).sum(0).sqrt().sum())
+    change = float((maps[200.0] - maps[100.0]).norm() / maps[100.0].norm())
+    assert change > 1e-3, change
+    assert tv[200.0] < tv[100.0], tv
+
+
 def _known_pose_halves() -> dict[str, Any]:
     """4AKE at 48 px / 2.4 A, 1,000 noisy projections per half at the true poses (noise rms 10 x the signal's),
     backprojected trilinearly and with the Gaussian kernel; the unregularised halves, their FSC, a mask."""

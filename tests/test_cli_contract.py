@@ -446,3 +446,62 @@ def test_postprocess_never_writes_a_non_finite_map(tmp_path: Path, data) -> None
     post = tmp_path / "post"
     _one_error(_run("postprocess", data.half1, data.half2, "-o", post, "--bfactor", "-1e6"), "NaN or Inf", "--bfactor")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----- 7. the global --device is checked by every command ----------------------------------------------------
+
+def _every_command_args(tmp_path: Path, data) -> dict[str, list[object]]:
+    """Arguments for each subcommand: inputs that exist, outputs in tmp_path."""
+    return {
+        "info": [data.half1],
+        "simulate": [DEMO_MODEL, "-o", tmp_path / "sim", *SMALL],
+        "reconstruct": [data.star, "-o", tmp_path / "map.mrc"],
+        "postprocess": [data.half1, data.half2, "-o", tmp_path / "post"],
+        "fsc": [data.half1, data.half2, "-o", tmp_path / "fsc.star"],
+        "abinitio": [data.star, "-o", tmp_path / "run"],
+        "refine": [data.star, "-o", tmp_path / "run", "--ref", data.map],
+        "report": [data.root / "rec"],
+    }
+
+
+def test_every_command_refuses_a_bad_device(tmp_path: Path, data) -> None:
+    """`cryocli --device banana fsc a.mrc b.mrc` ran (exit 0): the value was only read by commands that use a
+    torch device. Every command refuses it, before any work, with resolve_device's line."""
+    cases = _every_command_args(tmp_path, data)
+    assert set(cases) == set(typer.main.get_command(app).commands)  # a new command gets a case here
+    for name, args in cases.items():
+        for where in ("before", "after"):
+            argv = ["--device", "banana", name, *args] if where == "before" else [name, *args, "--device", "banana"]
+            _one_error(_run(*argv), "--device banana: expected auto, cpu, cuda or cuda:N")
+    _one_error(_run("--device", "cuda:x", "info", data.half1), "--device cuda:x: expected auto, cpu, cuda or cuda:N")
+    assert list(tmp_path.iterdir()) == []
+    for good in ("cpu", "auto", "CPU"):
+        assert _run("--device", good, "-q", "info", data.half1).exit_code == 0
+
+
+def test_every_command_refuses_cuda_where_there_is_none(tmp_path: Path, data, monkeypatch) -> None:
+    """`cryocli --device cuda info map.mrc` ran on a machine without CUDA; now the same line as reconstruct's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, args in _every_command_args(tmp_path, data).items():
+        _one_error(_run("--device", "cuda", name, *args), "--device cuda: CUDA is not available on this machine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _one_error(_run("--device", "cuda:1", "info", data.half1), "--device cuda:1: this machine has 1 CUDA device(s)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_summaries_are_valid_json_without_infinity(capsys, monkeypatch) -> None:
+    """A resolution that does not exist (inf) or a NaN is written as null: Python's json writes Infinity, which
+    jq and JSON.parse refuse."""
+    import json as json_module
+    import math
+
+    import numpy as np
+
+    from cryocli.cli import common
+
+    monkeypatch.setattr(common.STATE, "json", True)
+    common.emit_json({"a": math.inf, "b": [1.5, float("nan"), np.float64(-np.inf)], "c": {"d": 2.0}, "e": "inf"})
+    line = capsys.readouterr().out
+    assert "Infinity" not in line and "NaN" not in line
+    assert json_module.loads(line) == {"a": None, "b": [1.5, None, None], "c": {"d": 2.0}, "e": "inf"}

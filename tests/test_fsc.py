@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 
 import numpy as np
 import pytest
@@ -234,3 +235,154 @@ def test_cli_fsc_align_recovers_a_mirrored_rotated_map(tmp_path):
     assert float(angle) < 2.0
     np.testing.assert_allclose(al["shift_A"], [2.0, -4.0, 3.0], atol=0.3)
     assert (tmp_path / "al.mrc").exists()
+
+
+def test_crossing_below_the_threshold_from_the_first_shell_is_not_extrapolated():
+    """A curve already below the threshold at shell 0 (maps whose means have opposite signs, or a zero mean)
+    crosses at frequency 0; interpolating between two shells below the threshold extrapolated a finite
+    resolution beyond shell 1 (here 0.143 / 0.1 = 1.43 shells)."""
+    n, apix = 20, 2.0
+    for start in (0.0, -1.0):
+        c = threshold_crossing(np.array([start, 0.1, 0.05, 0.0, 0, 0, 0, 0, 0, 0, 0]), n, apix, 0.143)
+        assert c.reached and c.shell == 0
+        assert c.frequency == 0.0 and c.resolution == float("inf")
+
+
+def _strict_json(text: str) -> dict:
+    """json.loads that refuses Infinity and NaN (not JSON: jq and most parsers reject them)."""
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _one_error_line(r, *words: str) -> str:
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cryocli: error: "), r.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def half_copies(tmp_path):
+    """Copies of the two RELION half maps and the mask in tmp_path (the shared data is read-only)."""
+    names = {"h1.mrc": RELION_SET / "reconstruct" / "rec_half1.mrc",
+             "h2.mrc": RELION_SET / "reconstruct" / "rec_half2.mrc", "mask.mrc": RELION_SET / "mask.mrc"}
+    for name, source in names.items():
+        (tmp_path / name).write_bytes(need(source).read_bytes())
+    return tmp_path / "h1.mrc", tmp_path / "h2.mrc", tmp_path / "mask.mrc"
+
+
+def test_cli_fsc_never_writes_over_its_own_inputs(tmp_path, half_copies):
+    """`fsc h1 h2 -o h1 --force` replaced the input half map with STAR text: an output that is an input is
+    refused even with --force, also through a symbolic link, a `..` path or a hard link."""
+    h1, h2, mask = half_copies
+    before = {p: p.read_bytes() for p in half_copies}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.star").symlink_to(h2)
+    os.link(mask, tmp_path / "hard.png")
+    before[tmp_path / "hard.png"] = mask.read_bytes()
+    cases = [
+        (["-o", h1, "--force"], h1, "MAP1"),
+        (["-o", tmp_path / "link.star", "--force"], tmp_path / "link.star", "MAP2"),
+        (["--plot", tmp_path / "sub" / ".." / "mask.mrc", "--force", "--mask", mask], None, "--mask"),
+        (["--plot", tmp_path / "hard.png", "--force", "--mask", mask], tmp_path / "hard.png", "--mask"),
+        (["--align", "--aligned-map", h2, "--force"], h2, "MAP2"),
+    ]
+    for extra, shown, name in cases:
+        r = runner.invoke(app, ["fsc", str(h1), str(h2), *map(str, extra)])
+        line = _one_error_line(r, name, "input")
+        assert shown is None or str(shown) in line
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h1.mrc", "h2.mrc", "hard.png", "link.star", "mask.mrc",
+                                                          "sub"]
+
+
+def test_cli_fsc_outputs_need_their_extensions(tmp_path):
+    a, b = _half_paths()
+    cases = [(["-o", tmp_path / "fsc.txt"], "--output", ".star"), (["--plot", tmp_path / "fsc.txt"], "--plot", ".png"),
+             (["--plot", tmp_path / "fsc.pdf"], "--plot", ".png"),
+             (["--align", "--aligned-map", tmp_path / "al.star"], "--aligned-map", ".mrc or .map")]
+    for extra, option, suffix in cases:
+        line = _one_error_line(runner.invoke(app, ["fsc", a, b, *map(str, extra)]), option, suffix)
+        assert str(extra[-1]) in line
+    assert list(tmp_path.iterdir()) == []
+    # Upper case is fine, as for reconstruct's output.
+    r = runner.invoke(app, ["fsc", a, b, "-o", str(tmp_path / "FSC.STAR"), "--plot", str(tmp_path / "FSC.PNG"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FSC.PNG", "FSC.STAR"]
+
+
+def test_cli_fsc_creates_a_missing_output_folder_as_the_other_commands_and_only_when_it_succeeds(tmp_path):
+    """The output's missing parent folders are created, as for reconstruct and postprocess; a run that fails
+    leaves none behind."""
+    a, b = _half_paths()
+    star = tmp_path / "new" / "deeper" / "fsc.star"
+    small = tmp_path / "small.mrc"
+    write_map(small, np.ones((8, 8, 8), np.float32) + np.arange(8, dtype=np.float32), 4.4)
+    r = runner.invoke(app, ["fsc", a, str(small), "-o", str(star)])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists()
+    r = runner.invoke(app, ["fsc", a, b, "-o", str(star), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert star.read_text().count("data_fsc") == 1
+    assert sorted(p.name for p in star.parent.iterdir()) == ["fsc.star"]  # no lock or temporary left
+
+
+@pytest.mark.parametrize("fill, words", [(0.0, "all zero"), (2.5, "constant")])
+def test_cli_fsc_refuses_an_all_zero_or_constant_map(tmp_path, fill: float, words: str):
+    """An empty map has no FSC (it reported a resolution of "inf" with exit 0); postprocess refuses it too."""
+    a, b = _half_paths()
+    flat = tmp_path / "flat.mrc"
+    write_map(flat, np.full((64, 64, 64), fill, np.float32), 4.4)
+    star = tmp_path / "fsc.star"
+    for args in ([a, str(flat)], [str(flat), b], [str(flat), str(flat)]):
+        line = _one_error_line(runner.invoke(app, ["fsc", *args, "-o", str(star)]), str(flat), words)
+        assert "inf" not in line
+    assert not star.exists()
+
+
+def test_cli_fsc_refuses_a_mask_that_leaves_nothing(tmp_path):
+    a, b = _half_paths()
+    empty = tmp_path / "empty_mask.mrc"
+    write_map(empty, np.zeros((64, 64, 64), np.float32), 4.4)
+    _one_error_line(runner.invoke(app, ["fsc", a, b, "--mask", str(empty)]), str(empty), "all zero")
+    # A mask that keeps only a corner where the first map is zero.
+    corner = np.zeros((64, 64, 64), np.float32)
+    corner[:2, :2, :2] = 1.0
+    inner = tmp_path / "inner.mrc"
+    volume = read_map(a).data.copy()
+    volume[:2, :2, :2] = 0.0
+    write_map(inner, volume, 4.4)
+    write_map(tmp_path / "corner.mrc", corner, 4.4)
+    _one_error_line(runner.invoke(app, ["fsc", str(inner), b, "--mask", str(tmp_path / "corner.mrc")]), str(inner),
+                    "all zero inside the mask")
+
+
+def test_cli_fsc_says_beyond_nyquist_for_a_map_against_itself():
+    a, _ = _half_paths()
+    r = runner.invoke(app, ["fsc", a, a], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if "0.143" in line or "0.5 " in line]
+    assert len(rows) == 2 and all("beyond Nyquist" in row and "<= 8.80" in row for row in rows), r.stdout
+    assert "inf" not in r.stdout
+    s = _strict_json(runner.invoke(app, ["fsc", a, a, "--json"]).stdout)
+    assert s["nyquist_A"] == pytest.approx(8.8)
+    for x in s["resolution"]:
+        assert x["reached"] is False and x["resolution_A"] == pytest.approx(8.8)
+
+
+def test_cli_fsc_without_a_crossing_gives_null_not_infinity(tmp_path):
+    """A map against its negative: the FSC is -1 from shell 0, below every threshold; no resolution (JSON null),
+    not "inf" (Infinity is not JSON)."""
+    a, _ = _half_paths()
+    negative = tmp_path / "negative.mrc"
+    write_map(negative, -read_map(a).data, 4.4)
+    r = runner.invoke(app, ["fsc", a, str(negative), "--json", "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.stderr
+    s = _strict_json(r.stdout)
+    for x in s["resolution"]:
+        assert x["reached"] is True and x["resolution_A"] is None and x["frequency_per_A"] == 0.0
+    r = runner.invoke(app, ["fsc", a, str(negative)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "inf" not in r.stdout
+    assert r.stdout.count("none: below from the first shell") == 2, r.stdout

@@ -96,7 +96,10 @@ class Crossing:
 
     ``frequency`` (1/A) is interpolated linearly between the last shell at or above the threshold and
     the first shell below it; ``resolution`` = 1 / frequency (Angstrom). When the curve never drops
-    below the threshold, ``reached`` is False and both give Nyquist.
+    below the threshold, ``reached`` is False and both give Nyquist (the resolution is that or finer).
+    When it is below the threshold already at shell 0 and at shell 1 (maps whose means are zero or of
+    opposite signs, and no correlation at shell 1), ``frequency`` is 0 and ``resolution`` infinite: there
+    is no resolution to report.
     """
 
     threshold: float
@@ -116,7 +119,10 @@ def threshold_crossing(fsc: np.ndarray, n: int, voxel_size: float, threshold: fl
         return Crossing(threshold, float(nyq), float(1.0 / nyq), False, len(fsc) - 1)
     i = int(below[0]) + 1
     f0, f1, c0, c1 = freq[i - 1], freq[i], fsc[i - 1], fsc[i]
-    t = (c0 - threshold) / (c0 - c1) if c0 != c1 else 0.0
+    # Shell i - 1 is at or above the threshold, except shell 0 (the search starts at shell 1): when shell 0 is
+    # below it too, the line through the two shells does not cross it, and t would extrapolate a resolution
+    # outside them; the curve is below from the start (frequency 0).
+    t = (c0 - threshold) / (c0 - c1) if c0 > threshold else 0.0
     f = f0 + t * (f1 - f0)
     return Crossing(threshold, float(f), float(1.0 / f) if f > 0 else float("inf"), True, i - 1)
 

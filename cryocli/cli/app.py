@@ -210,6 +210,10 @@ def root(
 ) -> None:
     """Global options apply to every subcommand; they may also follow the subcommand's name."""
     STATE.device, STATE.threads, STATE.seed, STATE.quiet, STATE.json = device, threads, seed, quiet, json_out
+    # Checked here, for every subcommand: commands that never use a torch device (info, fsc without --align,
+    # report) would otherwise accept any --device in silence. Before the subcommand parses its arguments.
+    with common.guarded():
+        common.check_device(device)
     if threads is not None:
         import torch
 

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +115,20 @@ def guarded() -> Iterator[None]:
 def emit_json(payload: dict[str, Any]) -> None:
     """Print the one machine-readable summary of a command (only with --json)."""
     if STATE.json:
-        sys.stdout.write(json.dumps(payload, indent=None, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(_without_non_finite(payload), indent=None, default=_json_default) + "\n")
         sys.stdout.flush()
+
+
+def _without_non_finite(obj: Any) -> Any:
+    """``obj`` with every infinite or NaN float replaced by None: JSON has no Infinity or NaN, and a script's
+    parser (jq, JSON.parse) refuses the ``Infinity`` Python writes. None reads as "no such number"."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _without_non_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_without_non_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -134,24 +146,59 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _device_text(spec: str | None) -> str:
+    """``spec`` (default: the global --device) as it is matched and shown in messages: stripped, lower case."""
+    return (spec or STATE.device or "auto").strip().lower()
+
+
+def parse_device(spec: str | None = None) -> tuple[str, int]:
+    """``spec`` (default: the global --device) as ``("auto", 0)``, ``("cpu", 0)`` or ``("cuda", N)``.
+
+    Refuses any other text with resolve_device's line. Needs no torch, so the root command checks the spelling
+    of --device for every subcommand at no cost.
+    """
+    text = _device_text(spec)
+    if text in ("auto", "cpu"):
+        return text, 0
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise CryocliError(f"--device {text}: expected auto, cpu, cuda or cuda:N")
+    return "cuda", int(match.group(1) or 0)
+
+
+def _check_cuda(text: str, index: int) -> None:
+    """Refuse ``--device cuda:index`` (shown as ``text``) on a machine without CUDA or without that device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CryocliError(f"--device {text}: CUDA is not available on this machine")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise CryocliError(f"--device {text}: this machine has {count} CUDA device(s), numbered from 0")
+
+
+def check_device(spec: str | None = None) -> None:
+    """Refuse a ``spec`` (default: the global --device) that resolve_device would refuse, with the same line.
+
+    Run by the root command for every subcommand, also those that never use a torch device (info, fsc
+    without --align), so a bad --device is never silently ignored. torch is imported only for ``cuda`` and
+    ``cuda:N`` (auto and cpu are always possible): the spelling check alone costs nothing.
+    """
+    kind, index = parse_device(spec)
+    if kind == "cuda":
+        _check_cuda(_device_text(spec), index)
+
+
 def resolve_device(spec: str | None = None):
     """``auto`` -> CUDA when present, else CPU; ``cpu``; ``cuda`` or ``cuda:N``. Returns a torch.device."""
     import torch
 
-    spec = (spec or STATE.device or "auto").strip().lower()
-    if spec == "auto":
+    kind, index = parse_device(spec)
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
+    if kind == "cpu":
         return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
-    if match is None:
-        raise CryocliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise CryocliError(f"--device {spec}: CUDA is not available on this machine")
-    index = int(match.group(1) or 0)
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise CryocliError(f"--device {spec}: this machine has {count} CUDA device(s), numbered from 0")
+    _check_cuda(_device_text(spec), index)
     return torch.device("cuda", index)
 
 
@@ -234,6 +281,50 @@ def claim_outputs(paths: Sequence[Path], is_dir: bool, force: bool, command: str
         for p in paths:
             check_new_output(p, force)
         yield
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once symbolic links, ``.`` and ``..`` are resolved,
+    or, both existing, the same inode (which also catches hard links and bind mounts)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): only the path comparison applies
+        return False
+
+
+def refuse_inputs_as_outputs(outputs: Mapping[str, str | Path | None],
+                             inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an output that is also an input of the same command, even with --force, and two outputs that are
+    one file: one :class:`CryocliError` naming the output.
+
+    Keys are the names the user knows (``"--output"``, ``"MAP1"``); ``None`` values (options not given) are
+    skipped. Call it before :func:`claim_outputs`: an output that is an input exists, so without --force the
+    claim would only say "pass --force", and with it the input would be replaced before it is read.
+    """
+    given_in = [(name, Path(p)) for name, p in inputs.items() if p is not None]
+    given_out = [(name, Path(p)) for name, p in outputs.items() if p is not None]
+    for out_name, out in given_out:
+        for in_name, source in given_in:
+            if same_file(out, source):
+                raise CryocliError(f"{out_name} is the input {in_name} ({source}); an input is never overwritten, "
+                                   "even with --force: choose another output file", out)
+    for i, (name_a, a) in enumerate(given_out):
+        for name_b, b in given_out[i + 1:]:
+            if same_file(a, b):
+                raise CryocliError(f"{name_a} and {name_b} name the same file; they must differ", b)
+
+
+def check_suffix(option: str, path: Path | None, suffixes: Sequence[str], what: str = "") -> None:
+    """Refuse an output ``path`` of ``option`` whose name does not end in one of ``suffixes`` (lower case, with
+    the dot; the name's case does not matter), as reconstruct refuses a map not named .mrc or .map: a file named
+    for another format is a mistake (``fsc -o map.mrc`` wrote STAR text into a map's name). ``what``: the
+    format, shown in brackets."""
+    if path is None or path.suffix.lower() in suffixes:
+        return
+    names = " or ".join(suffixes)
+    raise CryocliError(f"{option} must end in {names}" + (f" ({what})" if what else ""), path)
 
 
 def check_datadir(datadir: Path | None, option: str = "--datadir") -> None:

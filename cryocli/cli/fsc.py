@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ from cryocli.cli.common import (
     STATE,
     check_finite_output,
     check_number,
+    check_suffix,
+    check_writable_output,
     claim_outputs,
     emit_json,
     err_console,
     guarded,
     out_console,
+    refuse_inputs_as_outputs,
     resolve_device,
 )
 from cryocli.errors import CryocliError
@@ -62,6 +66,30 @@ def load_mask(path: Path, shape: tuple[int, ...]):
     return m
 
 
+def check_has_structure(data: Any, path: Path, where: str = "") -> None:
+    """Refuse a map with nothing to correlate: all zero, or one value in every voxel (``where``: e.g. " inside
+    the mask m.mrc"). Its FSC is 0 at every shell but the origin, which read as a resolution of "inf"."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi == 0:
+        raise CryocliError(f"the map is all zero{where}", path)
+    if lo == hi:
+        raise CryocliError(f"the map is constant{where} (every voxel {lo:g}): it has no structure to correlate", path)
+
+
+def _check_outputs(inputs: dict[str, Path | None], outputs: dict[str, Path | None], force: bool) -> None:
+    """Refuse, before reading anything, outputs that are inputs, cannot be written, or are named for another
+    format. The type checks (a folder where a file is wanted) come before the names: "is a folder" is the
+    more useful line for ``--plot out/``."""
+    refuse_inputs_as_outputs(outputs, inputs)
+    for path in outputs.values():
+        if path is not None:
+            check_writable_output(path, is_dir=False, force=force)
+    check_suffix("--output", outputs["--output"], (".star",), "RELION's data_fsc table")
+    # plot_fsc always writes PNG; a .pdf or .svg name would hold PNG bytes.
+    check_suffix("--plot", outputs["--plot"], (".png",), "the plot is a PNG image")
+    check_suffix("--aligned-map", outputs["--aligned-map"], (".mrc", ".map"), "MRC")
+
+
 def _alignment_summary(al: Any) -> dict[str, Any]:
     import torch
 
@@ -81,15 +109,20 @@ def fsc(
     no_flip: bool = typer.Option(False, "--no-flip", help="With --align, do not try the mirror image (hand flip)."),
     thresholds: list[float] | None = typer.Option(None, "--threshold", "-t", help="Extra FSC threshold to report "
                                                      "(repeatable); 0.143 and 0.5 are always reported."),
-    plot: Path | None = typer.Option(None, "--plot", help="Write the FSC curve as a PNG (x: 1/A, top: A)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write RELION's data_fsc table (STAR)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the FSC curve as a PNG, named .png (x: 1/A, top: A)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write RELION's data_fsc table (STAR), named .star."),
     aligned_out: Path | None = typer.Option(None, "--aligned-map", help="With --align, write MAP2 aligned onto "
-                                               "MAP1 (MRC)."),
+                                               "MAP1 (MRC), named .mrc or .map."),
     angpix: float | None = typer.Option(None, "--angpix", help="Voxel size in Angstrom (default: the MRC headers)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Fourier shell correlation between two maps, in RELION's shells (1/A), with the resolution where it
-    crosses 0.143 and 0.5 (interpolated between the last shell above and the first below)."""
+    crosses 0.143 and 0.5 (interpolated between the last shell above and the first below).
+
+    When the FSC stays above a threshold up to Nyquist, the resolution is Nyquist or finer ("beyond Nyquist";
+    --json: reached false, resolution_A the Nyquist resolution nyquist_A). When it is below the threshold from
+    the first shell, there is no resolution ("none"; --json: resolution_A null, frequency_per_A 0). Outputs
+    never overwrite an input, even with --force; all-zero and constant maps are refused."""
     with guarded():
         result = run_fsc(map1, map2, mask, align, not no_flip, thresholds or [], plot, output, aligned_out, angpix,
                          force)
@@ -115,16 +148,21 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
     check_number("--angpix", angpix, gt=0, why="Angstrom per voxel")
     if aligned_out is not None and not align:
         raise CryocliError("--aligned-map needs --align")
-    outputs = [p for p in (plot, output, aligned_out) if p is not None]
-    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
-        raise CryocliError("--plot, --output and --aligned-map must name different files")
+    named = {"--output": output, "--plot": plot, "--aligned-map": aligned_out}
+    _check_outputs({"MAP1": map1, "MAP2": map2, "--mask": mask}, named, force)
+    outputs = [p for p in named.values() if p is not None]
     with claim_outputs(outputs, is_dir=False, force=force, command="fsc"):
         a, b, voxel = load_pair(map1, map2, angpix)
+        for path, data in ((map1, a), (map2, b)):
+            check_has_structure(data, path)
         m = load_mask(mask, a.shape) if mask is not None else None
+        if m is not None and not np.any(m):
+            raise CryocliError("the mask is all zero", mask)
         n = a.shape[-1]
+        freq = shell_frequency(n, voxel)
 
         summary: dict[str, Any] = {"map1": str(map1), "map2": str(map2), "box": n, "voxel_size": voxel,
-                                   "mask": str(mask) if mask else None}
+                                   "nyquist_A": float(1.0 / freq[-1]), "mask": str(mask) if mask else None}
         if align:
             from cryocli.analysis.align import align_maps
 
@@ -134,11 +172,14 @@ def run_fsc(map1: Path, map2: Path, mask: Path | None, align: bool, allow_flip: 
             summary["alignment"] = _alignment_summary(al)
         if m is not None:
             a, b = a * m, b * m
+            for path, data in ((map1, a), (map2, b)):
+                check_has_structure(data, path, f" inside the mask {mask}")
         curve = fsc_curve(a, b)
-        freq = shell_frequency(n, voxel)
         levels = list(dict.fromkeys([*DEFAULT_THRESHOLDS, *extra]))
         crossings = [threshold_crossing(curve, n, voxel, t) for t in levels]
-        summary["resolution"] = [{"threshold": c.threshold, "resolution_A": c.resolution,
+        # JSON has no Infinity: a curve below the threshold from the first shell has no resolution (null).
+        summary["resolution"] = [{"threshold": c.threshold,
+                                  "resolution_A": c.resolution if math.isfinite(c.resolution) else None,
                                   "frequency_per_A": c.frequency, "reached": c.reached} for c in crossings]
         summary["curve"] = {"shell": list(range(len(curve))), "frequency_per_A": freq.tolist(),
                             "fsc": [float(x) for x in curve]}
@@ -179,11 +220,19 @@ def _print(s: dict[str, Any]) -> None:
                   f"correlation {al['correlation']:.4f}")
     table = Table("FSC threshold", "resolution (A)", "frequency (1/A)")
     for r in s["resolution"]:
-        res = f"{r['resolution_A']:.2f}" if r["reached"] else f"<= {r['resolution_A']:.2f} (Nyquist)"
-        table.add_row(f"{r['threshold']:g}", res, f"{r['frequency_per_A']:.4f}")
+        table.add_row(f"{r['threshold']:g}", *_resolution_cells(r))
     con.print(table)
     for kind, path in s["outputs"].items():
         con.print(f"wrote {kind}: {path}")
+
+
+def _resolution_cells(r: dict[str, Any]) -> tuple[str, str]:
+    """The resolution and frequency cells of one threshold's row, saying what is a bound and what is none."""
+    if r["resolution_A"] is None:
+        return "none: below from the first shell", "-"
+    if not r["reached"]:  # the curve stays above the threshold to the edge of the transform
+        return f"<= {r['resolution_A']:.2f} (beyond Nyquist)", f">= {r['frequency_per_A']:.4f}"
+    return f"{r['resolution_A']:.2f}", f"{r['frequency_per_A']:.4f}"
 
 
 def register(app: typer.Typer) -> None:

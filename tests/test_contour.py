@@ -118,7 +118,7 @@ def test_contour_level_by_mass_diameter_and_default() -> None:
     assert contour_level(ball, apix, mass_kda=20.0, diameter_A=50.0) == (level, how)
     level_d, how_d = contour_level(ball, apix, diameter_A=50.0)
     assert level_d == enclosing_level(ball, apix, math.pi * 50.0 ** 3 / 6)
-    assert how_d.startswith("sphere of diameter 50 A, as given") and "floor" in how_d
+    assert how_d.startswith("sphere of diameter 50 A, the particle diameter") and "floor" in how_d
     level_0, how_0 = contour_level(ball, apix)
     assert level_0 == enclosing_level(ball, apix, math.pi * (0.8 * 40 * apix) ** 3 / 6)
     assert how_0.startswith("sphere of diameter 96 A, 0.8 x the box, no mass given")
@@ -142,3 +142,23 @@ def test_mass_level_of_the_4ake_potential_encloses_its_atoms() -> None:
     inside = volume[idx[:, 0], idx[:, 1], idx[:, 2]] > level
     assert inside.mean() > 0.98, inside.mean()
     assert contour_level(volume, apix)[0] < 0.2 * level
+
+
+def test_a_sparse_map_gets_chimeraxs_initial_level_not_zero() -> None:
+    """A map whose positive density fills less than the sphere (sparse-tv's exact zeros with negative specks,
+    a solvent-flattened map with negative solvent) had level 0 or below from the sphere, where ChimeraX wraps
+    noise or the solvent. It gets the level enclosing 1% of the grid, positive, and says why. A map without
+    negative values keeps level 0, which wraps its support."""
+    ball, _ = _soft_ball(40, 6.0, 1.0)
+    clean = np.where(ball > 0.05 * ball.max(), ball, 0.0)
+    assert (clean > 0).mean() < math.pi * 0.8 ** 3 / 6
+    assert contour_level(clean, 3.0)[0] == 0
+    specks = np.random.default_rng(0).random(clean.shape) < 0.03
+    sparse = np.where((clean == 0) & specks, -0.01, clean)
+    level, how = contour_level(sparse, 3.0)
+    assert enclosing_level(sparse, 3.0, math.pi * (0.8 * 40 * 3.0) ** 3 / 6) == 0
+    assert level > 0 and level == enclosing_level(sparse, 3.0, 0.01 * 40 ** 3 * 27.0)
+    assert how.startswith("1% of the grid, ChimeraX's initial level") and "not above 0" in how
+    flattened = clean - 0.01 * (clean == 0)
+    level_f, how_f = contour_level(flattened, 3.0, diameter_A=100.0)
+    assert level_f > 0 and "the particle diameter" in how_f

@@ -36,6 +36,9 @@ PROTEIN_VOLUME_A3_PER_DA = 1.21
 DEFAULT_DIAMETER_FRACTION = 0.8
 """Without a mass or a diameter, the particle is taken to fill a sphere of this fraction of the box."""
 
+CHIMERAX_ENCLOSED_FRACTION = 0.01
+"""Share of the grid ChimeraX's initial contour level encloses; the level used when a sphere's is not above 0."""
+
 
 def molecular_volume_A3(mass_kda: float) -> float:
     """Volume in A^3 of a protein of ``mass_kda`` kDa: mass x 1.21 A^3/Da (:data:`PROTEIN_VOLUME_A3_PER_DA`)."""
@@ -95,7 +98,10 @@ def contour_level(volume: np.ndarray | Tensor, voxel_size: float, mass_kda: floa
     By the mass when given (``how`` = ``"mass 23.6 kDa (28,556 A^3 at 1.21 A^3/Da)"``), else by a sphere of
     ``diameter_A`` A, else by a sphere of 0.8 x the box (its smallest edge). A sphere's level encloses
     the whole sphere, more than any non-spherical molecule inside it: ``how`` says it is a floor for the
-    level (see the module's text). The mass wins when both are given.
+    level (see the module's text). When that level is below 0, or 0 in a map with negative values (a
+    solvent-flattened or sparse map), the level enclosing 1% of the grid, as ChimeraX opens a map, and ``how``
+    says why. The mass wins when both
+    are given.
     """
     if mass_kda is not None:
         enclosed = molecular_volume_A3(mass_kda)
@@ -106,11 +112,23 @@ def contour_level(volume: np.ndarray | Tensor, voxel_size: float, mass_kda: floa
         diameter_A = DEFAULT_DIAMETER_FRACTION * box * voxel_size
         where = f"{DEFAULT_DIAMETER_FRACTION:g} x the box, no mass given"
     else:
-        where = "as given"
+        where = "the particle diameter"
     enclosed = sphere_volume_A3(diameter_A)
-    how = (f"sphere of diameter {diameter_A:.4g} A, {where} ({enclosed:,.0f} A^3): a floor for the level, "
-           "as a molecule fills less than its sphere")
-    return enclosing_level(volume, voxel_size, enclosed), how
+    level = enclosing_level(volume, voxel_size, enclosed)
+    # Level 0 on a map without negative values (a clean potential) wraps its support: a floor, drawn. With
+    # negative values (noise) a level of 0 or below wraps noise, and a lower one the solvent.
+    if level > 0 or (level == 0 and float(_as_array(volume).min()) >= 0):
+        how = (f"sphere of diameter {diameter_A:.4g} A, {where} ({enclosed:,.0f} A^3): a floor for the level, "
+               "as a molecule fills less than its sphere")
+        return level, how
+    # A solvent-flattened or sparse map (a soft-masked viewing map, sparse-tv's zeros) holds less positive
+    # density than the sphere.
+    grid = _as_array(volume).size * float(voxel_size) ** 3
+    fallback = enclosing_level(volume, voxel_size, CHIMERAX_ENCLOSED_FRACTION * grid)
+    how = (f"{100 * CHIMERAX_ENCLOSED_FRACTION:g}% of the grid, ChimeraX's initial level: the sphere of diameter "
+           f"{diameter_A:.4g} A ({where}) gives {level:.4g}, not above 0, as the map is solvent-flattened or "
+           "sparse; give the mass for the level enclosing the molecule")
+    return fallback, how
 
 
 def _shape(volume: np.ndarray | Tensor) -> tuple[int, ...]:

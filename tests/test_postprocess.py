@@ -223,3 +223,21 @@ def test_cli_postprocess_errors_leave_nothing(tmp_path):
     assert r.exit_code == 2 and "either" in r.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["small.mrc"]  # no temporary folders left behind
+
+
+def test_cli_postprocess_force_removes_what_the_new_run_does_not_write(tmp_path):
+    """--force over an --auto-mask run without a mask: the old mask.mrc and postprocess_masked.mrc went against the
+    new postprocess.star, which no longer names them. A --mask kept in the output folder stays."""
+    import shutil
+
+    a, b = _halves()
+    out = tmp_path / "post"
+    assert runner.invoke(app, ["postprocess", a, b, "--auto-mask", "-o", str(out), "-q"]).exit_code == 0
+    assert (out / "mask.mrc").is_file() and (out / "postprocess_masked.mrc").is_file()
+    assert runner.invoke(app, ["postprocess", a, b, "-o", str(out), "--force", "-q"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fsc.png", "guinier.png", "postprocess.mrc", "postprocess.star"]
+    shutil.copy(RELION_SET / "mask.mrc", out / "mask.mrc")
+    r = runner.invoke(app, ["postprocess", a, b, "--mask", str(out / "mask.mrc"), "-o", str(out), "--force", "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["fsc.png", "guinier.png", "mask.mrc", "postprocess.mrc",
+                                                     "postprocess.star", "postprocess_masked.mrc"]

@@ -128,6 +128,7 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
             check_finite_output(result.map_masked, "postprocess_masked.mrc", cause)
         mask_name = str(names["mask"]) if auto_mask else (str(mask_path) if mask_path else None)
         _write_outputs(out_dir, names, result, mask if auto_mask else None, str(half1), str(half2), mask_name)
+        _remove_previous_outputs(out_dir, names, [half1, half2, mask_path])
 
     fit = result.guinier_fit
     return {
@@ -235,6 +236,24 @@ def _write_outputs(out_dir: Path, names: dict[str, Path], result: Any, auto_mask
             os.replace(src, names[key])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Every file postprocess may write into its folder; one this run did not write is left from an earlier run.
+OUTPUT_NAMES = ("postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "fsc.png", "guinier.png", "mask.mrc")
+
+
+def _remove_previous_outputs(out_dir: Path, written: dict[str, Path], inputs: list[Path | None]) -> None:
+    """Remove what an earlier postprocess left in ``out_dir`` (--force) and this run did not write: a
+    postprocess_masked.mrc or mask.mrc beside a postprocess.star that no longer names them. An input of this
+    run (a --mask kept as OUT/mask.mrc) is never removed."""
+    from cryocli.cli.common import same_file
+
+    kept = {p.name for p in written.values()}
+    for name in OUTPUT_NAMES:
+        path = out_dir / name
+        if name in kept or not path.is_file() or any(i is not None and same_file(path, i) for i in inputs):
+            continue
+        path.unlink()
 
 
 def _fit_range(result: Any) -> tuple[float, float]:

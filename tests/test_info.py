@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cryocli.cli.app import app
 from cryocli.io.summary import STAR_KINDS, summarize
-from tests.conftest import ASPIRE, CRYODRGN, DATA, EXTERNAL, REPO, RELION_SET, STARFILE_DATA, need
+from tests.conftest import ASPIRE, CRYODRGN, DATA, EXTERNAL, RELION_SET, REPO, STARFILE_DATA, need
 
 runner = CliRunner()
 
@@ -407,3 +407,216 @@ def test_contour_mass_that_does_not_fit_or_is_not_positive_is_one_error_line() -
         res = runner.invoke(app, ["info", path, "--mass", mass])
         assert res.exit_code == 2, res.output
         assert "--mass" in res.output and words in res.output and len(res.output.strip().splitlines()) == 1
+
+
+# ----- MRC files: map, stack or image; what a header without a voxel size or data gives ------------------------
+ALL_MRC_FILES = sorted(p for p in DATA.rglob("*") if p.suffix in {".mrc", ".mrcs", ".map", ".st"})
+
+
+@pytest.mark.parametrize("path", ALL_MRC_FILES, ids=_rel)
+def test_every_real_mrc_file_is_a_map_or_a_stack_by_its_header_and_name(path: Path) -> None:
+    """Every .mrcs holds particle images; every .mrc and .map in shared/data is a 3D map, RELION's and ChimeraX's
+    (ISPG 0, MZ = NZ) included, and a map gets a contour-level line."""
+    s = _info_json(str(path))
+    if path.suffix == ".mrcs":
+        assert s["type"] == "stack" and s["images"] == s["shape_xyz"][2] and "contour_level" not in s
+        return
+    assert s["type"] == "map" and "images" not in s and "contour_basis" in s, s
+    assert len(s["shape_xyz"]) == 3 and len(s["voxel_size_xyz"]) == 3
+
+
+def test_relion_map_with_ispg_0_gets_its_contour_level_and_mass() -> None:
+    """RELION writes its maps with ISPG 0: they were called stacks of 64 images, and --mass was ignored."""
+    import mrcfile
+    import numpy as np
+
+    from cryocli.analysis.contour import enclosing_level
+
+    path = need(RELION_SET / "reconstruct" / "rec.mrc")
+    with mrcfile.open(path) as mrc:
+        assert (int(mrc.header.ispg), int(mrc.header.mz), int(mrc.header.nz)) == (0, 64, 64)
+        data = np.asarray(mrc.data, dtype=np.float64)
+    s = _info_json(str(path), "--mass", "300")
+    assert s["type"] == "map" and "images" not in s
+    assert s["contour_basis"].startswith("mass 300 kDa")
+    assert s["contour_level"] == enclosing_level(data, s["voxel_size"], 363_000)
+    out = _info_text(str(path), "--mass", "300")
+    assert "MRC map" in out and "stack" not in out and f"volume #1 level {s['contour_level']:.4g}" in out
+
+
+def test_a_thin_map_is_flagged_as_possibly_images() -> None:
+    """empiar_10076_7.mrc is 7 particle images written as a 320 x 320 x 7 map (ISPG 1, MZ = NZ): by its header a
+    map, with a note that says how to have it read as a stack."""
+    s = _info_json(str(need(CRYODRGN / "empiar_10076_7.mrc")))
+    assert s["type"] == "map" and "7 images" in s["note"] and ".mrcs" in s["note"]
+    assert "note: a 320 x 320 x 7 grid" in _info_text(str(CRYODRGN / "empiar_10076_7.mrc"))
+
+
+def test_single_image_is_neither_map_nor_stack(tmp_path: Path) -> None:
+    import mrcfile
+    import numpy as np
+
+    path = tmp_path / "image.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.arange(64, dtype=np.float32).reshape(8, 8))
+    s = _info_json(str(path))
+    assert (s["type"], s["images"], s["shape_xyz"]) == ("image", 1, [8, 8]) and "contour_level" not in s
+    assert "MRC single image" in _info_text(str(path))
+
+
+def test_a_map_without_voxel_size_says_so_in_words() -> None:
+    """ASPIRE writes its maps with a cell of 0: no voxel size, so no level; the reason is the header, not "a
+    diameter of 0 A"."""
+    path = need(EXTERNAL / "ASPIRE-Python" / "gallery" / "tutorials" / "data" / "clean70SRibosome_vol_65p.mrc")
+    for extra in ((), ("--mass", "2000")):
+        s = _info_json(str(path), *extra)
+        assert s["type"] == "map" and s["voxel_size"] == 0 and s["contour_level"] is None
+        assert "no voxel size" in s["contour_basis"] and "diameter" not in s["contour_basis"]
+    out = _info_text(str(path))
+    assert "the header gives no voxel size" in out and "must be a positive number" not in out
+
+
+def test_non_standard_axis_order_shows_x_y_z_and_every_voxel_size() -> None:
+    """EMD-3001 stores columns, rows, sections along z, x, y (MAPC,R,S = 3,1,2) with voxels of 0.448, 0.393 and
+    0.459 A along x, y, z: the grid is shown as x,y,z after reordering, with all three voxel sizes."""
+    path = need(EXTERNAL / "mrcfile" / "tests" / "test_data" / "EMD-3001.map")
+    s = _info_json(str(path))
+    assert s["axis_order"] == [3, 1, 2] and s["shape_crs"] == [73, 43, 25] and s["shape_xyz"] == [43, 25, 73]
+    assert s["voxel_size_xyz"] == pytest.approx([17.93 / 40, 4.71 / 12, 33.03 / 72], rel=1e-3)
+    assert s["voxel_size"] == s["voxel_size_xyz"][0]
+    out = _info_text(str(path))
+    assert "43x25x73" in out and "A/voxel x,y,z" in out and "0.4482,0.3925,0.4587" in out
+    assert "73 columns run along z, its 43 rows along x and its 25 sections along y" in out
+
+
+@pytest.mark.parametrize("make,words", [
+    ("headeronly.mrc", "MRC file holds no data"),
+    ("complex.mrc", "unsupported MRC mode 4 (complex values) for a map"),
+    ("notes.md", "not a STAR or MRC file"),
+    ("folder", "is a directory"),
+])
+def test_files_with_nothing_to_show_are_one_error_line(tmp_path: Path, make: str, words: str) -> None:
+    """From the real command, so that warnings printed by libraries would show: one line, exit 2."""
+    import mrcfile
+    import numpy as np
+
+    path = tmp_path / make
+    if make == "headeronly.mrc":
+        with mrcfile.new(path):
+            pass
+    elif make == "complex.mrc":
+        with mrcfile.new(path) as mrc:
+            mrc.set_data(np.ones((8, 8, 8), dtype=np.complex64))
+    elif make == "notes.md":
+        path.write_text("# notes\n")
+    else:
+        path.mkdir()
+    res = subprocess.run([sys.executable, "-m", "cryocli", "info", str(path)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "COLUMNS": "300"}, timeout=120)
+    assert res.returncode == 2 and res.stdout == "", res
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cryocli: error: {path}: "), res.stderr
+    assert words in res.stderr and "Traceback" not in res.stderr and "particle stack" not in res.stderr
+
+
+def test_fsc_with_a_header_only_map_prints_no_warnings(tmp_path: Path) -> None:
+    import mrcfile
+
+    empty = tmp_path / "headeronly.mrc"
+    with mrcfile.new(empty):
+        pass
+    half = need(RELION_SET / "reconstruct" / "rec_half1.mrc")
+    res = subprocess.run([sys.executable, "-m", "cryocli", "fsc", str(half), str(empty)], capture_output=True,
+                         text=True, cwd=REPO, env={**os.environ, "COLUMNS": "300"}, timeout=120)
+    assert res.returncode == 2 and "Warning" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"cryocli: error: {empty}: MRC file holds no data (its header gives "
+                                               "a grid of 0 x 0 x 0 voxels)"]
+
+
+# ----- particle files: box of the optics table against the stacks ----------------------------------------------
+def test_optics_box_that_differs_from_the_stacks_is_a_warning_like_reconstructs_error() -> None:
+    """toy_projections_13.star says rlnImageSize 300, its stack holds 30 px images: info names both numbers, in
+    the words reconstruct uses when it refuses the file."""
+    from cryocli.errors import CryocliError
+    from cryocli.io.dataset import ParticleStack
+    from cryocli.io.star import read_star
+
+    path = need(CRYODRGN / "toy_projections_13.star")
+    s = _info_json(str(path))
+    assert s["box_mismatch"] == [{"group": 1, "star_box": 300, "stack_boxes": [30], "message":
+                                  "rlnImageSize in the STAR file is 300 px but the stacks hold 30 px images"}]
+    with pytest.raises(CryocliError) as refused:
+        ParticleStack(read_star(path))
+    assert s["box_mismatch"][0]["message"] in str(refused.value)
+    out = _info_text(str(path))
+    assert "warning: rlnImageSize in the STAR file is 300 px but the stacks hold 30 px images" in out
+    # relion5.star with its stacks found: 448 px declared, 30 px held.
+    s5 = _info_json(str(need(CRYODRGN / "relion5.star")), "--datadir", str(CRYODRGN / "toy_datadir"))
+    assert [(m["star_box"], m["stack_boxes"]) for m in s5["box_mismatch"]] == [(448, [30])]
+
+
+@pytest.mark.parametrize("path", [CRYODRGN / "relion31.star", RELION_SET / "noisy" / "noisy.star",
+                                  CRYODRGN / "empiar_10076_7.star"], ids=lambda p: p.name)
+def test_agreeing_or_undeclared_box_gives_no_warning(path: Path) -> None:
+    s = _info_json(str(need(path)), "--datadir", str(CRYODRGN))
+    assert s["box_mismatch"] == []
+    assert "warning" not in _info_text(str(path), "--datadir", str(CRYODRGN))
+
+
+def test_missing_stacks_say_the_box_is_unknown() -> None:
+    out = _info_text(str(need(CRYODRGN / "relion5.star")))
+    assert "2 stack file(s), box unknown (no stack could be read): 2 missing" in out and "box :" not in out
+
+
+# ----- output to a pipe or a narrow terminal keeps every value ---------------------------------------------------
+def test_piped_output_shows_every_value_whole() -> None:
+    """`cryocli info X | cat`: rich's 80 columns cut cells to "opticsG…" and "16003-1…"; every value is whole."""
+    star, volume = need(RELION_SET / "noisy" / "noisy.star"), need(RELION_SET / "reconstruct" / "rec.mrc")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    res = subprocess.run([sys.executable, "-m", "cryocli", "info", str(star), str(volume), "--mass", "300"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "…" not in res.stdout
+    particles, density = _info_json(str(star), str(volume), "--mass", "300")["files"]
+    group = particles["optics_groups"][0]
+    low, high = group["defocus_range"]
+    assert group["name"] in res.stdout and f"{low:.0f}-{high:.0f}" in res.stdout
+    for key in ("min", "max", "mean", "std"):
+        assert f"{density[key]:.4g}" in res.stdout, key
+    assert "64x64x64" in res.stdout and str(star) in res.stdout.splitlines()[0]
+
+
+def test_a_narrow_terminal_folds_cells_rather_than_cutting_them() -> None:
+    res = runner.invoke(app, ["info", str(need(RELION_SET / "reconstruct" / "rec.mrc"))], catch_exceptions=False,
+                        env={"COLUMNS": "50"})
+    assert res.exit_code == 0 and "…" not in res.stdout, res.stdout
+
+
+# ----- --json with several files, and cryocli's own model.star --------------------------------------------------
+def test_json_for_several_files_is_the_object_the_help_describes() -> None:
+    help_text = runner.invoke(app, ["info", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "a list for several files" not in help_text and '"files" key' in help_text
+    both = _info_json(str(need(RELION_SET / "map.mrc")), str(need(RELION_SET / "noisy" / "noisy.star")))
+    assert list(both) == ["files"] and [s["file"] for s in both["files"]] == [str(RELION_SET / "map.mrc"),
+                                                                               str(RELION_SET / "noisy" / "noisy.star")]
+
+
+def test_cryocli_refine_model_star_is_summarised_as_a_model(tmp_path: Path) -> None:
+    """cryocli refine writes model.star in RELION's format without rlnNrClasses: a model, with its iterations."""
+    import numpy as np
+
+    from cryocli.engines.result import ModelIteration
+    from cryocli.io.star import model_star_text
+
+    shells = 9
+    history = [ModelIteration(i, 20.0 / i, 4 * i, 10.0 / i, 1.0 / i, 2 + i, np.linspace(1, 0, shells),
+                              np.ones(shells), np.ones(shells), np.ones((1, shells))) for i in (1, 2, 3)]
+    path = tmp_path / "model.star"
+    path.write_text(model_star_text(history, 16, 2.5, 6.7, True, "refine --method relion"))
+    s = _info_json(str(path))
+    assert (s["kind"], s["resolution_A"], s["pixel_size"], s["box"]) == ("model", 6.7, 2.5, 16)
+    assert (s["iteration"], s["has_converged"], s["written_by"]) == (3, True, "cryocli refine --method relion")
+    assert [(r["iteration"], r["resolution_A"], r["image_size"]) for r in s["iteration_table"]] == [
+        (1, 20.0, 8), (2, 10.0, 16), (3, pytest.approx(20.0 / 3), 24)]
+    out = _info_text(str(path))
+    assert "RELION model" in out and "current resolution" in out and "HEALPix order" in out

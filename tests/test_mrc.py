@@ -12,7 +12,17 @@ import pytest
 
 import cryocli.io.mrc as mrc_module
 from cryocli.errors import CryocliError
-from cryocli.io.mrc import open_stack, read_map, stack_images, stack_info, write_map, write_stack
+from cryocli.io.mrc import (
+    grid_kind,
+    open_mrc,
+    open_stack,
+    read_map,
+    stack_images,
+    stack_info,
+    voxel_sizes,
+    write_map,
+    write_stack,
+)
 from tests.conftest import MRCFILE_DATA, RELION_SET, need
 
 
@@ -160,3 +170,75 @@ def test_bad_maps(tmp_path: Path) -> None:
         mrc.set_data(np.zeros((8, 8), dtype=np.float32))
     with pytest.raises(CryocliError, match="3D"):
         read_map(tmp_path / "image.mrc")
+
+
+# ----- what a file holds, and the errors for files with nothing to read ------------------------------------------
+def _mrc(path: Path, data: np.ndarray, ispg: int | None = None, mz: int | None = None, voxel: float = 2.0) -> Path:
+    """Write ``data`` with the space group and z sampling a tool might have written (None: mrcfile's own)."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data.astype(np.float32))
+        mrc.voxel_size = voxel
+        if ispg is not None:
+            mrc.header.ispg = ispg
+        if mz is not None:
+            mrc.header.mz = mz
+    return path
+
+
+@pytest.mark.parametrize("name,ispg,mz,nz,kind", [
+    ("relion_map.mrc", 0, 8, 8, "map"),       # RELION, ChimeraX: ISPG 0 but MZ = NZ, a volume
+    ("ccp4_map.map", 1, 8, 8, "map"),
+    ("stack.mrc", 0, 1, 8, "stack"),          # MRC2014 image stack: ISPG 0, MZ 1
+    ("odd_stack.mrc", 0, 3, 8, "stack"),      # ISPG 0 and a sampling that does not span z
+    ("aspire.mrcs", 1, 8, 8, "stack"),        # ASPIRE's stacks: ISPG 1, MZ = NZ, named .mrcs
+    ("one.mrc", 0, 1, 1, "image"),
+    ("one_ispg1.mrc", 1, 1, 1, "image"),
+])
+def test_grid_kind_reads_mz_not_only_ispg(tmp_path: Path, name: str, ispg: int, mz: int, nz: int, kind: str) -> None:
+    path = _mrc(tmp_path / name, np.zeros((nz, 8, 8)), ispg=ispg, mz=mz)
+    with open_mrc(path) as mrc:
+        assert grid_kind(mrc, path) == kind
+
+
+def test_header_only_file_is_one_error_without_warnings(tmp_path: Path) -> None:
+    """A valid header of 0 x 0 x 0 voxels: one CryocliError from every reader, and none of mrcfile's
+    RuntimeWarnings (its voxel size divides by MX = 0) reaches the user."""
+    path = tmp_path / "headeronly.mrc"
+    with mrcfile.new(path):
+        pass
+    for reader in (read_map, stack_info, open_stack, open_mrc):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(CryocliError, match="holds no data") as exc:
+                reader(path)
+        assert [str(w.message) for w in seen] == []
+        assert exc.value.path == str(path)
+    with warnings.catch_warnings(), mrcfile.mmap(path, permissive=True) as mrc:
+        warnings.simplefilter("ignore")
+        assert voxel_sizes(mrc) == (0.0, 0.0, 0.0)  # not NaN: no voxel size
+
+
+def test_complex_mode_is_named_for_what_the_file_was_read_as(tmp_path: Path) -> None:
+    volume = tmp_path / "complex.mrc"
+    with mrcfile.new(volume) as mrc:
+        mrc.set_data(np.ones((8, 8, 8), dtype=np.complex64))
+    with pytest.raises(CryocliError, match="mode 4 .* for a map") as exc:
+        read_map(volume)
+    assert "particle stack" not in str(exc.value)
+    with pytest.raises(CryocliError, match="mode 4 .* for a particle stack"):
+        open_stack(volume)
+
+
+def test_a_file_not_named_mrc_is_not_called_a_corrupt_mrc(tmp_path: Path) -> None:
+    text = tmp_path / "PROVENANCE.md"
+    text.write_text("# Where the files come from\n\n" + "Some prose about the data sets.\n" * 50)
+    for reader in (read_map, stack_info):
+        with pytest.raises(CryocliError, match=r"not an MRC file \(its name ends in \.md") as exc:
+            reader(text)
+        assert "corrupt" not in str(exc.value)
+    garbage = tmp_path / "garbage.mrc"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CryocliError, match="truncated or corrupt|not a readable MRC"):
+        read_map(garbage)
+    with pytest.raises(CryocliError, match="is a directory"):
+        read_map(tmp_path)

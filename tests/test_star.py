@@ -623,3 +623,24 @@ def test_check_pixel_size() -> None:
         check_pixel_size(1.0, 1.006, "x")
     with pytest.raises(CryocliError, match="invalid"):
         check_pixel_size(0.0, 1.0, "x")
+
+
+@pytest.mark.parametrize("old,new,values", [
+    ("     -0.00755     -0.33640            1 ", "     -0.00755 ", 24),  # two values short
+    ("     -0.00755     -0.33640            1 ", "     -0.00755     -0.33640            1 7 8 ", 28),  # two extra
+])
+def test_a_row_with_the_wrong_number_of_values_is_named_as_such(tmp_path: Path, old: str, new: str,
+                                                                values: int) -> None:
+    """pandas pads a short row with NaN; the file holds no NaN, so the error names the row and its count of values,
+    as it does for a row with too many (the fourth particle is line 53 of relion31.star)."""
+    path = _rewritten(tmp_path, CRYODRGN / "relion31.star", old, new)
+    with pytest.raises(CryocliError) as exc:
+        read_star(path)
+    _assert_error_names_file(exc, path, f"line 53 of data_particles has {values} values for 26 columns")
+    assert "NaN" not in str(exc.value)
+
+
+def test_a_nan_in_a_full_row_is_still_called_a_nan(tmp_path: Path) -> None:
+    path = _rewritten(tmp_path, CRYODRGN / "relion31.star", "     -0.00755     -0.33640", "     -0.00755          nan")
+    with pytest.raises(CryocliError, match="NaN or Inf value in row 4"):
+        read_star(path)

@@ -9,6 +9,7 @@ run never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -24,6 +25,12 @@ from cryocli.errors import CryocliError
 from cryocli.io.paths import default_file_mode
 
 SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 4: "complex64", 6: "uint16", 12: "float16"}
+#: Modes cryocli reads as real values (mode 4, complex, is known to mrcfile but is no density).
+READ_MODES = (0, 1, 2, 6, 12)
+#: File names that say "an MRC file" (maps, stacks, IMOD's tilt series and aligned stacks).
+MRC_SUFFIXES = frozenset({".mrc", ".mrcs", ".map", ".st", ".ali"})
+#: RELION's name for a particle stack: a 3D grid in such a file is images, whatever its header says.
+STACK_SUFFIXES = frozenset({".mrcs"})
 
 
 @dataclass
@@ -42,6 +49,8 @@ def _open(path: str | Path, mmap: bool):
     path = Path(path)
     if not path.exists():
         raise CryocliError("file not found", path)
+    if path.is_dir():
+        raise CryocliError("is a directory, not an MRC file", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -49,15 +58,94 @@ def _open(path: str | Path, mmap: bool):
                 return mrcfile.mmap(path, mode="r", permissive=True)
             return mrcfile.open(path, mode="r", permissive=True)
     except Exception as exc:  # mrcfile raises ValueError and friends for corrupt headers
+        if not _named_mrc(path):
+            raise _not_mrc(path) from exc
         raise CryocliError(f"not a readable MRC file ({exc})", path) from exc
 
 
-def _axis_order(mrc) -> tuple[int, int, int]:
+def _named_mrc(path: Path) -> bool:
+    return path.suffix.lower() in MRC_SUFFIXES
+
+
+def _not_mrc(path: Path) -> CryocliError:
+    """The error for a file that is not MRC and is not named as one (a text file, say): calling it a corrupt MRC
+    file would send the user looking for damage that is not there."""
+    suffix = path.suffix or "no extension"
+    return CryocliError(f"not an MRC file (its name ends in {suffix}, not .mrc, .mrcs, .map or .st, and it has no "
+                        "valid MRC header)", path)
+
+
+def _check_data(mrc, path: str | Path) -> None:
+    """Refuse a file whose header mrcfile could not match with data (truncated, corrupt, not MRC at all) or whose
+    grid is empty (a valid header of 0 x 0 x 0 voxels: nothing to summarise, filter or compare)."""
+    path = Path(path)
+    if mrc.data is None:
+        # permissive mode hands back a header without data for truncated or corrupt files
+        if not _named_mrc(path):
+            raise _not_mrc(path)
+        raise CryocliError("MRC file holds no readable data (truncated or corrupt)", path)
+    if mrc.data.size == 0:
+        h = mrc.header
+        raise CryocliError(f"MRC file holds no data (its header gives a grid of {int(h.nx)} x {int(h.ny)} x "
+                           f"{int(h.nz)} voxels)", path)
+
+
+def check_mode(mrc, path: str | Path, what: str) -> None:
+    """Refuse a mode cryocli does not read as real values; ``what`` names what the file was read as (``a map``,
+    ``a particle stack``), so that the message fits the command."""
+    mode = int(mrc.header.mode)
+    if mode not in SUPPORTED_MODES or mode == 4:
+        kind = " (complex values)" if mode in (3, 4) else ""
+        raise CryocliError(f"unsupported MRC mode {mode}{kind} for {what} (cryocli reads modes "
+                           f"{', '.join(map(str, READ_MODES))})", path)
+
+
+def open_mrc(path: str | Path):
+    """Memory-map any MRC file with data (a map, a stack or an image) without checking its mode; the caller
+    calls :func:`check_mode` once it knows what the file holds. Returns the open ``mrcfile`` object."""
+    mrc = _open(path, mmap=True)
+    try:
+        _check_data(mrc, path)
+    except CryocliError:
+        mrc.close()
+        raise
+    return mrc
+
+
+def grid_kind(mrc, path: str | Path) -> str:
+    """What an MRC file holds: ``"map"`` (a 3D volume), ``"stack"`` (2D images along z) or ``"image"`` (one).
+
+    mrcfile's ``is_image_stack()`` looks at the space group (ISPG) alone, but RELION and ChimeraX write 3D maps
+    with ISPG 0 and tell them from stacks by MZ, the sampling along z: a volume has MZ = NZ, a stack (MRC2014)
+    MZ = 1. ASPIRE writes stacks as .mrcs with ISPG 1 and MZ = NZ, so the name comes first. The rule:
+
+    1. a name ending in .mrcs: a stack (RELION's convention for particle stacks);
+    2. NZ = 1: a single image;
+    3. an axis order MAPC,R,S other than 1,2,3: a map (stacks are never stored with their axes swapped, and MZ
+       then counts along z, not along the sections NZ counts, so rule 4 cannot be read);
+    4. ISPG 0 with MZ != NZ (MZ = 1 by MRC2014, or any sampling that does not span the z extent): a stack;
+    5. anything else (MZ = NZ > 1, or a crystallographic space group such as 1): a map.
+    """
+    h = mrc.header
+    nz, mz, ispg = int(h.nz), int(h.mz), int(h.ispg)
+    if Path(path).suffix.lower() in STACK_SUFFIXES:
+        return "stack"
+    if nz == 1 or mrc.data.ndim == 2:
+        return "image"
+    if axis_order(mrc) != (1, 2, 3):
+        return "map"
+    if ispg == 0 and mz != nz:
+        return "stack"
+    return "map"
+
+
+def axis_order(mrc) -> tuple[int, int, int]:
+    """MAPC, MAPR, MAPS: which of x (1), y (2), z (3) the file's columns, rows and sections run along."""
     h = mrc.header
     return int(h.mapc), int(h.mapr), int(h.maps)
 
 
-def _to_zyx(data: np.ndarray, order: tuple[int, int, int], path: Path) -> np.ndarray:
+def to_zyx(data: np.ndarray, order: tuple[int, int, int], path: Path) -> np.ndarray:
     """Reorder a file array (sections, rows, columns) to ``[z, y, x]`` using MAPC/MAPR/MAPS."""
     if order == (1, 2, 3):
         return data
@@ -68,10 +156,14 @@ def _to_zyx(data: np.ndarray, order: tuple[int, int, int], path: Path) -> np.nda
     return np.transpose(data, (file_axis_of[3], file_axis_of[2], file_axis_of[1]))
 
 
-def _voxel_size(mrc, order: tuple[int, int, int]) -> float:
-    vs = mrc.voxel_size
-    sizes = [float(vs.x), float(vs.y), float(vs.z)]
-    return sizes[0]
+def voxel_sizes(mrc) -> tuple[float, float, float]:
+    """Voxel size along x, y and z in Angstrom (cell length / sampling MX, MY, MZ, as mrcfile computes it), 0 where
+    the header gives none: a cell of 0 gives 0, and a sampling of 0 (a header-only file) would give NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mrcfile divides by MX, MY, MZ and warns when they are 0
+        vs = mrc.voxel_size
+        sizes = (float(vs.x), float(vs.y), float(vs.z))
+    return tuple(v if math.isfinite(v) and v > 0 else 0.0 for v in sizes)  # type: ignore[return-value]
 
 
 def read_map(path: str | Path, require_cubic: bool = True) -> MapData:
@@ -81,18 +173,19 @@ def read_map(path: str | Path, require_cubic: bool = True) -> MapData:
     ``require_cubic``), unsupported modes and NaN/Inf values.
     """
     path = Path(path)
-    with _open(path, mmap=False) as mrc:
-        if mrc.data is None:
-            raise CryocliError("MRC file holds no readable data (truncated or corrupt)", path)
+    # mrcfile warns (RuntimeWarning and its own) about odd headers while reading: the checks below say what
+    # matters in one line, so its warnings never reach the user.
+    with warnings.catch_warnings(), _open(path, mmap=False) as mrc:
+        warnings.simplefilter("ignore")
+        _check_data(mrc, path)
+        check_mode(mrc, path, "a map")
         mode = int(mrc.header.mode)
-        if mode not in SUPPORTED_MODES or mode == 4:
-            raise CryocliError(f"unsupported MRC mode {mode} (cryocli reads modes 0, 1, 2, 6, 12)", path)
-        order = _axis_order(mrc)
+        order = axis_order(mrc)
         raw = np.asarray(mrc.data)
         if raw.ndim != 3:
             raise CryocliError(f"expected a 3D map, found a {raw.ndim}D array of shape {raw.shape}", path)
-        data = np.ascontiguousarray(_to_zyx(raw, order, path), dtype=np.float32)
-        voxel = _voxel_size(mrc, order)
+        data = np.ascontiguousarray(to_zyx(raw, order, path), dtype=np.float32)
+        voxel = voxel_sizes(mrc)[0]
         origin = (float(mrc.header.origin.x), float(mrc.header.origin.y), float(mrc.header.origin.z))
     if require_cubic and len(set(data.shape)) != 1:
         raise CryocliError(f"map is not cubic: grid {data.shape[::-1]} (x, y, z); cryocli needs a cubic box", path)
@@ -119,15 +212,12 @@ def open_stack(path: str | Path):
     ``obj.data`` is ``(count, ny, nx)`` for a stack and ``(ny, nx)`` for a single image; use
     :func:`stack_images` to read a batch as float32 without loading the whole file.
     """
-    mrc = _open(path, mmap=True)
-    if mrc.data is None:
-        # permissive mode hands back a header without data for truncated or corrupt files
+    mrc = open_mrc(path)
+    try:
+        check_mode(mrc, path, "a particle stack")
+    except CryocliError:
         mrc.close()
-        raise CryocliError("MRC file holds no readable data (truncated or corrupt)", path)
-    mode = int(mrc.header.mode)
-    if mode not in SUPPORTED_MODES or mode == 4:
-        mrc.close()
-        raise CryocliError(f"unsupported MRC mode {mode} for a particle stack", path)
+        raise
     return mrc
 
 
@@ -138,7 +228,7 @@ def stack_info(path: str | Path) -> StackInfo:
         count = 1 if len(shape) == 2 else int(shape[0])
         # A 3D .mrc written as a "volume" by some tools is a stack along z (ispg 0 or 1 alike).
         return StackInfo(path=str(path), count=count, box=int(shape[-1]), ny=int(shape[-2]),
-                         mode=int(mrc.header.mode), voxel_size=float(mrc.voxel_size.x))
+                         mode=int(mrc.header.mode), voxel_size=voxel_sizes(mrc)[0])
 
 
 def stack_images(mrc, indices: np.ndarray) -> np.ndarray:

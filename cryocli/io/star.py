@@ -61,6 +61,7 @@ PIXEL_SIZE_TOLERANCE = 0.005
 WRITE_VERSION = "30001"
 _VERSION_RE = re.compile(r"^\s*#\s*version\s+(\d+)", re.MULTILINE)
 _COLUMN_RE = re.compile(r"^\s*_(\S+)", re.MULTILINE)
+_TOKEN_RE = re.compile(r'"[^"]*"|\'[^\']*\'|\S+')
 
 
 def check_pixel_size(a: float, b: float, what: str, path: str | Path | None = None) -> None:
@@ -429,6 +430,7 @@ def read_star(path: str | Path, require_images: bool = False) -> ParticleTable:
     text = read_star_text(path)
     blocks = _parse_blocks(path, text, as_text=False)
     name, particles = _find_particle_block(blocks, path)
+    refuse_ragged_rows(text, (particles, blocks.get("optics")), path)
     validate_frame(particles, f"data_{name}", path)
     if len(particles) == 0:
         raise CryocliError(f"the particle table data_{name} is empty", path)
@@ -478,7 +480,7 @@ def _parse_blocks(path: Path, text: str, as_text: bool) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True, parse_as_string=names)
     except Exception as exc:  # starfile and pandas raise many types (ParserError, TypeError, ValueError...)
-        raise unreadable_star(exc, path) from exc
+        raise unreadable_star(exc, path, text) from exc
     finally:
         linecache.clearcache()
     if not isinstance(blocks, dict):
@@ -486,10 +488,42 @@ def _parse_blocks(path: Path, text: str, as_text: bool) -> dict[str, Any]:
     return blocks
 
 
-def unreadable_star(exc: Exception, path: Path) -> CryocliError:
-    """The error for a file the STAR parser (``starfile``, pandas) could not read, naming the parser's complaint."""
-    text = str(exc).strip().splitlines()
-    return CryocliError(f"not a readable STAR file ({type(exc).__name__}: {text[0][:200] if text else ''})", path)
+def unreadable_star(exc: Exception, path: Path, text: str | None = None) -> CryocliError:
+    """The error for a file the STAR parser (``starfile``, pandas) could not read: the loop row whose number of
+    values does not match its labels when ``text`` has one (the usual cause), else the parser's complaint."""
+    ragged = ragged_row(text) if text is not None else None
+    lines = str(exc).strip().splitlines()
+    detail = ragged or f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+    return CryocliError(f"not a readable STAR file ({detail})", path)
+
+
+def ragged_row(text: str) -> str | None:
+    """Where a loop row has a different number of values than the loop has labels (``line 20 of data_x has 5
+    values for 4 columns``), or None. Quoted values count as one, as in the STAR format."""
+    block, labels, in_rows = "", 0, False
+    for number, line in enumerate(text.splitlines(), start=1):
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        if word.startswith("data_") or word.startswith("loop_"):
+            block = word.split()[0] if word.startswith("data_") else block
+            labels, in_rows = 0, word.startswith("loop_")
+        elif word.startswith("_"):
+            labels += 1 if in_rows else 0
+        elif in_rows and labels and len(_TOKEN_RE.findall(word)) != labels:
+            return f"line {number} of {block} has {len(_TOKEN_RE.findall(word))} values for {labels} columns"
+    return None
+
+
+def refuse_ragged_rows(text: str, frames: Iterable[Any], path: Path) -> None:
+    """Refuse a loop row with too few values. pandas pads such a row with NaN, which would be reported as a NaN in
+    some column; the file holds no NaN, so name the short row instead. The text is scanned only when a frame
+    holds a missing value, so well-formed files cost nothing."""
+    if not any(isinstance(f, pd.DataFrame) and f.isna().to_numpy().any() for f in frames):
+        return
+    ragged = ragged_row(text)
+    if ragged is not None:
+        raise CryocliError(f"not a readable STAR file ({ragged})", path)
 
 
 def _as_frame(block: Any) -> pd.DataFrame | None:

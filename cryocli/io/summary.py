@@ -7,7 +7,9 @@ A STAR file is one of these kinds, told apart by its block names and column labe
 name), in this order:
 
 * ``postprocess``: relion_postprocess output (a block with rlnFinalResolution; data_fsc, data_guinier).
-* ``model``: a refine/classify ``*_model.star`` (a block with rlnCurrentResolution and rlnNrClasses).
+* ``model``: a refine/classify ``*_model.star`` (a block with rlnCurrentResolution and rlnNrClasses), or the
+  ``model.star`` cryocli's ``refine`` writes in the same format (rlnCurrentResolution, rlnOriginalImageSize and
+  rlnPixelSize, with no class count).
 * ``optimiser``: a ``*_optimiser.star`` (a block with rlnOutputRootName and rlnCurrentIteration).
 * ``sampling``: a ``*_sampling.star`` (a block with rlnPsiStep and rlnOffsetRange).
 * ``mtf``: a detector MTF curve (a loop with rlnResolutionInversePixel and rlnMtfValue).
@@ -30,18 +32,27 @@ import numpy as np
 import pandas as pd
 
 from cryocli.errors import CryocliError
-from cryocli.io.mrc import open_stack, stack_info
-from cryocli.io.star import read_star_text
+from cryocli.io.mrc import (
+    MRC_SUFFIXES,
+    axis_order,
+    check_mode,
+    grid_kind,
+    open_mrc,
+    stack_info,
+    to_zyx,
+    voxel_sizes,
+)
+from cryocli.io.star import ragged_row, read_star_text
 
 CTF_OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 STAR_SUFFIXES = {".star"}
-MRC_SUFFIXES = {".mrc", ".mrcs", ".map", ".st", ".ali"}
 STAR_KINDS = ("particles", "postprocess", "model", "optimiser", "sampling", "mtf", "star")
 
 # A kind matches when one block holds all of its labels (checked in this order, particles after these).
 KIND_LABELS: tuple[tuple[str, frozenset[str]], ...] = (
     ("postprocess", frozenset({"rlnFinalResolution"})),
     ("model", frozenset({"rlnCurrentResolution", "rlnNrClasses"})),
+    ("model", frozenset({"rlnCurrentResolution", "rlnOriginalImageSize", "rlnPixelSize"})),  # cryocli refine's
     ("optimiser", frozenset({"rlnOutputRootName", "rlnCurrentIteration"})),
     ("sampling", frozenset({"rlnPsiStep", "rlnOffsetRange"})),
     ("mtf", frozenset({"rlnResolutionInversePixel", "rlnMtfValue"})),
@@ -52,17 +63,18 @@ MTF_NYQUIST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 OUT_OF_RANGE_EXAMPLES = 5
 
 _VERSION_RE = re.compile(r"^\s*#\s*version\s+(\d+)", re.MULTILINE)
-_TOKEN_RE = re.compile(r'"[^"]*"|\'[^\']*\'|\S+')
 
 
 def file_kind(path: str | Path) -> str:
-    """``"star"`` or ``"mrc"`` from the file name; CryocliError for anything else."""
+    """``"star"`` or ``"mrc"`` from the file name; CryocliError for a folder or any other name."""
+    if Path(path).is_dir():
+        raise CryocliError("is a directory; give the STAR or MRC files in it", path)
     suffix = Path(path).suffix.lower()
     if suffix in STAR_SUFFIXES:
         return "star"
     if suffix in MRC_SUFFIXES:
         return "mrc"
-    raise CryocliError("unknown file type (expected .star, .mrc, .mrcs or .map)", path)
+    raise CryocliError("not a STAR or MRC file (expected a name ending in .star, .mrc, .mrcs, .map or .st)", path)
 
 
 def _range(values: np.ndarray) -> list[float] | None:
@@ -121,23 +133,6 @@ def star_kind(blocks: list[BlockOutline]) -> str:
     return "star"
 
 
-def _ragged_row(text: str) -> str | None:
-    """Where a loop row has a different number of values than the loop has labels, or None."""
-    block, labels, in_rows = "", 0, False
-    for number, line in enumerate(text.splitlines(), start=1):
-        word = line.strip()
-        if not word or word.startswith("#"):
-            continue
-        if word.startswith("data_") or word.startswith("loop_"):
-            block = word.split()[0] if word.startswith("data_") else block
-            labels, in_rows = 0, word.startswith("loop_")
-        elif word.startswith("_"):
-            labels += 1 if in_rows else 0
-        elif in_rows and labels and len(_TOKEN_RE.findall(word)) != labels:
-            return f"line {number} of {block} has {len(_TOKEN_RE.findall(word))} values for {labels} columns"
-    return None
-
-
 def read_star_blocks(path: str | Path, text: str) -> dict[str, pd.DataFrame | dict[str, Any]]:
     """Every block of a STAR file through ``starfile``: a loop as a DataFrame, a key-value list as a dict."""
     import starfile
@@ -149,7 +144,7 @@ def read_star_blocks(path: str | Path, text: str) -> dict[str, pd.DataFrame | di
             blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile and pandas raise many types (ParserError, TypeError, ValueError...)
         lines = str(exc).strip().splitlines()
-        detail = _ragged_row(text) or f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+        detail = ragged_row(text) or f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
         raise CryocliError(f"not a readable STAR file ({detail})", path) from exc
     finally:
         linecache.clearcache()
@@ -182,8 +177,8 @@ def _header(text: str) -> dict[str, Any]:
     program = command = None
     for line in text.splitlines()[:10]:
         word = line.strip().lstrip("#").strip()
-        if line.strip().startswith("#") and word.startswith("RELION") and program is None:
-            program = word
+        if line.strip().startswith("#") and word.startswith(("RELION", "Written by cryocli")) and program is None:
+            program = word.removeprefix("Written by ")  # RELION's program line, or cryocli's star_header
         elif line.strip().startswith("#") and word.startswith("--") and command is None:
             command = word
     match = _VERSION_RE.search(text)
@@ -254,7 +249,8 @@ MODEL_FIELDS = (("resolution_A", "rlnCurrentResolution"), ("pixel_size", "rlnPix
                 ("classes", "rlnNrClasses"), ("bodies", "rlnNrBodies"), ("groups", "rlnNrGroups"),
                 ("optics_groups", "rlnNrOpticsGroups"), ("reference_dimensionality", "rlnReferenceDimensionality"),
                 ("tau2_fudge", "rlnTau2FudgeFactor"), ("log_likelihood", "rlnLogLikelihood"),
-                ("average_pmax", "rlnAveragePmax"))
+                ("average_pmax", "rlnAveragePmax"), ("iteration", "rlnCurrentIteration"),
+                ("has_converged", "rlnHasConverged"))
 CLASS_FIELDS = (("reference", "rlnReferenceImage"), ("distribution", "rlnClassDistribution"),
                 ("accuracy_rotations_deg", "rlnAccuracyRotations"),
                 ("accuracy_translations_A", "rlnAccuracyTranslationsAngst"),
@@ -263,6 +259,11 @@ CLASS_FIELDS = (("reference", "rlnReferenceImage"), ("distribution", "rlnClassDi
                 ("completeness", "rlnOverallFourierCompleteness"))
 GROUP_FIELDS = (("group", "rlnGroupNumber"), ("name", "rlnGroupName"), ("particles", "rlnGroupNrParticles"),
                 ("scale", "rlnGroupScaleCorrection"))
+# cryocli refine's data_model_iterations: one row per iteration.
+ITERATION_FIELDS = (("iteration", "rlnCurrentIteration"), ("resolution_A", "rlnCurrentResolution"),
+                    ("image_size", "rlnCurrentImageSize"),
+                    ("changes_orientations_deg", "rlnChangesOptimalOrientations"),
+                    ("changes_offsets_px", "rlnChangesOptimalOffsets"), ("healpix_order", "rlnHealpixOrderFine"))
 
 
 def _rows(frame: pd.DataFrame | None, fields: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
@@ -270,19 +271,31 @@ def _rows(frame: pd.DataFrame | None, fields: tuple[tuple[str, str], ...]) -> li
     if frame is None:
         return []
     present = [(name, label) for name, label in fields if label in frame.columns]
-    return [{name: _py(row[label]) for name, label in present} for _, row in frame.iterrows()]
+    # Records keep each column's own type (iterrows would turn a row of ints and floats into floats: 1.0).
+    return [{name: _py(row[label]) for name, label in present} for row in frame.to_dict("records")]
+
+
+def _model_general(blocks: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's key-value block: RELION's (with rlnNrClasses) or cryocli refine's (without a class count)."""
+    for kind, labels in KIND_LABELS:
+        if kind == "model" and _find_block(blocks, set(labels)) is not None:
+            return _general(blocks, set(labels))
+    return {}
 
 
 def summarize_model(blocks: Mapping[str, Any]) -> dict[str, Any]:
     """Current resolution (A), pixel size (A), box (px), classes with their distribution and accuracies
-    (rotations in degrees, translations in A or px as the file gives them) and groups with their particles."""
-    general = _general(blocks, {"rlnCurrentResolution", "rlnNrClasses"})
-    summary: dict[str, Any] = {name: general.get(label) for name, label in MODEL_FIELDS}
+    (rotations in degrees, translations in A or px as the file gives them), groups with their particles, and for
+    cryocli refine's model.star the iteration, convergence and one row per iteration."""
+    general = _model_general(blocks)
+    summary: dict[str, Any] = {name: _flag(label, general.get(label)) for name, label in MODEL_FIELDS}
     summary["sigma_offsets_A"] = general.get("rlnSigmaOffsetsAngst")
     summary["sigma_offsets_px"] = general.get("rlnSigmaOffsets")
     summary["class_table"] = _rows(_find_block(blocks, {"rlnReferenceImage"}, loop=True), CLASS_FIELDS)
     summary["group_table"] = _rows(_find_block(blocks, {"rlnGroupNumber", "rlnGroupNrParticles"}, loop=True),
                                    GROUP_FIELDS)
+    summary["iteration_table"] = _rows(_find_block(blocks, {"rlnCurrentIteration", "rlnChangesOptimalOrientations"},
+                                                   loop=True), ITERATION_FIELDS)
     summary["general"] = general
     return summary
 
@@ -458,6 +471,35 @@ def check_image_indices(table: Any, counts: Mapping[str, int]) -> dict[str, Any]
             "out_of_range_examples": examples}
 
 
+def box_mismatches(table: Any, groups: list[dict[str, Any]], boxes: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Optics groups whose rlnImageSize differs from the box of the stacks their particles lie in.
+
+    ``groups``: :func:`_optics_groups`; ``boxes``: box (px) per stack name, for the stacks that could be read. The
+    stack headers hold the images, so reconstruct, refine and abinitio refuse such a file
+    (:class:`cryocli.io.dataset.ParticleStack`: "rlnImageSize in the STAR file is ... px but the stacks hold ...
+    px images"); ``info`` is where a user looks before a job, so it names both numbers. Each entry: ``group``,
+    ``star_box`` (px) and ``stack_boxes`` (px, sorted), and ``message``, the warning in words.
+    """
+    if not boxes or "rlnImageName" not in table.particles.columns:
+        return []
+    _, names = table.image_names
+    stack_box = np.array([boxes.get(n, -1) for n in names], dtype=np.int64)
+    merged = table.optics_per_particle()
+    group_of = merged["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in merged.columns else None
+    found = []
+    for g in groups:
+        if g["box"] is None:
+            continue
+        rows = stack_box if group_of is None else stack_box[group_of == g["group"]]
+        held = sorted({int(b) for b in rows if b >= 0})
+        if held and held != [int(g["box"])]:
+            which = f" (optics group {g['group']})" if group_of is not None and len(groups) > 1 else ""
+            found.append({"group": g["group"], "star_box": int(g["box"]), "stack_boxes": held,
+                          "message": f"rlnImageSize in the STAR file is {int(g['box'])} px but the stacks hold "
+                                     f"{', '.join(map(str, held))} px images{which}"})
+    return found
+
+
 def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> dict[str, Any]:
     """Particle count, optics groups, columns present, STAR version, whether every stack exists and whether
     every image index (the N of ``N@stack``) lies within its stack."""
@@ -473,6 +515,7 @@ def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> 
     counts, boxes, unreadable = _stack_counts(stacks)
     indices = check_image_indices(table, counts) if has_images else {
         "images_checked": 0, "images_out_of_range": 0, "out_of_range_examples": []}
+    groups = _optics_groups(table)
     return {
         "file": str(path),
         "type": "star",
@@ -480,7 +523,7 @@ def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> 
         "star_version": table.version,
         "block": table.particle_block,
         "particles": int(len(parts)),
-        "optics_groups": _optics_groups(table),
+        "optics_groups": groups,
         "columns": list(parts.columns),
         "has_poses": table.has_poses,
         "has_shifts": table.has_shifts,
@@ -493,6 +536,8 @@ def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> 
         "stacks_unreadable": unreadable,
         "all_stacks_exist": not missing,
         "stack_boxes": sorted(set(boxes.values())),
+        # [] when rlnImageSize agrees with the stacks (or either is unknown); see box_mismatches.
+        "box_mismatch": box_mismatches(table, groups, boxes),
         **indices,
     }
 
@@ -525,40 +570,67 @@ def summarize_star(path: str | Path, datadir: str | Path | None = None) -> dict[
     return summary
 
 
+# A "map" with this many times fewer sections (NZ) than rows or columns is more likely a few images written with
+# a volume's header (cryoDRGN's empiar_10076_7.mrc: 320 x 320 x 7): info says so in a note.
+SLAB_RATIO = 4
+MODE_CONTEXT = {"map": "a map", "stack": "a particle stack", "image": "an image"}
+
+
 def summarize_mrc(path: str | Path, mass_kda: float | None = None) -> dict[str, Any]:
-    """Grid shape, voxel size, mode, axis order and value statistics of an MRC map or stack; for a map, the
-    contour level enclosing the molecule (``contour_level``, ``contour_basis``: by ``mass_kda`` when given,
-    else a sphere of 0.8 x the box, see :func:`cryocli.analysis.contour.contour_level`)."""
-    with open_stack(path) as mrc:
+    """Grid shape, voxel size, mode, axis order and value statistics of an MRC map, stack or single image; for a
+    map, the contour level enclosing the molecule (``contour_level``, ``contour_basis``: by ``mass_kda`` when
+    given, else a sphere of 0.8 x the box, see :func:`cryocli.analysis.contour.contour_level`).
+
+    ``type`` is ``map``, ``stack`` or ``image`` by :func:`cryocli.io.mrc.grid_kind` (the name, NZ, ISPG and MZ,
+    not ISPG alone: RELION writes maps with ISPG 0). For a map, ``shape_xyz`` is the grid along x, y and z after
+    the file's axis order (MAPC,R,S) is applied, ``shape_crs`` the file's columns, rows and sections, and
+    ``voxel_size_xyz`` the voxel size along each axis; ``voxel_size`` is the one along x (0: none in the header).
+    """
+    with open_mrc(path) as mrc:
+        kind = grid_kind(mrc, path)
+        check_mode(mrc, path, MODE_CONTEXT[kind])
         header = mrc.header
-        shape = tuple(int(s) for s in mrc.data.shape)
-        order = (int(header.mapc), int(header.mapr), int(header.maps))
-        is_stack = bool(mrc.is_image_stack()) or Path(path).suffix.lower() == ".mrcs"
-        data = np.asarray(mrc.data, dtype=np.float64)
-        stats = {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean()),
-                 "std": float(data.std())}
-        voxel = float(mrc.voxel_size.x)
+        order = axis_order(mrc)
+        raw = np.asarray(mrc.data, dtype=np.float64)
+        voxels = voxel_sizes(mrc)
         mode = int(header.mode)
+        crs = [int(header.nx), int(header.ny), int(header.nz)]
         label = header.label[0].decode("ascii", "replace").strip() if int(header.nlabl) > 0 else ""
+    data = to_zyx(raw, order, Path(path)) if kind == "map" else raw
+    stats = {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean()), "std": float(data.std())}
     summary: dict[str, Any] = {
-        "file": str(path), "type": "stack" if is_stack else "map", "shape_xyz": list(shape[::-1]),
-        "voxel_size": voxel, "mode": mode, "axis_order": list(order), "label": label, **stats,
+        "file": str(path), "type": kind, "shape_xyz": list(data.shape[::-1]), "voxel_size": voxels[0],
+        "mode": mode, "axis_order": list(order), "label": label, **stats,
         "finite": bool(np.isfinite(stats["min"]) and np.isfinite(stats["max"])),
     }
-    if is_stack:
-        summary["images"] = 1 if len(shape) == 2 else shape[0]
-    else:
-        summary.update(_contour(data, voxel, mass_kda, path))
+    if kind != "map":
+        summary["images"] = 1 if kind == "image" else int(data.shape[0])
+        return summary
+    summary.update(shape_crs=crs, voxel_size_xyz=list(voxels))
+    if crs[2] * SLAB_RATIO <= min(crs[:2]):
+        summary["note"] = (f"a {crs[0]} x {crs[1]} x {crs[2]} grid is thin for a map: if it holds {crs[2]} images, "
+                           "name it .mrcs (or set ISPG 0 and MZ 1 in its header) to have it read as a stack")
+    summary.update(_contour(data, voxels, mass_kda, path))
     return summary
 
 
-def _contour(data: np.ndarray, voxel: float, mass_kda: float | None, path: str | Path) -> dict[str, Any]:
+def _contour(data: np.ndarray, voxels: tuple[float, float, float], mass_kda: float | None,
+             path: str | Path) -> dict[str, Any]:
     """``contour_level`` and ``contour_basis`` of a map. A mass that does not fit the map is an error (the
-    user's); a map with no level by the default sphere (no voxel size, NaN) gets ``None`` and the reason."""
+    user's); a map with no level by the default sphere (no voxel size, NaN) gets ``None`` and the reason.
+
+    With voxels of different sizes along x, y, z the level uses their geometric mean, the edge of a cube of the
+    same volume: the volume enclosed (voxels counted x volume of one) is then exact.
+    """
     from cryocli.analysis.contour import contour_level
 
     if data.ndim != 3:
-        return {"contour_level": None, "contour_basis": "none: a 2-D image, not a map"}
+        return {"contour_level": None, "contour_basis": f"none: a {data.ndim}-D array, not a 3-D map"}
+    if min(voxels) <= 0:
+        # Without a voxel size the grid has no size in A: neither a mass nor a sphere can be turned into voxels.
+        return {"contour_level": None, "contour_basis": "none: the header gives no voxel size (its cell "
+                "dimensions are 0), so no volume in A^3 can be enclosed"}
+    voxel = float(np.prod(voxels)) ** (1.0 / 3.0) if len(set(voxels)) > 1 else voxels[0]
     try:
         level, how = contour_level(data, voxel, mass_kda=mass_kda)
     except CryocliError as exc:

@@ -65,9 +65,18 @@ class GlobalOptions:
 STATE = GlobalOptions()
 
 
+#: Width of stdout when it goes to a file or a pipe. rich would use 80 columns there and cut table cells short
+#: ("16003-1..."), so `cryocli info X > log.txt` lost values; a log wants every value whole, one row per line.
+PIPED_WIDTH = 200
+
+
 def out_console() -> Console:
-    """Console for normal output (stdout); silent under --quiet or --json."""
-    return Console(quiet=STATE.quiet or STATE.json, highlight=False)
+    """Console for normal output (stdout); silent under --quiet or --json. :data:`PIPED_WIDTH` wide when stdout is
+    not a terminal and COLUMNS does not say otherwise."""
+    con = Console(quiet=STATE.quiet or STATE.json, highlight=False)
+    if not con.is_terminal and not os.environ.get("COLUMNS"):
+        con.width = max(con.width, PIPED_WIDTH)
+    return con
 
 
 def err_console() -> Console:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from cryocli.cli.common import STATE, emit_json, guarded, out_console
 
 YES_NO = {True: "yes", False: "no"}
-
-# Width of the output when it goes to a file or a pipe. rich would use 80 columns there, cutting table cells short
-# ("16003-1…"), so `cryocli info X > log.txt` lost values; a log wants every value whole, one row per line.
-PIPED_WIDTH = 200
 
 # (summary key, label shown, unit) of the key-value lines of each STAR kind.
 POSTPROCESS_LINES = (("final_resolution_A", "final resolution", "A"), ("bfactor_A2", "B-factor", "A^2"),
@@ -66,19 +60,10 @@ CLASS_COLUMNS = {"distribution": "fraction", "accuracy_rotations_deg": "acc. rot
                  "estimated_resolution_A": "res. A", "completeness": "complete", "reference": "reference"}
 
 
-def _console() -> Console:
-    """The output console (:func:`out_console`), :data:`PIPED_WIDTH` wide when it is not a terminal and COLUMNS does
-    not say otherwise."""
-    con = out_console()
-    if not con.is_terminal and not os.environ.get("COLUMNS"):
-        con.width = max(con.width, PIPED_WIDTH)
-    return con
-
-
 def _show(*items: Any) -> None:
     """Print text and tables; table cells fold onto more lines where the width runs out, never cut short with an
     ellipsis (rich's default), so that no number is lost however narrow the terminal."""
-    con = _console()
+    con = out_console()
     for item in items:
         if isinstance(item, Table):
             for column in item.columns:

@@ -144,3 +144,18 @@ def test_coloured_noise_rejects_bad_spectra(device: str) -> None:
         coloured_noise((2, 32, 32), -torch.ones(17).to(device))
     with pytest.raises(CryocliError):
         coloured_noise((2, 32, 16), torch.ones(17).to(device))
+
+
+@pytest.mark.parametrize("text, words", [("0", "--snr 0: the SNR must be positive"),
+                                         ("-0.1", "--snr -0.1: the SNR must be positive"),
+                                         ("loud", "--snr loud: expected a positive number"),
+                                         ("", "--snr '': expected a positive number"),
+                                         ("1e400dB", "--snr 1e400dB: out of range"),
+                                         ("4000dB", "--snr 4000dB: out of range")])
+def test_parse_snr_errors_name_the_option(text: str, words: str) -> None:
+    """The message names the flag the value came from, as every other bad option value's does."""
+    with pytest.raises(CryocliError) as error:
+        parse_snr(text)
+    assert error.value.message.startswith(words), error.value.message
+    with pytest.raises(CryocliError, match="^--noise-snr 0: "):
+        parse_snr("0", "--noise-snr")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import starfile
 import torch
 from typer.testing import CliRunner
 
@@ -15,6 +16,7 @@ from cryocli.analysis.fsc import fsc_curve, threshold_crossing
 from cryocli.cli.app import app
 from cryocli.imaging.filters import lowpass_filter
 from cryocli.io.mrc import read_map
+from cryocli.io.star import read_star
 from tests.conftest import CRYOJAX, DEVICES, RELION_SET, need
 
 runner = CliRunner()
@@ -123,3 +125,44 @@ def test_memory_that_runs_out_is_one_line_without_output(tmp_path: Path, monkeyp
                      "failed; a smaller --batch-size needs less memory"], res.output
     assert "Traceback" not in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _without_columns(source: Path, dest: Path, drop: set[str]) -> Path:
+    """``source``'s particles without the labels in ``drop`` (image names made absolute, so the stacks are found)."""
+    table = read_star(source)
+    particles = table.particles.drop(columns=[c for c in table.particles.columns if c in drop])
+    folder = source.parent.parent  # RELION resolves noisy/noisy.mrcs from the project folder above the STAR file
+    particles["rlnImageName"] = [f"{name.split('@')[0]}@{folder / name.split('@')[1]}"
+                                 for name in particles["rlnImageName"]]
+    starfile.write({"optics": table.optics, "particles": particles}, dest, overwrite=True)
+    return dest
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 64])
+@pytest.mark.parametrize("case", ["missing stacks", "no CTF", "no poses"])
+def test_input_errors_are_one_line_without_a_progress_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            case: str, chunk_rows: int | None) -> None:
+    """The inputs are checked and the first stacks opened before the progress bar starts: one error line on
+    stderr, not a ``reconstruct 0/600 0%`` line before it, whether the STAR file is read whole or in chunks."""
+    if chunk_rows is not None:
+        monkeypatch.setattr("cryocli.io.star_chunks.CHUNK_ROWS", chunk_rows)
+    source = need(RELION_SET / "noisy" / "noisy.star")
+    if case == "missing stacks":
+        star = tmp_path / "p.star"
+        shutil.copy(source, star)  # noisy/noisy.mrcs is not beside the copy
+        words = "stack not found"
+    elif case == "no CTF":
+        star = _without_columns(source, tmp_path / "p.star", {"rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"})
+        words = "rlnDefocusU is missing); pass --no-ctf to reconstruct without CTF correction"
+    else:
+        star = _without_columns(source, tmp_path / "p.star", {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"})
+        words = "poses are needed"
+    out = tmp_path / "map.mrc"
+    res = runner.invoke(app, ["reconstruct", str(star), "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cryocli: error: ") and words in lines[0], res.stderr
+    assert not out.exists()
+    if case == "no CTF":  # the suggestion works
+        res = runner.invoke(app, ["--quiet", "reconstruct", str(star), "-o", str(out), "--no-ctf"])
+        assert res.exit_code == 0, res.output

@@ -224,3 +224,75 @@ def test_unknown_choice_is_one_error_line(reference: Path, tmp_path: Path, optio
     assert r.exit_code == 2
     assert option in r.output and value in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_one_iteration_summary_and_the_out_help_name_what_is_written(reference: Path, tmp_path: Path) -> None:
+    """sparse-tv for one iteration: the summary says "1 iteration" (not "1 iterations"), and the --out help
+    names every file the run writes (the regularised half maps are sparse-tv's)."""
+    import inspect
+    import re
+
+    from cryocli.cli.refine import refine
+
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["refine", str(REAL), "--ref", str(reference), "--method", "sparse-tv", "-o", str(out),
+                            "--box", str(BOX), "--max-iter", "1"], env={"COLUMNS": "250"}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = [line for line in r.stdout.splitlines() if line.startswith("sparse-tv: ")]
+    assert len(summary) == 1 and " 1 iteration in " in summary[0], r.stdout
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert {"report.png", "angdist.bild", "half1_regularised.mrc", "half2_regularised.mrc"} <= written
+    help_text = inspect.signature(refine).parameters["out"].default.help
+    named = set(re.findall(r"[\w*]+\.(?:mrc|star|png|bild|csv|jsonl|pt)\b", help_text))
+    assert written <= named, written - named
+
+
+def test_no_option_states_its_default_twice() -> None:
+    """typer prints ``[default: X]`` itself for an option with a default (unless show_default=False), so help that
+    also says ``[default: ...]`` shows it twice (refine --minimum-angular-sampling did: "[default: 0, off].
+    [default: 0.0]")."""
+    import inspect
+
+    from typer.models import OptionInfo
+
+    doubled = []
+    for info in app.registered_commands:
+        assert info.callback is not None
+        for name, parameter in inspect.signature(info.callback).parameters.items():
+            option = parameter.default
+            if (isinstance(option, OptionInfo) and option.default not in (None, ...) and option.show_default
+                    and "[default" in (option.help or "")):
+                doubled.append(f"{info.name} {name}")
+    assert doubled == []
+
+
+@pytest.mark.parametrize("command", ["refine", "abinitio"])
+def test_particle_diameter_beyond_the_box_is_one_line_naming_both(reference: Path, tmp_path: Path, command: str) -> None:
+    """The 17 particles are 200 px at 1.4 A/px, a 280 A box (whatever --box crops them to): a 500 A mask is refused,
+    as relion_autopick refuses it, with one line naming the diameter and the box, before the run directory is made."""
+    out = tmp_path / "run"
+    extra = ["--ref", str(reference)] if command == "refine" else ["--method", "cryospin"]
+    r = runner.invoke(app, [command, str(REAL), *extra, "-o", str(out), "--box", str(BOX), "--max-iter" if command ==
+                            "refine" else "--epochs", "1", "--particle-diameter", "500"])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == ("cryocli: error: --particle-diameter 500: larger than the box of the particles, 200 px x 1.4 "
+                        "A/px = 280 A"), lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["refine", "abinitio"])
+def test_missing_stacks_and_a_bad_star_file_are_one_line(reference: Path, tmp_path: Path, command: str) -> None:
+    """The particles are read and their stacks opened before any progress is printed: one line on stderr."""
+    import shutil
+
+    moved = tmp_path / "p.star"
+    shutil.copy(need(REAL), moved)  # its stacks are not beside the copy
+    ragged = tmp_path / "r.star"
+    ragged.write_text("data_\nloop_\n_rlnImageName\n_rlnAngleRot\n1@a.mrcs 2 3\n")
+    extra = ["--ref", str(reference)] if command == "refine" else []
+    for star, words in ((moved, "stack not found"), (ragged, "line 5 of data_ has 3 values for 2 columns")):
+        r = runner.invoke(app, [command, str(star), *extra, "-o", str(tmp_path / "run")])
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and words in lines[0], r.stderr
+        assert not (tmp_path / "run").exists()

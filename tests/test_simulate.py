@@ -326,3 +326,14 @@ def test_a_map_is_simulated_on_its_own_grid_unless_told_otherwise(tmp_path: Path
     info = json.loads((tmp_path / "crop" / "simulate.json").read_text())
     assert info["map_fraction_outside_box"] > 0.01
     assert info["parameters"]["box"] == 32 and info["parameters"]["apix"] == 4.4
+
+
+def test_a_bad_snr_is_one_line_naming_the_option(tmp_path: Path) -> None:
+    """simulate and abinitio (cryo2ssnet's --snr) both read --snr through parse_snr: the error names the flag."""
+    for argv in (["simulate", str(DEMO_MODEL), "-o", str(tmp_path / "sim"), "-n", "5", "--box", "32", "--apix", "3"],
+                 ["abinitio", str(tmp_path / "p.star"), "--method", "cryo2ssnet", "-o", str(tmp_path / "run")]):
+        res = CliRunner().invoke(app, [*argv, "--snr", "0"])
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 2 and lines == ["cryocli: error: --snr 0: the SNR must be positive and finite (or inf "
+                                                "for no noise)"], res.stderr
+    assert list(tmp_path.iterdir()) == []

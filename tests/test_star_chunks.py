@@ -109,3 +109,33 @@ def test_reconstruct_from_chunks_equals_the_whole_table(tmp_path: Path, monkeypa
     for key, volume in whole.items():
         scale = np.abs(volume).max()
         assert np.abs(chunked[key] - volume).max() < 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("row, extra, words", [
+    (24, "", "line 46 of data_particles has 2 values for 3 columns"),  # row 25: rlnOpticsGroup missing
+    (24, " 5 6", "line 46 of data_particles has 5 values for 3 columns"),
+    (3, "", "line 23 of data_particles has 2 values for 3 columns"),   # in the first chunk
+])
+def test_a_ragged_row_is_named_by_its_line_as_read_star_names_it(tmp_path: Path, row: int, extra: str,
+                                                                  words: str) -> None:
+    """A row with too few values is a short row, not a "NaN or Inf value" (pandas pads it with NaN): the chunked
+    reader names its line as read_star does, and a NaN the file does hold is still reported as one."""
+    rows = [f"{k:06d}@s.mrcs {k}.0 1" for k in range(1, 31)]
+    rows[row] = rows[row].rsplit(" ", 1)[0] if not extra else rows[row] + extra
+    rows.insert(10, "# a comment between rows")  # comments and blank lines are not rows
+    rows.insert(12, "")
+    path = _star(tmp_path, rows)
+    with pytest.raises(CryocliError, match=words):
+        read_star(path)
+    with pytest.raises(CryocliError, match=words) as error:
+        list(read_star_chunks(path, rows=10).tables())
+    assert error.value.message == f"not a readable STAR file ({words})"
+    assert error.value.path == str(path)
+
+
+def test_a_nan_before_a_short_row_is_reported_as_a_nan(tmp_path: Path) -> None:
+    rows = [f"{k:06d}@s.mrcs {k}.0 1" for k in range(1, 31)]
+    rows[4] = "000005@s.mrcs nan 1"
+    rows[24] = "000025@s.mrcs 25.0"
+    with pytest.raises(CryocliError, match="NaN or Inf value in row 5"):
+        list(read_star_chunks(_star(tmp_path, rows), rows=10).tables())

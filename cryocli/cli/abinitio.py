@@ -40,7 +40,7 @@ def _snr(text: str | None) -> float | None:
         return None
     from cryocli.imaging.noise import parse_snr
 
-    return parse_snr(text)
+    return parse_snr(text, "--snr")
 
 
 def abinitio(

@@ -114,7 +114,8 @@ def print_summary(s: dict[str, Any]) -> None:
     if not distributed.current().main:  # under torchrun rank 0 prints
         return
     con = out_console()
-    what = "iterations" if s["command"] == "refine" else "epochs"
+    what = "iteration" if s["command"] == "refine" else "epoch"
+    what += "" if s["iterations"] == 1 else "s"
     converged = f" (converged: {s['converged']})" if s.get("converged") is not None else ""
     con.print(f"{s['method']}: {s['particles']} particles, box {s['box']} px at {s['pixel_size']:.4g} A/px, "
               f"{s['iterations']} {what} in {s['seconds']:.1f} s{converged}; map written to {s['files']['map']}")

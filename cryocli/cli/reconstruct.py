@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -22,10 +23,28 @@ from cryocli.device_memory import peak_device_memory_mb
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
 from cryocli.errors import CryocliError
 
+if TYPE_CHECKING:
+    from cryocli.io.dataset import ParticleStack
+
 
 def half_map_paths(out: Path) -> tuple[Path, Path]:
     """``map.mrc`` -> ``map_half1.mrc``, ``map_half2.mrc`` beside it."""
     return out.with_name(f"{out.stem}_half1{out.suffix}"), out.with_name(f"{out.stem}_half2{out.suffix}")
+
+
+def check_first_chunk(stack: ParticleStack, use_ctf: bool) -> None:
+    """Refuse, before any image is read, particles without poses and (with ``use_ctf``) without a usable CTF;
+    every chunk of a file has the same columns, so the first chunk stands for all of them."""
+    table = stack.table
+    if stack.rotations is None:
+        raise CryocliError("no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns: poses are needed to reconstruct",
+                           table.path)
+    if not use_ctf:
+        return
+    if not table.has_ctf:
+        raise CryocliError("the particles have no CTF parameters (rlnDefocusU is missing); pass --no-ctf to "
+                           "reconstruct without CTF correction", table.path)
+    table.ctf_params(require=True)  # voltage, Cs and amplitude contrast present and in range
 
 
 def reconstruct(
@@ -51,6 +70,7 @@ def reconstruct(
     """Reconstruct a map from particles at the poses in their STAR file, as relion_reconstruct: shift by
     +origin, multiply by the CTF, insert into a 2x padded Fourier grid, divide by the CTF^2 weights."""
     from contextlib import nullcontext
+    from itertools import chain
 
     from cryocli import distributed
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
@@ -80,10 +100,16 @@ def reconstruct(
         with claim:
             chunked = read_star_chunks(particles, require_images=True)
             paths = [*half_map_paths(out), out] if halves else [out]
+            # Open the first chunk's stacks and check its poses and CTF before the progress bar starts, so that a
+            # bad input is one error line, not a "reconstruct 0/N 0%" line and then the error.
+            chunks = labelled_chunks(chunked, datadir, halves=halves, subset=subset)
+            first = next(chunks, None)
+            if first is not None:
+                check_first_chunk(first[0], ctf)
             # The progress bar counts rows of the file: a --subset run passes over all of them.
             with progress_bar(chunked.count, "reconstruct") as advance:
                 result = reconstruct_labelled(
-                    labelled_chunks(chunked, datadir, halves=halves, subset=subset), 2 if halves else 1,
+                    chain([first] if first is not None else [], chunks), 2 if halves else 1,
                     use_ctf=ctf, maxres=maxres, sym_ops=sym_ops, device=device, batch_size=batch_size,
                     progress=advance, gridding_iterations=gridding_iterations, with_union=halves,
                     empty=f"no particles with rlnRandomSubset {subset}" if subset is not None else None)

@@ -16,8 +16,10 @@ def refine(
     particles: Path = typer.Argument(..., help="RELION STAR file of the particles (3.0 or 3.1+)."),
     ref: Path = typer.Option(..., "--ref", help="Initial reference map (MRC), same field of view as the particles."),
     method: str = typer.Option("relion", "--method", "-m", help="relion or sparse-tv (see above)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Run directory: half1_unfil.mrc, half2_unfil.mrc, map.mrc, "
-                             "particles.star, model.star, fsc.star, fsc.png, metrics.csv, log.jsonl, checkpoint.pt."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run directory: map.mrc, half1_unfil.mrc, half2_unfil.mrc "
+                             "(sparse-tv also half1_regularised.mrc, half2_regularised.mrc), particles.star, "
+                             "model.star, fsc.star, fsc.png, report.png, angdist.bild, metrics.csv, log.jsonl, "
+                             "checkpoint.pt."),
     max_iter: int | None = typer.Option(None, "--max-iter", "--epochs", min=1, help="Most EM iterations before "
                                            "the final join [default: 25]."),
     ini_lowpass: float = typer.Option(40.0, "--ini-lowpass", help="Low-pass the reference to this resolution (A)."),
@@ -36,7 +38,7 @@ def refine(
     minimum_angular_sampling: float = typer.Option(0.0, "--minimum-angular-sampling", help="Keep refining the "
                                                    "angular sampling until its fine step is at most this (degrees; "
                                                    "RELION's --minimum_angular_sampling), even when the estimated "
-                                                   "accuracy would stop it [default: 0, off]."),
+                                                   "accuracy would stop it; 0: off."),
     norm: bool = typer.Option(True, "--norm/--no-norm", help="Per-particle normalisation correction "
                               "(RELION's --norm): each image's scale from its residual power; rlnNormCorrection."),
     scale: bool = typer.Option(True, "--scale/--no-scale", help="Per-group intensity scale correction (RELION's "

@@ -88,6 +88,22 @@ def load_ground_truth(path: Path, stack: ParticleStack, score_every: int) -> Gro
     return truth
 
 
+def refuse_diameter_beyond_box(stack: ParticleStack, config: EngineConfig) -> None:
+    """Refuse a ``particle_diameter`` (Angstrom) wider than the particles' box (box x pixel size, which Fourier
+    cropping with --box keeps): such a mask is no mask, and the summary would report the default sphere instead.
+
+    relion_autopick refuses the same ("ERROR: the particle mask diameter is larger than the size of the box.",
+    src/autopicker.cpp); relion_refine does not check it and masks with a sphere that covers the whole box.
+    cryocli refuses it, as autopick does; a diameter equal to the box is accepted."""
+    diameter = getattr(config, "particle_diameter", None)
+    if diameter is None:
+        return
+    width = stack.box * stack.pixel_size
+    if float(diameter) > width:
+        raise OptionError("particle_diameter", f"{float(diameter):g}", f"larger than the box of the particles, "
+                          f"{stack.box} px x {stack.pixel_size:.4g} A/px = {width:.4g} A")
+
+
 def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, console: Console | None,
                      device: torch.device, on_interrupt: Callable[[Path | None], None] | None = None) -> RunOutcome:
     """Run ``engine`` on ``request.particles`` and write map, STAR, metrics and figures to ``request.out``.
@@ -109,6 +125,7 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     truth = load_ground_truth(request.ground_truth, stack, request.score_every) if request.ground_truth else None
     if len(select_rows(stack, config.max_particles)) < 2:
         raise CryocliError("a run needs at least 2 particles", request.particles)
+    refuse_diameter_beyond_box(stack, config)
     engine.check_inputs(stack, config)
     if not distributed.current().main:
         return follow_rank_zero(engine, config, request, stack)

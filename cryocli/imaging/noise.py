@@ -25,25 +25,30 @@ _DECIBEL = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*dB\s*$
 _LINEAR = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$")
 
 
-def parse_snr(text: str) -> float:
+def parse_snr(text: str, option: str = "--snr") -> float:
     """A linear SNR from ``"0.1"``, ``"-10dB"`` / ``"-10 dB"`` (10^(dB/10)) or ``"inf"`` (no noise).
 
-    Raises :class:`CryocliError` for anything else, and for a linear SNR that is not positive.
+    Raises :class:`CryocliError` for anything else, and for a linear SNR that is not positive; the message
+    names ``option``, the flag the value came from (``--snr 0: ...``).
     """
     value = text.strip()
+    given = f"{option} {value if value else repr(text)}"
     if value.lower() in ("inf", "infinity", "+inf"):
         return math.inf
     decibel = _DECIBEL.match(value)
     if decibel:
-        snr = 10.0 ** (float(decibel.group(1)) / 10.0)
+        try:
+            snr = 10.0 ** (float(decibel.group(1)) / 10.0)
+        except OverflowError:  # 4000dB
+            snr = math.inf
         if not 0.0 < snr < math.inf:
-            raise CryocliError(f"SNR {text!r} is out of range")
+            raise CryocliError(f"{given}: out of range (10^(dB/10) must be a positive, finite ratio)")
         return snr
     if not _LINEAR.match(value):
-        raise CryocliError(f"cannot read SNR {text!r}: give a positive number (0.1), decibels (-10dB) or inf")
+        raise CryocliError(f"{given}: expected a positive number (0.1), decibels (-10dB) or inf")
     snr = float(value)
     if not 0.0 < snr < math.inf:
-        raise CryocliError(f"SNR must be positive and finite (or 'inf'), got {text!r}")
+        raise CryocliError(f"{given}: the SNR must be positive and finite (or inf for no noise)")
     return snr
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,6 +113,14 @@ def _numeric_where_possible(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _has_gaps(frame: pd.DataFrame) -> bool:
+    """Whether ``frame`` holds a missing value: NaN, or an empty text value (what pandas pads a short row with)."""
+    if frame.isna().to_numpy().any():
+        return True
+    return any((frame.iloc[:, k] == "").any() for k in range(frame.shape[1])
+               if not pd.api.types.is_numeric_dtype(frame.iloc[:, k]))
+
+
 @dataclass
 class ChunkedParticles:
     """The particles of a STAR file, read :data:`CHUNK_ROWS` at a time by :meth:`tables`.
@@ -137,14 +146,19 @@ class ChunkedParticles:
             return
         assert self.layout is not None and self._optics is not None
         seen = 0
+        ragged = _RaggedRows(self.path, self.layout)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), closing(ragged):
                 warnings.simplefilter("ignore")
                 reader = pd.read_csv(self.path, names=self.layout.columns, skiprows=self.layout.first_data_line,
                                      chunksize=self.rows_per_chunk, **_CSV_OPTIONS)
                 with reader:
                     for chunk in reader:
                         frame = _numeric_where_possible(chunk)
+                        # pandas pads a row with too few values with empty values (NaN once numeric): name the
+                        # short row, not a NaN the file does not hold (scanned only when a chunk has a gap).
+                        if _has_gaps(frame):
+                            ragged.refuse(upto=int(frame.index[-1]))
                         validate_frame(frame, "data_particles", self.path)
                         table = ParticleTable(frame, self._optics, self._version, str(self.path), True, "particles",
                                               self._source)
@@ -152,10 +166,52 @@ class ChunkedParticles:
                         seen += len(frame)
                         yield table
         except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as exc:
+            if isinstance(exc, pd.errors.ParserError):  # a row with too many values: name it
+                ragged.refuse()
             raise unreadable_star(exc, self.path) from exc
         if seen != self.count:
             raise CryocliError(f"data_particles has {seen} readable rows, not the {self.count} lines it holds "
                                "(the file changed while it was read?)", self.path)
+
+
+class _RaggedRows:
+    """The particle rows of a streamed file read line by line, once and forward only, for the first row whose
+    number of values differs from the loop's labels: the error :func:`~cryocli.io.star.ragged_row` gives for a
+    file read whole (``line 20 of data_particles has 2 values for 3 columns``), without holding the file."""
+
+    def __init__(self, path: Path, layout: LoopLayout) -> None:
+        self.path, self.columns, self.first_line = path, len(layout.columns), layout.first_data_line
+        self._rows: Generator[tuple[int, int], None, None] | None = None
+        self._passed = 0  # rows already checked
+
+    def _value_counts(self) -> Generator[tuple[int, int], None, None]:
+        """(1-based line number, number of values) of each particle row, as pandas splits it (``#`` starts a
+        comment, blank lines are skipped)."""
+        with open(self.path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number <= self.first_line:
+                    continue
+                words = raw.split(b"#", 1)[0].split()
+                if words:
+                    yield number, len(words)
+
+    def refuse(self, upto: int | None = None) -> None:
+        """Raise :class:`CryocliError` naming the first ragged row among the rows not yet checked, up to the
+        0-based row ``upto`` (None: to the end of the file); return when there is none."""
+        if self._rows is None:
+            self._rows = self._value_counts()
+        while upto is None or self._passed <= upto:
+            number, values = next(self._rows, (0, -1))
+            if values < 0:
+                return
+            self._passed += 1
+            if values != self.columns:
+                raise CryocliError(f"not a readable STAR file (line {number} of data_particles has {values} values "
+                                   f"for {self.columns} columns)", self.path)
+
+    def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
 
 
 def read_star_chunks(path: str | Path, rows: int | None = None, require_images: bool = False) -> ChunkedParticles:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cryocli.cli.app import app
 from cryocli.imaging.fourier import image_to_rfft, rfft_radius
 from cryocli.io.star import read_star
-from tests.conftest import MODELS, RELION_SET, need
+from tests.conftest import EXTERNAL, MODELS, RELION_SET, need
 
 runner = CliRunner()
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "cryocli" / "data" / "4ake_adk_open.pdb"
@@ -337,3 +337,21 @@ def test_a_bad_snr_is_one_line_naming_the_option(tmp_path: Path) -> None:
         assert res.exit_code == 2 and lines == ["cryocli: error: --snr 0: the SNR must be positive and finite (or inf "
                                                 "for no noise)"], res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_map_without_a_voxel_size_takes_apix(tmp_path: Path) -> None:
+    """ASPIRE's and cryoDRGN's maps have a cell of 0: simulate said 'no voxel size' with no way to give one. Now
+    --apix is the map's voxel size (the map is used on its own grid), and without it the error says to pass it."""
+    source = need(EXTERNAL / "ASPIRE-Python" / "gallery" / "tutorials" / "data" / "clean70SRibosome_vol_65p.mrc")
+    with mrcfile.open(source, permissive=True) as m:
+        assert float(m.voxel_size.x) == 0
+        truth = np.asarray(m.data, dtype=np.float64)
+    refused = _run("simulate", str(source), "-o", str(tmp_path / "none"), "-n", "4")
+    assert refused.exit_code == 2 and not (tmp_path / "none").exists()
+    assert "no voxel size in its header: give it with --apix" in " ".join(refused.output.split())
+    res = _run("simulate", str(source), "-o", str(tmp_path / "given"), "-n", "4", "--apix", "5", "--snr", "inf")
+    assert res.exit_code == 0, res.output
+    with mrcfile.open(tmp_path / "given" / "ground_truth.mrc") as m:
+        assert m.data.shape == truth.shape and abs(float(m.voxel_size.x) - 5) < 1e-5
+        assert np.corrcoef(np.asarray(m.data, dtype=np.float64).ravel(), truth.ravel())[0, 1] > 0.9999
+    assert json.loads((tmp_path / "given" / "simulate.json").read_text())["map_voxel_size_from"] == "--apix"

@@ -33,7 +33,8 @@ def simulate(
                                       "--apix; 128 for an atomic model]."),
     apix: float | None = typer.Option(None, "--apix", help="Pixel size in Angstrom [default: "
                                          "the --poses-from STAR file's; for a map, its own voxel size; 0.8 for an "
-                                         "atomic model]."),
+                                         "atomic model]. A map whose header has no voxel size is taken to have this "
+                                         "one."),
     snr: str = typer.Option("0.1", "--snr", help="Signal-to-noise ratio, linear (0.1), in decibels (-10dB) or "
                             "inf (no noise). SNR = variance of the clean CTF-modulated projection over the whole "
                             "box / noise variance, averaged over the dataset."),

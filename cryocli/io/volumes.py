@@ -83,7 +83,8 @@ def load_volume(path: str | Path, box: int | None = None, apix: float | None = N
 
     Atomic models become gemmi electron-scattering potentials blurred to ``resolution`` A (default
     2 x apix) and centred on their centre of mass unless ``center`` is False; ``box`` and ``apix``
-    default to 128 px and 0.8 A. A map keeps its own grid for what is left out (:func:`map_grid`).
+    default to 128 px and 0.8 A. A map keeps its own grid for what is left out (:func:`map_grid`); a map
+    whose header gives no voxel size is taken to have ``apix``, which must then be given.
     Returns the volume and a dictionary describing where it came from, with the ``box`` and ``apix``
     used; for a map also ``map_fraction_outside_box``, the share of its squared density cropped away.
     """
@@ -99,10 +100,14 @@ def load_volume(path: str | Path, box: int | None = None, apix: float | None = N
         return volume.astype(np.float32), {"source": "atomic model", "model_resolution_A": res, "box": box,
                                            "apix": apix}
     m = read_map(path)
-    if m.voxel_size <= 0:
-        raise CryocliError("map has no voxel size in its header", path)
+    voxel_size = m.voxel_size
+    if voxel_size <= 0:
+        # ASPIRE and cryoDRGN write maps with a cell of 0: the user's pixel size is then the map's own.
+        if apix is None:
+            raise CryocliError("map has no voxel size in its header: give it with --apix", path)
+        voxel_size = apix
     map_box = int(m.data.shape[0])
-    box, apix = map_grid(m.voxel_size, map_box, box, apix)
-    volume, outside = resample_map(m.data, m.voxel_size, box, apix, path)
-    return volume, {"source": "map", "map_voxel_size_A": m.voxel_size, "map_box": map_box, "box": box, "apix": apix,
-                    "map_fraction_outside_box": outside}
+    box, apix = map_grid(voxel_size, map_box, box, apix)
+    volume, outside = resample_map(m.data, voxel_size, box, apix, path)
+    return volume, {"source": "map", "map_voxel_size_A": voxel_size, "map_box": map_box, "box": box, "apix": apix,
+                    "map_fraction_outside_box": outside, "map_voxel_size_from": "header" if m.voxel_size > 0 else "--apix"}

@@ -102,7 +102,8 @@ def _refine(particles: Path, ref: Path, truth_map: Path, out: Path, method: str,
 
 
 #: Particles of the 4AKE done-means runs per method: sparse-tv meets the targets with margin on fewer particles
-#: (1,500: 5.05 A, 2.15 degrees; 1,000: 5.00 A, 2.35 degrees, 127 s on 2 cores), which keeps the 20-minute suite.
+#: (1,500: 5.05 A, 2.15 degrees; 1,000: 5.00 A, 2.35 degrees, 127 s on 2 cores; 5.00 A, 2.41 degrees after sparse-tv's
+#: mu was capped at eps', 2026-12-07), which keeps the 20-minute suite.
 ADK_PARTICLES = {"relion": 1500, "sparse-tv": 1000}
 
 

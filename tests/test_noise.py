@@ -148,8 +148,8 @@ def test_coloured_noise_rejects_bad_spectra(device: str) -> None:
 
 @pytest.mark.parametrize("text, words", [("0", "--snr 0: the SNR must be positive"),
                                          ("-0.1", "--snr -0.1: the SNR must be positive"),
-                                         ("loud", "--snr loud: expected a positive number"),
-                                         ("", "--snr '': expected a positive number"),
+                                         ("loud", "--snr loud: expected the SNR as a positive number"),
+                                         ("", "--snr '': expected the SNR as a positive number"),
                                          ("1e400dB", "--snr 1e400dB: out of range"),
                                          ("4000dB", "--snr 4000dB: out of range")])
 def test_parse_snr_errors_name_the_option(text: str, words: str) -> None:

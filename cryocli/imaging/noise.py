@@ -45,7 +45,7 @@ def parse_snr(text: str, option: str = "--snr") -> float:
             raise CryocliError(f"{given}: out of range (10^(dB/10) must be a positive, finite ratio)")
         return snr
     if not _LINEAR.match(value):
-        raise CryocliError(f"{given}: expected a positive number (0.1), decibels (-10dB) or inf")
+        raise CryocliError(f"{given}: expected the SNR as a positive number (0.1), decibels (-10dB) or inf")
     snr = float(value)
     if not 0.0 < snr < math.inf:
         raise CryocliError(f"{given}: the SNR must be positive and finite (or inf for no noise)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -23,28 +22,10 @@ from cryocli.device_memory import peak_device_memory_mb
 from cryocli.engines.common.reconstruct import DEFAULT_GRIDDING_ITERATIONS
 from cryocli.errors import CryocliError
 
-if TYPE_CHECKING:
-    from cryocli.io.dataset import ParticleStack
-
 
 def half_map_paths(out: Path) -> tuple[Path, Path]:
     """``map.mrc`` -> ``map_half1.mrc``, ``map_half2.mrc`` beside it."""
     return out.with_name(f"{out.stem}_half1{out.suffix}"), out.with_name(f"{out.stem}_half2{out.suffix}")
-
-
-def check_first_chunk(stack: ParticleStack, use_ctf: bool) -> None:
-    """Refuse, before any image is read, particles without poses and (with ``use_ctf``) without a usable CTF;
-    every chunk of a file has the same columns, so the first chunk stands for all of them."""
-    table = stack.table
-    if stack.rotations is None:
-        raise CryocliError("no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns: poses are needed to reconstruct",
-                           table.path)
-    if not use_ctf:
-        return
-    if not table.has_ctf:
-        raise CryocliError("the particles have no CTF parameters (rlnDefocusU is missing); pass --no-ctf to "
-                           "reconstruct without CTF correction", table.path)
-    table.ctf_params(require=True)  # voltage, Cs and amplitude contrast present and in range
 
 
 def reconstruct(
@@ -74,7 +55,11 @@ def reconstruct(
 
     from cryocli import distributed
     from cryocli.analysis.fsc import fsc_curve, threshold_crossing
-    from cryocli.engines.common.particles_reconstruct import labelled_chunks, reconstruct_labelled
+    from cryocli.engines.common.particles_reconstruct import (
+        check_chunk,
+        labelled_chunks,
+        reconstruct_labelled,
+    )
     from cryocli.geometry.symmetry import symmetry_operators
     from cryocli.io.mrc import write_map
     from cryocli.io.star_chunks import read_star_chunks
@@ -105,7 +90,7 @@ def reconstruct(
             chunks = labelled_chunks(chunked, datadir, halves=halves, subset=subset)
             first = next(chunks, None)
             if first is not None:
-                check_first_chunk(first[0], ctf)
+                check_chunk(first[0], ctf)
             # The progress bar counts rows of the file: a --subset run passes over all of them.
             with progress_bar(chunked.count, "reconstruct") as advance:
                 result = reconstruct_labelled(

@@ -253,7 +253,8 @@ class ParticleTable:
         """
         if not self.has_ctf:
             if require:
-                raise CryocliError("no CTF parameters (rlnDefocusU is missing)", self.path)
+                raise CryocliError("the particles have no CTF parameters (rlnDefocusU is missing); pass --no-ctf to "
+                                   "reconstruct without CTF correction", self.path)
             return None
         required = {}
         for label in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):

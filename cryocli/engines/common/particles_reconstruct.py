@@ -27,6 +27,23 @@ from cryocli.io.star import check_pixel_size
 from cryocli.io.star_chunks import ChunkedParticles
 
 
+def _require_poses(stack: ParticleStack) -> Tensor:
+    """The particles' rotations ``(N, 3, 3)``; CryocliError when the STAR file has no angles."""
+    if stack.rotations is None:
+        raise CryocliError("no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns: poses are needed to reconstruct",
+                           stack.table.path)
+    return stack.rotations
+
+
+def check_chunk(stack: ParticleStack, use_ctf: bool) -> None:
+    """Refuse a chunk :func:`reconstruct_labelled` cannot use (no poses; with ``use_ctf``, no usable CTF), with the
+    error the reconstruction itself would give. Every chunk of a file has the same columns, so a caller can check
+    the first one before starting a progress bar."""
+    _require_poses(stack)
+    if use_ctf:
+        stack.table.ctf_params(require=True)
+
+
 def _ctf_inputs(stack: ParticleStack, idx: np.ndarray, use_ctf: bool) -> tuple[CTFParams | None, bool]:
     """CTF parameters of ``idx`` (None without CTF correction) and whether the images are CTF-premultiplied."""
     if not use_ctf:
@@ -100,9 +117,7 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
     for stack, labels in chunks:
         table = stack.table
         path = table.path
-        if stack.rotations is None:
-            raise CryocliError("no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns: poses are needed to reconstruct",
-                               table.path)
+        rotations = _require_poses(stack)
         idx = np.nonzero(labels >= 0)[0]
         counts += np.bincount(labels[idx], minlength=n_sets)[:n_sets]
         if progress is not None and idx.size < len(labels):
@@ -125,7 +140,7 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
                 if mine.size == 0:
                     continue
                 rows = torch.as_tensor(chunk[mine])
-                rec.add(images[torch.as_tensor(mine)], stack.rotations[rows],
+                rec.add(images[torch.as_tensor(mine)], rotations[rows],
                         stack.shifts_angstrom[rows] if stack.shifts_angstrom is not None else None,
                         ctf.index(rows) if ctf is not None else None)
             if progress is not None:

@@ -22,7 +22,7 @@ from cryocli.cli.common import (
     out_console,
     resolve_device,
 )
-from cryocli.cli.fsc import load_mask, load_pair
+from cryocli.cli.fsc import check_has_structure, load_mask, load_pair
 from cryocli.errors import CryocliError
 
 
@@ -99,8 +99,7 @@ def run_postprocess(half1: Path, half2: Path, out_dir: Path, mask_path: Path | N
     with claim_outputs([out_dir], is_dir=True, force=force, command="postprocess"):
         a, b, voxel = load_pair(half1, half2, angpix)
         for path, data in ((half1, a), (half2, b)):
-            if not np.any(data):
-                raise CryocliError("the half map is all zero", path)
+            check_has_structure(data, path)
         mtf = read_mtf(mtf_path) if mtf_path is not None else None
         if mask_path is not None:
             mask = load_mask(mask_path, a.shape)

@@ -412,8 +412,14 @@ def test_a_particles_search_does_not_depend_on_its_batch(adk_map: torch.Tensor, 
             alone = searcher.search(images[q], ctf[q], sigma2[q], previous=None if previous is None else previous[q])
             n = alone.sample_weights.shape[1]
             assert torch.equal(alone.sample_ids[0].cpu(), batch.sample_ids[i, :n].cpu())
-            assert torch.allclose(alone.sample_weights[0].cpu(), batch.sample_weights[i, :n].cpu(), rtol=1e-4,
-                                  atol=1e-5)
+            # The weights are a softmax of fine log-likelihoods that float32 rounds differently in a batch's bmm and
+            # a lone particle's (3e-4 at |ll| ~ 370, 7 ulps, on an AVX-512 EPYC; under 1e-4 elsewhere). The
+            # marginal is held to rtol 1e-5 below; moving every log-likelihood by at most d moves a weight by a
+            # factor of at most e^(2d), so that is the weights' bound (a padded slot scored as a sample would move
+            # them by tens of percent).
+            d = 1e-5 * abs(float(alone.log_likelihood[0]))
+            assert torch.allclose(alone.sample_weights[0].cpu(), batch.sample_weights[i, :n].cpu(),
+                                  rtol=math.expm1(2 * d), atol=1e-5)
             assert bool((batch.sample_weights[i, n:].cpu() == 0).all())
             assert torch.allclose(alone.mean_rotations[0].cpu(), batch.mean_rotations[i].cpu(), atol=1e-5)
             assert torch.allclose(alone.log_likelihood[0].cpu(), batch.log_likelihood[i].cpu(), rtol=1e-5)

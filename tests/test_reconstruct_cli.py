@@ -138,8 +138,26 @@ def _without_columns(source: Path, dest: Path, drop: set[str]) -> Path:
     return dest
 
 
+def _without_pixel_size(source: Path, folder: Path) -> Path:
+    """``source``'s particles with no pixel size anywhere: none in the optics table, 0 in the header of a copy of
+    the stack (the ASPIRE test set's files, ``rln_proj_64.star``, are like that)."""
+    import mrcfile
+
+    table = read_star(source)
+    stack = folder / "images.mrcs"
+    shutil.copy(source.parent / "noisy.mrcs", stack)
+    with mrcfile.open(stack, "r+") as handle:
+        handle.voxel_size = 0.0
+    particles = table.particles.copy()
+    particles["rlnImageName"] = [f"{name.split('@')[0]}@{stack}" for name in particles["rlnImageName"]]
+    dest = folder / "p.star"
+    starfile.write({"optics": table.optics.drop(columns=["rlnImagePixelSize"]), "particles": particles}, dest,
+                   overwrite=True)
+    return dest
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 64])
-@pytest.mark.parametrize("case", ["missing stacks", "no CTF", "no poses"])
+@pytest.mark.parametrize("case", ["missing stacks", "no CTF", "no poses", "no pixel size"])
 def test_input_errors_are_one_line_without_a_progress_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             case: str, chunk_rows: int | None) -> None:
     """The inputs are checked and the first stacks opened before the progress bar starts: one error line on
@@ -154,15 +172,49 @@ def test_input_errors_are_one_line_without_a_progress_line(tmp_path: Path, monke
     elif case == "no CTF":
         star = _without_columns(source, tmp_path / "p.star", {"rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"})
         words = "rlnDefocusU is missing); pass --no-ctf to reconstruct without CTF correction"
-    else:
+    elif case == "no poses":
         star = _without_columns(source, tmp_path / "p.star", {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"})
         words = "poses are needed"
+    else:
+        star = _without_pixel_size(source, tmp_path)
+        words = "no pixel size in the STAR file or the stack headers: give the images' pixel size with --angpix"
     out = tmp_path / "map.mrc"
     res = runner.invoke(app, ["reconstruct", str(star), "-o", str(out)])
     assert res.exit_code == 2, res.output
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("cryocli: error: ") and words in lines[0], res.stderr
     assert not out.exists()
-    if case == "no CTF":  # the suggestion works
-        res = runner.invoke(app, ["--quiet", "reconstruct", str(star), "-o", str(out), "--no-ctf"])
+    if case in ("no CTF", "no pixel size"):  # the suggestion works
+        fix = ["--no-ctf"] if case == "no CTF" else ["--angpix", "4.4"]
+        res = runner.invoke(app, ["--quiet", "reconstruct", str(star), "-o", str(out), *fix])
         assert res.exit_code == 0, res.output
+
+
+def test_angpix_stands_in_for_a_missing_pixel_size(tmp_path: Path) -> None:
+    """set_3j9g's particles with no pixel size in the STAR file or the stack header, reconstructed with --angpix
+    4.4 (their pixel size), give the map of the file that has it: its CTF and its origins in Angstrom both need the
+    pixel size. A file that gives a pixel size keeps it with an --angpix that agrees, and refuses one that does not."""
+    source = need(RELION_SET / "noisy" / "noisy.star")
+    reference = tmp_path / "reference.mrc"
+    assert _run("reconstruct", str(source), "-o", str(reference)).exit_code == 0
+    stripped = _without_pixel_size(source, tmp_path)
+    given = tmp_path / "given.mrc"
+    res = _run("reconstruct", str(stripped), "-o", str(given), "--angpix", "4.4")
+    assert res.exit_code == 0, res.output
+    ours, ref = read_map(given), read_map(reference)
+    assert ours.voxel_size == pytest.approx(4.4, rel=1e-6)
+    assert np.allclose(ours.data, ref.data, rtol=0, atol=1e-6 * float(np.abs(ref.data).max()))
+    # A wrong --angpix here would move every CTF zero and scale every origin: not the same map.
+    wrong = tmp_path / "wrong.mrc"
+    assert _run("reconstruct", str(stripped), "-o", str(wrong), "--angpix", "4.0").exit_code == 0
+    assert fsc_curve(read_map(wrong).data, ref.data)[1:29].min() < 0.99
+    agrees = tmp_path / "agrees.mrc"
+    assert _run("reconstruct", str(source), "-o", str(agrees), "--angpix", "4.4").exit_code == 0
+    assert np.array_equal(read_map(agrees).data, ref.data)
+    refused = tmp_path / "refused.mrc"
+    res = runner.invoke(app, ["reconstruct", str(source), "-o", str(refused), "--angpix", "5"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        f"cryocli: error: {source}: the STAR file's pixel size vs --angpix: pixel sizes differ by more than 0.5%: "
+        "4.4 A vs 5 A"]
+    assert not refused.exists()

@@ -166,6 +166,11 @@ class ParticleStack:
         """The resolved stack files, in order of first use."""
         return list(self._files)
 
+    @property
+    def has_pixel_size(self) -> bool:
+        """Whether the STAR file or the first stack's header gives a pixel size."""
+        return self.table.has_pixel_size or self._header_voxel > 0
+
     @cached_property
     def pixel_size(self) -> float:
         """The pixel size of every particle in Angstrom (STAR file first, else the stack header).

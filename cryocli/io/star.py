@@ -207,6 +207,17 @@ class ParticleTable:
         check_pixel_size(low, high, "optics groups", self.path)
         return float(values[0])
 
+    def with_pixel_size(self, angpix: float) -> ParticleTable:
+        """This table with ``angpix`` (Angstrom) as the pixel size of every optics group (``rlnImagePixelSize``),
+        for a file that gives none, as ``relion_reconstruct --angpix`` supplies it. A file that gives one is
+        returned as it is when it agrees within 0.5%, and refused when it does not: a pixel size given twice
+        must be one pixel size."""
+        if self.has_pixel_size:
+            check_pixel_size(self.common_pixel_size(), angpix, "the STAR file's pixel size vs --angpix", self.path)
+            return self
+        check_pixel_size(angpix, angpix, "--angpix", self.path)
+        return replace(self, optics=self.optics.assign(rlnImagePixelSize=float(angpix)))
+
     @property
     def has_shifts(self) -> bool:
         """Whether the file gives in-plane origins (``rlnOriginX/YAngst`` or 3.0 ``rlnOriginX/Y``)."""

@@ -36,10 +36,11 @@ def _require_poses(stack: ParticleStack) -> Tensor:
 
 
 def check_chunk(stack: ParticleStack, use_ctf: bool) -> None:
-    """Refuse a chunk :func:`reconstruct_labelled` cannot use (no poses; with ``use_ctf``, no usable CTF), with the
-    error the reconstruction itself would give. Every chunk of a file has the same columns, so a caller can check
-    the first one before starting a progress bar."""
+    """Refuse a chunk :func:`reconstruct_labelled` cannot use (no poses, no pixel size; with ``use_ctf``, no usable
+    CTF), with the error the reconstruction itself would give. Every chunk of a file has the same columns, so a
+    caller can check the first one before starting a progress bar."""
     _require_poses(stack)
+    _ = stack.pixel_size  # raises when neither the STAR file nor the stack headers give one
     if use_ctf:
         stack.table.ctf_params(require=True)
 
@@ -160,19 +161,20 @@ def reconstruct_labelled(chunks: Iterable[tuple[ParticleStack, np.ndarray]], n_s
 
 
 def labelled_chunks(chunked: ChunkedParticles, datadir: str | Path | None = None, halves: bool = False,
-                    subset: int | None = None) -> Iterator[tuple[ParticleStack, np.ndarray]]:
+                    subset: int | None = None, angpix: float | None = None) -> Iterator[tuple[ParticleStack, np.ndarray]]:
     """The chunks of a STAR file as (stack, set of each particle) for :func:`reconstruct_labelled`.
 
     ``halves``: sets 0 and 1 are half sets 1 and 2; ``subset``: set 0 is that half set, the rest left out (-1);
     neither: every particle in set 0. Without rlnRandomSubset the half sets are
     :func:`~cryocli.io.dataset.half_set_split` of the whole file (seed 0), as ``ParticleStack.ensure_half_sets``
-    draws them, whatever the chunks.
+    draws them, whatever the chunks. ``angpix``: the images' pixel size in Angstrom where the file gives none
+    (:meth:`~cryocli.io.star.ParticleTable.with_pixel_size`).
     """
     split = None
     if (halves or subset is not None) and "rlnRandomSubset" not in chunked.columns:
         split = half_set_split(chunked.count, seed=0)
     for table in chunked.tables():
-        stack = ParticleStack(table, datadir=datadir)
+        stack = ParticleStack(table if angpix is None else table.with_pixel_size(angpix), datadir=datadir)
         if not halves and subset is None:
             yield stack, np.zeros(len(stack), dtype=np.int64)
             continue

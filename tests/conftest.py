@@ -60,3 +60,27 @@ def simulate_4ake(out: Path, n: int, snr: float = 0.1, box: int = 32, seed: int 
                                  str(box), "--apix", str(apix), "--snr", str(snr), "--seed", str(seed), *shifts])
     assert r.exit_code == 0, r.output
     return out
+
+
+def strip_pixel_size(source: Path, folder: Path) -> Path:
+    """``folder/p.star``: the particles of ``source`` (set_3j9g's ``noisy/noisy.star``) with no pixel size anywhere:
+    none in the optics table, 0 in the header of a copy of the stack (the ASPIRE test set's ``rln_proj_64.star`` is
+    like that)."""
+    import mrcfile
+    import shutil
+
+    import starfile
+
+    from cryocli.io.star import read_star
+
+    table = read_star(source)
+    stack = folder / "images.mrcs"
+    shutil.copy(source.parent / "noisy.mrcs", stack)
+    with mrcfile.open(stack, "r+") as handle:
+        handle.voxel_size = 0.0
+    particles = table.particles.copy()
+    particles["rlnImageName"] = [f"{name.split('@')[0]}@{stack}" for name in particles["rlnImageName"]]
+    dest = folder / "p.star"
+    starfile.write({"optics": table.optics.drop(columns=["rlnImagePixelSize"]), "particles": particles}, dest,
+                   overwrite=True)
+    return dest

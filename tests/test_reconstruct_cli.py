@@ -17,7 +17,7 @@ from cryocli.cli.app import app
 from cryocli.imaging.filters import lowpass_filter
 from cryocli.io.mrc import read_map
 from cryocli.io.star import read_star
-from tests.conftest import CRYOJAX, DEVICES, RELION_SET, need
+from tests.conftest import CRYOJAX, DEVICES, RELION_SET, need, strip_pixel_size
 
 runner = CliRunner()
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "cryocli" / "data" / "4ake_adk_open.pdb"
@@ -138,24 +138,6 @@ def _without_columns(source: Path, dest: Path, drop: set[str]) -> Path:
     return dest
 
 
-def _without_pixel_size(source: Path, folder: Path) -> Path:
-    """``source``'s particles with no pixel size anywhere: none in the optics table, 0 in the header of a copy of
-    the stack (the ASPIRE test set's files, ``rln_proj_64.star``, are like that)."""
-    import mrcfile
-
-    table = read_star(source)
-    stack = folder / "images.mrcs"
-    shutil.copy(source.parent / "noisy.mrcs", stack)
-    with mrcfile.open(stack, "r+") as handle:
-        handle.voxel_size = 0.0
-    particles = table.particles.copy()
-    particles["rlnImageName"] = [f"{name.split('@')[0]}@{stack}" for name in particles["rlnImageName"]]
-    dest = folder / "p.star"
-    starfile.write({"optics": table.optics.drop(columns=["rlnImagePixelSize"]), "particles": particles}, dest,
-                   overwrite=True)
-    return dest
-
-
 @pytest.mark.parametrize("chunk_rows", [None, 64])
 @pytest.mark.parametrize("case", ["missing stacks", "no CTF", "no poses", "no pixel size"])
 def test_input_errors_are_one_line_without_a_progress_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -176,7 +158,7 @@ def test_input_errors_are_one_line_without_a_progress_line(tmp_path: Path, monke
         star = _without_columns(source, tmp_path / "p.star", {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"})
         words = "poses are needed"
     else:
-        star = _without_pixel_size(source, tmp_path)
+        star = strip_pixel_size(source, tmp_path)
         words = "no pixel size in the STAR file or the stack headers: give the images' pixel size with --angpix"
     out = tmp_path / "map.mrc"
     res = runner.invoke(app, ["reconstruct", str(star), "-o", str(out)])
@@ -197,7 +179,7 @@ def test_angpix_stands_in_for_a_missing_pixel_size(tmp_path: Path) -> None:
     source = need(RELION_SET / "noisy" / "noisy.star")
     reference = tmp_path / "reference.mrc"
     assert _run("reconstruct", str(source), "-o", str(reference)).exit_code == 0
-    stripped = _without_pixel_size(source, tmp_path)
+    stripped = strip_pixel_size(source, tmp_path)
     given = tmp_path / "given.mrc"
     res = _run("reconstruct", str(stripped), "-o", str(given), "--angpix", "4.4")
     assert res.exit_code == 0, res.output

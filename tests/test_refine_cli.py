@@ -15,7 +15,7 @@ from cryocli.imaging.fourier import fourier_crop_images
 from cryocli.io.dataset import ParticleStack
 from cryocli.io.mrc import write_map
 from cryocli.io.star import read_star
-from tests.conftest import ASPIRE, CRYODRGN, CRYOJAX, need
+from tests.conftest import ASPIRE, CRYODRGN, CRYOJAX, RELION_SET, need, strip_pixel_size
 
 runner = CliRunner()
 BOX = 32
@@ -296,3 +296,26 @@ def test_missing_stacks_and_a_bad_star_file_are_one_line(reference: Path, tmp_pa
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and words in lines[0], r.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_angpix_gives_refine_and_abinitio_the_pixel_size_a_file_lacks(tmp_path: Path) -> None:
+    """A STAR file and stack with no pixel size anywhere: refine and abinitio stop with one line that names
+    --angpix, before the run folder is made; with it, refine runs and its particles.star gives RELION the pixel
+    size (4.4 A, set_3j9g's) in the optics table."""
+    source = need(RELION_SET / "noisy" / "noisy.star")
+    star = strip_pixel_size(source, tmp_path)
+    ref = need(RELION_SET / "reconstruct" / "rec.mrc")
+    line = f"cryocli: error: {star}: no pixel size in the STAR file or the stack headers: give the images' pixel size with --angpix"
+    for command in (["refine", str(star), "--ref", str(ref)], ["abinitio", str(star), "--method", "sagd"]):
+        out = tmp_path / f"no_{command[0]}"
+        r = runner.invoke(app, [*command, "-o", str(out), "--box", str(BOX)])
+        assert r.exit_code == 2, r.output
+        assert [x for x in r.stderr.splitlines() if x.strip()] == [line]
+        assert not out.exists()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["--quiet", "refine", str(star), "--ref", str(ref), "-o", str(run), "--box", str(BOX),
+                            "--max-iter", "1", "--max-particles", "200", "--angpix", "4.4"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    written = read_star(run / "particles.star")
+    assert written.common_pixel_size() == pytest.approx(4.4)
+    assert "rlnImagePixelSize" in written.optics.columns

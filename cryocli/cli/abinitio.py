@@ -84,6 +84,10 @@ def abinitio(
     force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
                                "(the old one stays until the new run succeeds)."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    angpix: float | None = typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR "
+                                        "file that gives none (as relion_reconstruct --angpix); used instead of the "
+                                        "stack headers, written to particles.star, and refused if the STAR file "
+                                        "gives a different one."),
     heads: int | None = typer.Option(None, "--heads", min=1, help="cryospin: pose heads of the encoder "
                                         "[default: 7; the paper uses 15 on real data]."),
     switch_epoch: int | None = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "
@@ -225,7 +229,7 @@ def abinitio(
         }
     summary = run_engine_command("abinitio", method, options, particles, out, flags=FLAGS, datadir=datadir,
                                  force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
-                                 halves=halves, mass_kda=mass)
+                                 halves=halves, mass_kda=mass, angpix=angpix)
     print_summary(summary)
 
 

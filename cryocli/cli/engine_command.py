@@ -16,6 +16,7 @@ from typing import Any
 
 from cryocli.cli.common import (
     STATE,
+    check_number,
     check_writable_output,
     emit_json,
     err_console,
@@ -55,7 +56,7 @@ def in_flag_terms(flags: dict[str, str]) -> Iterator[None]:
 def run_engine_command(kind: str, method: str, options: dict[str, Any], particles: Path, out: Path, *,
                        flags: dict[str, str], datadir: Path | None, force: bool, resume: bool,
                        ground_truth: Path | None, score_every: int = 1000, halves: bool = False,
-                       mass_kda: float | None = None) -> dict[str, Any]:
+                       mass_kda: float | None = None, angpix: float | None = None) -> dict[str, Any]:
     """Check everything, run ``method`` into the run directory ``out`` and return the run's summary."""
     from cryocli.engines.protocol import build_config, get_engine
     from cryocli.engines.runner import RunRequest, run_to_directory
@@ -70,6 +71,7 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
         check_writable_output(out, is_dir=True, force=True)
         if mass_kda is not None and not (math.isfinite(mass_kda) and mass_kda > 0):
             raise CryocliError(f"--mass {mass_kda}: must be a positive number of kDa")
+        check_number("--angpix", angpix, gt=0, why="Angstrom")
         device = resolve_device()
         engine = get_engine(method, kind, device=device)
         refuse_torchrun_without_data_parallel(engine, f"{kind} --method {method}")
@@ -80,7 +82,7 @@ def run_engine_command(kind: str, method: str, options: dict[str, Any], particle
         config = build_config(engine, {**options, "seed": STATE.seed})
         request = RunRequest(particles=particles, out=out, command=f"{kind} --method {method}", datadir=datadir,
                              force=force, resume=resume, ground_truth=ground_truth, score_every=score_every,
-                             halves=halves, mass_kda=mass_kda)
+                             halves=halves, mass_kda=mass_kda, angpix=angpix)
 
         def kept(folder: Path | None) -> None:
             set_interrupt_hint(f"the last checkpoint is kept in {folder}; run the same command with --resume to "

@@ -77,6 +77,10 @@ def refine(
     force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
                                "(the old one stays until the new run succeeds)."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
+    angpix: float | None = typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR "
+                                        "file that gives none (as relion_reconstruct --angpix); used instead of the "
+                                        "stack headers, written to particles.star, and refused if the STAR file "
+                                        "gives a different one."),
     preload: str = typer.Option("auto", "--preload", help="Hold the prepared particles and their transforms in "
                                 "memory (on the device): yes, no (read them from the stacks every iteration; memory "
                                 "does not grow with the particle count), auto (yes while they take at most 1 GiB "
@@ -100,7 +104,7 @@ def refine(
         "norm": norm, "scale": scale, "minimum_angular_sampling": minimum_angular_sampling, "preload": preload,
     }
     summary = run_engine_command("refine", method, options, particles, out, flags=FLAGS, datadir=datadir,
-                                 force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass)
+                                 force=force, resume=resume, ground_truth=ground_truth, mass_kda=mass, angpix=angpix)
     print_summary(summary)
 
 

@@ -44,7 +44,8 @@ class RunRequest:
     for file labels and the lock. datadir: an extra folder to find stacks in. force: replace an existing run
     (only once the new one succeeds). resume: continue the run in ``out``. ground_truth: a known map to score
     against. score_every: score the map every this many epochs. halves: two independent half runs. mass_kda: the
-    molecule's mass, for the contour level (``None``: from the particle diameter).
+    molecule's mass, for the contour level (``None``: from the particle diameter). angpix: the images' pixel size
+    in Angstrom for a STAR file that gives none (:meth:`~cryocli.io.star.ParticleTable.with_pixel_size`).
     """
 
     particles: Path
@@ -57,6 +58,7 @@ class RunRequest:
     score_every: int = 1000
     halves: bool = False
     mass_kda: float | None = None
+    angpix: float | None = None
 
 
 @dataclass
@@ -70,11 +72,18 @@ class RunOutcome:
 
 
 def open_particles(request: RunRequest) -> tuple[ParticleTable, ParticleStack]:
-    """The particle table and its stacks; every stack must exist (checked before any work)."""
+    """The particle table and its stacks; every stack must exist, and a pixel size be known (checked before any
+    work)."""
     if request.datadir is not None and not Path(request.datadir).is_dir():
         raise CryocliError("the data folder does not exist", request.datadir)
     table = read_star(request.particles, require_images=True)
-    return table, ParticleStack(table, request.datadir)
+    if request.angpix is not None:
+        table = table.with_pixel_size(request.angpix)
+    stack = ParticleStack(table, request.datadir)
+    if not stack.has_pixel_size:
+        raise CryocliError("no pixel size in the STAR file or the stack headers: give the images' pixel size with "
+                           "--angpix", request.particles)
+    return table, stack
 
 
 def load_ground_truth(path: Path, stack: ParticleStack, score_every: int) -> GroundTruth:

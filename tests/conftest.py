@@ -66,9 +66,9 @@ def strip_pixel_size(source: Path, folder: Path) -> Path:
     """``folder/p.star``: the particles of ``source`` (set_3j9g's ``noisy/noisy.star``) with no pixel size anywhere:
     none in the optics table, 0 in the header of a copy of the stack (the ASPIRE test set's ``rln_proj_64.star`` is
     like that)."""
-    import mrcfile
     import shutil
 
+    import mrcfile
     import starfile
 
     from cryocli.io.star import read_star

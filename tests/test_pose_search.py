@@ -413,7 +413,7 @@ def test_a_particles_search_does_not_depend_on_its_batch(adk_map: torch.Tensor, 
             n = alone.sample_weights.shape[1]
             assert torch.equal(alone.sample_ids[0].cpu(), batch.sample_ids[i, :n].cpu())
             # The weights are a softmax of fine log-likelihoods that float32 rounds differently in a batch's bmm and
-            # a lone particle's (3e-4 at |ll| ~ 370, 7 ulps, on an AVX-512 EPYC; under 1e-4 elsewhere). The
+            # a lone particle's (3e-4 at |ll| ~ 370, 7 ulps, on an AVX-512 EPYC, where rtol 1e-4 failed). The
             # marginal is held to rtol 1e-5 below; moving every log-likelihood by at most d moves a weight by a
             # factor of at most e^(2d), so that is the weights' bound (a padded slot scored as a sample would move
             # them by tens of percent).

@@ -563,6 +563,23 @@ def test_agreeing_or_undeclared_box_gives_no_warning(path: Path) -> None:
     assert "warning" not in _info_text(str(path), "--datadir", str(CRYODRGN))
 
 
+@pytest.mark.parametrize("name", ["rln_proj_64.star", "rln_proj_65.star"])
+def test_a_file_with_no_pixel_size_anywhere_names_angpix(name: str) -> None:
+    """ASPIRE's rln_proj_*.star give no pixel size, and their stacks' headers 0: info warns, in the words the
+    commands that read the images use when they refuse it, and those commands do refuse it without --angpix."""
+    from cryocli.io.dataset import ParticleStack
+    from cryocli.io.star import read_star
+
+    path = need(ASPIRE / name)
+    assert _info_json(str(path))["pixel_size_known"] is False
+    assert not ParticleStack(read_star(path)).has_pixel_size
+    assert ("warning: no pixel size in the STAR file or the stack headers: give it to reconstruct, refine and "
+            "abinitio with --angpix") in _info_text(str(path))
+    # The set's particles, whose optics table gives 4.4 A: no warning.
+    s = _info_json(str(need(RELION_SET / "noisy" / "noisy.star")))
+    assert s["pixel_size_known"] is True
+
+
 def test_missing_stacks_say_the_box_is_unknown() -> None:
     out = _info_text(str(need(CRYODRGN / "relion5.star")))
     assert "2 stack file(s), box unknown (no stack could be read): 2 missing" in out and "box :" not in out

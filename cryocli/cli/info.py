@@ -127,6 +127,9 @@ def _print_particles(s: dict[str, Any]) -> None:
         _show(f"{stacks}: [red]{len(s['stacks_missing'])} missing[/]: " + escape(", ".join(s["stacks_missing"][:5])))
     for name, problem in s["stacks_unreadable"].items():
         _show(f"[red]error: stack {escape(name)} cannot be read: {escape(problem)}[/]")
+    if s["all_stacks_exist"] and not s["stacks_unreadable"] and not s["pixel_size_known"]:
+        _show("[bold yellow]warning:[/] [yellow]no pixel size in the STAR file or the stack headers[/]: give it "
+              "to reconstruct, refine and abinitio with --angpix")
     for mismatch in s["box_mismatch"]:
         _show(f"[bold yellow]warning:[/] [yellow]{escape(mismatch['message'])}[/]: reconstruct and the other "
               "commands that read the images refuse this file until the two agree")

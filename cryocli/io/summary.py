@@ -437,10 +437,13 @@ def _optics_groups(table: Any) -> list[dict[str, Any]]:
     return groups
 
 
-def _stack_counts(stacks: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
-    """Image count and box (px) of every found stack by name, and why each unreadable one could not be read."""
+def _stack_counts(stacks: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], dict[str, str],
+                                                         dict[str, float]]:
+    """Image count, box (px) and header pixel size (Angstrom, 0: none) of every found stack by name, and why each
+    unreadable one could not be read."""
     counts: dict[str, int] = {}
     boxes: dict[str, int] = {}
+    pixels: dict[str, float] = {}
     unreadable: dict[str, str] = {}
     for stack in stacks:
         if stack["resolved"] is None:
@@ -451,7 +454,8 @@ def _stack_counts(stacks: list[dict[str, Any]]) -> tuple[dict[str, int], dict[st
             unreadable[stack["name"]] = exc.message
             continue
         counts[stack["name"]], boxes[stack["name"]] = info.count, info.box
-    return counts, boxes, unreadable
+        pixels[stack["name"]] = float(info.voxel_size)
+    return counts, boxes, unreadable, pixels
 
 
 def check_image_indices(table: Any, counts: Mapping[str, int]) -> dict[str, Any]:
@@ -512,7 +516,7 @@ def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> 
     has_images = "rlnImageName" in parts.columns
     stacks = resolve_stack_paths(table, datadir=datadir) if has_images else []
     missing = [s["name"] for s in stacks if s["resolved"] is None]
-    counts, boxes, unreadable = _stack_counts(stacks)
+    counts, boxes, unreadable, header_pixels = _stack_counts(stacks)
     indices = check_image_indices(table, counts) if has_images else {
         "images_checked": 0, "images_out_of_range": 0, "out_of_range_examples": []}
     groups = _optics_groups(table)
@@ -538,6 +542,9 @@ def summarize_particles(path: str | Path, datadir: str | Path | None = None) -> 
         "stack_boxes": sorted(set(boxes.values())),
         # [] when rlnImageSize agrees with the stacks (or either is unknown); see box_mismatches.
         "box_mismatch": box_mismatches(table, groups, boxes),
+        # False when neither the STAR file nor the first stack's header gives one (ParticleStack reads that one):
+        # the commands that read the images then need --angpix.
+        "pixel_size_known": table.has_pixel_size or next(iter(header_pixels.values()), 0.0) > 0,
         **indices,
     }
 

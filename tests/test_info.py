@@ -567,12 +567,15 @@ def test_agreeing_or_undeclared_box_gives_no_warning(path: Path) -> None:
 def test_a_file_with_no_pixel_size_anywhere_names_angpix(name: str) -> None:
     """ASPIRE's rln_proj_*.star give no pixel size, and their stacks' headers 0: info warns, in the words the
     commands that read the images use when they refuse it, and those commands do refuse it without --angpix."""
+    from cryocli.errors import CryocliError
     from cryocli.io.dataset import ParticleStack
     from cryocli.io.star import read_star
 
     path = need(ASPIRE / name)
     assert _info_json(str(path))["pixel_size_known"] is False
-    assert not ParticleStack(read_star(path)).has_pixel_size
+    with pytest.raises(CryocliError, match="no pixel size in the STAR file or the stack headers: give the images' "
+                       "pixel size with --angpix"):
+        _ = ParticleStack(read_star(path)).pixel_size
     assert ("warning: no pixel size in the STAR file or the stack headers: give it to reconstruct, refine and "
             "abinitio with --angpix") in _info_text(str(path))
     # The set's particles, whose optics table gives 4.4 A: no warning.

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cryocli.cli.common import guarded
+from cryocli.cli.common import angpix_option, guarded
 from cryocli.cli.engine_command import option_flags, print_summary, run_engine_command
 from cryocli.errors import CryocliError
 
@@ -84,10 +84,7 @@ def abinitio(
     force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
                                "(the old one stays until the new run succeeds)."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
-    angpix: float | None = typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR "
-                                        "file that gives none (as relion_reconstruct --angpix); used instead of the "
-                                        "stack headers, written to particles.star, and refused if the STAR file "
-                                        "gives a different one."),
+    angpix: float | None = angpix_option(writes_particles=True),
     heads: int | None = typer.Option(None, "--heads", min=1, help="cryospin: pose heads of the encoder "
                                         "[default: 7; the paper uses 15 on real data]."),
     switch_epoch: int | None = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "

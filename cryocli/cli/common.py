@@ -424,3 +424,12 @@ def parse_range(text: str, option: str) -> tuple[float, float]:
     if len(values) != 2 or values[0] > values[1]:
         raise CryocliError(f"{option} {text}: expected LOW:HIGH with LOW <= HIGH")
     return values[0], values[1]
+
+
+def angpix_option(writes_particles: bool) -> Any:
+    """The ``--angpix`` option of the commands that read particle images (``writes_particles``: the command writes
+    a particles.star, which then carries the pixel size)."""
+    written = " written into particles.star," if writes_particles else ""
+    return typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR file that gives "
+                        "none (as relion_reconstruct --angpix): used instead of the stack headers," + written +
+                        " and refused if the STAR file gives a different one.")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cryocli.cli.common import (
+    angpix_option,
     check_datadir,
     check_finite_output,
     check_number,
@@ -41,9 +42,7 @@ def reconstruct(
                                            "resolution in Angstrom (positive)."),
     sym: str = typer.Option("C1", "--sym", help="Point group with RELION's axes: C1, Cn, Dn, T, O, I (= I2), I1-I4."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
-    angpix: float | None = typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR "
-                                        "file that gives none (as relion_reconstruct --angpix); used instead of the "
-                                        "stack headers, and refused if the STAR file gives a different one."),
+    angpix: float | None = angpix_option(writes_particles=False),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Particles per batch on the device."),
     gridding_iterations: int = typer.Option(DEFAULT_GRIDDING_ITERATIONS, "--gridding-iterations", min=0,
                                             help="Iterations of RELION's density compensation (--use_gridding); 0 "
@@ -94,9 +93,6 @@ def reconstruct(
             chunks = labelled_chunks(chunked, datadir, halves=halves, subset=subset, angpix=angpix)
             first = next(chunks, None)
             if first is not None:
-                if not first[0].has_pixel_size:
-                    raise CryocliError("no pixel size in the STAR file or the stack headers: give the images' "
-                                       "pixel size with --angpix", particles)
                 check_chunk(first[0], ctf)
             # The progress bar counts rows of the file: a --subset run passes over all of them.
             with progress_bar(chunked.count, "reconstruct") as advance:

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cryocli.cli.common import guarded
+from cryocli.cli.common import angpix_option, guarded
 from cryocli.cli.engine_command import option_flags, print_summary, run_engine_command
 from cryocli.errors import CryocliError
 
@@ -77,10 +77,7 @@ def refine(
     force: bool = typer.Option(False, "--force", help="Replace the run in an existing --out directory "
                                "(the old one stays until the new run succeeds)."),
     datadir: Path | None = typer.Option(None, "--datadir", help="Extra folder to look for particle stacks in."),
-    angpix: float | None = typer.Option(None, "--angpix", help="Pixel size of the images in Angstrom, for a STAR "
-                                        "file that gives none (as relion_reconstruct --angpix); used instead of the "
-                                        "stack headers, written to particles.star, and refused if the STAR file "
-                                        "gives a different one."),
+    angpix: float | None = angpix_option(writes_particles=True),
     preload: str = typer.Option("auto", "--preload", help="Hold the prepared particles and their transforms in "
                                 "memory (on the device): yes, no (read them from the stacks every iteration; memory "
                                 "does not grow with the particle count), auto (yes while they take at most 1 GiB "

@@ -80,9 +80,7 @@ def open_particles(request: RunRequest) -> tuple[ParticleTable, ParticleStack]:
     if request.angpix is not None:
         table = table.with_pixel_size(request.angpix)
     stack = ParticleStack(table, request.datadir)
-    if not stack.has_pixel_size:
-        raise CryocliError("no pixel size in the STAR file or the stack headers: give the images' pixel size with "
-                           "--angpix", request.particles)
+    _ = stack.pixel_size  # refused here, before the run folder is made, when nothing gives one
     return table, stack
 
 

@@ -166,11 +166,6 @@ class ParticleStack:
         """The resolved stack files, in order of first use."""
         return list(self._files)
 
-    @property
-    def has_pixel_size(self) -> bool:
-        """Whether the STAR file or the first stack's header gives a pixel size."""
-        return self.table.has_pixel_size or self._header_voxel > 0
-
     @cached_property
     def pixel_size(self) -> float:
         """The pixel size of every particle in Angstrom (STAR file first, else the stack header).
@@ -181,7 +176,8 @@ class ParticleStack:
             return self.table.common_pixel_size()
         if self._header_voxel > 0:
             return self._header_voxel
-        raise CryocliError("no pixel size in the STAR file and none in the stack header", self.table.path)
+        raise CryocliError("no pixel size in the STAR file or the stack headers: give the images' pixel size with "
+                           "--angpix", self.table.path)
 
     @cached_property
     def ctf_params(self) -> CTFParams | None:

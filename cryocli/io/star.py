@@ -215,7 +215,8 @@ class ParticleTable:
         if self.has_pixel_size:
             check_pixel_size(self.common_pixel_size(), angpix, "the STAR file's pixel size vs --angpix", self.path)
             return self
-        check_pixel_size(angpix, angpix, "--angpix", self.path)
+        if not (np.isfinite(angpix) and angpix > 0):
+            raise CryocliError(f"--angpix {angpix:g}: a pixel size must be a positive number of Angstrom", self.path)
         return replace(self, optics=self.optics.assign(rlnImagePixelSize=float(angpix)))
 
     @property

@@ -40,7 +40,7 @@ def check_chunk(stack: ParticleStack, use_ctf: bool) -> None:
     CTF), with the error the reconstruction itself would give. Every chunk of a file has the same columns, so a
     caller can check the first one before starting a progress bar."""
     _require_poses(stack)
-    _ = stack.pixel_size  # raises when neither the STAR file nor the stack headers give one
+    _ = stack.pixel_size  # refused when neither the STAR file nor the stack headers give one
     if use_ctf:
         stack.table.ctf_params(require=True)
 

@@ -319,3 +319,24 @@ def test_reporter_logs_metrics_checkpoints_and_resumes(bright, tmp_path):
     assert len(again.history) == 2
     with pytest.raises(CryocliError, match="not other"):
         Reporter(files=RunDirectory(run.path, resume=True), resume=True, meta={"method": "other"})
+
+
+@pytest.mark.parametrize("method", ["relion", "sparse-tv", "cryospin", "cryo2ssnet", "sagd"])
+def test_a_resume_may_change_only_how_long_a_run_goes_on(method: str) -> None:
+    """Every engine's config refuses a resume with another value of an option that changes what the run computes
+    (the seed: its half sets and random draws), names it, and accepts another run length, batch size (the remedy for a
+    run short of memory) and --preload."""
+    from cryocli.engines.protocol import build_config
+    from cryocli.errors import OptionError
+
+    kind = "refine" if method in ("relion", "sparse-tv") else "abinitio"
+    engine = get_engine(method, kind)
+    given = {"ref": "init.mrc"} if kind == "refine" else {}
+    saved = build_config(engine, given).as_dict()
+    longer = {"relion": "epochs", "sparse-tv": "epochs", "cryospin": "epochs", "cryo2ssnet": "steps",
+              "sagd": "max_iter"}[method]
+    build_config(engine, {**given, longer: 2 * saved[longer], "batch_size": 16, "preload": "no"}).check_resumes(saved)
+    build_config(engine, given).check_resumes(None)  # a checkpoint from before configurations were stored
+    with pytest.raises(OptionError, match="made with 0") as refused:
+        build_config(engine, {**given, "seed": 3}).check_resumes(saved)
+    assert refused.value.option == "seed"

@@ -140,7 +140,9 @@ def test_reference_of_another_size_is_refused_without_leftovers(tmp_path: Path) 
 
 def test_resume_continues_a_finished_run_and_plain_rerun_is_refused(tmp_path: Path) -> None:
     """One iteration, then --resume with --max-iter 3 runs iterations 2 and 3 on top of the first (its
-    metrics row kept), and rewrites the results; running again without --resume or --force is refused."""
+    metrics row kept), and rewrites the results; running again without --resume or --force is refused. A --resume
+    with options other than the run's (but how long it runs and the batch size) or on another number of particles
+    is one error line naming what differs, and leaves the run as it was."""
     stack = ParticleStack(read_star(need(REAL)))
     ref = _blob_reference(stack, tmp_path / "blob.mrc")
     out = tmp_path / "run"
@@ -148,7 +150,22 @@ def test_resume_continues_a_finished_run_and_plain_rerun_is_refused(tmp_path: Pa
     assert runner.invoke(app, [*base, "--max-iter", "1"]).exit_code == 0
     first = (out / "metrics.csv").read_text().splitlines()
     assert len(first) == 2
-    r = runner.invoke(app, [*base, "--max-iter", "3", "--resume"])
+    fewer = tmp_path / "fewer.star"
+    table = starfile.read(REAL)
+    kept = table["particles"].iloc[:-1].copy()
+    kept["rlnImageName"] = [f"{i}@{REAL.parent / name}" for i, name in kept["rlnImageName"].str.split("@", n=1)]
+    starfile.write({"optics": table["optics"], "particles": kept}, fewer)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for args, words in (([*base, "--sym", "C2"], ["--sym C2", "made with C1"]),
+                        (["--seed", "5", *base], ["--seed 5", "made with 0"]),
+                        ([*base, "--ini-lowpass", "30"], ["--ini-lowpass 30", "made with 40"]),
+                        ([*base, "--particle-diameter", "150"], ["--particle-diameter 150", "the default"]),
+                        ([*base[:2], str(fewer), *base[3:]], [str(fewer), "16 particles", "made on 17"])):
+        refused = runner.invoke(app, [*args, "--max-iter", "3", "--resume"])
+        assert refused.exit_code == 2, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and all(w in refused.output for w in words), refused.output
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    r = runner.invoke(app, [*base, "--max-iter", "3", "--resume", "--batch-size", "5"])
     assert r.exit_code == 0, r.output
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[:2] == first and [row.split(",")[1] for row in rows[1:]] == ["1", "2", "3"]

@@ -14,6 +14,7 @@ are the same bytes for the same seed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,12 +60,14 @@ class Reporter:
     console: where the progress bar goes (``Console(quiet=True)`` or ``None`` for none). files: where
     logs, metrics and checkpoints go (``None``: kept in memory only, e.g. in tests). ground_truth: score epochs
     against it. resume: load the checkpoint of ``files``; engines then get their saved state from
-    :meth:`resume_state`. meta: values stored with the checkpoint (method, configuration).
+    :meth:`resume_state`. meta: values stored with the checkpoint (method, configuration). check_saved: called with
+    the checkpoint's stored ``meta`` before it is resumed; raises to refuse it (the engine's options differ).
     """
 
     def __init__(self, console: Console | None = None, files: RunFiles | None = None,
                  ground_truth: GroundTruth | None = None, resume: bool = False,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None,
+                 check_saved: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.console = console
         self.files = files
         self.ground_truth = ground_truth
@@ -78,6 +81,7 @@ class Reporter:
         self._task: TaskID | None = None
         self._live_at = -float("inf")  # when the metric line was last drawn (time.monotonic)
         self._t0 = time.perf_counter()
+        self._check_saved = check_saved
         self.checkpointed = resume
         self._checkpoint: dict[str, Any] = {"version": CHECKPOINT_VERSION, "meta": self.meta, "runs": {},
                                             "history": []}
@@ -97,6 +101,8 @@ class Reporter:
         old_method, new_method = saved.get("meta", {}).get("method"), self.meta.get("method")
         if old_method and new_method and old_method != new_method:
             raise CryocliError(f"the checkpoint to resume is a {old_method} run, not {new_method}")
+        if self._check_saved is not None:
+            self._check_saved(saved.get("meta", {}))
         self._checkpoint = saved
         self._checkpoint["meta"] = {**saved.get("meta", {}), **self.meta}
         self.history = list(saved.get("history", []))

@@ -49,6 +49,11 @@ class EngineConfig:
     use_ctf: bool = True
     particle_diameter: float | None = None
 
+    #: Fields a ``resume`` may change: how long the run goes on, and the memory it takes (a run that ran short of
+    #: memory goes on with a smaller batch, as :data:`cryocli.errors.MEMORY_ADVICE` says). Every other field must
+    #: be the one the run started with (:meth:`check_resumes`).
+    resume_may_change: ClassVar[frozenset[str]] = frozenset({"epochs", "batch_size", "preload"})
+
     def as_dict(self) -> dict[str, Any]:
         """The configuration as plain values (for logs and checkpoints)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -68,6 +73,23 @@ class EngineConfig:
             at_least(self, "max_particles", 2)
         if self.particle_diameter is not None:
             positive(self, "particle_diameter")
+
+
+    def check_resumes(self, saved: dict[str, Any] | None) -> None:
+        """Refuse to resume a run whose checkpoint holds the configuration ``saved`` (:meth:`as_dict`; ``None``: an
+        older checkpoint without one) with other values of the fields outside :attr:`resume_may_change`: the
+        run would go on as a mixture no single set of options makes (another seed or symmetry, other half sets,
+        another mask), and its maps and resolutions would not be those of the options it reports.
+        :class:`OptionError` names the first such field."""
+        if not saved:
+            return
+        for name, value in self.as_dict().items():
+            if name in self.resume_may_change or name not in saved or saved[name] == value:
+                continue
+            raise OptionError(name, "(default)" if value is None else value,
+                              f"the run to resume was made with {'the default' if saved[name] is None else saved[name]}"
+                              "; --resume continues a run with the options it started with (only its length, batch "
+                              "size and preload may change): give the same, or start again with --force")
 
 
 def positive(config: Any, name: str) -> None:

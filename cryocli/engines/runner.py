@@ -142,8 +142,9 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
     keep = False
     reporter: Reporter | None = None
     try:
-        meta = {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles)}
-        reporter = Reporter(console=console, files=run_dir, ground_truth=truth, resume=request.resume, meta=meta)
+        meta = run_meta(engine, config, request, stack)
+        reporter = Reporter(console=console, files=run_dir, ground_truth=truth, resume=request.resume, meta=meta,
+                            check_saved=lambda saved: refuse_another_run(saved, config, stack, request.particles))
         if request.resume:  # the other ranks resume from the same checkpoint (see follow_rank_zero)
             distributed.broadcast_object(reporter.checkpoint)
         reporter.event("start", method=engine.name, config=config.as_dict(), particles=str(request.particles),
@@ -180,11 +181,28 @@ def run_to_directory(engine: Engine, config: EngineConfig, request: RunRequest, 
         run_dir.close(keep=keep)
 
 
+def run_meta(engine: Engine, config: EngineConfig, request: RunRequest, stack: ParticleStack) -> dict[str, Any]:
+    """What a run's checkpoint records of it: the method, its options, the STAR file and its particle count."""
+    return {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles),
+            "particle_count": len(stack)}
+
+
+def refuse_another_run(saved: dict[str, Any], config: EngineConfig, stack: ParticleStack, star: Path) -> None:
+    """Refuse to resume the run whose checkpoint recorded ``saved`` (:func:`run_meta`) with other options
+    (:meth:`~cryocli.engines.protocol.EngineConfig.check_resumes`) or on a STAR file of another number of particles
+    (its poses and half sets are per particle row); ``star`` is the STAR file of ``stack``."""
+    config.check_resumes(saved.get("config"))
+    before = saved.get("particle_count")
+    if before is not None and int(before) != len(stack):
+        raise CryocliError(f"has {len(stack)} particles, the run to resume was made on {before}; --resume continues "
+                           "a run on the particles it started with", star)
+
+
 def follow_rank_zero(engine: Engine, config: EngineConfig, request: RunRequest, stack: ParticleStack) -> RunOutcome:
     """The run on a torchrun rank other than 0: the engine computes this rank's share and joins rank 0's
     collectives; it resumes from rank 0's checkpoint, and writes and prints nothing (rank 0 does)."""
-    meta = {"method": engine.name, "config": config.as_dict(), "particles": str(request.particles)}
-    reporter = Reporter(meta=meta)
+    reporter = Reporter(meta=run_meta(engine, config, request, stack),
+                        check_saved=lambda saved: refuse_another_run(saved, config, stack, request.particles))
     if request.resume:
         checkpoint = distributed.broadcast_object(None)
         assert isinstance(checkpoint, dict)

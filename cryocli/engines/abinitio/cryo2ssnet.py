@@ -157,6 +157,8 @@ class Cryo2SSNetConfig(EngineConfig):
     encoder_channels: tuple[int, ...] = (32, 64, 128)
     preload: str = "auto"
 
+    resume_may_change: ClassVar[frozenset[str]] = EngineConfig.resume_may_change | {"steps"}
+
     def validate(self) -> None:
         # The shared checks, with the epochs left to the step budget when not given.
         EngineConfig.validate(replace(self, epochs=1) if self.epochs is None else self)

@@ -162,6 +162,8 @@ class SAGDConfig(EngineConfig):
     patience: int = 5
     preload: str = "auto"
 
+    resume_may_change: ClassVar[frozenset[str]] = EngineConfig.resume_may_change | {"max_iter"}
+
     def __post_init__(self) -> None:
         # No pass limit but max_iter: each pass takes at least one iteration. The run's bookkeeping (a finished run
         # is taken from its checkpoint when the epochs match) then sees a larger --max-iter as a longer run.

@@ -75,8 +75,23 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
         if device.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+        bind_world_defaults_before_joining()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return current(), device
+
+
+def bind_world_defaults_before_joining() -> None:
+    """Import ``torch.distributed.nn`` before the process group exists.
+
+    Its collectives take ``group=group.WORLD`` as a default argument, bound when the module is first imported, and
+    torch._dynamo imports it (the first ``torch.optim`` optimiser does: cryospin, cryo2ssnet, the denoiser). Imported
+    after ``init_process_group``, those defaults hold the world group, so ``destroy_process_group`` cannot free it:
+    gloo's worker threads outlive :func:`teardown`, and one still releasing a collective's tensors when the
+    interpreter shuts down aborts the process ("terminate called without an active exception", SIGABRT). That
+    ended rank 1 of cryo2ssnet on 2 torchrun ranks in 4 of 122 runs beside a busy core. Imported before, the
+    defaults are ``None``.
+    """
+    import torch.distributed.nn  # noqa: F401
 
 
 def teardown() -> None:

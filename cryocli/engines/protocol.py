@@ -74,7 +74,6 @@ class EngineConfig:
         if self.particle_diameter is not None:
             positive(self, "particle_diameter")
 
-
     def check_resumes(self, saved: dict[str, Any] | None) -> None:
         """Refuse to resume a run whose checkpoint holds the configuration ``saved`` (:meth:`as_dict`; ``None``: an
         older checkpoint without one) with other values of the fields outside :attr:`resume_may_change`: the

@@ -4,7 +4,7 @@ auto-decoding stage on its own, checkpoints and --resume, --halves, and real REL
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -165,6 +165,39 @@ def test_auto_decoding_refines_perturbed_poses(small, device: str) -> None:
     assert np.median(after) < 6.5 and np.median(before) > 9.9
 
 
+@dataclass
+class _GridCase:
+    """The first particles of a simulated set, prepared for the candidate grid, with the true map scaled to them."""
+
+    model: ImageModel
+    hartley: torch.Tensor
+    spectra: torch.Tensor
+    ctf: torch.Tensor
+    rotations: torch.Tensor
+    origins: torch.Tensor
+
+
+def _grid_setup(sim: Path, device: str, count: int) -> _GridCase:
+    """The first ``count`` particles of ``sim`` compared to a quarter of the box, their true rotations and origins
+    (pixels), and the true map in the units of the normalised images (the least-squares scale at the true poses)."""
+    from cryocli.engines.abinitio.cryospin import _project_grid
+
+    stack = ParticleStack(read_star(sim / "particles.star"))
+    dev = torch.device(device)
+    parts = prepare_particles(stack, CryoSpinConfig(), dev)
+    model = ImageModel(parts.box, parts.pixel_size, dev, radius=parts.box / 4)
+    hartley = hartley_volume(torch.tensor(read_map(sim / "ground_truth.mrc").data).to(device), pad=1)
+    idx = torch.arange(count)
+    shifts = stack.shifts_angstrom
+    origins = (shifts[idx] / parts.pixel_size if shifts is not None else torch.zeros(count, 2)).to(dev)
+    spectra = model.spectra(parts.images[idx.to(dev)])
+    ctf = model.ctf(parts.ctf.index(idx.to(dev)))
+    observed = model.observed(spectra, origins)
+    sl = _project_grid(hartley, stack.rotations[idx].to(dev), parts.box) * ctf
+    hartley = hartley * float((sl * observed * model.mask).sum() / (sl * sl * model.mask).sum())
+    return _GridCase(model, hartley, spectra, ctf, stack.rotations[idx], origins)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_candidate_grid_scores_equal_direct_losses_and_find_poses(small, device: str) -> None:
     """The grid's matrix-product scores equal the image model's loss evaluated pose by pose, the winner is the
@@ -172,22 +205,12 @@ def test_candidate_grid_scores_equal_direct_losses_and_find_poses(small, device:
     true poses (order 2: 4,608 rotations about 15 degrees apart)."""
     from cryocli.engines.abinitio.cryospin import CandidateGrid, _project_grid
 
-    stack = ParticleStack(read_star(small / "particles.star"))
-    dev = torch.device(device)
-    parts = prepare_particles(stack, CryoSpinConfig(), dev)
-    n = parts.box
-    model = ImageModel(n, parts.pixel_size, dev, radius=n / 4)
-    hartley = hartley_volume(torch.tensor(read_map(small / "ground_truth.mrc").data).to(device), pad=1)
-    idx = torch.arange(64)
-    true_rot = stack.rotations[idx]
-    spectra = model.spectra(parts.images[idx.to(device)])
-    ctf = model.ctf(parts.ctf.index(idx.to(device)))
+    t = _grid_setup(small, device, 64)
+    model, hartley, spectra, ctf, true_rot, n = t.model, t.hartley, t.spectra, t.ctf, t.rotations, t.model.n
     observed = model.observed(spectra, None)
-    # The map in the units of the normalised images: the least-squares scale at the true poses.
-    sl = _project_grid(hartley, true_rot.to(device), n) * ctf
-    hartley = hartley * float((sl * observed * model.mask).sum() / (sl * sl * model.mask).sum())
-    grid = CandidateGrid(2, dev)
-    loss, pose = grid.best(model, hartley, spectra, ctf, None)
+    grid = CandidateGrid(2, torch.device(device))
+    loss, pose, origin = grid.best(model, hartley, spectra, ctf, None)
+    assert origin is None
     direct = model.nll(_project_grid(hartley, pose, n, model.r_max), ctf, observed)
     assert torch.allclose(loss.cpu(), direct.cpu(), rtol=1e-4, atol=1e-6)
     every = model.nll(_project_grid(hartley, grid.rotations, n, model.r_max)[None].expand(8, -1, -1, -1), ctf[:8],
@@ -196,6 +219,49 @@ def test_candidate_grid_scores_equal_direct_losses_and_find_poses(small, device:
     errors = np.degrees(geodesic_distance(pose.cpu(), true_rot).numpy())
     print(f"grid winners vs true poses: median {np.median(errors):.1f} deg")
     assert np.median(errors) < 15.0  # measured 11.6; random poses would give ~110
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidate_grid_finds_origins_a_step_away(tmp_path_factory, device: str) -> None:
+    """With origins estimated, the grid scores each rotation at the particle's origin and its 8 neighbours one
+    shift step away, and returns the best pair: its loss is the image model's at that pose and origin, and from
+    origins one step off the truth (2 px, beside origins of 2 px standard deviation) it moves most particles back
+    onto the true origin, with the rotations still within the grid's spacing."""
+    from cryocli.engines.abinitio.cryospin import CandidateGrid, _project_grid
+
+    t = _grid_setup(_simulate(tmp_path_factory.mktemp("shifted") / "sim", 64, shift_sigma=7.2), device, 64)
+    model, hartley, spectra, ctf, true_rot, n = t.model, t.hartley, t.spectra, t.ctf, t.rotations, t.model.n
+    true_origin, dev = t.origins, torch.device(device)
+    step = 2.0
+    grid = CandidateGrid(2, dev, shift_step=step, max_shift=n / 4)
+    assert len(grid.offsets) == 9
+    away = torch.randint(-1, 2, (len(true_origin), 2), generator=torch.Generator().manual_seed(3)).float().to(dev) * step
+    loss, pose, origin = grid.best(model, hartley, spectra, ctf, true_origin - away)
+    direct = model.nll(_project_grid(hartley, pose, n, model.r_max), ctf, model.observed(spectra, origin))
+    assert torch.allclose(loss.cpu(), direct.cpu(), rtol=1e-4, atol=1e-6)
+    off_before = (away.norm(dim=1) > 0).float().mean()
+    off_after = ((origin - true_origin).norm(dim=1) > 0.5 * step).float().mean()
+    errors = np.degrees(geodesic_distance(pose.cpu(), true_rot).numpy())
+    print(f"origins off the truth: {float(off_before):.2f} -> {float(off_after):.2f}; "
+          f"rotations median {np.median(errors):.1f} deg")
+    assert float(off_before) > 0.8 and float(off_after) < 0.25
+    assert np.median(errors) < 15.0
+
+
+def test_auto_encoding_band_marches_from_20_to_12_angstrom() -> None:
+    """The compared band of auto-encoding epoch 1 reaches 20 A, that of the last (the switch epoch) 12 A, widening
+    linearly in frequency; auto-decoding starts from 12 A; without a march every epoch compares to 12 A."""
+    from cryocli.engines.abinitio.cryospin import _decode_radius, _encode_radius
+
+    cfg = CryoSpinConfig()
+    n, apix = 48, 2.4
+    radii = [_encode_radius(cfg, n, apix, e) for e in range(1, cfg.switch_epoch + 1)]
+    assert radii[0] == pytest.approx(n * apix / 20.0) and radii[-1] == pytest.approx(n * apix / 12.0)
+    assert np.allclose(np.diff(radii), (radii[-1] - radii[0]) / (cfg.switch_epoch - 1))
+    assert _encode_radius(cfg, n, apix) == pytest.approx(n * apix / 12.0)
+    assert _decode_radius(cfg, n, apix, cfg.switch_epoch + 1) == pytest.approx(n * apix / 12.0 + (n / 2 - 9.6) / 6)
+    fixed = replace(cfg, encode_start_resolution=0.0)
+    assert all(_encode_radius(fixed, n, apix, e) == pytest.approx(9.6) for e in range(1, cfg.switch_epoch + 1))
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -299,3 +365,9 @@ def test_bad_options_are_one_line_errors(small, tmp_path):
     assert r.exit_code == 2 and "larger than the particle box" in r.output
     r = runner.invoke(app, ["abinitio", star, "-o", str(tmp_path / "c"), "--resume"])
     assert r.exit_code == 2 and "no checkpoint.pt" in r.output
+    r = runner.invoke(app, ["abinitio", star, "-o", str(tmp_path / "d"), "--encode-start-resolution", "-1"])
+    assert r.exit_code == 2 and "--encode-start-resolution" in r.output and "at least 0" in r.output
+    assert not (tmp_path / "d").exists()
+    r = runner.invoke(app, ["abinitio", star, "-o", str(tmp_path / "e"), "--method", "sagd",
+                            "--encode-start-resolution", "30"])
+    assert r.exit_code == 2 and "--encode-start-resolution" in r.output

@@ -91,8 +91,9 @@ def abinitio(
     switch_epoch: int | None = typer.Option(None, "--switch-epoch", min=0, help="cryospin: last auto-encoding "
                                                "epoch before per-particle pose optimisation [default: 7]."),
     shifts: bool | None = typer.Option(None, "--shifts/--no-shifts", help="Estimate in-plane origins [cryospin: "
-                                       "off, --shifts is the paper's real-data setting; cryo2ssnet: on, --no-shifts "
-                                       "is the paper's setting for centred particles]."),
+                                       "off, the paper's setting for centred simulated particles: give --shifts for "
+                                       "picked particles, as the paper does on real data; cryo2ssnet: on, "
+                                       "--no-shifts is the paper's setting for centred particles]."),
     pose_lr: float | None = typer.Option(None, "--pose-lr", help="cryospin: Adam learning rate of the "
                                             "per-particle axis-angle poses, radians [default: 0.05]."),
     encoder_lr: float | None = typer.Option(None, "--encoder-lr", help="Encoder learning rate [cryospin: 1e-4 "
@@ -107,8 +108,12 @@ def abinitio(
                                              "fixed candidate poses scored with the heads during auto-encoding "
                                              "(2: 4,608 poses, 15 deg); -1: the paper's heads alone [default: 2]."),
     encode_resolution: float | None = typer.Option(None, "--encode-resolution", help="cryospin: compare "
-                                                      "frequencies up to 1/this (A) during auto-encoding; 0: all "
-                                                      "[default: 12]."),
+                                                      "frequencies up to 1/this (A) by the last auto-encoding "
+                                                      "epoch; 0: all [default: 12]."),
+    encode_start_resolution: float | None = typer.Option(None, "--encode-start-resolution", help="cryospin: "
+                                                            "the band (A) of the first auto-encoding epoch, widened "
+                                                            "to --encode-resolution by the last; 0: no march "
+                                                            "[default: 20]."),
     decode_march_epochs: int | None = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
                                                       "auto-decoding epochs over which the compared band widens "
                                                       "to Nyquist [default: 6]."),
@@ -213,6 +218,7 @@ def abinitio(
             "encoder_channels": _int_tuple(encoder_channels, "--encoder-channels"),
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map, "preload": preload,
             "grid_order": grid_order, "encode_resolution": encode_resolution,
+            "encode_start_resolution": encode_start_resolution,
             "decode_march_epochs": decode_march_epochs,
             "steps": steps, "snr": _snr(snr), "stage1_fraction": stage1_fraction, "dhbs": dhbs,
             "beam_width": beam_width, "beam_depth": beam_depth, "beam_start": beam_start, "agreement": agreement,
@@ -241,7 +247,8 @@ def _help() -> str:
             "log.jsonl, checkpoint.pt; fsc.png with --ground-truth or --halves).\n\n"
             f"Methods (--method):\n\n{methods}\n\n"
             "cryospin adds to the paper a fixed grid of candidate poses during auto-encoding and frequency "
-            "marching (--grid-order, --encode-resolution, --decode-march-epochs; see the README), without "
+            "marching (--grid-order, --encode-start-resolution, --encode-resolution, --decode-march-epochs; see "
+            "the README), without "
             "which it does not leave its random start on a few thousand particles. Measured on 10,000 "
             "particles of 64 px: the grid wins 84-100% of the particles during auto-encoding and the heads "
             "16% by the switch, so at that scale the grid finds the poses (median error 2.1 deg; the heads "

@@ -43,9 +43,10 @@ particles a CPU run affords, the paper's stage 1 alone does not leave its random
   are cleared (they still hold the random start) and auto-decoding widens the band to Nyquist over
   ``decode_march_epochs`` (6) epochs. Measured on the same set: comparing to Nyquist from the start leaves
   the error at 83 degrees (the random high frequencies decide the winners), and keeping the uncleared shells
-  at the switch leaves it at 7.5 instead of 4.4 degrees. The march from 20 A matters for particles off centre
-  (3,000 particles of 48 px with 5 A shifts, ``shifts`` on: 5.5 degrees and 7.0 A against 19 degrees and
-  10.1 A at 12 A throughout) and changes nothing measurable for centred ones (4.4 degrees, 6.3 A).
+  at the switch leaves it at 7.5 instead of 4.4 degrees. The march from 20 A changes nothing measurable for
+  centred particles (4.4 degrees, 6.3 A) or 2 A shifts; with 5 A shifts (``shifts`` on) it was better than 12 A
+  throughout on three of five simulated sets and worse on two (5.5 against 19 degrees on one, 23 against 5.7
+  on another; the README's cryospin section).
 
 Every particle-level operation is batched on the device; the per-particle state (poses, origins, Adam
 moments) lives in ``(N, ...)`` tensors indexed by particle id. The map written is the decoder's

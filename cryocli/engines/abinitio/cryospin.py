@@ -632,9 +632,9 @@ class CandidateGrid:
               use_shifts: bool, head_loss: Tensor, pose: Tensor, shift: Tensor, winner: Tensor
               ) -> tuple[Tensor, Tensor, Tensor]:
         """Replace the heads' winners ``pose (B, 3, 3)``, ``shift (B, 2)``, ``winner (B,)`` (losses ``head_loss``)
-        by the grid's best candidate where that scores lower; grid candidates take the best origin near the
-        particle's current origin ``current_shifts`` (or keep it without :attr:`offsets`) and are marked
-        ``winner = -1``."""
+        by the grid's best candidate where that scores lower; grid candidates take the best origin around the
+        particle's current origin ``current_shifts`` (that origin itself when the grid has no shift step) and are
+        marked ``winner = -1``."""
         grid_loss, grid_pose, grid_shift = self.best(model, hartley, spectra, ctf,
                                                      current_shifts if use_shifts else None)
         use_grid = grid_loss < head_loss

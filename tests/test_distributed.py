@@ -42,7 +42,8 @@ def _cryocli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 #: Run on each torchrun rank: join as cryocli does, make an optimiser (which imports torch.distributed.nn through
-#: torch._dynamo) and a collective, leave; print this process's threads before joining and after leaving.
+#: torch._dynamo) and a collective, leave; write this process's threads before joining and after leaving to
+#: ``threads.<rank>`` (not to the shared stdout, where two unbuffered ranks' prints interleave word by word).
 _LEAVES_NO_THREADS = """
 import os, torch
 from cryocli import distributed
@@ -52,7 +53,8 @@ distributed.setup(torch.device("cpu"))
 torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))])
 distributed.sum_over_ranks([1.0])
 distributed.teardown()
-print("threads", alone, count(), flush=True)
+with open(f"threads.{os.environ['RANK']}", "w") as out:
+    out.write(f"{alone} {count()}")
 """
 
 
@@ -67,8 +69,8 @@ def test_leaving_the_process_group_ends_its_threads(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    counts = [tuple(map(int, line.split()[1:])) for line in r.stdout.splitlines() if line.startswith("threads")]
-    assert len(counts) == 2 and all(after == alone for alone, after in counts), counts
+    counts = [tuple(map(int, (tmp_path / f"threads.{rank}").read_text().split())) for rank in range(2)]
+    assert all(after == alone for alone, after in counts), counts
 
 
 def test_shards_are_disjoint_and_cover_the_particles() -> None:

@@ -608,8 +608,8 @@ class CandidateGrid:
         (pixels; ``None`` when ``shifts_px`` is, i.e. origins are not estimated).
 
         The squared error expands into ``sum(c^2 s^2) - 2 sum(c s o) + sum(o^2)``, two matrix products of the
-        ``(B S, P)`` image terms (``S`` origins per image) with the ``(K, P)`` grid slices over the ``P`` compared
-        pixels, so the ``(B, S K)`` scores never materialise ``B * S * K`` images."""
+        ``(B, P)`` CTF and ``(B, S, P)`` image terms (``S`` origins per image) with the ``(K, P)`` grid slices over the
+        ``P`` compared pixels, so the ``(B, S, K)`` scores never materialise ``B * S * K`` images."""
         keep = model.mask.reshape(-1) > 0
         slices = _project_grid(hartley, self.rotations, model.n, model.r_max).reshape(len(self.rotations), -1)[:, keep]
         b, k = spectra.shape[0], len(self.rotations)
@@ -618,13 +618,12 @@ class CandidateGrid:
             origins = shifts_px[:, None, :] + self.offsets
             if self.max_shift is not None:
                 origins = origins.clamp(-self.max_shift, self.max_shift)
-        observed = model.observed(spectra, origins).reshape(b, -1, model.n * model.n)[..., keep]
-        s = observed.shape[1]
-        observed = observed.reshape(b * s, -1)
-        c = ctf.reshape(b, 1, -1)[..., keep].expand(b, s, -1).reshape(b * s, -1) if ctf is not None \
-            else torch.ones_like(observed)
-        err = (c * c) @ (slices * slices).T - 2 * (c * observed) @ slices.T + (observed * observed).sum(1, keepdim=True)
-        loss, which = (err / (model.n_mask * model.n * model.n)).reshape(b, s * k).min(1)
+        observed = model.observed(spectra, origins).reshape(b, -1, model.n * model.n)[..., keep]  # (B, S, P)
+        c = ctf.reshape(b, -1)[:, keep] if ctf is not None else torch.ones_like(observed[:, 0])
+        # The first term does not depend on the origin: one (B, K) product for all S origins.
+        err = (((c * c) @ (slices * slices).T)[:, None] - 2 * (c[:, None] * observed) @ slices.T
+               + (observed * observed).sum(-1, keepdim=True))
+        loss, which = (err / (model.n_mask * model.n * model.n)).reshape(b, -1).min(1)
         rows = torch.arange(b, device=which.device)
         return loss, self.rotations[which % k], origins[rows, which // k] if origins is not None else None
 

@@ -117,6 +117,11 @@ def abinitio(
     decode_march_epochs: int | None = typer.Option(None, "--decode-march-epochs", min=0, help="cryospin: "
                                                       "auto-decoding epochs over which the compared band widens "
                                                       "to Nyquist [default: 6]."),
+    search_epochs: int | None = typer.Option(None, "--search-epochs", min=0, help="cryospin: auto-decoding epochs "
+                                             "in which every particle's pose is also searched on the candidate "
+                                             "grid, around its origin and the origin it would have in the map's "
+                                             "mirror image, which gathers particles split between the two hands "
+                                             "[default: 3 with --shifts, 0 without]."),
     preload: str | None = typer.Option(None, "--preload", help="Hold the prepared particles in memory (cryospin "
                                        "and sagd: on the device): yes, no (read each batch from the stacks; memory "
                                        "does not grow with the particle count), auto (yes while they take at most "
@@ -219,7 +224,7 @@ def abinitio(
             "pyramid_sigmas": _float_tuple(pyramid, "--pyramid"), "final_map": final_map, "preload": preload,
             "grid_order": grid_order, "encode_resolution": encode_resolution,
             "encode_start_resolution": encode_start_resolution,
-            "decode_march_epochs": decode_march_epochs,
+            "decode_march_epochs": decode_march_epochs, "search_epochs": search_epochs,
             "steps": steps, "snr": _snr(snr), "stage1_fraction": stage1_fraction, "dhbs": dhbs,
             "beam_width": beam_width, "beam_depth": beam_depth, "beam_start": beam_start, "agreement": agreement,
             "switch_waits": switch_waits, "constrain_density": constrain_density, "gd": gd, "gd_steps": gd_steps,

@@ -44,6 +44,14 @@ class ParticleAdam:
         v_hat = v / (1 - b2 ** t)[:, None]
         return -self.lr * m_hat / (torch.sqrt(v_hat) + self.eps)
 
+    def reset(self, indices: Tensor, where: Tensor) -> None:
+        """Zero the moments and step counts of the particles at ``indices (B,)`` where ``where (B,)`` is true (a
+        particle moved to another pose starts afresh)."""
+        keep = (~where).to(self.m.dtype)
+        self.m[indices] *= keep[:, None]
+        self.v[indices] *= keep[:, None]
+        self.steps[indices] *= keep
+
     def state(self) -> dict[str, Tensor | float]:
         return {"m": self.m, "v": self.v, "steps": self.steps, "lr": self.lr}
 

@@ -494,4 +494,6 @@ def test_bad_options_are_one_line_errors(small, tmp_path):
     assert r.exit_code == 2 and "--search-epochs" in r.output
     r = runner.invoke(app, ["abinitio", star, "-o", str(tmp_path / "g"), "--search-epochs", "-1"])
     assert r.exit_code == 2 and "--search-epochs" in r.output
-    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+    r = runner.invoke(app, ["abinitio", star, "-o", str(tmp_path / "h"), "--grid-order", "-1", "--search-epochs", "2"])
+    assert r.exit_code == 2 and "--search-epochs" in r.output and "candidate grid" in r.output
+    assert not any((tmp_path / name).exists() for name in "fgh")

@@ -593,6 +593,7 @@ def _rank_batches(order: Tensor, batch_size: int, total: int) -> list[Tensor]:
         return _batches(order, batch_size)
     return list(torch.tensor_split(order, len(_batches(torch.arange(total), batch_size))))
 
+
 def _pose_steps(model: ImageModel, hartley: Tensor, spectra: Tensor, ctf: Tensor | None, r0: Tensor, t0: Tensor,
                 cfg: CryoSpinConfig, pose_adam: ParticleAdam, shift_adam: ParticleAdam, idx: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -285,24 +285,32 @@ def _plane_reflection(seed: int, offset_a: float) -> tuple[np.ndarray, np.ndarra
     return q @ f @ q.T @ f, 2 * offset_a * normal
 
 
-def test_mirror_twin_poses_follow_the_alignment_convention() -> None:
-    """The twin poses and origins are :func:`~cryocli.analysis.align.poses_to_reference`'s for a flipped alignment
-    (whose convention test_align checks on projections), in pixels and on the device."""
-    from cryocli.analysis.align import Alignment, poses_to_reference
+def test_mirror_twin_poses_give_the_mirror_images_projections(small) -> None:
+    """Images of a map at poses and origins equal those of its mirror image through a plane 5 A off the centre at
+    the twin poses and origins (images as RELION defines them, projection(x + origin), with test_align's
+    projector), and not at the poses themselves."""
+    from cryocli.analysis.align import Alignment, apply_alignment
     from cryocli.engines.abinitio.cryospin import MirrorSymmetry, mirror_twin_poses
     from cryocli.geometry.rotations import quaternion_to_matrix
 
-    g = torch.Generator().manual_seed(2)
-    poses = quaternion_to_matrix(torch.randn(20, 4, generator=g, dtype=torch.float64))
-    origins_px = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    from .test_align import _project, _shift_images
+
+    m = read_map(small / "ground_truth.mrc")
+    vol, apix = torch.tensor(m.data, dtype=torch.float64), m.voxel_size
     rotation, shift_a = _plane_reflection(4, 5.0)
-    apix = 2.4
-    want_r, want_o = poses_to_reference(poses.numpy(), origins_px.numpy() * apix,
-                                        Alignment(rotation, shift_a, True, np.zeros(0, np.float32), 0.0, apix))
-    mirror = MirrorSymmetry(torch.tensor(rotation), torch.tensor(shift_a / apix), 0.0)
-    twin_r, twin_o = mirror_twin_poses(poses, origins_px, mirror)
-    assert np.allclose(twin_r.numpy(), want_r, atol=1e-10)
-    assert np.allclose(twin_o.numpy(), want_o / apix, atol=1e-10)
+    mirrored = torch.tensor(apply_alignment(vol, Alignment(rotation, shift_a, True, np.zeros(0, np.float32), 0.0,
+                                                           apix)), dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    poses = quaternion_to_matrix(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    origins_px = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    twin_r, twin_o = mirror_twin_poses(poses, origins_px, MirrorSymmetry(torch.tensor(rotation),
+                                                                         torch.tensor(shift_a / apix), 0.0))
+    images = _shift_images(_project(vol, poses), origins_px)
+    twins = _shift_images(_project(mirrored, twin_r), twin_o)
+    same_poses = _shift_images(_project(mirrored, poses), origins_px)
+    for i in range(6):
+        assert np.corrcoef(images[i].ravel(), twins[i].ravel())[0, 1] > 0.98
+        assert np.corrcoef(images[i].ravel(), same_poses[i].ravel())[0, 1] < 0.9
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_leaving_the_process_group_ends_its_threads(tmp_path: Path) -> None:
                         str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     counts = [tuple(map(int, (tmp_path / f"threads.{rank}").read_text().split())) for rank in range(2)]
-    assert all(after == alone for alone, after in counts), counts
+    assert [len(c) for c in counts] == [2, 2] and all(after == alone for alone, after in counts), counts
 
 
 def test_shards_are_disjoint_and_cover_the_particles() -> None:

@@ -141,19 +141,27 @@ def apply_alignment(volume: np.ndarray | Tensor, alignment: Alignment, oversampl
     return resample_volume(v, m.to(v.device, v.dtype), off.to(v.device, v.dtype), oversample)[0].cpu().numpy()
 
 
+def poses_in_reference_frame(rotations: Tensor, origins: Tensor, rotation: Tensor, shift: Tensor,
+                             flipped: bool) -> tuple[Tensor, Tensor]:
+    """The module's pose conversion on tensors of any device and dtype: RELION poses ``A (N, 3, 3)`` and origins
+    ``(N, 2)`` from the moving map's frame to the reference's, for an alignment ``rotation (3, 3)``, ``shift (3,)``
+    (the origins' unit: Angstrom or pixels) and hand: ``F A F R^T`` and ``o + (A_ref t)[:2]``."""
+    if flipped:
+        f = torch.tensor([1.0, 1.0, -1.0], dtype=rotations.dtype, device=rotations.device)
+        rotations = f[:, None] * rotations * f
+    a_ref = rotations @ rotation.T
+    return a_ref, origins + (a_ref @ shift)[:, :2]
+
+
 def poses_to_reference(rotations: np.ndarray | Tensor, origins_A: np.ndarray | Tensor | None,
                        alignment: Alignment) -> tuple[np.ndarray, np.ndarray | None]:
     """Convert RELION poses ``A (N, 3, 3)`` and origins ``(N, 2)`` (Angstrom) from the moving map's frame to the reference's."""
     a = torch.as_tensor(np.asarray(rotations), dtype=torch.float64)
-    r = torch.as_tensor(alignment.rotation, dtype=torch.float64)
-    if alignment.flipped:
-        a = FLIP @ a @ FLIP
-    a_ref = a @ r.T
-    o_ref = None
-    if origins_A is not None:
-        t = torch.as_tensor(alignment.shift_A, dtype=torch.float64)
-        o_ref = (torch.as_tensor(np.asarray(origins_A), dtype=torch.float64) + (a_ref @ t)[:, :2]).numpy()
-    return a_ref.numpy(), o_ref
+    o = torch.zeros(len(a), 2, dtype=torch.float64) if origins_A is None else \
+        torch.as_tensor(np.asarray(origins_A), dtype=torch.float64)
+    a_ref, o_ref = poses_in_reference_frame(a, o, torch.as_tensor(alignment.rotation, dtype=torch.float64),
+                                            torch.as_tensor(alignment.shift_A, dtype=torch.float64), alignment.flipped)
+    return a_ref.numpy(), None if origins_A is None else o_ref.numpy()
 
 
 # --- map alignment -----------------------------------------------------------------------------

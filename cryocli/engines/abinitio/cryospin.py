@@ -776,10 +776,10 @@ def mirror_symmetry(volume: Tensor, pixel_size: float) -> MirrorSymmetry:
 def mirror_twin_poses(poses: Tensor, shifts_px: Tensor, mirror: MirrorSymmetry) -> tuple[Tensor, Tensor]:
     """The poses ``(N, 3, 3)`` (RELION ``A``) and origins ``(N, 2)`` (pixels) at which the map's mirror image under
     ``mirror`` gives the projections the map gives at ``poses`` and ``shifts_px``: ``F A F R^T`` and
-    ``o + (A' t)[:2]`` (:func:`~cryocli.analysis.align.poses_to_reference` for a flipped alignment)."""
-    f = torch.tensor([1.0, 1.0, -1.0], dtype=poses.dtype, device=poses.device)
-    twins = (f[:, None] * poses * f) @ mirror.rotation.T
-    return twins, shifts_px + (twins @ mirror.shift_px)[:, :2]
+    ``o + (A' t)[:2]`` (the map alignment's conversion for a flipped alignment of the map onto itself)."""
+    from cryocli.analysis.align import poses_in_reference_frame
+
+    return poses_in_reference_frame(poses, shifts_px, mirror.rotation, mirror.shift_px, flipped=True)
 
 
 #: Auto-decoding epochs with the grid's search when origins are estimated (``search_epochs`` not given).
